@@ -1,0 +1,24 @@
+"""The `sdb` command line. Core ML commands live in sdb.commands.core, server commands in sdb.commands.server."""
+
+from __future__ import annotations
+
+import typer
+
+from sdb.commands import core, server
+
+app = typer.Typer(
+    name="sdb",
+    help="Safe Distillation Box: box a classifier, distill students, serve the box.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold secrets (box keys, API keys)
+)
+core.register(app)
+server.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

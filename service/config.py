@@ -1,0 +1,65 @@
+"""The service's one settings object. Every field is read from an `SDB_`-prefixed environment variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_JWT_SECRET_BYTES = 32
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDB_", env_file=None, extra="ignore")
+
+    # Deployment
+    demo: bool = Field(False, description="Demo mode: allows a generated JWT secret (printed nowhere).")
+    database_url: str = Field("sqlite:///./var/sdb.db", description="SQLAlchemy URL (SQLite or PostgreSQL).")
+    model_dir: Path = Field(Path("models"), description="Directory of boxed-model artifact directories.")
+    default_model: str | None = Field(None, description="Model used when a request names none.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
+    torch_threads: int = Field(0, description="torch intra-op threads; 0 = number of CPU cores.")
+
+    # Auth
+    jwt_secret: SecretStr | None = Field(None, description="HS256 secret, >= 32 bytes; required outside demo.")
+    jwt_issuer: str = Field("sdb", description="`iss` claim issued and required.")
+    jwt_audience: str = Field("sdb-distill", description="`aud` claim issued and required.")
+    token_ttl_seconds: int = Field(900, gt=0, le=86400, description="Lifetime of access tokens.")
+    bootstrap_admin_token: SecretStr | None = Field(
+        None, description="If set and no admin exists at start, create the first admin API key with this secret."
+    )
+    client_ip_salt: SecretStr | None = Field(None, description="Salt for anonymous client ids (random if unset).")
+    trusted_proxies: list[str] = Field(default_factory=list, description="Peers whose X-Forwarded-For is used.")
+
+    # Limits
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body (413 above).")
+    max_request_samples: int = Field(1024, gt=0, description="Largest batch in one request (422 above).")
+    max_batch_size: int = Field(256, gt=0, description="Largest batch the dynamic batcher forms.")
+    max_batch_delay_ms: float = Field(2.0, ge=0, description="How long the batcher waits to fill a batch.")
+    batching: bool = Field(True, description="Merge concurrent requests into one forward pass.")
+    inference_timeout_s: float = Field(30.0, gt=0, description="Deadline of one inference (503 past it).")
+    predict_rate_per_minute: int = Field(600, ge=0, description="Per-client /predict requests a minute (0=off).")
+    distill_rate_per_minute: int = Field(600, ge=0, description="Per-API-key /distill-batch requests a minute.")
+    extraction_window_s: int = Field(3600, gt=0, description="Window for the extraction-volume flag.")
+    extraction_sample_threshold: int = Field(
+        50_000, gt=0, description="Samples per window above which an anonymous client is flagged."
+    )
+    expose_metrics: bool = Field(True, description="Serve /metrics (bind to a private network in production).")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @model_validator(mode="after")
+    def _check_secret(self) -> Settings:
+        if self.jwt_secret is None:
+            if not self.demo:
+                raise ValueError("SDB_JWT_SECRET must be set (>= 32 bytes) unless SDB_DEMO=1")
+        elif len(self.jwt_secret.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"SDB_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
