@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Set up a fresh clone: a local virtual environment in .venv with the project and its dev tools.
+# Set up a fresh clone: a local virtual environment in .venv with the project (and, by default, its dev tools).
+#   SDB_EXTRAS=dev (default) installs the dev extra; SDB_EXTRAS= (empty) installs the runtime only.
 # Installs the CPU build of torch first on machines without CUDA, so pip never pulls a multi-GB CUDA wheel.
+# A second run with an unchanged pyproject.toml skips pip entirely (stamp file in .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${SDB_EXTRAS:-dev}
+EXTRAS=${SDB_EXTRAS-dev}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "sdb: Python 3.11+ is required ('$PY' is $("$PY" -V 2>&1)); set PYTHON=python3.11 or newer" >&2
+  exit 1
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
+STAMP=".venv/.sdb-setup-${EXTRAS:-runtime}"
+WANT=$(cat pyproject.toml scripts/setup.sh | "$VPY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
+# A dev install also satisfies a runtime-only request.
+if { [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] || { [ -z "$EXTRAS" ] && [ "$(cat .venv/.sdb-setup-dev 2>/dev/null)" = "$WANT" ]; }; } \
+   && "$VPY" -c "import torch, sdb" 2>/dev/null; then
+  echo "sdb: environment in .venv is up to date"
+  exit 0
+fi
 "$VPY" -m pip install -q --upgrade pip
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
@@ -22,4 +36,5 @@ if [ -n "$EXTRAS" ]; then
 else
   "$VPY" -m pip install -q -e .
 fi
+echo "$WANT" > "$STAMP"
 echo "sdb: environment ready in .venv"

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="Directory of boxed-model artifact directories.")
     default_model: str | None = Field(None, description="Model used when a request names none.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
-    torch_threads: int = Field(0, description="torch intra-op threads; 0 = number of CPU cores.")
+    torch_threads: int = Field(0, description="torch intra-op threads; 0 = CPU cores - 1 (min 1).")
 
     # Auth
     jwt_secret: SecretStr | None = Field(None, description="HS256 secret, >= 32 bytes; required outside demo.")

@@ -2,8 +2,281 @@
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+DataOpt = Annotated[
+    str, typer.Option("--data", help="digits (bundled), cifar10:DIR, cifar100:DIR or npz:FILE.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (deterministic runs).")]
+
+
+class DistillPath(StrEnum):
+    plain = "plain"
+    keyed = "keyed"
+    wrong_key = "wrong-key"
+
+
+def _echo_json(obj: dict[str, Any]) -> None:
+    typer.echo(json.dumps(obj, indent=2))
+
+
+def train_teacher(
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")] = Path("runs/teacher"),
+    data: DataOpt = "digits",
+    arch: Annotated[str, typer.Option(help="Zoo architecture (see sdb_core.zoo.list_models).")] = "small_cnn",
+    width: Annotated[int | None, typer.Option(help="Width option of the architecture, if it has one.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    lr: Annotated[float, typer.Option(help="SGD learning rate (cosine schedule).")] = 0.05,
+    augment: Annotated[bool, typer.Option(help="Random crop + flip (32x32 natural images).")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a teacher classifier and save it (safetensors + JSON)."""
+    from sdb_core.data import load_dataset
+    from sdb_core.training import (
+        TrainConfig,
+        accuracy,
+        model_fn,
+        resolve_device,
+        save_model,
+        train_classifier,
+    )
+
+    ds = load_dataset(data)
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, augment=augment, checkpoint_every=5)
+    extra = {"width": width} if width is not None else {}
+    out.mkdir(parents=True, exist_ok=True)
+    model, kwargs = train_classifier(ds, arch, cfg, arch_extra=extra, checkpoint=out / "resume.pt")
+    top1 = accuracy(model_fn(model, ds), ds.x_test, ds.y_test, resolve_device(device))
+    save_model(out, model, arch=arch, arch_kwargs=kwargs, ds=ds, metrics={"top1": top1}, train_config=cfg)
+    (out / "resume.pt").unlink(missing_ok=True)
+    _echo_json({"teacher": str(out), "test_top1": round(top1, 2)})
+
+
+def box(
+    teacher: Annotated[Path, typer.Option("--teacher", help="Teacher checkpoint directory (train-teacher).")],
+    out: Annotated[Path, typer.Option("--out", help="Box artifact directory to write, e.g. models/NAME.")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: the directory name).")] = None,
+    version: Annotated[str, typer.Option(help="Model version string.")] = "1",
+    data: DataOpt = "digits",
+    epochs: Annotated[int | None, typer.Option(help="Box training epochs (default: BoxConfig).")] = None,
+    lam: Annotated[float, typer.Option(help="Key mixing weight lambda.")] = 0.5,
+    key_out: Annotated[
+        Path | None, typer.Option(help="Also move the box key here (e.g. a secret store mount).")
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Turn a trained teacher into a boxed model (fresh secret box key); resumes an interrupted run."""
+    from sdb_core.box import BoxConfig, box_teacher
+    from sdb_core.data import load_dataset
+    from sdb_core.training import accuracy, load_model, model_fn, resolve_device
+
+    ds = load_dataset(data)
+    model, meta = load_model(teacher, device=resolve_device(device))
+    if meta.get("data_digest") != ds.digest():
+        typer.echo("warning: the teacher was trained on different data (digest differs)", err=True)
+    base = BoxConfig(lam=lam)
+    train = replace(base.train, seed=seed, device=device, checkpoint_every=5)
+    if epochs is not None:
+        train = replace(train, epochs=epochs)
+    cfg = replace(base, train=train)
+    top1 = accuracy(model_fn(model, ds), ds.x_test, ds.y_test, resolve_device(device))
+    ckpt = out.parent / f".{out.name}.resume.pt"
+    boxed = box_teacher(
+        model,
+        meta,
+        ds,
+        out,
+        name=name or out.name,
+        version=version,
+        cfg=cfg,
+        teacher_top1=top1,
+        checkpoint=ckpt,
+    )
+    if key_out is not None:
+        key_out.parent.mkdir(parents=True, exist_ok=True)
+        (out / "box_key.json").replace(key_out)
+        typer.echo(f"box key moved to {key_out}; load with key_path", err=True)
+    _echo_json({"box": str(out), "metrics": boxed.manifest["metrics"]})
+
+
+def distill(
+    out: Annotated[Path, typer.Option("--out", help="Student checkpoint directory to write.")] = Path(
+        "runs/student"
+    ),
+    teacher: Annotated[Path | None, typer.Option(help="A normal teacher checkpoint (normal KD).")] = None,
+    box_dir: Annotated[Path | None, typer.Option("--box", help="A local box artifact directory.")] = None,
+    key_path: Annotated[
+        Path | None, typer.Option(help="Box key file if not inside the box directory.")
+    ] = None,
+    remote: Annotated[str | None, typer.Option(help="Base URL of an sdb service to distill through.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SDB_API_KEY", help="API key for --remote (or env SDB_API_KEY).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model name on the remote service.")] = None,
+    path: Annotated[DistillPath, typer.Option(help="Box path: plain, keyed, wrong-key (local only).")] = (
+        DistillPath.keyed
+    ),
+    data: DataOpt = "digits",
+    arch: Annotated[str, typer.Option(help="Student architecture.")] = "small_cnn",
+    width: Annotated[int | None, typer.Option(help="Student width option, if it has one.")] = 8,
+    alpha: Annotated[float, typer.Option(help="KD weight alpha.")] = 0.9,
+    temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 4.0,
+    labelled_fraction: Annotated[float, typer.Option(help="Fraction of transfer-set labels known.")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Student epochs.")] = 30,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Distill a student (Hinton KD) from a teacher, a local box, or a remote box; no teacher = scratch."""
+    from sdb_core.artifact import load_box
+    from sdb_core.box import wrong_key_fn
+    from sdb_core.data import load_dataset
+    from sdb_core.distill import DistillConfig
+    from sdb_core.distill import distill as run_distill
+    from sdb_core.training import (
+        TeacherFn,
+        TrainConfig,
+        accuracy,
+        load_model,
+        model_fn,
+        resolve_device,
+        save_model,
+    )
+
+    if sum(x is not None for x in (teacher, box_dir, remote)) > 1:
+        raise typer.BadParameter("give at most one of --teacher, --box, --remote")
+    ds = load_dataset(data)
+    dev = resolve_device(device)
+    fn: TeacherFn | None = None
+    source = "scratch"
+    if teacher is not None:
+        tmodel, _ = load_model(teacher, device=dev)
+        fn, source = model_fn(tmodel, ds), f"teacher:{teacher}"
+    elif box_dir is not None:
+        boxed = load_box(box_dir, key_path=key_path, device=dev)
+        if path is DistillPath.plain:
+            fn = boxed.plain_logits
+        elif path is DistillPath.keyed:
+            fn = boxed.keyed_logits
+        else:
+            fn = wrong_key_fn(boxed, boxed.manifest["lam"])
+        source = f"box:{box_dir}:{path.value}"
+    elif remote is not None:
+        if not api_key:
+            raise typer.BadParameter("--remote needs --api-key (or SDB_API_KEY)")
+        if path is DistillPath.wrong_key:
+            raise typer.BadParameter("--path wrong-key is only for local boxes")
+        from sdb.client import remote_teacher  # lazy: the client is optional for local use
+
+        fn = remote_teacher(remote, api_key, model, "keyed" if path is DistillPath.keyed else "plain")
+        source = f"remote:{remote}:{model or 'default'}:{path.value}"
+    cfg = DistillConfig(
+        alpha=alpha,
+        temperature=temperature,
+        labelled_fraction=labelled_fraction,
+        train=TrainConfig(epochs=epochs, seed=seed, device=device),
+    )
+    extra = {"width": width} if width is not None else {}
+    student = run_distill(ds, arch, fn, cfg, arch_extra=extra)
+    top1 = accuracy(model_fn(student, ds), ds.x_test, ds.y_test, dev)
+    from sdb_core.zoo import arch_kwargs_for
+
+    save_model(
+        out,
+        student,
+        arch=arch,
+        arch_kwargs=arch_kwargs_for(ds.input_shape, ds.num_classes, **extra),
+        ds=ds,
+        metrics={"top1": top1, "source": source},
+        train_config=cfg.train,
+    )
+    _echo_json({"student": str(out), "source": source, "test_top1": round(top1, 2)})
+
+
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="Directory for results.json/.md/.png.")] = Path(
+        "runs/eval"
+    ),
+    data: DataOpt = "digits",
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds (>= 3 for the reported table).")
+    ] = "0,1,2",
+    reduced: Annotated[bool, typer.Option(help="The small configuration used by the test suite.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Run the whole protocol (teacher, box, 5 kinds of students x archs x settings) over several seeds."""
+    from sdb_core.evaluate import EvalConfig, reduced_config
+    from sdb_core.evaluate import evaluate as run_eval
+
+    cfg = reduced_config() if reduced else EvalConfig()
+    cfg = replace(cfg, dataset=data, device=device, seeds=tuple(int(s) for s in seeds.split(",") if s))
+    report = run_eval(cfg, out)
+    typer.echo((out / "results.md").read_text())
+    if not all(report["checks"].values()):
+        typer.echo("some targets were not met (see above)", err=True)
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Box artifact directory.")] = Path("models/digits-demo"),
+    name: Annotated[str | None, typer.Option(help="Model name (default: directory name).")] = None,
+    seed: SeedOpt = 0,
+    deterministic_key: Annotated[
+        bool, typer.Option(help="Derive the box key from --seed (reproducible; the shipped demo uses it).")
+    ] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a teacher on the bundled digits and box it into OUT (the service's demo model, ~1-2 min)."""
+    from sdb_core.box import BoxConfig, box_teacher
+    from sdb_core.data import load_digits
+    from sdb_core.evaluate import EvalConfig
+    from sdb_core.keys import BoxKey
+    from sdb_core.training import TrainConfig, accuracy, model_fn, resolve_device, train_classifier
+
+    start = time.perf_counter()
+    ds = load_digits()
+    ecfg = EvalConfig()
+    teacher, kwargs = train_classifier(
+        ds,
+        ecfg.teacher_arch,
+        TrainConfig(epochs=ecfg.teacher_epochs, seed=seed, device=device),
+        arch_extra=ecfg.teacher_extra,
+    )
+    top1 = accuracy(model_fn(teacher, ds), ds.x_test, ds.y_test, resolve_device(device))
+    base = BoxConfig()
+    cfg = replace(base, train=replace(base.train, seed=seed, device=device))
+    key = BoxKey.from_int_seed(seed, ds.input_shape, cfg.lam) if deterministic_key else None
+    boxed = box_teacher(
+        teacher,
+        {"arch": ecfg.teacher_arch, "arch_kwargs": kwargs},
+        ds,
+        out,
+        name=name or out.name,
+        cfg=cfg,
+        key=key,
+        teacher_top1=top1,
+    )
+    _echo_json(
+        {
+            "box": str(out),
+            "metrics": boxed.manifest["metrics"],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add the core commands to the top-level app."""
+    app.command("train-teacher")(train_teacher)
+    app.command("box")(box)
+    app.command("distill")(distill)
+    app.command("evaluate")(evaluate)
+    app.command("demo")(demo)

@@ -1,9 +1,187 @@
-"""Service commands: serve, admin, db."""
+"""Service commands: `sdb serve`, `sdb admin bootstrap`, `sdb db upgrade|downgrade|current`.
+
+Settings come from SDB_* environment variables (service.config.Settings); the options below only set the
+matching variables for this run. `sdb db` and `sdb admin` need only the database URL, not the JWT secret.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import secrets
+import shutil
+import tempfile
+from typing import Annotated
+
 import typer
+
+DATABASE_URL_HELP = "Database URL (default: SDB_DATABASE_URL, else the settings' default SQLite file)."
+
+
+def _database_url(option: str | None) -> str:
+    if option:
+        return option
+    env = os.environ.get("SDB_DATABASE_URL")
+    if env:
+        return env
+    from service.config import Settings
+
+    default = Settings.model_fields["database_url"].default
+    return str(default)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 inside a container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads its own models).")] = 1,
+    graceful_timeout: Annotated[
+        int, typer.Option(min=0, help="Seconds to finish in-flight requests after SIGTERM.")
+    ] = 30,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Demo mode: random JWT secret, schema migrated at start.")
+    ] = False,
+    model_dir: Annotated[str | None, typer.Option(help="Sets SDB_MODEL_DIR.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="Sets SDB_DATABASE_URL.")] = None,
+) -> None:
+    """Run the HTTP service with uvicorn (graceful shutdown on SIGTERM)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    if demo:
+        os.environ["SDB_DEMO"] = "1"
+    if model_dir is not None:
+        os.environ["SDB_MODEL_DIR"] = model_dir
+    if database_url is not None:
+        os.environ["SDB_DATABASE_URL"] = database_url
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        messages = "; ".join(str(e.get("msg", "")) for e in exc.errors(include_input=False))
+        typer.echo(f"error: invalid settings: {messages}", err=True)
+        raise typer.Exit(2) from None
+    if settings.demo:
+        # Migrate once here rather than in every worker at the same time.
+        from service.db.migrate import upgrade
+
+        upgrade(settings.database_url)
+    if settings.jwt_secret is None:
+        # Demo mode: one random secret shared by all workers of this run (never printed).
+        os.environ["SDB_JWT_SECRET"] = secrets.token_urlsafe(48)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Without a shared directory each worker counts alone and /metrics shows one worker's share.
+        metrics_dir = tempfile.mkdtemp(prefix="sdb-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    uvicorn.run(
+        "service.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        timeout_graceful_shutdown=graceful_timeout,
+        log_level=settings.log_level.lower(),
+        proxy_headers=False,  # client addresses come from SDB_TRUSTED_PROXIES only
+        server_header=False,
+    )
+
+
+admin_app = typer.Typer(help="Administration from the command line.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+
+
+@admin_app.command("bootstrap")
+def bootstrap(
+    name: Annotated[str, typer.Option(help="User name of the first administrator.")] = "admin",
+    database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None,
+) -> None:
+    """Create the first administrator and print its API key once (there is no default password)."""
+    from service import crud
+    from service.db.migrate import SchemaError, check_schema
+    from service.db.models import ROLE_ADMIN
+    from service.db.session import Database
+    from service.security import new_api_key
+
+    db = Database(_database_url(database_url))
+    try:
+        check_schema(db.engine)
+        key = new_api_key()
+        with db.write() as s:
+            if crud.admin_exists(s):
+                typer.echo(
+                    "error: an administrator already exists; issue further keys with the admin API", err=True
+                )
+                raise typer.Exit(1)
+            try:
+                user = crud.create_user(s, name, ROLE_ADMIN)
+            except crud.ConflictError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+            created = crud.create_api_key(
+                s,
+                user,
+                prefix=key.prefix,
+                digest=key.digest,
+                scopes=[],
+                sample_quota=None,
+                expires_at=None,
+                name="bootstrap",
+            )
+            crud.record_event(s, "admin.bootstrap", "ok", target=f"key:{created.id}", detail={"via": "cli"})
+    except SchemaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    typer.echo(f"Created administrator {name!r} (user id {user.id}, key id {created.id}).", err=True)
+    typer.echo("Its API key is printed below ONCE; store it now (only its hash is kept):", err=True)
+    typer.echo(key.secret)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None,
+) -> None:
+    """Apply the migrations (alembic upgrade head)."""
+    from service.db.migrate import upgrade
+
+    upgrade(_database_url(database_url), revision)
+    typer.echo(f"database upgraded to {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision (`base` drops every table).")],
+    database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None,
+) -> None:
+    """Revert migrations (alembic downgrade REVISION)."""
+    from service.db.migrate import downgrade
+
+    downgrade(_database_url(database_url), revision)
+    typer.echo(f"database downgraded to {revision}")
+
+
+@db_app.command("current")
+def db_current(database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None) -> None:
+    """Print the database's revision and the code's head revision."""
+    from service.db.migrate import current_revision, head_revision
+    from service.db.session import Database
+
+    db = Database(_database_url(database_url))
+    try:
+        current = current_revision(db.engine)
+    finally:
+        db.dispose()
+    head = head_revision()
+    typer.echo(
+        f"current: {current or '(empty)'}  head: {head}  {'up to date' if current == head else 'OUTDATED'}"
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add the service commands to the top-level app."""
+    app.command("serve")(serve)
+    app.add_typer(admin_app, name="admin")
+    app.add_typer(db_app, name="db")

@@ -1,0 +1,1 @@
+"""Benchmarks: serve_bench (server vs raw model), loadgen (its load generator), soak."""

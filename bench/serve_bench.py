@@ -1,0 +1,415 @@
+"""Serving benchmark: the real server against the raw model, in one run.
+
+    .venv/bin/python -m bench.serve_bench            # about 2-4 minutes on 2 CPU cores
+    .venv/bin/python -m bench.serve_bench --quick    # fewer requests, a smoke run
+
+Sets everything up itself: a models directory with the demo box (models/ when shipped, else a small_cnn
+test box of the same shape) and an untrained ResNet-20 box (3x32x32; speed does not depend on training), a
+fresh SQLite database, then a real `uvicorn` server (one worker) with batching on and, later, one with
+batching off. Load comes from `bench.loadgen` in a separate process on loopback (closed loop, bounded
+request counts). The raw model is timed in this process (same torch threads as the server, no HTTP)
+right before each scenario, at the same batch size: 1 for /predict c1, the mean batch the batcher formed
+for /predict c32, 256 for /distill-batch. Server RSS is sampled every 50 ms.
+
+Targets (issue 5): distill >= 0.85 x raw at batch 256; /predict c32 >= 0.6 x raw at the mean batch formed
+and >= 3 x the req/s of batching off; no failed request; peak RSS < 1.5 x idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from bench.loadgen import write_bodies
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex + uuid.uuid4().hex
+JWT_SECRET = "bench-jwt-" + uuid.uuid4().hex + uuid.uuid4().hex
+
+
+@dataclass
+class Scenario:
+    model: str
+    name: str  # "predict c1", "predict c32", "predict c32 no-batching", "distill 256"
+    path: str
+    concurrency: int
+    samples_per_request: int
+    requests: int
+    key_path: str  # raw path compared against: "plain" or "keyed"
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    req_per_s: float
+    samples_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    failures: int
+    statuses: dict[str, int]
+    mean_batch: float | None = None
+    raw_batch: int | None = None
+    raw_samples_per_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.raw_samples_per_s is None:
+            return None
+        return self.samples_per_s / self.raw_samples_per_s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def npy_b64(x: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def prepare_models(work: Path) -> dict[str, Path]:
+    from sdb_core.artifact import make_test_box, read_manifest
+
+    models = work / "models"
+    models.mkdir()
+    shipped = sorted((REPO / "models").glob("*/manifest.json"))
+    if shipped:
+        demo_dir = models / shipped[0].parent.name
+        demo_dir.symlink_to(shipped[0].parent.resolve(), target_is_directory=True)
+    else:
+        demo_dir = make_test_box(models, name="demo", arch="small_cnn", arch_extra={"width": 32})
+    r20 = make_test_box(models, name="resnet20", arch="resnet20", input_shape=(3, 32, 32), arch_extra={})
+    return {read_manifest(demo_dir)["name"]: demo_dir, "resnet20": r20}
+
+
+class Server:
+    def __init__(self, work: Path, model_dir: Path, db_url: str, batching: bool, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env.update(
+            SDB_DATABASE_URL=db_url,
+            SDB_MODEL_DIR=str(model_dir),
+            SDB_DEVICE="auto",
+            SDB_TORCH_THREADS=str(threads),
+            SDB_JWT_SECRET=JWT_SECRET,
+            SDB_BOOTSTRAP_ADMIN_TOKEN=ADMIN_TOKEN,
+            SDB_BATCHING="true" if batching else "false",
+            SDB_PREDICT_RATE_PER_MINUTE="0",
+            SDB_DISTILL_RATE_PER_MINUTE="0",
+            SDB_TOKEN_TTL_SECONDS="3600",
+            SDB_LOG_LEVEL="WARNING",
+        )
+        self.log_path = work / f"server-{'batching' if batching else 'nobatching'}.log"
+        cmd = [
+            sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+        ]  # fmt: skip
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.rss_samples: list[int] = []
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("server not ready in time")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def start_sampling(self) -> None:
+        def sample() -> None:
+            while not self._stop.wait(0.05):
+                with contextlib.suppress(OSError):
+                    self.rss_samples.append(self.rss_kib())
+
+        self._sampler = threading.Thread(target=sample, daemon=True)
+        self._sampler.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+    def batch_stats(self, model: str, path: str) -> tuple[float, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        values = {}
+        for suffix in ("sum", "count"):
+            pattern = rf'^sdb_inference_batch_size_{suffix}\{{(?=[^}}]*model="{re.escape(model)}")(?=[^}}]*path="{path}")[^}}]*\}} (\S+)$'
+            m = re.search(pattern, text, re.M)
+            values[suffix] = float(m.group(1)) if m else 0.0
+        return values["sum"], values["count"]
+
+
+def bootstrap_key(url: str, models: list[str]) -> str:
+    r = httpx.post(
+        url + "/auth/token", json={"grant_type": "client_credentials", "client_secret": ADMIN_TOKEN}
+    )
+    r.raise_for_status()
+    admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    r = httpx.post(url + "/admin/users", json={"name": f"bench-{uuid.uuid4().hex[:6]}"}, headers=admin)
+    r.raise_for_status()
+    r = httpx.post(url + f"/admin/users/{r.json()['id']}/keys", json={"scopes": models}, headers=admin)
+    r.raise_for_status()
+    api_key = str(r.json()["api_key"])
+    r = httpx.post(url + "/auth/token", json={"grant_type": "client_credentials", "client_secret": api_key})
+    r.raise_for_status()
+    return str(r.json()["access_token"])
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+class RawModels:
+    """The same boxes, loaded in this process: forward passes with no HTTP, no batcher, no event loop."""
+
+    def __init__(self, dirs: dict[str, Path], threads: int) -> None:
+        from sdb_core.artifact import load_box
+        from service.inference.registry import resolve_device
+
+        torch.set_num_threads(threads)
+        device = resolve_device("auto")
+        self.boxes = {name: load_box(d, device=str(device)) for name, d in dirs.items()}
+
+    def samples_per_s(self, model: str, path: str, batch: int, min_time: float = 1.0) -> float:
+        box = self.boxes[model]
+        forward = box.plain_logits if path == "plain" else box.keyed_logits
+        x = torch.from_numpy(np.random.default_rng(0).random((batch, *box.input_shape), dtype=np.float32) * 4)
+        with torch.inference_mode():
+            for _ in range(2):
+                forward(x).cpu()
+            n, start = 0, time.perf_counter()
+            while n < 3 or time.perf_counter() - start < min_time:
+                forward(x).cpu()  # same work as the server: inputs from CPU, logits back to CPU
+                n += 1
+        return n * batch / (time.perf_counter() - start)
+
+
+def run_load(
+    server: Server, scenario: Scenario, work: Path, input_shape: tuple[int, ...], token: str | None
+) -> Result:
+    rng = np.random.default_rng(1)
+    bodies = []
+    for _ in range(16):
+        x = rng.random((scenario.samples_per_request, *input_shape), dtype=np.float32) * 4
+        bodies.append(json.dumps({"model": scenario.model, "inputs_b64": npy_b64(x)}).encode())
+    body_file = work / "bodies.bin"
+    write_bodies(body_file, bodies)
+    cmd = [
+        sys.executable, "-m", "bench.loadgen", "--port", str(server.port), "--path", scenario.path,
+        "--bodies", str(body_file), "--concurrency", str(scenario.concurrency),
+        "--requests", str(scenario.requests),
+    ]  # fmt: skip
+    if token is not None:
+        cmd += ["--header", f"Authorization: Bearer {token}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=900)
+    data = json.loads(out.stdout)
+    lat = np.array(data["latencies"]) * 1000.0
+    wall = float(data["wall_s"])
+    statuses = data["statuses"]
+    ok = statuses.get("200", 0)
+    return Result(
+        scenario=scenario,
+        req_per_s=len(lat) / wall,
+        samples_per_s=ok * scenario.samples_per_request / wall,
+        p50_ms=float(np.percentile(lat, 50)),
+        p95_ms=float(np.percentile(lat, 95)),
+        p99_ms=float(np.percentile(lat, 99)),
+        failures=len(lat) - ok,
+        statuses=statuses,
+    )
+
+
+def scenarios(models: dict[str, tuple[int, ...]], quick: bool) -> Iterator[tuple[Scenario, bool]]:
+    """(scenario, batching) in run order; request counts sized for about 2-4 minutes on 2 CPU cores."""
+    scale = 0.25 if quick else 1.0
+    for model, shape in models.items():
+        big = int(np.prod(shape)) >= 1024  # ResNet-20 on 3x32x32 is ~100x the demo model's work
+        n = lambda small, large: max(8, int((large if big else small) * scale))  # noqa: E731
+        yield Scenario(model, "predict c1", "/predict", 1, 1, n(1000, 300), "plain"), True
+        yield Scenario(model, "predict c32", "/predict", 32, 1, n(6000, 2000), "plain"), True
+        yield Scenario(model, "distill 256", "/distill-batch", 2, 256, n(60, 16), "keyed"), True
+        yield Scenario(model, "predict c32 no-batching", "/predict", 32, 1, n(3000, 500), "plain"), False
+
+
+def fmt(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[str, Any]) -> tuple[str, bool]:
+    lines = [
+        "| model | scenario | conc | samples/req | requests | req/s | samples/s | p50 ms | p95 ms | p99 ms | "
+        "failed | mean batch | raw samples/s (batch) | ratio |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        s = r.scenario
+        raw = f"{fmt(r.raw_samples_per_s)} ({r.raw_batch})" if r.raw_batch else "-"
+        lines.append(
+            f"| {s.model} | {s.name} | {s.concurrency} | {s.samples_per_request} | {s.requests} | "
+            f"{fmt(r.req_per_s)} | {fmt(r.samples_per_s)} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | "
+            f"{r.failures} | {fmt(r.mean_batch, 1)} | {raw} | {fmt(r.ratio, 2)} |"
+        )
+    checks: list[tuple[str, bool]] = []
+    by = {(r.scenario.model, r.scenario.name): r for r in results}
+    for model in dict.fromkeys(r.scenario.model for r in results):
+        d = by.get((model, "distill 256"))
+        if d is not None and d.ratio is not None:
+            checks.append((f"{model}: distill 256 >= 0.85 x raw (got {d.ratio:.2f})", d.ratio >= 0.85))
+        p = by.get((model, "predict c32"))
+        if p is not None and p.ratio is not None:
+            checks.append(
+                (f"{model}: predict c32 >= 0.6 x raw at mean batch (got {p.ratio:.2f})", p.ratio >= 0.6)
+            )
+        off = by.get((model, "predict c32 no-batching"))
+        if p is not None and off is not None:
+            speedup = p.req_per_s / off.req_per_s
+            checks.append(
+                (f"{model}: predict c32 batching on/off req/s >= 3 (got {speedup:.2f})", speedup >= 3)
+            )
+    failures = sum(r.failures for r in results)
+    checks.append((f"no failed request (got {failures})", failures == 0))
+    for name, (idle, peak) in rss.items():
+        checks.append((f"{name} server: peak RSS < 1.5 x idle ({idle / 1024:.0f} -> {peak / 1024:.0f} MiB, "
+                       f"{peak / idle:.2f}x)", peak < 1.5 * idle))  # fmt: skip
+    lines += ["", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks)]
+    lines += ["", "Run: " + ", ".join(f"{k}={v}" for k, v in meta.items())]
+    return "\n".join(lines), all(ok for _, ok in checks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Benchmark the sdb server against the raw model.")
+    p.add_argument("--quick", action="store_true", help="a quarter of the requests")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, server and raw (0 = server default)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    from service.inference.registry import default_threads
+
+    threads = args.threads or default_threads()
+    from service.db.migrate import upgrade
+
+    results: list[Result] = []
+    rss: dict[str, tuple[int, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="sdb-bench-") as tmp:
+        work = Path(tmp)
+        dirs = prepare_models(work)
+        raw = RawModels(dirs, threads)
+        shapes = {name: tuple(box.input_shape) for name, box in raw.boxes.items()}
+        plan = list(scenarios(shapes, args.quick))
+        for batching in (True, False):
+            db_url = f"sqlite:///{work / ('on.db' if batching else 'off.db')}"
+            upgrade(db_url)
+            server = Server(work, work / "models", db_url, batching, threads)
+            try:
+                server.wait_ready()
+                time.sleep(1.0)
+                idle = server.rss_kib()
+                server.start_sampling()
+                token = bootstrap_key(server.url, list(dirs)) if batching else None
+                for scenario, on in plan:
+                    if on != batching:
+                        continue
+                    print(f"... {scenario.model}: {scenario.name}", file=sys.stderr, flush=True)
+                    before = server.batch_stats(scenario.model, scenario.key_path)
+                    result = run_load(server, scenario, work, shapes[scenario.model],
+                                      token if scenario.path == "/distill-batch" else None)  # fmt: skip
+                    after = server.batch_stats(scenario.model, scenario.key_path)
+                    if after[1] > before[1]:
+                        result.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+                    if scenario.name == "predict c32 no-batching":
+                        result.raw_batch = 1
+                    elif scenario.concurrency == 1 or scenario.path == "/distill-batch":
+                        result.raw_batch = scenario.samples_per_request
+                    else:
+                        result.raw_batch = max(1, round(result.mean_batch or 1))
+                    result.raw_samples_per_s = raw.samples_per_s(
+                        scenario.model, scenario.key_path, result.raw_batch
+                    )
+                    results.append(result)
+                peak = max([idle, *server.rss_samples])
+                rss["batching" if batching else "no-batching"] = (idle, peak)
+            finally:
+                server.stop()
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch threads": threads,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "quick": args.quick,
+    }
+    table, ok = report(results, rss, meta)
+    print(table)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "rss_kib": rss,
+                    "results": [
+                        {
+                            **r.scenario.__dict__,
+                            **{k: v for k, v in r.__dict__.items() if k != "scenario"},
+                            "ratio": r.ratio,
+                        }
+                        for r in results
+                    ],
+                },  # fmt: skip
+                indent=2,
+            )
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Bounded soak test of the sdb service: mixed anonymous /predict and authorized /distill-batch traffic.
+
+The script sets everything up itself (a test box, a fresh database, migrations, a real server process
+started with `sdb serve` on a loopback port, an admin, a user and an API key), then runs a closed-loop load
+from THIS process (`--concurrency` clients, each sending its next request as soon as the previous one
+is answered, so the rate is the highest the machine sustains), samples the server's RSS, stops the server
+with SIGTERM and checks:
+
+- zero 5xx answers and zero transport errors,
+- audit rows equal answered requests: one /predict row per /predict answer, one /distill-batch row with
+  status 200 per 200 answer and no reserved-but-unconfirmed row,
+- stable memory: the median RSS of the last quarter of the run is at most `--max-rss-growth` (fraction)
+  and `--max-rss-growth-mib` above the median of the second quarter (the first quarter is warm-up).
+
+It prints a JSON summary and exits 1 when a check fails.
+
+    .venv/bin/python bench/soak.py --seconds 300                       # SQLite (default)
+    .venv/bin/python bench/soak.py --seconds 300 --postgres             # a fresh PostgreSQL database
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "soak-box"
+PG_ADMIN_URL = os.environ.get("SDB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@dataclass
+class SoakConfig:
+    seconds: float = 300.0
+    concurrency: int = 16
+    distill_fraction: float = 0.25
+    batch: int = 8
+    postgres: bool = False
+    database_url: str | None = None
+    rss_interval_s: float = 2.0
+    max_rss_growth: float = 0.10
+    max_rss_growth_mib: float = 50.0
+    server_log: Path | None = None
+
+
+@dataclass
+class Tally:
+    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"predict": [], "distill": []})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _npy_b64(x: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, x.astype(np.float32), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class Soak:
+    def __init__(self, cfg: SoakConfig, workdir: Path) -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.admin_secret = "sdb_soak_admin_" + uuid.uuid4().hex + uuid.uuid4().hex
+        self.pg_db: str | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.tally = Tally()
+        self.rss: list[tuple[float, int]] = []
+        self.api_key = ""
+
+    # ---------------------------------------------------------------- setup / teardown
+
+    def database_url(self) -> str:
+        if self.cfg.database_url:
+            return self.cfg.database_url
+        if self.cfg.postgres:
+            import psycopg
+
+            self.pg_db = f"sdb_soak_{uuid.uuid4().hex[:12]}"
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
+                c.execute(f'CREATE DATABASE "{self.pg_db}"')
+            u = httpx.URL(PG_ADMIN_URL)
+            return f"postgresql+psycopg://{u.username or 'postgres'}@{u.host}:{u.port or 5432}/{self.pg_db}"
+        return f"sqlite:///{self.workdir / 'soak.db'}"
+
+    def drop_database(self) -> None:
+        if self.pg_db is None:
+            return
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+
+    def start_server(self, db_url: str) -> None:
+        sys.path.insert(0, str(REPO))
+        from sdb_core.artifact import make_test_box
+        from service.db.migrate import upgrade
+
+        model_dir = self.workdir / "models"
+        make_test_box(model_dir, name=MODEL, seed=7)
+        upgrade(db_url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+        env.update(
+            {
+                "SDB_DATABASE_URL": db_url,
+                "SDB_MODEL_DIR": str(model_dir),
+                "SDB_DEFAULT_MODEL": MODEL,
+                "SDB_DEVICE": "cpu",
+                "SDB_JWT_SECRET": "soak-" + uuid.uuid4().hex + uuid.uuid4().hex,
+                "SDB_BOOTSTRAP_ADMIN_TOKEN": self.admin_secret,
+                "SDB_PREDICT_RATE_PER_MINUTE": "0",
+                "SDB_DISTILL_RATE_PER_MINUTE": "0",
+                "SDB_LOG_LEVEL": "WARNING",
+            }
+        )
+        log = (self.cfg.server_log or self.workdir / "server.log").open("wb")
+        cmd = [
+            sys.executable, "-m", "sdb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            "--graceful-timeout", "30",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError("server not ready after 120 s")
+
+    def stop_server(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def create_key(self) -> str:
+        with httpx.Client(base_url=self.base, timeout=30) as c:
+            tok = c.post(
+                "/auth/token", data={"grant_type": "client_credentials", "client_secret": self.admin_secret}
+            )
+            tok.raise_for_status()
+            adm = {"Authorization": f"Bearer {tok.json()['access_token']}"}
+            r = c.post("/admin/users", json={"name": f"soak-{uuid.uuid4().hex[:6]}"}, headers=adm)
+            r.raise_for_status()
+            r = c.post(f"/admin/users/{r.json()['id']}/keys", json={"scopes": [MODEL]}, headers=adm)
+            r.raise_for_status()
+            return str(r.json()["api_key"])
+
+    # ---------------------------------------------------------------- load
+
+    async def _token(self, client: httpx.AsyncClient, api_key: str) -> str:
+        r = await client.post(
+            "/auth/token", data={"grant_type": "client_credentials", "client_secret": api_key}
+        )
+        r.raise_for_status()
+        return str(r.json()["access_token"])
+
+    async def _worker(
+        self, client: httpx.AsyncClient, deadline: float, rng: random.Random, auth: dict[str, str]
+    ) -> None:
+        cfg = self.cfg
+        nrng = np.random.default_rng(rng.randrange(2**32))
+        while time.monotonic() < deadline:
+            x = nrng.standard_normal((cfg.batch, 1, 8, 8), dtype=np.float32)
+            distill = rng.random() < cfg.distill_fraction
+            kind = "distill" if distill else "predict"
+            t0 = time.perf_counter()
+            try:
+                if distill:
+                    r = await client.post(
+                        "/distill-batch", json={"model": MODEL, "inputs_b64": _npy_b64(x)}, headers=auth
+                    )
+                    if r.status_code == 401:  # token expired during a long soak: refresh once
+                        auth["Authorization"] = "Bearer " + await self._token(client, self.api_key)
+                elif rng.random() < 0.5:
+                    r = await client.post("/predict", json={"model": MODEL, "inputs": x.tolist()})
+                else:
+                    r = await client.post("/predict", json={"model": MODEL, "inputs_b64": _npy_b64(x)})
+            except httpx.HTTPError as exc:
+                self.tally.errors[f"{kind}:{type(exc).__name__}"] += 1
+                continue
+            self.tally.statuses[(kind, r.status_code)] += 1
+            self.tally.latencies[kind].append(time.perf_counter() - t0)
+
+    async def _sample_rss(self, deadline: float, start: float) -> None:
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            self.rss.append((time.monotonic() - start, _rss_kib(self.proc.pid)))
+            await asyncio.sleep(self.cfg.rss_interval_s)
+
+    async def run_load(self) -> float:
+        limits = httpx.Limits(
+            max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency
+        )
+        async with httpx.AsyncClient(base_url=self.base, timeout=60, limits=limits) as client:
+            auth = {"Authorization": "Bearer " + await self._token(client, self.api_key)}
+            start = time.monotonic()
+            deadline = start + self.cfg.seconds
+            tasks = [
+                self._worker(client, deadline, random.Random(1000 + i), auth)
+                for i in range(self.cfg.concurrency)
+            ]
+            await asyncio.gather(self._sample_rss(deadline, start), *tasks)
+            return time.monotonic() - start
+
+    # ---------------------------------------------------------------- checks
+
+    def audit_counts(self, db_url: str) -> dict[str, int]:
+        from sqlalchemy import create_engine, text
+
+        eng = create_engine(db_url)
+        try:
+            with eng.connect() as c:
+                q = "SELECT endpoint, status, count(*) FROM query_audits GROUP BY endpoint, status"
+                return {f"{e} {s}": int(n) for e, s, n in c.execute(text(q))}
+        finally:
+            eng.dispose()
+
+    def run(self) -> dict[str, Any]:
+        db_url = self.database_url()
+        try:
+            self.start_server(db_url)
+            self.api_key = self.create_key()
+            elapsed = asyncio.run(self.run_load())
+            rc = self.stop_server()
+            audits = self.audit_counts(db_url)
+        finally:
+            self.stop_server()
+            self.drop_database()
+        return self.summary(elapsed, rc, audits, db_url)
+
+    def summary(self, elapsed: float, rc: int | None, audits: dict[str, int], db_url: str) -> dict[str, Any]:
+        st = self.tally.statuses
+        answered = {k: sum(n for (kind, _), n in st.items() if kind == k) for k in ("predict", "distill")}
+        five_xx = sum(n for (_, code), n in st.items() if code >= 500)
+        predict_rows = sum(n for k, n in audits.items() if k.startswith("/predict "))
+        distill_ok_rows = audits.get("/distill-batch 200", 0)
+        reserved_rows = sum(n for k, n in audits.items() if k.endswith(" 102"))
+        rss = [kib for _, kib in self.rss]
+        q = max(1, len(rss) // 4)
+        warm = statistics.median(rss[q : 2 * q]) if len(rss) >= 4 else float(rss[0] if rss else 0)
+        last = statistics.median(rss[-q:]) if rss else 0.0
+        growth_mib = (last - warm) / 1024
+        growth_frac = (last - warm) / warm if warm else 0.0
+
+        def pct(xs: list[float], p: float) -> float | None:
+            return round(float(np.percentile(xs, p)) * 1000, 2) if xs else None
+
+        checks = {
+            "zero_5xx": five_xx == 0,
+            "zero_transport_errors": not self.tally.errors,
+            "predict_audit_rows_equal_answers": predict_rows == answered["predict"],
+            "distill_audit_rows_equal_200_answers": distill_ok_rows == st.get(("distill", 200), 0),
+            "no_unconfirmed_distill_rows": reserved_rows == 0,
+            "server_clean_exit": rc in (0, -signal.SIGTERM),  # uvicorn re-raises SIGTERM after a clean stop
+            "rss_stable": growth_frac <= self.cfg.max_rss_growth
+            and growth_mib <= self.cfg.max_rss_growth_mib,
+        }
+        total = sum(answered.values())
+        return {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "database": db_url.split(":", 1)[0],
+            "seconds": round(elapsed, 1),
+            "concurrency": self.cfg.concurrency,
+            "batch": self.cfg.batch,
+            "requests": total,
+            "requests_per_s": round(total / elapsed, 1) if elapsed else 0.0,
+            "samples_per_s": round(total * self.cfg.batch / elapsed, 1) if elapsed else 0.0,
+            "answers": {f"{k} {c}": n for (k, c), n in sorted(st.items())},
+            "transport_errors": dict(self.tally.errors),
+            "latency_ms": {
+                k: {"p50": pct(v, 50), "p95": pct(v, 95), "p99": pct(v, 99)}
+                for k, v in self.tally.latencies.items()
+            },
+            "audit_rows": audits,
+            "rss_mib": {
+                "start": round(rss[0] / 1024, 1) if rss else None,
+                "warm_median": round(warm / 1024, 1),
+                "last_quarter_median": round(last / 1024, 1),
+                "max": round(max(rss) / 1024, 1) if rss else None,
+                "growth_mib": round(growth_mib, 1),
+            },
+            "server_exit_code": rc,
+            "checks": checks,
+            "ok": all(checks.values()),
+        }
+
+
+def parse_args(argv: list[str] | None = None) -> SoakConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    d = SoakConfig()
+    p.add_argument("--seconds", type=float, default=d.seconds, help="length of the load phase")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help="concurrent closed-loop clients")
+    p.add_argument("--distill-fraction", type=float, default=d.distill_fraction)
+    p.add_argument("--batch", type=int, default=d.batch, help="samples per request")
+    p.add_argument("--postgres", action="store_true", help="use a fresh database on SDB_TEST_POSTGRES_URL")
+    p.add_argument("--database-url", default=None, help="an existing, empty database instead")
+    p.add_argument("--max-rss-growth", type=float, default=d.max_rss_growth)
+    p.add_argument("--max-rss-growth-mib", type=float, default=d.max_rss_growth_mib)
+    p.add_argument("--server-log", type=Path, default=None)
+    a = p.parse_args(argv)
+    return SoakConfig(
+        seconds=a.seconds,
+        concurrency=a.concurrency,
+        distill_fraction=a.distill_fraction,
+        batch=a.batch,
+        postgres=a.postgres,
+        database_url=a.database_url,
+        max_rss_growth=a.max_rss_growth,
+        max_rss_growth_mib=a.max_rss_growth_mib,
+        server_log=a.server_log,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sdb-soak-") as tmp:
+        result = Soak(cfg, Path(tmp)).run()
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Quick start 2: install the test dependencies into .venv and run the whole test suite:
+#   lint (ruff check, ruff format --check, mypy), then the quick tests, then slow / e2e / PostgreSQL tests.
+# PostgreSQL tests use SDB_TEST_POSTGRES_URL (default: the server at 127.0.0.1:5432, user postgres).
+# Extra arguments go to both pytest runs (e.g. `./scripts/test.sh -x -k quota`).
+# SDB_SKIP_SETUP=1 skips the install step; SDB_SKIP_LINT=1 skips the linters.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${SDB_SKIP_SETUP:-0}" != 1 ]; then
+  SDB_EXTRAS=dev bash scripts/setup.sh || { echo "test: setup failed" >&2; exit 1; }
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+REPORTS=$(mktemp -d "${TMPDIR:-/tmp}/sdb-test.XXXXXX")
+trap 'rm -rf "$REPORTS"' EXIT
+failed=()
+
+step() { echo; echo "==> $*"; }
+
+if ! pg_isready -q -h 127.0.0.1 2>/dev/null && [ -z "${SDB_TEST_POSTGRES_URL:-}" ]; then
+  echo "test: warning: no PostgreSQL answers on 127.0.0.1:5432; the PostgreSQL tests will fail" >&2
+fi
+
+if [ "${SDB_SKIP_LINT:-0}" != 1 ]; then
+  step "ruff check";         ruff check .           || failed+=("ruff check")
+  step "ruff format --check"; ruff format --check . || failed+=("ruff format")
+  step "mypy";               mypy                   || failed+=("mypy")
+fi
+
+# pytest exits 5 when a stage selects no test; that is not a failure of the stage.
+run_stage() {
+  local name=$1; shift
+  step "pytest: $name"
+  pytest --junitxml="$REPORTS/$name.xml" "$@"
+  local rc=$?
+  if [ $rc -eq 5 ]; then echo "test: stage '$name' selected no test"; rc=0; fi
+  [ $rc -eq 0 ] || failed+=("pytest $name")
+  return $rc
+}
+
+QUICK="not slow and not e2e and not postgres"
+if run_stage quick -m "$QUICK" "$@"; then
+  run_stage slow -m "not ($QUICK)" --durations=15 "$@"
+else
+  echo "test: quick tests failed; slow, e2e and PostgreSQL tests not run" >&2
+  failed+=("pytest slow (skipped)")
+fi
+
+# One closing line over both stages, so a CI reader sees the totals.
+python - "$REPORTS" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+tot = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+for f in sorted(Path(sys.argv[1]).glob("*.xml")):
+    for suite in ET.parse(f).getroot().iter("testsuite"):
+        for k in tot:
+            tot[k] += int(suite.get(k, 0))
+failed = tot["failures"] + tot["errors"]
+passed = tot["tests"] - failed - tot["skipped"]
+print(f"\ntotal: {passed} passed, {failed} failed, {tot['skipped']} skipped")
+PY
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "test: FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "test: all checks passed"

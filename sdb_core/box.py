@@ -1,0 +1,205 @@
+"""Box training: turn a trained teacher into a Safe Distillation Box.
+
+Objective per batch (f the box, f_adv the frozen teacher, x' = key.apply(x), x~ = x mixed with a freshly
+drawn random non-key, p_T = softmax(z / T)):
+
+    L = w_ce_plain * CE(f(x), y) + w_ce_keyed * CE(f(x'), y)                       # top-1 on both paths
+      - w_dis * T_dis^2 * KL(p_Tdis(f(x)) || p_Tdis(f_adv(x)))                     # knowledge disturbance
+      + w_pre * T^2 * KL(sharpen(p_T(f_adv(x)), y) || p_T(f(x')))                  # preservation + augmentation
+      + w_nonkey * [CE(f(x~), y) - w_dis * T_dis^2 * KL(p_Tdis(f(x~)) || p_Tdis(f_adv(x)))]  # wrong keys
+
+The disturbance puts the box's own distribution first in the KL, so it is bounded (see losses.py).
+Based on the official code (JngwenYe/SDB, train_smb.py) with the paper's lambda = 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdb_core.artifact import BoxedModel, load_box, save_box
+from sdb_core.data import Dataset
+from sdb_core.keys import BoxKey
+from sdb_core.losses import (
+    disturbance_loss,
+    kl_div,
+    preservation_loss,
+    reverse_disturbance_loss,
+    target_disturbance_loss,
+)
+from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
+from sdb_core.zoo import build_model
+
+
+def default_temperature(num_classes: int) -> float:
+    """The paper's T = T_dis: 4 for 10 classes, 20 for 100."""
+    return 4.0 if num_classes <= 10 else 20.0
+
+
+@dataclass
+class BoxConfig:
+    lam: float = 0.5
+    temperature: float | None = None  # None: default_temperature(num_classes)
+    temperature_dis: float | None = None
+    w_ce_plain: float = 1.0
+    w_ce_keyed: float = 1.0
+    w_dis: float = 0.04
+    w_align: float = 0.0  # KL(p_1(f(x)) || p_1(f(x')).detach()): plain confidence tied to the keyed path's
+    w_pre: float = 1.0
+    sharpen: float = 0.1
+    w_nonkey: float = 1.0
+    init_from_teacher: bool = True
+    disturb_form: str = "box_first"  # or "teacher_first" (floored, bounded)
+    dis_floor: float = 1e-3
+    dis_margin: float = 0.5
+    dis_sharpness: float = 1.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
+
+    def temps(self, num_classes: int) -> tuple[float, float]:
+        t = self.temperature or default_temperature(num_classes)
+        return t, self.temperature_dis or t
+
+
+def box_step_losses(
+    box: nn.Module, teacher: nn.Module, key: BoxKey, xn: Tensor, y: Tensor, cfg: BoxConfig, num_classes: int
+) -> dict[str, Tensor]:
+    """Every term of the objective for one normalized batch (for training and for tests)."""
+    t, t_dis = cfg.temps(num_classes)
+
+    def disturb(zb: Tensor, zt: Tensor) -> Tensor:
+        if cfg.disturb_form == "target":
+            return target_disturbance_loss(zb, zt, y, t_dis, cfg.dis_margin, cfg.dis_sharpness)
+        if cfg.disturb_form == "teacher_first":
+            return reverse_disturbance_loss(zb, zt, t_dis, cfg.dis_floor)
+        return disturbance_loss(zb, zt, t_dis)
+
+    with torch.no_grad():
+        z_adv = teacher(xn)
+    xk = key.apply(xn)
+    parts = [xn, xk]
+    if cfg.w_nonkey > 0:
+        parts.append(key.lam * xn + (1.0 - key.lam) * torch.randn_like(xn))
+    z = box(torch.cat(parts))
+    n = len(xn)
+    zp, zk = z[:n], z[n : 2 * n]
+    out = {
+        "ce_plain": F.cross_entropy(zp, y),
+        "ce_keyed": F.cross_entropy(zk, y),
+        "disturb": disturb(zp, z_adv),
+        "preserve": preservation_loss(zk, z_adv, y, t, cfg.sharpen),
+        "align": kl_div(zp, zk.detach(), 1.0),
+    }
+    if cfg.w_nonkey > 0:
+        zr = z[2 * n :]
+        out["ce_nonkey"] = F.cross_entropy(zr, y)
+        out["disturb_nonkey"] = disturb(zr, z_adv)
+    total = (
+        cfg.w_ce_plain * out["ce_plain"]
+        + cfg.w_ce_keyed * out["ce_keyed"]
+        + cfg.w_dis * out["disturb"]
+        + cfg.w_pre * out["preserve"]
+        + cfg.w_align * out["align"]
+    )
+    if cfg.w_nonkey > 0:
+        total = total + cfg.w_nonkey * (out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
+    out["total"] = total
+    return out
+
+
+def train_box(
+    teacher: nn.Module,
+    ds: Dataset,
+    *,
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    key: BoxKey,
+    cfg: BoxConfig,
+    checkpoint: Path | None = None,
+) -> nn.Module:
+    """Train the box network (initialized from the teacher's weights by default)."""
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    box = build_model(arch, **arch_kwargs)
+    if cfg.init_from_teacher:
+        box.load_state_dict(teacher.state_dict())
+    box.to(device)
+
+    def step(idx: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+        return box_step_losses(box, teacher, key, xb, yb, cfg, ds.num_classes)["total"]
+
+    return fit(box, ds, step, cfg.train, desc="box", checkpoint=checkpoint)
+
+
+def wrong_key_fn(boxed: BoxedModel, lam: float, seed: int | None = None) -> Any:
+    """A teacher function that feeds the box inputs mixed with a wrong (freshly drawn) key."""
+    wrong = BoxKey.from_int_seed(seed, boxed.input_shape, lam) if seed is not None else None
+    wrong = wrong or BoxKey.generate(boxed.input_shape, lam)
+
+    def fn(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return boxed.model(wrong.apply(boxed.normalize(x)))
+
+    return fn
+
+
+def box_metrics(boxed: BoxedModel, ds: Dataset, wrong_key_seed: int = 12345) -> dict[str, float]:
+    dev = boxed.device
+    return {
+        "plain_top1": accuracy(boxed.plain_logits, ds.x_test, ds.y_test, dev),
+        "keyed_top1": accuracy(boxed.keyed_logits, ds.x_test, ds.y_test, dev),
+        "wrong_key_top1": accuracy(
+            wrong_key_fn(boxed, boxed.manifest["lam"], wrong_key_seed), ds.x_test, ds.y_test, dev
+        ),
+    }
+
+
+def box_teacher(
+    teacher: nn.Module,
+    teacher_meta: dict[str, Any],
+    ds: Dataset,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str = "1",
+    cfg: BoxConfig,
+    key: BoxKey | None = None,
+    teacher_top1: float | None = None,
+    checkpoint: Path | None = None,
+) -> BoxedModel:
+    """Box, save the artifact (with metrics) to out_dir, and return it loaded back (checksums verified)."""
+    key = key or BoxKey.generate(ds.input_shape, cfg.lam)
+    arch, arch_kwargs = teacher_meta["arch"], teacher_meta["arch_kwargs"]
+    box = train_box(teacher, ds, arch=arch, arch_kwargs=arch_kwargs, key=key, cfg=cfg, checkpoint=checkpoint)
+    t, t_dis = cfg.temps(ds.num_classes)
+    common: dict[str, Any] = dict(
+        model=box,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        key=key,
+        name=name,
+        version=version,
+        input_shape=ds.input_shape,
+        class_names=ds.class_names,
+        normalization=ds.normalization,
+        temperature=t,
+        temperature_dis=t_dis,
+        data_digest=ds.digest(),
+        extra={"dataset": ds.name, "box_config": asdict(cfg)},
+    )
+    save_box(out_dir, metrics={}, **common)
+    boxed = load_box(out_dir, device=resolve_device(cfg.train.device))
+    metrics: dict[str, Any] = dict(box_metrics(boxed, ds))
+    if teacher_top1 is not None:
+        metrics["teacher_top1"] = teacher_top1
+    save_box(out_dir, metrics=metrics, **common)
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    return load_box(out_dir, device=resolve_device(cfg.train.device))

@@ -1,0 +1,915 @@
+"""Database operations: users, API keys, security events, the /distill-batch quota transaction, audits,
+usage reports, and the non-blocking /predict audit writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Integer, and_, case, cast, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import metrics
+from service.db.models import (
+    ROLE_ADMIN,
+    STATUS_RESERVED,
+    ApiKey,
+    ModelRecord,
+    QueryAudit,
+    SecurityEvent,
+    User,
+    utcnow,
+)
+from service.db.session import Database
+from service.security import TokenClaims, api_key_matches, api_key_prefix, looks_like_api_key
+
+logger = logging.getLogger(__name__)
+
+DISTILL_ENDPOINT = "/distill-batch"
+PREDICT_ENDPOINT = "/predict"
+WILDCARD_SCOPE = "*"
+
+
+def _clock() -> float:
+    """Wall-clock seconds for the rate-limit window (a seam for tests)."""
+    return time.time()
+
+
+def clean(value: Any, limit: int = 200) -> str:
+    """A value made safe for logs and audit rows: no CR/LF or control characters, bounded length."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value))
+    return text[:limit]
+
+
+def input_digest(x: np.ndarray) -> str:
+    """SHA-256 of the float32 inputs (shape included), to recognize repeated queries without storing them."""
+    h = hashlib.sha256(str(tuple(x.shape)).encode())
+    h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- users
+
+
+class ConflictError(Exception):
+    pass
+
+
+class NotFoundError(Exception):
+    pass
+
+
+def create_user(session: Session, name: str, role: str) -> User:
+    user = User(name=name, role=role)
+    session.add(user)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise ConflictError(f"a user named {clean(name, 100)!r} already exists") from exc
+    return user
+
+
+def get_user(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFoundError(f"no user with id {user_id}")
+    return user
+
+
+def list_users(session: Session, *, limit: int, offset: int) -> tuple[list[User], int]:
+    total = session.scalar(select(func.count()).select_from(User)) or 0
+    rows = session.scalars(select(User).order_by(User.id).limit(limit).offset(offset)).all()
+    return list(rows), int(total)
+
+
+def set_user_disabled(session: Session, user: User, disabled: bool) -> User:
+    user.disabled = disabled
+    user.disabled_at = utcnow() if disabled else None
+    session.flush()
+    return user
+
+
+def admin_exists(session: Session) -> bool:
+    return session.scalar(select(User.id).where(User.role == ROLE_ADMIN).limit(1)) is not None
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def create_api_key(
+    session: Session,
+    user: User,
+    *,
+    prefix: str,
+    digest: str,
+    scopes: Sequence[str],
+    sample_quota: int | None,
+    expires_at: datetime | None,
+    name: str | None = None,
+) -> ApiKey:
+    key = ApiKey(
+        user_id=user.id,
+        name=name,
+        prefix=prefix,
+        key_hash=digest,
+        scopes=sorted(set(scopes)),
+        sample_quota=sample_quota,
+        samples_used=0,
+        rate_window=0,
+        rate_count=0,
+        expires_at=expires_at,
+    )
+    session.add(key)
+    session.flush()
+    return key
+
+
+def get_key(session: Session, key_id: int) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFoundError(f"no API key with id {key_id}")
+    return key
+
+
+def list_keys(session: Session, *, user_id: int | None, limit: int, offset: int) -> tuple[list[ApiKey], int]:
+    q = select(ApiKey)
+    if user_id is not None:
+        q = q.where(ApiKey.user_id == user_id)
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(ApiKey.id).limit(limit).offset(offset)).all()
+    return list(rows), int(total)
+
+
+def revoke_key(session: Session, key: ApiKey) -> ApiKey:
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
+
+
+def find_key_by_secret(session: Session, secret: str) -> ApiKey | None:
+    """The key whose digest matches `secret` (constant-time compare), or None."""
+    if not looks_like_api_key(secret):
+        return None
+    candidates = session.scalars(select(ApiKey).where(ApiKey.prefix == api_key_prefix(secret))).all()
+    found = None
+    for key in candidates:  # compare with every candidate: no early exit on the first match
+        if api_key_matches(secret, key.key_hash):
+            found = key
+    return found
+
+
+def key_usable(key: ApiKey, user: User, now: datetime) -> str | None:
+    """None if the key may be used now, else a fixed reason code."""
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= now:
+        return "expired_key"
+    if user.disabled:
+        return "disabled_user"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- principals
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: int
+    user_name: str
+    role: str
+    key_id: int
+    scopes: frozenset[str]  # the token's scopes that the key (still) holds
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ROLE_ADMIN
+
+    def may_use(self, model: str) -> bool:
+        return model in self.scopes or WILDCARD_SCOPE in self.scopes
+
+
+class AuthFailure(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def load_principal(session: Session, claims: TokenClaims, now: datetime | None = None) -> Principal:
+    """Check the token's key and user in the database (revocation, expiry, disabled user) on every call."""
+    row = session.execute(
+        select(ApiKey, User).join(User, ApiKey.user_id == User.id).where(ApiKey.id == claims.key_id)
+    ).first()
+    if row is None:
+        raise AuthFailure("unknown_key")
+    key, user = row
+    if user.id != claims.user_id:
+        raise AuthFailure("subject")
+    reason = key_usable(key, user, now or utcnow())
+    if reason is not None:
+        raise AuthFailure(reason)
+    return Principal(
+        user_id=user.id,
+        user_name=user.name,
+        role=user.role,
+        key_id=key.id,
+        scopes=frozenset(claims.scopes) & frozenset(key.scopes),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- events
+
+
+def record_event(
+    session: Session,
+    action: str,
+    outcome: str,
+    *,
+    actor: Principal | None = None,
+    actor_user_id: int | None = None,
+    actor_key_id: int | None = None,
+    client_id: str | None = None,
+    target: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        SecurityEvent(
+            action=clean(action, 48),
+            outcome=clean(outcome, 16),
+            actor_user_id=actor.user_id if actor else actor_user_id,
+            actor_key_id=actor.key_id if actor else actor_key_id,
+            client_id=client_id,
+            target=clean(target, 128) if target is not None else None,
+            detail={clean(k, 40): _clean_json(v) for k, v in (detail or {}).items()},
+        )
+    )
+
+
+def _clean_json(v: Any) -> Any:
+    if v is None or isinstance(v, bool | int | float):
+        return v
+    if isinstance(v, list | tuple):
+        return [_clean_json(x) for x in v][:50]
+    return clean(v)
+
+
+def record_event_safely(db: Database, action: str, outcome: str, **kw: Any) -> None:
+    """Best effort: a security event that must not turn a 401 into a 5xx when the database struggles."""
+    try:
+        with db.write() as s:
+            record_event(s, action, outcome, **kw)
+    except Exception:
+        logger.warning("could not record security event %s", clean(action, 48))
+
+
+def list_events(
+    session: Session, *, action: str | None, user_id: int | None, limit: int, offset: int
+) -> tuple[list[SecurityEvent], int]:
+    q = select(SecurityEvent)
+    if action:
+        q = q.where(SecurityEvent.action == action)
+    if user_id is not None:
+        q = q.where(SecurityEvent.actor_user_id == user_id)
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(SecurityEvent.id.desc()).limit(limit).offset(offset)).all()
+    return list(rows), int(total)
+
+
+# ---------------------------------------------------------------------------------------------- distill
+
+
+@dataclass(frozen=True)
+class DistillGrant:
+    audit_id: int
+    user_id: int
+    key_id: int
+    n_samples: int
+    quota: int | None
+    used: int
+    rate_limit: int
+    rate_remaining: int | None
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.quota is None else max(0, self.quota - self.used)
+
+
+@dataclass(frozen=True)
+class DistillDenied(Exception):
+    status: int
+    error: str
+    message: str
+    reason: str
+    retry_after: int | None = None
+    quota: int | None = None
+    used: int | None = None
+
+
+def _audit(
+    session: Session,
+    *,
+    status: int,
+    model: str | None,
+    n: int,
+    client: str | None,
+    digest: str | None,
+    user_id: int | None = None,
+    key_id: int | None = None,
+    latency_ms: float | None = None,
+) -> int:
+    row = QueryAudit(
+        endpoint=DISTILL_ENDPOINT,
+        model=clean(model, 128) if model is not None else None,
+        user_id=user_id,
+        api_key_id=key_id,
+        client_id=client,
+        n_samples=n,
+        status=status,
+        latency_ms=latency_ms,
+        input_digest=digest,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def audit_distill_rejection(
+    db: Database,
+    *,
+    status: int,
+    model: str | None,
+    n_samples: int,
+    client_id: str | None,
+    digest: str | None = None,
+    user_id: int | None = None,
+    key_id: int | None = None,
+    latency_ms: float | None = None,
+) -> None:
+    """Record a /distill-batch call refused before any quota was touched (401, 404, 422...)."""
+    with db.write() as s:
+        _audit(
+            s,
+            status=status,
+            model=model,
+            n=n_samples,
+            client=client_id,
+            digest=digest,
+            user_id=user_id,
+            key_id=key_id,
+            latency_ms=latency_ms,
+        )
+
+
+def reserve_distill(
+    db: Database,
+    claims: TokenClaims,
+    *,
+    model: str,
+    n_samples: int,
+    client_id: str | None,
+    digest: str | None,
+    rate_per_minute: int,
+    now: float | None = None,
+    started: float | None = None,
+) -> DistillGrant:
+    """One write transaction: authorize (DB), count the request against the per-key rate, consume the
+    quota, and write the audit row. A refusal is audited and committed too, then raised as DistillDenied.
+    The quota is consumed by a conditional UPDATE (`used + n <= quota`) so that concurrent calls can never
+    overspend it, on PostgreSQL (row lock, re-checked predicate) and on SQLite (BEGIN IMMEDIATE).
+    """
+    t = _clock() if now is None else now
+    now_dt = datetime.fromtimestamp(t, UTC)
+
+    def latency() -> float | None:
+        return None if started is None else (time.perf_counter() - started) * 1000
+
+    denied: DistillDenied | None = None
+    grant: DistillGrant | None = None
+    with db.write() as s:
+        try:
+            principal = load_principal(s, claims, now_dt)
+        except AuthFailure as exc:
+            known = exc.reason not in ("unknown_key", "subject")
+            _audit(
+                s,
+                status=401,
+                latency_ms=latency(),
+                model=model,
+                n=0,
+                client=client_id,
+                digest=digest,
+                user_id=claims.user_id if known else None,
+                key_id=claims.key_id if known else None,
+            )
+            denied = DistillDenied(401, "invalid_token", "invalid or expired access token", exc.reason)
+        if denied is None and not principal.may_use(model):
+            _audit(
+                s,
+                status=403,
+                latency_ms=latency(),
+                model=model,
+                n=0,
+                client=client_id,
+                digest=digest,
+                user_id=principal.user_id,
+                key_id=principal.key_id,
+            )
+            denied = DistillDenied(
+                403, "insufficient_scope", f"this key may not use model {model!r}", "scope"
+            )
+        rate_remaining: int | None = None
+        if denied is None and rate_per_minute > 0:
+            window = int(t // 60)
+            count = s.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.id == principal.key_id,
+                    or_(ApiKey.rate_window != window, ApiKey.rate_count < rate_per_minute),
+                )
+                .values(
+                    rate_count=case((ApiKey.rate_window == window, ApiKey.rate_count + 1), else_=1),
+                    rate_window=window,
+                )
+                .returning(ApiKey.rate_count)
+                .execution_options(synchronize_session=False)
+            ).scalar_one_or_none()
+            if count is None:
+                _audit(
+                    s,
+                    status=429,
+                    latency_ms=latency(),
+                    model=model,
+                    n=0,
+                    client=client_id,
+                    digest=digest,
+                    user_id=principal.user_id,
+                    key_id=principal.key_id,
+                )
+                retry = max(1, math.ceil((window + 1) * 60 - t))
+                denied = DistillDenied(
+                    429,
+                    "rate_limited",
+                    f"more than {rate_per_minute} requests a minute on this key",
+                    "rate",
+                    retry_after=retry,
+                )
+            else:
+                rate_remaining = max(0, rate_per_minute - int(count))
+        if denied is None:
+            row = s.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.id == principal.key_id,
+                    or_(
+                        ApiKey.sample_quota.is_(None), ApiKey.samples_used + n_samples <= ApiKey.sample_quota
+                    ),
+                )
+                .values(samples_used=ApiKey.samples_used + n_samples, last_used_at=now_dt)
+                .returning(ApiKey.samples_used, ApiKey.sample_quota)
+                .execution_options(synchronize_session=False)
+            ).first()
+            if row is None:
+                quota_row = s.execute(
+                    select(ApiKey.samples_used, ApiKey.sample_quota).where(ApiKey.id == principal.key_id)
+                ).one()
+                _audit(
+                    s,
+                    status=429,
+                    latency_ms=latency(),
+                    model=model,
+                    n=0,
+                    client=client_id,
+                    digest=digest,
+                    user_id=principal.user_id,
+                    key_id=principal.key_id,
+                )
+                used, quota = int(quota_row[0]), quota_row[1]
+                denied = DistillDenied(
+                    429,
+                    "quota_exceeded",
+                    f"sample quota exhausted: {n_samples} requested, {max(0, (quota or 0) - used)} of "
+                    f"{quota} remaining",
+                    "quota",
+                    quota=quota,
+                    used=used,
+                )
+            else:
+                audit_id = _audit(
+                    s,
+                    status=STATUS_RESERVED,
+                    model=model,
+                    n=n_samples,
+                    client=client_id,
+                    digest=digest,
+                    user_id=principal.user_id,
+                    key_id=principal.key_id,
+                )
+                grant = DistillGrant(
+                    audit_id=audit_id,
+                    user_id=principal.user_id,
+                    key_id=principal.key_id,
+                    n_samples=n_samples,
+                    quota=row[1],
+                    used=int(row[0]),
+                    rate_limit=rate_per_minute,
+                    rate_remaining=rate_remaining,
+                )
+    if denied is not None:
+        raise denied
+    assert grant is not None
+    return grant
+
+
+def finalize_distill(db: Database, grant: DistillGrant, *, status: int, latency_ms: float) -> None:
+    """Confirm the reserved call (status 200), or record its failure and give the samples back."""
+    with db.write() as s:
+        s.execute(
+            update(QueryAudit)
+            .where(QueryAudit.id == grant.audit_id)
+            .values(status=status, latency_ms=latency_ms)
+            .execution_options(synchronize_session=False)
+        )
+        if status >= 400:
+            s.execute(
+                update(ApiKey)
+                .where(ApiKey.id == grant.key_id)
+                .values(samples_used=ApiKey.samples_used - grant.n_samples)
+                .execution_options(synchronize_session=False)
+            )
+
+
+# ---------------------------------------------------------------------------------------------- audits
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    user_id: int | None = None
+    key_id: int | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    client_id: str | None = None
+    status: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def apply(self, q: Any) -> Any:
+        conds = []
+        if self.user_id is not None:
+            conds.append(QueryAudit.user_id == self.user_id)
+        if self.key_id is not None:
+            conds.append(QueryAudit.api_key_id == self.key_id)
+        if self.model is not None:
+            conds.append(QueryAudit.model == self.model)
+        if self.endpoint is not None:
+            conds.append(QueryAudit.endpoint == self.endpoint)
+        if self.client_id is not None:
+            conds.append(QueryAudit.client_id == self.client_id)
+        if self.status is not None:
+            conds.append(QueryAudit.status == self.status)
+        if self.since is not None:
+            conds.append(QueryAudit.created_at >= self.since)
+        if self.until is not None:
+            conds.append(QueryAudit.created_at < self.until)
+        return q.where(and_(*conds)) if conds else q
+
+
+def list_audits(session: Session, f: AuditFilter, *, limit: int, offset: int) -> tuple[list[QueryAudit], int]:
+    q = f.apply(select(QueryAudit))
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(QueryAudit.id.desc()).limit(limit).offset(offset)).all()
+    return list(rows), int(total)
+
+
+@dataclass
+class UserUsage:
+    user_id: int
+    name: str
+    role: str
+    disabled: bool
+    requests: int = 0
+    answered: int = 0
+    samples: int = 0
+    rejected: int = 0
+    last_seen: datetime | None = None
+    by_model: dict[str, int] = field(default_factory=dict)
+
+
+def usage_summary(session: Session, *, since: datetime | None, until: datetime | None) -> list[UserUsage]:
+    """Per user: requests, answered requests, samples answered (status 200) and refusals, by model."""
+    f = AuditFilter(since=since, until=until)
+    users = {u.id: UserUsage(u.id, u.name, u.role, u.disabled) for u in session.scalars(select(User))}
+    ok = QueryAudit.status == 200
+    q = f.apply(
+        select(
+            QueryAudit.user_id,
+            QueryAudit.model,
+            func.count(),
+            func.sum(ok.cast(Integer)),
+            func.sum(QueryAudit.n_samples * ok.cast(Integer)),
+            func.sum((QueryAudit.status >= 400).cast(Integer)),
+            func.max(QueryAudit.created_at),
+        ).where(QueryAudit.user_id.is_not(None))
+    ).group_by(QueryAudit.user_id, QueryAudit.model)
+    for user_id, model, n, answered, samples, rejected, last in session.execute(q):
+        u = users.get(user_id)
+        if u is None:
+            continue
+        u.requests += int(n)
+        u.answered += int(answered or 0)
+        u.samples += int(samples or 0)
+        u.rejected += int(rejected or 0)
+        if model is not None and samples:
+            u.by_model[model] = u.by_model.get(model, 0) + int(samples)
+        last = _as_utc(last)
+        if last is not None and (u.last_seen is None or last > u.last_seen):
+            u.last_seen = last
+    return sorted(users.values(), key=lambda u: u.user_id)
+
+
+def _as_utc(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite aggregates return the stored text
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _epoch(session: Session) -> Any:
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", QueryAudit.created_at), Integer)
+    return cast(func.floor(func.extract("epoch", QueryAudit.created_at)), Integer)
+
+
+@dataclass
+class ClientVolume:
+    kind: str  # "user" or "anonymous"
+    client: str  # user id (as text) or anonymous client id
+    name: str | None
+    requests: int
+    samples: int
+    max_window_samples: int
+    flagged: bool
+    series: list[dict[str, Any]]
+
+
+def client_volumes(
+    session: Session,
+    *,
+    kind: str,
+    since: datetime,
+    until: datetime,
+    bucket_s: int,
+    window_s: int,
+    threshold: int,
+    limit: int,
+    offset: int,
+) -> tuple[list[ClientVolume], int]:
+    """Samples answered over time per user (/distill-batch) or per anonymous client (/predict).
+
+    The extraction flag: an anonymous client is flagged when the /predict samples it pulled in any fixed
+    window of `window_s` seconds (aligned on the Unix epoch) exceed `threshold`. Users are licensed to
+    distill and bounded by their quota, so their volume is reported but not flagged.
+    """
+    epoch = _epoch(session)
+    if kind == "user":
+        who: Any = QueryAudit.user_id
+        base = AuditFilter(endpoint=DISTILL_ENDPOINT, status=200, since=since, until=until)
+        cond: Any = QueryAudit.user_id.is_not(None)
+    else:
+        who = QueryAudit.client_id
+        base = AuditFilter(endpoint=PREDICT_ENDPOINT, status=200, since=since, until=until)
+        cond = and_(QueryAudit.client_id.is_not(None), QueryAudit.user_id.is_(None))
+    totals_q = base.apply(select(who, func.count(), func.sum(QueryAudit.n_samples)).where(cond)).group_by(who)
+    totals = sorted(
+        ((c, int(n), int(s or 0)) for c, n, s in session.execute(totals_q)), key=lambda r: (-r[2], str(r[0]))
+    )
+    page = totals[offset : offset + limit]
+    ids = [c for c, _, _ in page]
+    if not ids:
+        return [], len(totals)
+
+    def buckets(size: int) -> dict[Any, dict[int, tuple[int, int]]]:
+        b = epoch // size
+        q = base.apply(
+            select(who, b, func.count(), func.sum(QueryAudit.n_samples)).where(cond, who.in_(ids))
+        ).group_by(who, b)
+        out: dict[Any, dict[int, tuple[int, int]]] = {}
+        for c, k, n, s in session.execute(q):
+            out.setdefault(c, {})[int(k)] = (int(n), int(s or 0))
+        return out
+
+    series = buckets(bucket_s)
+    windows = buckets(window_s) if kind != "user" else {}
+    names: dict[Any, str] = {}
+    if kind == "user":
+        names = {u.id: u.name for u in session.scalars(select(User).where(User.id.in_(ids)))}
+    result = []
+    for c, n, s in page:
+        max_win = max((v[1] for v in windows.get(c, {}).values()), default=0)
+        result.append(
+            ClientVolume(
+                kind=kind,
+                client=str(c),
+                name=names.get(c),
+                requests=n,
+                samples=s,
+                max_window_samples=max_win,
+                flagged=kind != "user" and max_win > threshold,
+                series=[
+                    {"start": datetime.fromtimestamp(k * bucket_s, UTC), "requests": v[0], "samples": v[1]}
+                    for k, v in sorted(series.get(c, {}).items())
+                ],
+            )
+        )
+    return result, len(totals)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def sync_models(session: Session, infos: list[dict[str, Any]]) -> None:
+    """Record the loaded models' public metadata (never key material) in the `models` table."""
+    now = utcnow()
+    for info in infos:
+        name = str(info["name"])
+        rec = session.scalar(select(ModelRecord).where(ModelRecord.name == name))
+        if rec is None:
+            session.add(ModelRecord(name=name, version=str(info.get("version", "")), info=info))
+        else:
+            rec.version = str(info.get("version", ""))
+            rec.info = info
+            rec.last_loaded_at = now
+    session.flush()
+
+
+def list_model_records(session: Session) -> list[ModelRecord]:
+    return list(session.scalars(select(ModelRecord).order_by(ModelRecord.name)))
+
+
+# ------------------------------------------------------------------------------------- /predict audits
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    endpoint: str
+    model: str | None
+    client_id: str | None
+    n_samples: int
+    status: int
+    latency_ms: float | None
+    input_digest: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditQueueConfig:
+    max_pending: int = 100_000  # beyond this, rows are dropped and counted (sdb_predict_audit_dropped_total)
+    batch_size: int = 500
+    interval_s: float = 0.25
+    retry_s: float = 1.0
+    flush_timeout_s: float = 10.0
+
+
+class AuditQueue:
+    """Writes /predict audit rows from a background thread, so that a slow or stopped database never blocks
+    or fails /predict. Rows wait in memory (bounded) while the database is down and are written when it
+    returns; `close()` flushes what is left (called at shutdown, after uvicorn finished in-flight requests).
+    """
+
+    def __init__(self, db: Database, config: AuditQueueConfig | None = None) -> None:
+        self.db = db
+        self.cfg = config or AuditQueueConfig()
+        self._pending: deque[AuditRecord] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sdb-audit-writer", daemon=True)
+            self._thread.start()
+
+    def submit(self, record: AuditRecord) -> None:
+        with self._lock:
+            if len(self._pending) >= self.cfg.max_pending:
+                self.dropped += 1
+                metrics.record_audit_dropped()
+                return
+            self._pending.append(record)
+            self._idle.clear()
+            if len(self._pending) >= self.cfg.batch_size:
+                self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _take(self) -> list[AuditRecord]:
+        with self._lock:
+            n = min(len(self._pending), self.cfg.batch_size)
+            return [self._pending.popleft() for _ in range(n)]
+
+    def _put_back(self, batch: list[AuditRecord]) -> None:
+        with self._lock:
+            self._pending.extendleft(reversed(batch))
+
+    def _write(self, batch: list[AuditRecord]) -> None:
+        with self.db.write() as s:
+            s.execute(insert(QueryAudit), [asdict(r) for r in batch])
+
+    def _drain(self) -> bool:
+        """Write everything pending; False if the database refused (the rows stay queued)."""
+        while True:
+            batch = self._take()
+            if not batch:
+                with self._lock:
+                    if not self._pending:
+                        self._idle.set()
+                return True
+            try:
+                self._write(batch)
+                self.written += len(batch)
+            except Exception as exc:
+                self._put_back(batch)
+                logger.warning(
+                    "audit writer: database unavailable (%s), %d rows kept", type(exc).__name__, self.pending
+                )
+                return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.cfg.interval_s)
+            self._wake.clear()
+            if not self._drain():
+                self._stop.wait(self.cfg.retry_s)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is written (True) or the timeout passes (False)."""
+        self._wake.set()
+        return self._idle.wait(self.cfg.flush_timeout_s if timeout is None else timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.cfg.flush_timeout_s)
+            self._thread = None
+        deadline = time.monotonic() + self.cfg.flush_timeout_s
+        while self.pending and time.monotonic() < deadline:
+            if not self._drain():
+                time.sleep(min(self.cfg.retry_s, max(0.0, deadline - time.monotonic())))
+        if self.pending:
+            lost = self.pending
+            metrics.record_audit_dropped(lost)
+            logger.error("audit writer: %d /predict audit rows could not be written before exit", lost)
+
+
+def record_predict_audit(
+    state: Any,
+    *,
+    model: str | None,
+    client_id: str | None,
+    n_samples: int,
+    status: int,
+    latency_ms: float | None,
+    input_digest: str | None = None,
+) -> None:
+    """Queue one /predict audit row; never blocks, never raises. `state` is `request.app.state`."""
+    queue: AuditQueue | None = getattr(state, "audit_queue", None)
+    if queue is None:
+        metrics.record_audit_dropped()
+        return
+    queue.submit(
+        AuditRecord(
+            endpoint=PREDICT_ENDPOINT,
+            model=model,
+            client_id=client_id,
+            n_samples=int(n_samples),
+            status=int(status),
+            latency_ms=latency_ms,
+            input_digest=input_digest,
+            created_at=utcnow(),
+        )
+    )
+
+
+def cutoff(seconds: int, now: datetime | None = None) -> datetime:
+    return (now or utcnow()) - timedelta(seconds=seconds)

@@ -1,0 +1,131 @@
+"""Engine and session handling for SQLite and PostgreSQL.
+
+SQLite: WAL journal, a busy timeout and `BEGIN IMMEDIATE` for write transactions (a deferred transaction
+that later upgrades to a write lock ignores the busy timeout and fails at once with "database is locked").
+PostgreSQL: psycopg 3, `pool_pre_ping` so that the pool recovers by itself after the server comes back, and
+short connect/pool timeouts so that a dead database answers fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    sqlite_busy_timeout_ms: int = 15_000
+    pg_connect_timeout_s: int = 3
+    pg_statement_timeout_ms: int = 15_000
+    pool_size: int = 10
+    max_overflow: int = 20
+    pool_timeout_s: float = 5.0
+
+
+WRITE = {"sdb_write": True}  # Session.connection(execution_options=WRITE) -> BEGIN IMMEDIATE on SQLite
+
+
+def normalize_url(url: str) -> str:
+    """Use the psycopg 3 driver for plain `postgresql://` URLs."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def make_engine(url: str, config: DatabaseConfig | None = None) -> Engine:
+    cfg = config or DatabaseConfig()
+    url = normalize_url(url)
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": cfg.sqlite_busy_timeout_ms / 1000},
+            pool_pre_ping=True,
+        )
+        _configure_sqlite(engine, cfg)
+        return engine
+    connect_args: dict[str, Any] = {
+        "connect_timeout": cfg.pg_connect_timeout_s,
+        "options": f"-c statement_timeout={cfg.pg_statement_timeout_ms}",
+    }
+    return create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=True,
+        pool_size=cfg.pool_size,
+        max_overflow=cfg.max_overflow,
+        pool_timeout=cfg.pool_timeout_s,
+    )
+
+
+def _configure_sqlite(engine: Engine, cfg: DatabaseConfig) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so that BEGIN is ours (see "begin" below).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(cfg.sqlite_busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        write = conn.get_execution_options().get("sdb_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+class Database:
+    """The engine and session factory of one process (`app.state.db`)."""
+
+    def __init__(self, url: str, config: DatabaseConfig | None = None) -> None:
+        self.url = normalize_url(url)
+        self.engine = make_engine(self.url, config)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessionmaker() as s:
+            yield s
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session whose transaction is a write transaction from its first statement, committed on exit."""
+        with self.sessionmaker() as s:
+            s.connection(execution_options=WRITE)
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as c:
+                c.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    def dispose(self) -> None:
+        self.engine.dispose()

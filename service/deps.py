@@ -1,0 +1,115 @@
+"""FastAPI dependencies: the database, the calling principal (JWT + database checks) and the admin role.
+
+Tokens are read from the `Authorization: Bearer` header only (never from the query string). The key and
+the user behind a token are re-checked in the database on every request, so a revoked key or a disabled
+user is refused at once by every worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service import crud, metrics
+from service.config import Settings
+from service.crud import AuthFailure, Principal
+from service.db.session import Database
+from service.security import GENERIC_TOKEN_ERROR, TokenConfig, TokenError, verify_token
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="BearerJWT",
+    description="An access token from POST /auth/token (exchange an API key for it).",
+)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+def unauthorized(detail: str = GENERIC_TOKEN_ERROR) -> HTTPException:
+    return HTTPException(status_code=401, detail=detail, headers=UNAUTHORIZED_HEADERS)
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_token_config(request: Request) -> TokenConfig:
+    cfg: TokenConfig = request.app.state.token_config
+    return cfg
+
+
+def client_id_of(request: Request) -> str | None:
+    ids = getattr(request.app.state, "client_ids", None)
+    return None if ids is None else str(ids.anonymous_id(request))
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+
+
+def get_session(db: DatabaseDep) -> Iterator[Session]:
+    """A read session for the request; routes that write use `db.write()` and commit before answering."""
+    with db.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_principal(request: Request, credentials: BearerCredentials, db: DatabaseDep) -> Principal:
+    cfg = get_token_config(request)
+    if credentials is None or not credentials.credentials:
+        metrics.record_auth_failure("missing")
+        raise unauthorized("missing access token: send `Authorization: Bearer <token>` from POST /auth/token")
+    try:
+        claims = verify_token(cfg, credentials.credentials)
+    except TokenError as exc:
+        metrics.record_auth_failure(exc.reason)
+        raise unauthorized() from None
+    try:
+        with db.session() as s:
+            return crud.load_principal(s, claims)
+    except AuthFailure as exc:
+        metrics.record_auth_failure(exc.reason)
+        crud.record_event_safely(
+            db,
+            "auth.failure",
+            "denied",
+            actor_key_id=claims.key_id if exc.reason not in ("unknown_key", "subject") else None,
+            client_id=client_id_of(request),
+            target=request.url.path,
+            detail={"reason": exc.reason},
+        )
+        raise unauthorized() from None
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def require_admin(request: Request, principal: CurrentPrincipal, db: DatabaseDep) -> Principal:
+    if not principal.is_admin:
+        metrics.record_auth_failure("not_admin")
+        crud.record_event_safely(
+            db,
+            "auth.forbidden",
+            "denied",
+            actor=principal,
+            client_id=client_id_of(request),
+            target=request.url.path,
+        )
+        raise HTTPException(status_code=403, detail="this route needs an administrator's token")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]

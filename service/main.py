@@ -1,0 +1,187 @@
+"""The FastAPI application: `create_app(settings)`, its lifespan and its error handlers.
+
+Run it with `sdb serve`, or `uvicorn service.main:create_app --factory --no-proxy-headers` (settings from
+SDB_* variables; without --no-proxy-headers uvicorn itself trusts X-Forwarded-For from 127.0.0.1).
+Start-up: JWT secret (random in demo mode only) -> database engine -> schema revision check (refuses to
+start on an out-of-date schema; demo mode migrates by itself) -> first admin from SDB_BOOTSTRAP_ADMIN_TOKEN
+-> models -> /predict audit writer. Shutdown (after uvicorn finished the in-flight requests): models, then
+the audit writer is flushed, then the engine is disposed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from service import crud
+from service.config import Settings, get_settings
+from service.crud import AuditQueue
+from service.db import migrate
+from service.db.models import ROLE_ADMIN
+from service.db.session import Database
+from service.inference.registry import ModelRegistry, UnknownModelError
+from service.middleware import install_middleware
+from service.routes import admin, auth, distill, health, predict
+from service.security import TokenConfig, api_key_from_secret
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_ADMIN_NAME = "admin"
+DESCRIPTION = """
+Serve a boxed classifier to everyone, and let only licensed users distill it.
+
+* `POST /predict` — anyone, no token: the plain path's class probabilities.
+* `POST /auth/token` — exchange an API key for a short-lived access token (JWT).
+* `POST /distill-batch` — `Authorization: Bearer <token>`: the keyed path's soft labels and logits.
+* `/admin/*` — administrators: users, API keys, audits, usage, extraction watch, models.
+"""
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("service").setLevel(level.upper())
+
+
+def _token_config(settings: Settings) -> TokenConfig:
+    if settings.jwt_secret is not None:
+        secret = settings.jwt_secret.get_secret_value()
+    else:  # demo mode only (Settings refuses a missing secret otherwise); tokens die with the process
+        secret = secrets.token_urlsafe(48)
+        logger.warning("demo mode: using a random JWT secret; tokens stop working when the server restarts")
+    return TokenConfig(
+        secret=secret,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl_seconds=settings.token_ttl_seconds,
+    )
+
+
+def bootstrap_admin_from_env(db: Database, secret: str) -> bool:
+    """Create the first admin with the operator-chosen API key, unless an admin exists. True if created."""
+    key = api_key_from_secret(secret)
+    try:
+        with db.write() as s:
+            if crud.admin_exists(s):
+                return False
+            user = crud.create_user(s, BOOTSTRAP_ADMIN_NAME, ROLE_ADMIN)
+            created = crud.create_api_key(
+                s,
+                user,
+                prefix=key.prefix,
+                digest=key.digest,
+                scopes=[],
+                sample_quota=None,
+                expires_at=None,
+                name="bootstrap",
+            )
+            crud.record_event(s, "admin.bootstrap", "ok", target=f"key:{created.id}", detail={"via": "env"})
+    except (IntegrityError, crud.ConflictError):
+        return False  # another worker created it first, or a user named "admin" exists
+    logger.info("created the first administrator from SDB_BOOTSTRAP_ADMIN_TOKEN")
+    return True
+
+
+def _start(app: FastAPI, settings: Settings) -> None:
+    db = Database(settings.database_url)
+    app.state.db = db
+    if settings.demo:
+        migrate.upgrade(db.url)
+    migrate.check_schema(db.engine)
+    if settings.bootstrap_admin_token is not None:
+        bootstrap_admin_from_env(db, settings.bootstrap_admin_token.get_secret_value())
+    if getattr(app.state, "models", None) is None:
+        app.state.models = ModelRegistry.from_settings(settings)
+    infos = [m.info() for m in app.state.models]
+    for attempt in range(3):  # workers starting together may insert the same model row: retry
+        try:
+            with db.write() as s:
+                crud.sync_models(s, infos)
+            break
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    queue = AuditQueue(db)
+    queue.start()
+    app.state.audit_queue = queue
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    app.state.token_config = _token_config(settings)
+    try:
+        await anyio.to_thread.run_sync(_start, app, settings)
+    except migrate.SchemaError as exc:
+        logger.error("refusing to start: %s", exc)
+        _dispose(app)
+        raise
+    except BaseException:
+        _dispose(app)
+        raise
+    try:
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            registry = getattr(app.state, "models", None)
+            if registry is not None and hasattr(registry, "aclose"):
+                await registry.aclose()
+            queue: AuditQueue | None = getattr(app.state, "audit_queue", None)
+            if queue is not None:
+                await anyio.to_thread.run_sync(queue.close)
+            _dispose(app)
+
+
+def _dispose(app: FastAPI) -> None:
+    db: Database | None = getattr(app.state, "db", None)
+    if db is not None:
+        db.dispose()
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable on %s: %s", crud.clean(request.url.path), type(exc).__name__)
+    return JSONResponse(
+        status_code=503,
+        content={"detail": "database unavailable, retry later", "error": "database_unavailable"},
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _unknown_model(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnknownModelError)
+    return JSONResponse(status_code=404, content={"detail": f"unknown model {exc.name!r}"})
+
+
+def create_app(settings: Settings | None = None, *, registry: Any = None) -> FastAPI:
+    """Build the application. `registry` replaces loading models from SDB_MODEL_DIR (tests)."""
+    settings = settings or get_settings()
+    _configure_logging(settings.log_level)
+    app = FastAPI(
+        title="Safe Distillation Box",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.models = registry
+    install_middleware(app, settings)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(InterfaceError, _database_error)
+    app.add_exception_handler(PoolTimeoutError, _database_error)
+    app.add_exception_handler(UnknownModelError, _unknown_model)
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    app.include_router(auth.router)
+    app.include_router(distill.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,138 @@
+"""Prometheus metrics of the service.
+
+Label values are restricted to fixed vocabularies (route templates, loaded model names, status codes, fixed
+reasons): never a user id, an API key, a client address or any secret. With several workers, set
+PROMETHEUS_MULTIPROC_DIR (an empty directory shared by the workers) and /metrics aggregates all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+UNKNOWN = "unknown"
+NONE = "none"
+
+REQUESTS = Counter(
+    "sdb_http_requests_total",
+    "HTTP requests answered, by route template, model and status code.",
+    ["route", "model", "status"],
+)
+REQUEST_LATENCY = Histogram(
+    "sdb_http_request_duration_seconds",
+    "Time from the request's arrival to the end of its response.",
+    ["route", "model"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_LATENCY = Histogram(
+    "sdb_inference_duration_seconds",
+    "Duration of one forward pass (one formed batch).",
+    ["model", "path"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "sdb_inference_batch_size",
+    "Samples per forward pass formed by the dynamic batcher.",
+    ["model", "path"],
+    buckets=BATCH_BUCKETS,
+)
+SAMPLES = Counter("sdb_samples_total", "Samples answered, by model and path.", ["model", "path"])
+SAMPLES_DISTILLED = Counter(
+    "sdb_samples_distilled_total", "Samples answered by /distill-batch (keyed soft labels).", ["model"]
+)
+INFERENCE_TIMEOUTS = Counter(
+    "sdb_inference_timeouts_total", "Inferences that missed their deadline.", ["model", "path"]
+)
+AUTH_FAILURES = Counter(
+    "sdb_auth_failures_total", "Rejected credentials, by a fixed reason code.", ["reason"]
+)
+QUOTA_REJECTIONS = Counter(
+    "sdb_quota_rejections_total", "Calls refused because the quota was spent.", ["model"]
+)
+RATE_LIMITED = Counter("sdb_rate_limited_total", "Calls refused by a rate limit (429).", ["route"])
+EXTRACTION_FLAGS = Counter(
+    "sdb_extraction_flags_total", "Clients newly flagged as possible model extraction.", ["kind"]
+)
+AUDIT_DROPPED = Counter(
+    "sdb_predict_audit_dropped_total",
+    "/predict audit rows that could not be written (database down or slow).",
+)
+
+_known_models: set[str] = set()
+
+
+def register_models(names: list[str] | set[str]) -> None:
+    """Declare the loaded model names: any other name is exported as `unknown` (bounded label cardinality)."""
+    _known_models.update(names)
+
+
+def model_label(name: str | None) -> str:
+    if name is None:
+        return NONE
+    return name if name in _known_models else UNKNOWN
+
+
+def record_request(route: str, model: str | None, status: int, seconds: float) -> None:
+    label = model_label(model)
+    REQUESTS.labels(route, label, str(status)).inc()
+    REQUEST_LATENCY.labels(route, label).observe(seconds)
+
+
+def record_batch(model: str, path: str, size: int, seconds: float) -> None:
+    BATCH_SIZE.labels(model, path).observe(size)
+    INFERENCE_LATENCY.labels(model, path).observe(seconds)
+
+
+def record_samples(model: str, path: str, n: int) -> None:
+    SAMPLES.labels(model_label(model), path).inc(n)
+
+
+def record_samples_distilled(model: str, n: int) -> None:
+    SAMPLES_DISTILLED.labels(model_label(model)).inc(n)
+
+
+def record_inference_timeout(model: str, path: str) -> None:
+    INFERENCE_TIMEOUTS.labels(model_label(model), path).inc()
+
+
+def record_auth_failure(reason: str) -> None:
+    """`reason` must be a fixed code such as "missing", "invalid", "expired", "revoked" — never a token."""
+    AUTH_FAILURES.labels(reason).inc()
+
+
+def record_quota_rejection(model: str | None) -> None:
+    QUOTA_REJECTIONS.labels(model_label(model)).inc()
+
+
+def record_rate_limited(route: str) -> None:
+    RATE_LIMITED.labels(route).inc()
+
+
+def record_extraction_flag(kind: str) -> None:
+    """`kind` is "anonymous" or "user"; the flagged client itself is visible only in the admin API."""
+    EXTRACTION_FLAGS.labels(kind).inc()
+
+
+def record_audit_dropped(n: int = 1) -> None:
+    AUDIT_DROPPED.inc(n)
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """The exposition text; in multiprocess mode the sum over all workers' files."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

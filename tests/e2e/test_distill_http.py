@@ -1,0 +1,176 @@
+"""End to end: train students through the HTTP API of a real server and compare with local distillation.
+
+A real `uvicorn` server (SQLite) on a free loopback port; an admin bootstrapped from
+SDB_BOOTSTRAP_ADMIN_TOKEN creates a user and issues an API key; students are distilled on the bundled digits
+data from (a) /distill-batch with the authorized client and (b) anonymous /predict outputs, and compared with
+the same students distilled locally from the box's keyed path (authorized KD) and plain path (unauthorized
+KD), with identical seeds. Threshold: |remote - local| <= 1.0 point of test accuracy, seed 0, 4 epochs.
+Model: the shipped demo box under models/ when present, else a box made by `make_test_box`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from sdb.client import SdbClient, remote_teacher
+from sdb_core.artifact import load_box, make_test_box, read_manifest
+from sdb_core.data import load_dataset
+from sdb_core.distill import DistillConfig, distill, query_teacher
+from sdb_core.training import TrainConfig, accuracy, model_fn
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "e2e-admin-" + uuid.uuid4().hex + uuid.uuid4().hex
+JWT_SECRET = "e2e-jwt-" + uuid.uuid4().hex + uuid.uuid4().hex
+SEEDS = (0,)
+EPOCHS = 4
+TOLERANCE_PT = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_box_dir() -> Path | None:
+    for manifest in sorted((REPO / "models").glob("*/manifest.json")):
+        info = read_manifest(manifest.parent)
+        if tuple(info["input_shape"]) == (1, 8, 8):
+            return manifest.parent
+    return None
+
+
+@pytest.fixture(scope="module")
+def box_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    found = demo_box_dir()
+    if found is not None:
+        return found
+    return make_test_box(tmp_path_factory.mktemp("e2e-models"), name="e2e-box", seed=5)
+
+
+@pytest.fixture(scope="module")
+def server(box_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from service.db.migrate import upgrade
+
+    work = tmp_path_factory.mktemp("e2e-server")
+    models = work / "models"
+    models.mkdir()
+    (models / box_dir.name).symlink_to(box_dir, target_is_directory=True)
+    db_url = f"sqlite:///{work / 'sdb.db'}"
+    upgrade(db_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+    env.update(
+        SDB_DATABASE_URL=db_url,
+        SDB_MODEL_DIR=str(models),
+        SDB_DEVICE="cpu",
+        SDB_TORCH_THREADS="1",
+        SDB_JWT_SECRET=JWT_SECRET,
+        SDB_BOOTSTRAP_ADMIN_TOKEN=ADMIN_TOKEN,
+        SDB_PREDICT_RATE_PER_MINUTE="0",
+        SDB_DISTILL_RATE_PER_MINUTE="0",
+    )
+    port = free_port()
+    log = (work / "server.log").open("wb")
+    cmd = [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory", "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (work / "server.log").read_text()[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server not ready in 60 s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def api_key(server: str, box_dir: Path) -> str:
+    model = read_manifest(box_dir)["name"]
+    r = httpx.post(
+        server + "/auth/token", json={"grant_type": "client_credentials", "client_secret": ADMIN_TOKEN}
+    )
+    r.raise_for_status()
+    admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    r = httpx.post(server + "/admin/users", json={"name": "e2e-student"}, headers=admin)
+    r.raise_for_status()
+    r = httpx.post(server + f"/admin/users/{r.json()['id']}/keys", json={"scopes": [model]}, headers=admin)
+    r.raise_for_status()
+    return str(r.json()["api_key"])
+
+
+def student_accuracy(teacher: object, seed: int) -> float:
+    ds = load_dataset("digits")
+    cfg = DistillConfig(train=TrainConfig(epochs=EPOCHS, seed=seed, device="cpu", progress=False))
+    student = distill(ds, "small_cnn", teacher, cfg)  # type: ignore[arg-type]
+    return accuracy(model_fn(student, ds), ds.x_test, ds.y_test, torch.device("cpu"))
+
+
+def test_remote_teachers_return_the_boxs_outputs(server: str, api_key: str, box_dir: Path) -> None:
+    box = load_box(box_dir)
+    x = load_dataset("digits").x_test[:300]
+    keyed = query_teacher(remote_teacher(server, api_key, box.name, "keyed"), x)
+    torch.testing.assert_close(keyed, box.keyed_logits(torch.from_numpy(x)), rtol=1e-4, atol=1e-4)
+    plain = query_teacher(remote_teacher(server, None, box.name, "plain"), x)
+    local = box.plain_logits(torch.from_numpy(x))
+    for t in (1.0, box.temperature):
+        torch.testing.assert_close(
+            torch.softmax(plain / t, 1), torch.softmax(local / t, 1), rtol=1e-3, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_authorized_students_match_local_authorized_kd(
+    server: str, api_key: str, box_dir: Path, seed: int
+) -> None:
+    box = load_box(box_dir)
+    with SdbClient(server, api_key) as client:
+        remote = student_accuracy(remote_teacher(server, api_key, box.name, "keyed", client=client), seed)
+    local = student_accuracy(box.keyed_logits, seed)
+    assert abs(remote - local) <= TOLERANCE_PT, (remote, local)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_students_from_predict_match_local_unauthorized_kd(server: str, box_dir: Path, seed: int) -> None:
+    box = load_box(box_dir)
+    remote = student_accuracy(remote_teacher(server, None, box.name, "plain"), seed)
+    local = student_accuracy(box.plain_logits, seed)
+    assert abs(remote - local) <= TOLERANCE_PT, (remote, local)
+
+
+def test_distill_calls_were_audited_and_counted(server: str) -> None:
+    text = httpx.get(server + "/metrics").text
+    distilled = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("sdb_samples_distilled_total{")
+    ]
+    assert sum(distilled) >= 300 + 1300 * len(SEEDS)
+    assert np.isfinite(sum(distilled))

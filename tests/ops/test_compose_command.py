@@ -1,0 +1,78 @@
+"""The compose services' commands and environment, run outside Docker against the local PostgreSQL.
+
+CI has no Docker engine, so this is how the compose file's `migrate` and `api` services are exercised: the
+resolved compose model (`docker compose config --format json`, with .env.example) gives each service's
+command and environment; only the database host (the `db` container -> a fresh database on 127.0.0.1)
+and the listening address (0.0.0.0:8000 -> a free loopback port) are changed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from ._support import ServerProcess, clean_env, free_port, sdb_executable
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.slow]
+
+
+def local_command(cmd: list[str], port: int | None = None) -> list[str]:
+    """The image's `sdb ...` command with this environment's `sdb` and, for `serve`, a loopback port."""
+    assert cmd[0] == "sdb", f"compose commands start with the documented `sdb` command: {cmd}"
+    out = [sdb_executable(), *cmd[1:]]
+    if port is not None:
+        out[out.index("--host") + 1] = "127.0.0.1"
+        out[out.index("--port") + 1] = str(port)
+    return out
+
+
+def local_env(service: dict[str, Any], database_url: str) -> dict[str, str]:
+    env = {k: str(v) for k, v in service["environment"].items()}
+    compose_url, local_url = make_url(env["SDB_DATABASE_URL"]), make_url(database_url)
+    assert compose_url.drivername == local_url.drivername  # same driver, only the server differs
+    assert compose_url.host == "db"
+    env["SDB_DATABASE_URL"] = database_url
+    for mount in service.get("volumes", []):
+        if mount["target"] == env["SDB_MODEL_DIR"]:
+            env["SDB_MODEL_DIR"] = mount["source"]  # the bind mount's host side: ./models
+    env["SDB_TORCH_THREADS"] = "1"  # CI has two cores and other tests running
+    return clean_env(**env)
+
+
+def test_migrate_then_serve_as_compose_does(
+    compose_json: dict[str, Any], pg_database: str, servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    services = compose_json["services"]
+    migrate, api = services["migrate"], services["api"]
+    api_env = local_env(api, pg_database)
+    assert Path(api_env["SDB_MODEL_DIR"]).is_dir()
+
+    # Before the migrations, the service refuses to start and names the command to run.
+    early = subprocess.run(
+        local_command(api["command"], free_port()), env=api_env, capture_output=True, text=True, timeout=120
+    )
+    assert early.returncode != 0
+    assert "sdb db upgrade" in early.stdout + early.stderr
+
+    r = subprocess.run(
+        local_command(migrate["command"]),
+        env=local_env(migrate, pg_database),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    port = free_port()
+    server = ServerProcess(local_command(api["command"], port), api_env, port, tmp_path / "api.log")
+    servers.append(server)
+    server.start(path="/readyz")
+    assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200  # the image's HEALTHCHECK
+    models = httpx.get(server.url + "/openapi.json", timeout=5)
+    assert models.status_code == 200
+    assert server.stop() == 0, server.logs()[-3000:]

@@ -1,0 +1,80 @@
+"""docker-compose.yml: `docker compose config` passes; the model matches docs/operations.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._support import REPO, compose_config
+
+SECRETS = ("POSTGRES_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT")
+
+
+def test_compose_config_passes_for_default_and_gpu_profile(compose_cmd: list[str]) -> None:
+    compose_config(compose_cmd, REPO / ".env.example", "--quiet")
+    compose_config(compose_cmd, REPO / ".env.example", "--quiet", profile="gpu")
+
+
+def test_compose_config_refuses_missing_secrets(compose_cmd: list[str], tmp_path: Path) -> None:
+    example = (REPO / ".env.example").read_text().splitlines()
+    for secret in SECRETS:
+        env_file = tmp_path / f"without-{secret}.env"
+        env_file.write_text("\n".join(line for line in example if not line.startswith(f"{secret}=")) + "\n")
+        r = compose_config(compose_cmd, env_file, "--quiet", check=False)
+        assert r.returncode != 0, f"compose accepted a configuration without {secret}"
+        assert secret in r.stderr
+
+
+def test_env_example_holds_placeholders_and_env_is_ignored() -> None:
+    values = dict(
+        line.split("=", 1)
+        for line in (REPO / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert set(SECRETS) <= set(values)
+    for name in SECRETS:
+        assert values[name].startswith("change-me"), f"{name} in .env.example must be a placeholder"
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored
+    assert ".env" in (REPO / ".dockerignore").read_text().splitlines()
+
+
+def test_postgres_has_named_volume_and_healthcheck(compose_json: dict[str, Any]) -> None:
+    db = compose_json["services"]["db"]
+    assert db["image"].startswith("postgres:")
+    volumes = [v for v in db["volumes"] if v["type"] == "volume"]
+    assert volumes and volumes[0]["source"] in compose_json["volumes"]
+    assert volumes[0]["target"] == "/var/lib/postgresql/data"
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert "ports" not in db, "PostgreSQL must not be published on the host"
+
+
+def test_migrations_run_once_before_the_service(compose_json: dict[str, Any]) -> None:
+    services = compose_json["services"]
+    migrate = services["migrate"]
+    assert migrate["command"] == ["sdb", "db", "upgrade"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["db"]["condition"] == "service_healthy"
+    for name in ("api", "api-gpu"):
+        api = services[name]
+        assert api["command"][:2] == ["sdb", "serve"]
+        assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        mounts = {v["target"]: v for v in api["volumes"]}
+        models = mounts["/app/models"]
+        assert models["type"] == "bind" and models["read_only"] is True
+        assert Path(models["source"]) == REPO / "models"
+        assert api["environment"]["SDB_MODEL_DIR"] == "/app/models"
+        assert api["environment"]["SDB_DATABASE_URL"].startswith("postgresql+psycopg://sdb:")
+        assert "@db:5432/" in api["environment"]["SDB_DATABASE_URL"]
+        assert all(p["host_ip"] == "127.0.0.1" for p in api["ports"])
+
+
+def test_gpu_profile_reserves_an_nvidia_device(compose_json: dict[str, Any]) -> None:
+    gpu = compose_json["services"]["api-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert gpu["build"]["args"]["TORCH_VARIANT"].startswith("cu")
+    assert gpu["environment"]["SDB_DEVICE"] == "cuda"
+    # The default `docker compose up` (no profile) starts no GPU service.
+    assert "profiles" not in compose_json["services"]["api"]

@@ -1,0 +1,119 @@
+"""Fixtures of the reliability tests: a test box, its secrets, databases, the fault proxy, servers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdb_core.artifact import make_test_box
+from sdb_core.keys import load_key
+
+from ._harness import (
+    ADMIN_TOKEN,
+    JWT_SECRET,
+    Server,
+    base_env,
+    pg_database,
+    pg_url,
+    run_migrations,
+)
+from ._pgproxy import PgProxy
+
+MODEL = "test-box"
+
+
+@dataclass(frozen=True)
+class BoxSecrets:
+    """Forms in which the box key could leak: its seed (hex, bytes) and its pattern's values."""
+
+    seed_hex: str
+    seed: bytes
+    pattern_values: tuple[float, ...]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("rel-models")
+    make_test_box(d, name=MODEL, seed=1234)
+    return d
+
+
+@pytest.fixture(scope="session")
+def box_secrets(model_dir: Path) -> BoxSecrets:
+    key = load_key(model_dir / MODEL / "box_key.json")
+    return BoxSecrets(
+        seed_hex=key.seed.hex(),
+        seed=key.seed,
+        pattern_values=tuple(float(v) for v in key.pattern().flatten().tolist()),
+    )
+
+
+@pytest.fixture(scope="session")
+def jwt_secret() -> str:
+    return JWT_SECRET
+
+
+@pytest.fixture(scope="session")
+def bootstrap_admin_token() -> str:
+    return ADMIN_TOKEN
+
+
+@pytest.fixture
+def pg_db() -> Iterator[str]:
+    """A fresh PostgreSQL database (its name), dropped afterwards."""
+    with pg_database() as name:
+        yield name
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[PgProxy]:
+    proxy = PgProxy().start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def start_server(model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerFactory]:
+    """Start real uvicorn servers: `start_server(database_url, migrate=True, **settings)`; all stopped after.
+
+    On a failed test the tail of each server's log is printed, so a crash is visible in the report.
+    """
+    servers: list[Server] = []
+
+    def factory(database_url: str, *, migrate: bool = True, graceful_s: int = 10, **settings: Any) -> Server:
+        if migrate:
+            run_migrations(database_url)
+        env = base_env(model_dir, database_url, **settings)
+        srv = Server(env=env, log_path=tmp_path / f"server{len(servers)}.log", graceful_s=graceful_s)
+        servers.append(srv)
+        return srv.start()
+
+    yield factory
+    for srv in servers:
+        srv.stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for i, srv in enumerate(servers):
+            print(f"--- server {i} log (tail) ---\n{srv.logs()[-3000:]}")
+
+
+@pytest.fixture
+def pg_server_url() -> Callable[[str, int | None], str]:
+    return pg_url
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep

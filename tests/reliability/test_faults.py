@@ -1,0 +1,168 @@
+"""Database faults and graceful shutdown against a real server on PostgreSQL behind a cuttable proxy.
+
+The shared PostgreSQL server is never stopped: the server under test reaches it through `PgProxy`, which
+the tests cut (every connection aborted, new ones refused), slow down and restore.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import signal
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from ._harness import Server, count_audits, create_user_and_key, get_token, pg_url, run_migrations
+from ._pgproxy import PgProxy
+from .conftest import MODEL, ServerFactory
+
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e, pytest.mark.slow]
+
+RECOVERY_S = 20.0  # pool_pre_ping + the connect timeout: the server must recover well within this
+FAST_FAIL_S = 5.0  # "fails fast": well below an HTTP client's usual timeout (the DB connect timeout is 3 s)
+
+
+def _inputs(n: int, seed: int = 0) -> list[Any]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 8, 8)).astype(np.float32).tolist()
+
+
+def _predict(c: httpx.Client, n: int = 2, seed: int = 0) -> httpx.Response:
+    return c.post("/predict", json={"model": MODEL, "inputs": _inputs(n, seed)})
+
+
+def _distill(c: httpx.Client, token: str, n: int = 2, seed: int = 0) -> httpx.Response:
+    return c.post(
+        "/distill-batch",
+        json={"model": MODEL, "inputs": _inputs(n, seed)},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+def _wait_until(pred: Any, timeout: float, step: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def _proxied_server(start_server: ServerFactory, pg_db: str, proxy: PgProxy, **settings: Any) -> Server:
+    run_migrations(pg_url(pg_db))
+    return start_server(pg_url(pg_db, proxy.port), migrate=False, **settings)
+
+
+def test_database_down_then_back(start_server: ServerFactory, pg_db: str, pg_proxy: PgProxy) -> None:
+    srv = _proxied_server(start_server, pg_db, pg_proxy)
+    creds = create_user_and_key(srv.url, scopes=[MODEL])
+    token = get_token(srv.url, creds.api_key)
+    answered_predict = 0
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/readyz").status_code == 200
+        assert _predict(c).status_code == 200
+        answered_predict += 1
+        assert _distill(c, token).status_code == 200
+
+        pg_proxy.cut()
+        for i in range(5):
+            r = _predict(c, seed=i)
+            answered_predict += 1
+            assert r.status_code == 200, r.text
+        t0 = time.monotonic()
+        r = _distill(c, token)
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        assert elapsed < FAST_FAIL_S
+        assert "soft_labels" not in r.text and "logits" not in r.text
+        assert r.headers["content-type"].startswith("application/json")
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["database"] != "ok"
+
+        pg_proxy.restore()
+        assert _wait_until(lambda: c.get("/readyz").status_code == 200, RECOVERY_S)
+        r = _distill(c, token, seed=9)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["soft_labels"]) == 2
+        assert _predict(c, seed=9).status_code == 200
+        answered_predict += 1
+
+    # /predict answered while the database was down: its audit rows were kept and written on recovery.
+    direct = pg_url(pg_db)
+    assert _wait_until(lambda: count_audits(direct, "/predict") == answered_predict, RECOVERY_S)
+    # Exactly the two answered /distill-batch calls are recorded as answered; the refused one charged nothing.
+    assert count_audits(direct, "/distill-batch", "status = 200") == 2
+    assert count_audits(direct, "/distill-batch", "status = 102") == 0
+
+
+def test_slow_database_does_not_block_predict(
+    start_server: ServerFactory, pg_db: str, pg_proxy: PgProxy
+) -> None:
+    delay = 1.0  # per forwarded chunk: one SQL round trip costs >= 2 s
+    srv = _proxied_server(start_server, pg_db, pg_proxy)
+    creds = create_user_and_key(srv.url, scopes=[MODEL])
+    token = get_token(srv.url, creds.api_key)
+
+    def distill(i: int) -> int:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            return _distill(c, token, seed=i).status_code
+
+    with httpx.Client(base_url=srv.url, timeout=60) as c, cf.ThreadPoolExecutor(4) as pool:
+        assert _predict(c).status_code == 200  # warm
+        pg_proxy.slow(delay)
+        # Distill calls now wait on the database; /predict must not wait behind them.
+        pending = [pool.submit(distill, i) for i in range(3)]
+        time.sleep(0.3)
+        latencies = []
+        for i in range(5):
+            t0 = time.monotonic()
+            r = _predict(c, seed=i)
+            latencies.append(time.monotonic() - t0)
+            assert r.status_code == 200, r.text
+        assert max(latencies) < delay, latencies
+        assert any(not f.done() for f in pending), "the distill calls should still wait on the slow database"
+        pg_proxy.restore()
+        statuses = [f.result(timeout=60) for f in pending]
+    # A slow (not dead) database only delays the licensed path; it must not fail it.
+    assert statuses == [200, 200, 200]
+
+
+def test_sigterm_finishes_inflight_requests(
+    start_server: ServerFactory, pg_db: str, pg_proxy: PgProxy
+) -> None:
+    srv = _proxied_server(start_server, pg_db, pg_proxy, graceful_s=30)
+    creds = create_user_and_key(srv.url, scopes=[MODEL])
+    token = get_token(srv.url, creds.api_key)
+    n_distill, n_predict = 4, 8
+
+    def distill(i: int) -> int:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            return _distill(c, token, seed=i).status_code
+
+    def predict(i: int) -> int:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            return _predict(c, n=256, seed=i).status_code
+
+    # A slow database keeps the /distill-batch calls in flight for seconds.
+    pg_proxy.slow(0.4)
+    with cf.ThreadPoolExecutor(n_distill + n_predict) as pool:
+        futures = [pool.submit(distill, i) for i in range(n_distill)]
+        futures += [pool.submit(predict, i) for i in range(n_predict)]
+        time.sleep(1.0)
+        assert not all(f.done() for f in futures[:n_distill]), "requests must still be in flight at SIGTERM"
+        srv.terminate()
+        statuses = [f.result(timeout=90) for f in futures]
+    # uvicorn re-raises the caught SIGTERM once it has shut down cleanly, so -SIGTERM is a clean exit too.
+    assert srv.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in srv.logs()
+    pg_proxy.restore()
+
+    assert statuses == [200] * (n_distill + n_predict)
+    direct = pg_url(pg_db)
+    assert count_audits(direct, "/distill-batch", "status = 200") == n_distill
+    assert count_audits(direct, "/distill-batch", "status = 102") == 0
+    assert count_audits(direct, "/predict") == n_predict

@@ -1,0 +1,57 @@
+"""`sdb serve --workers 2`: metrics, the per-key rate limit and the audits are the same as with one process."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ._harness import count_audits, create_user_and_key, get_token
+from .conftest import MODEL, ServerFactory
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ONE_SAMPLE = {"model": MODEL, "inputs": [[[[0.25] * 8] * 8]]}
+PREDICT_TOTAL = re.compile(r'^sdb_http_requests_total\{[^}]*route="/predict"[^}]*\} (\S+)$', re.M)
+
+
+def test_two_workers(start_server: ServerFactory, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    rate = 4
+    srv = start_server(url, workers=2, distill_rate_per_minute=rate, predict_rate_per_minute=0)
+    n_predict = 30
+    # A new connection per request, so that the kernel spreads the calls over both workers.
+    for _ in range(n_predict):
+        assert httpx.post(srv.url + "/predict", json=ONE_SAMPLE, timeout=30).status_code == 200
+
+    # Each /metrics call is answered by one worker; every answer must carry the sum over both.
+    totals = set()
+    pids = set()
+    for _ in range(6):
+        r = httpx.get(srv.url + "/metrics", timeout=30)
+        totals.add(sum(float(v) for v in PREDICT_TOTAL.findall(r.text)))
+        pids.update(re.findall(r'pid="(\d+)"', r.text))
+    assert totals == {float(n_predict)}
+
+    creds = create_user_and_key(srv.url, scopes=[MODEL])
+    token = get_token(srv.url, creds.api_key)
+    if time.time() % 60 > 45:  # fixed one-minute windows: keep the calls inside one
+        time.sleep(60 - time.time() % 60 + 0.1)
+    statuses = [
+        httpx.post(
+            srv.url + "/distill-batch",
+            json=ONE_SAMPLE,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        ).status_code
+        for _ in range(rate + 2)
+    ]
+    assert statuses == [200] * rate + [429, 429]
+
+    srv.stop()
+    assert count_audits(url, "/predict") == n_predict
+    assert count_audits(url, "/distill-batch", "status = 200") == rate
+    assert count_audits(url, "/distill-batch", "status = 429") == 2

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sdb.cli import app
+from sdb_core.artifact import load_box
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "box", "distill", "evaluate", "demo"])
+def test_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def _json_tail(output: str) -> dict[str, object]:
+    return json.loads(output[output.index("{") :])
+
+
+def test_train_box_distill_pipeline(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    r = runner.invoke(
+        app, ["train-teacher", "--out", str(teacher), "--epochs", "2", "--width", "8", "--device", "cpu"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (teacher / "model.safetensors").exists()
+    box = tmp_path / "models" / "mini"
+    key = tmp_path / "secrets" / "mini.json"
+    r = runner.invoke(
+        app,
+        [
+            "box",
+            "--teacher",
+            str(teacher),
+            "--out",
+            str(box),
+            "--epochs",
+            "1",
+            "--key-out",
+            str(key),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert not (box / "box_key.json").exists() and key.exists()
+    assert load_box(box, key_path=key).name == "mini"
+    student = tmp_path / "student"
+    r = runner.invoke(
+        app,
+        [
+            "distill",
+            "--box",
+            str(box),
+            "--key-path",
+            str(key),
+            "--path",
+            "keyed",
+            "--epochs",
+            "1",
+            "--out",
+            str(student),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "keyed" in str(_json_tail(r.output)["source"])
+
+
+def test_distill_remote_needs_an_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SDB_API_KEY", raising=False)
+    r = runner.invoke(app, ["distill", "--remote", "http://127.0.0.1:9", "--epochs", "1"])
+    assert r.exit_code != 0
+
+
+def test_distill_remote_uses_the_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torch
+
+    import sdb.client
+
+    calls: list[tuple[object, ...]] = []
+
+    def fake_remote_teacher(base_url: str, api_key: str, model: str | None, path: str) -> object:
+        calls.append((base_url, api_key, model, path))
+        return lambda x: torch.zeros(len(x), 10)
+
+    monkeypatch.setattr(sdb.client, "remote_teacher", fake_remote_teacher)
+    r = runner.invoke(
+        app,
+        [
+            "distill",
+            "--remote",
+            "http://svc",
+            "--api-key",
+            "k-123",
+            "--model",
+            "m",
+            "--path",
+            "plain",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert calls == [("http://svc", "k-123", "m", "plain")]
+    assert "k-123" not in r.output

@@ -1,0 +1,175 @@
+"""Dynamic batcher: merging, limits, chunking, errors, cancellation, off-loop execution."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.inference.batcher import BatcherConfig, BatcherOverloaded, DynamicBatcher
+
+
+class Recorder:
+    """fn(x) = 2x summed per row, remembering each batch's size and thread."""
+
+    def __init__(self, fail_once: bool = False, gate: threading.Event | None = None) -> None:
+        self.sizes: list[int] = []
+        self.threads: set[str] = set()
+        self.fail_once = fail_once
+        self.gate = gate
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.sizes.append(len(x))
+        self.threads.add(threading.current_thread().name)
+        if self.fail_once:
+            self.fail_once = False
+            raise RuntimeError("forward failed")
+        return (2 * x).reshape(len(x), -1).sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def executor() -> ThreadPoolExecutor:
+    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-inference")
+    yield ex
+    ex.shutdown(wait=False)
+
+
+def rows(start: int, n: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32).reshape(n, 1)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_one_forward_pass(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder()
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=64, max_delay_s=0.2))
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(b.submit(rows(10 * i, 2)) for i in range(8)))
+
+    outs = run(main())
+    assert fn.sizes == [16]
+    for i, out in enumerate(outs):  # each caller gets exactly its own rows back
+        np.testing.assert_array_equal(out[:, 0], 2 * rows(10 * i, 2)[:, 0])
+
+
+def test_batches_never_exceed_max_batch_size(executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=8, max_delay_s=0.05))
+
+    async def main() -> list[np.ndarray]:
+        tasks = [asyncio.ensure_future(b.submit(rows(i, 3))) for i in range(10)]
+        await asyncio.sleep(0.1)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    outs = run(main())
+    assert sum(fn.sizes) == 30
+    assert max(fn.sizes) <= 8
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out[:, 0], 2 * rows(i, 3)[:, 0])
+
+
+def test_oversized_request_runs_in_chunks(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder()
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=8, max_delay_s=0.0))
+    out = run(b.submit(rows(0, 20)))
+    assert fn.sizes == [8, 8, 4]
+    np.testing.assert_array_equal(out[:, 0], 2 * rows(0, 20)[:, 0])
+
+
+def test_batching_off_runs_each_request_alone(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder()
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=64, max_delay_s=0.2, enabled=False))
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(b.submit(rows(i, 1)) for i in range(5)))
+
+    outs = run(main())
+    assert fn.sizes == [1] * 5
+    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(5)]
+
+
+def test_forward_runs_off_the_event_loop_thread(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder()
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_delay_s=0.0))
+    run(b.submit(rows(0, 1)))
+    assert fn.threads and all(name.startswith("test-inference") for name in fn.threads)
+
+
+def test_error_reaches_every_request_of_the_batch_and_batcher_recovers(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder(fail_once=True)
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=64, max_delay_s=0.1))
+
+    async def main() -> tuple[list[object], np.ndarray]:
+        results = await asyncio.gather(*(b.submit(rows(i, 1)) for i in range(3)), return_exceptions=True)
+        after = await b.submit(rows(7, 1))
+        return results, after
+
+    results, after = run(main())
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert float(after[0, 0]) == 14.0
+
+
+def test_cancelled_request_is_skipped_others_served(executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=4, max_delay_s=0.0))
+
+    async def main() -> np.ndarray:
+        first = asyncio.ensure_future(b.submit(rows(0, 4)))  # occupies the executor until the gate opens
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(b.submit(rows(100, 4)))
+        kept = asyncio.ensure_future(b.submit(rows(200, 4)))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        gate.set()
+        await first
+        return await kept
+
+    kept = run(main())
+    np.testing.assert_array_equal(kept[:, 0], 2 * rows(200, 4)[:, 0])
+    assert fn.sizes == [4, 4]  # the cancelled request never reached the model
+
+
+def test_full_queue_is_refused(executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=4, max_delay_s=0.0, max_pending_samples=8))
+
+    async def main() -> None:
+        first = asyncio.ensure_future(b.submit(rows(0, 4)))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(b.submit(rows(0, 4))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(BatcherOverloaded):
+            await b.submit(rows(0, 4))
+        gate.set()
+        await asyncio.gather(first, *queued)
+
+    run(main())
+
+
+def test_batcher_survives_a_new_event_loop(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder()
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_delay_s=0.0))
+    assert float(run(b.submit(rows(1, 1)))[0, 0]) == 2.0
+    assert float(run(b.submit(rows(2, 1)))[0, 0]) == 4.0
+
+
+def test_big_inputs_run_in_memory_bounded_chunks(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder()
+    config = BatcherConfig(max_batch_size=64, max_delay_s=0.0, max_forward_bytes=4 * 256 * 4)
+    b = DynamicBatcher(fn, executor, config)
+    x = np.ones((10, 256), dtype=np.float32)  # 1 KiB per sample: 4 samples per forward pass
+    out = run(b.submit(x))
+    assert fn.sizes == [4, 4, 2]
+    np.testing.assert_array_equal(out[:, 0], np.full(10, 512.0))

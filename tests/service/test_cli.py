@@ -1,0 +1,119 @@
+"""`sdb db upgrade|current|downgrade`, `sdb admin bootstrap` (the first admin key, printed once) and the
+settings check of `sdb serve`, run in-process through typer's CliRunner.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TEST_JWT_SECRET, ApiHelper
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from sdb.cli import app as cli
+
+runner = CliRunner()
+
+
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SDB_* variable during the test, and whatever `sdb serve` sets is undone afterwards."""
+    import os
+
+    for key in {k for k in os.environ if k.startswith("SDB_")} | {
+        "SDB_DEMO",
+        "SDB_JWT_SECRET",
+        "SDB_MODEL_DIR",
+        "SDB_DATABASE_URL",
+    }:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
+def test_db_upgrade_current_downgrade(empty_database_url: str) -> None:
+    r = runner.invoke(cli, ["db", "current", "--database-url", empty_database_url])
+    assert r.exit_code == 0 and "OUTDATED" in r.output
+    r = runner.invoke(cli, ["db", "upgrade", "--database-url", empty_database_url])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["db", "current", "--database-url", empty_database_url])
+    assert "up to date" in r.output
+    r = runner.invoke(cli, ["db", "downgrade", "base", "--database-url", empty_database_url])
+    assert r.exit_code == 0
+    assert "OUTDATED" in runner.invoke(cli, ["db", "current", "--database-url", empty_database_url]).output
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_db_upgrade_reads_sdb_database_url(empty_database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDB_DATABASE_URL", empty_database_url)
+    assert runner.invoke(cli, ["db", "upgrade"]).exit_code == 0
+    assert "up to date" in runner.invoke(cli, ["db", "current"]).output
+
+
+def test_bootstrap_prints_a_working_admin_key_once(make_settings: Any, database_url: str) -> None:
+    from service.main import create_app
+
+    r = runner.invoke(cli, ["admin", "bootstrap", "--name", "root", "--database-url", database_url])
+    assert r.exit_code == 0, r.output
+    secret = r.stdout.strip().splitlines()[-1]
+    assert secret.startswith("sdb_") and len(secret) >= 40
+    again = runner.invoke(cli, ["admin", "bootstrap", "--database-url", database_url])
+    assert again.exit_code == 1 and "already exists" in again.output and "sdb_" not in again.output
+
+    with TestClient(create_app(make_settings(bootstrap_admin_token=None))) as client:
+        api = ApiHelper(client)
+        headers = {"Authorization": f"Bearer {api.token(secret)}"}
+        users = client.get("/admin/users", headers=headers)
+        assert users.status_code == 200
+        assert [(u["name"], u["role"]) for u in users.json()["items"]] == [("root", "admin")]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_bootstrap_refuses_an_unmigrated_database(empty_database_url: str) -> None:
+    r = runner.invoke(cli, ["admin", "bootstrap", "--database-url", empty_database_url])
+    assert r.exit_code == 1 and "sdb db upgrade" in r.output
+
+
+def test_serve_refuses_a_missing_or_short_jwt_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    started: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append((a, k)))
+    clean_env(monkeypatch)
+    r = runner.invoke(cli, ["serve"])
+    assert r.exit_code == 2 and "SDB_JWT_SECRET" in r.output
+    monkeypatch.setenv("SDB_JWT_SECRET", "tooShortXyz")
+    r = runner.invoke(cli, ["serve"])
+    assert r.exit_code == 2 and "32 bytes" in r.output and "tooShortXyz" not in r.output
+    assert not started
+    monkeypatch.setenv("SDB_JWT_SECRET", TEST_JWT_SECRET)
+    r = runner.invoke(cli, ["serve", "--port", "8123", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    ((args, kwargs),) = started
+    assert args == ("service.main:create_app",) and kwargs["factory"] and kwargs["workers"] == 2
+    assert kwargs["port"] == 8123 and kwargs["timeout_graceful_shutdown"] > 0
+    assert TEST_JWT_SECRET not in r.output
+
+
+def test_serve_demo_migrates_once_and_shares_one_generated_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import os
+
+    import uvicorn
+
+    from service.db.migrate import check_schema
+    from service.db.session import Database
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    clean_env(monkeypatch)
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    r = runner.invoke(cli, ["serve", "--demo", "--workers", "2", "--database-url", url])
+    assert r.exit_code == 0, r.output
+    secret = os.environ["SDB_JWT_SECRET"]  # set for the workers, never printed
+    assert len(secret) >= 32 and secret not in r.output
+    db = Database(url)
+    try:
+        check_schema(db.engine)
+    finally:
+        db.dispose()

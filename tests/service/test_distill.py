@@ -1,0 +1,281 @@
+"""POST /distill-batch on SQLite and PostgreSQL: keyed soft labels, quota and rate limits, one audit row per
+call written with the quota in one transaction, exact quota under 50 concurrent calls, and fail-closed 503
+when the database is unavailable (while /predict keeps answering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import ApiHelper, audit_rows
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from sdb_core.artifact import load_box
+from service import crud
+from service.db.models import STATUS_RESERVED
+from service.db.session import Database
+
+
+def sample(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 1, 8, 8)).astype(np.float32)
+
+
+def npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+def key_used(database_url: str, key_id: int) -> int:
+    from sqlalchemy import text
+
+    db = Database(database_url)
+    try:
+        with db.session() as s:
+            return int(
+                s.execute(text("SELECT samples_used FROM api_keys WHERE id = :i"), {"i": key_id}).scalar_one()
+            )
+    finally:
+        db.dispose()
+
+
+def test_soft_labels_are_the_keyed_path_at_the_requested_temperature(
+    api: ApiHelper, client: TestClient, box_dir: Path
+) -> None:
+    _, _key, headers = api.user_with_key(scopes=["alpha"])
+    box = load_box(box_dir / "alpha")
+    x = sample(5, seed=3)
+    with torch.inference_mode():
+        keyed = box.keyed_logits(torch.from_numpy(x)).numpy()
+        plain = box.plain_logits(torch.from_numpy(x)).numpy()
+    for temperature, body_extra in ((box.temperature, {}), (2.5, {"temperature": 2.5})):
+        r = client.post(
+            "/distill-batch", json={"model": "alpha", "inputs": x.tolist(), **body_extra}, headers=headers
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "alpha" and body["temperature"] == pytest.approx(temperature)
+        logits = np.asarray(body["logits"])
+        soft = np.asarray(body["soft_labels"])
+        np.testing.assert_allclose(logits, keyed, rtol=1e-4, atol=1e-4)
+        expected = torch.softmax(torch.from_numpy(keyed) / temperature, dim=1).numpy()
+        np.testing.assert_allclose(soft, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+    # the keyed path is not the plain path (the server really applied the box key)
+    assert np.abs(keyed - plain).max() > 1e-4
+
+
+def test_npy_and_base64_bodies(api: ApiHelper, client: TestClient) -> None:
+    _, _, headers = api.user_with_key(scopes=["alpha"])
+    x = sample(3)
+    r1 = client.post(
+        "/distill-batch?model=alpha&temperature=2",
+        content=npy_bytes(x),
+        headers={**headers, "content-type": "application/x-npy"},
+    )
+    r2 = client.post(
+        "/distill-batch",
+        json={"model": "alpha", "inputs_b64": base64.b64encode(npy_bytes(x)).decode(), "temperature": 2},
+        headers=headers,
+    )
+    assert r1.status_code == r2.status_code == 200, (r1.text, r2.text)
+    np.testing.assert_allclose(r1.json()["soft_labels"], r2.json()["soft_labels"], rtol=1e-6)
+    bad = client.post(
+        "/distill-batch?model=alpha&temperature=-1",
+        content=npy_bytes(x),
+        headers={**headers, "content-type": "application/x-npy"},
+    )
+    assert bad.status_code == 422
+
+
+def test_quota_headers_and_429_once_spent(api: ApiHelper, client: TestClient, database_url: str) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
+    r = api.distill(headers, n=4)
+    assert r.status_code == 200
+    assert (r.headers["x-quota-limit"], r.headers["x-quota-used"], r.headers["x-quota-remaining"]) == (
+        "10",
+        "4",
+        "6",
+    )
+    assert api.distill(headers, n=6).headers["x-quota-remaining"] == "0"
+    r = api.distill(headers, n=1)
+    assert r.status_code == 429
+    detail = r.json()["detail"]
+    assert detail["error"] == "quota_exceeded" and detail["remaining"] == 0 and detail["quota"] == 10
+    assert "quota" in detail["message"]
+    assert key_used(database_url, key["id"]) == 10
+
+
+def test_unlimited_key_reports_unlimited(api: ApiHelper) -> None:
+    _, _, headers = api.user_with_key(scopes=["*"])
+    r = api.distill(headers, model="beta")
+    assert r.status_code == 200 and r.headers["x-quota-remaining"] == "unlimited"
+
+
+def test_exactly_one_audit_row_per_call_with_its_outcome(
+    api: ApiHelper, client: TestClient, database_url: str
+) -> None:
+    user, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=5)
+    before = len(audit_rows(database_url, "endpoint = '/distill-batch'"))
+    statuses = [
+        api.distill(headers, n=3).status_code,  # 200
+        api.distill(headers, n=3).status_code,  # 429 quota
+        api.distill(headers, n=2, model="beta").status_code,  # 403 scope
+        api.distill({}, n=1).status_code,  # 401
+        api.distill(headers, n=2, model="nope").status_code,  # 404
+        client.post(
+            "/distill-batch", json={"model": "alpha", "inputs": []}, headers=headers
+        ).status_code,  # 422
+        api.distill(headers, n=2).status_code,  # 200
+    ]
+    assert statuses == [200, 429, 403, 401, 404, 422, 200]
+    rows = audit_rows(database_url, "endpoint = '/distill-batch'")[before:]
+    assert [r.status for r in rows] == statuses
+    ok = [r for r in rows if r.status == 200]
+    assert sum(r.n_samples for r in ok) == key_used(database_url, key["id"]) == 5
+    assert all(r.user_id == user["id"] and r.api_key_id == key["id"] for r in rows if r.status != 401)
+    assert all(r.input_digest and len(r.input_digest) == 64 for r in ok)
+    assert all(r.latency_ms is not None and r.latency_ms >= 0 for r in ok)
+
+
+def test_rate_limit_per_key_answers_429_with_retry_after(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    from service.main import create_app
+
+    now = [1_000_000 * 60 + 5.0]  # fixed inside one minute window
+    monkeypatch.setattr(crud, "_clock", lambda: now[0])
+    with TestClient(create_app(make_settings(distill_rate_per_minute=3))) as client:
+        api = ApiHelper(client)
+        _, key, headers = api.user_with_key(scopes=["alpha"])
+        _, _, other = api.user_with_key(scopes=["alpha"])
+        answers = [api.distill(headers, n=1) for _ in range(4)]
+        assert [r.status_code for r in answers] == [200, 200, 200, 429]
+        assert answers[0].headers["x-ratelimit-remaining"] == "2"
+        assert int(answers[3].headers["retry-after"]) == 55
+        assert answers[3].json()["detail"]["error"] == "rate_limited"
+        assert api.distill(other, n=1).status_code == 200  # per key, not global
+        now[0] += 60  # next window
+        assert api.distill(headers, n=1).status_code == 200
+    assert key_used(database_url, key["id"]) == 4
+
+
+async def _burst(app: FastAPI, headers: dict[str, str], n_requests: int, n: int) -> list[int]:
+    x = sample(n).tolist()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+        results = await asyncio.gather(
+            *(
+                c.post("/distill-batch", json={"model": "alpha", "inputs": x}, headers=headers)
+                for _ in range(n_requests)
+            )
+        )
+    return [r.status_code for r in results]
+
+
+def test_quota_is_exact_under_50_concurrent_calls(make_settings: Any, database_url: str) -> None:
+    from service.main import create_app
+
+    app = create_app(make_settings())
+    with TestClient(app) as client:
+        api = ApiHelper(client)
+        _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=40)
+        before = len(audit_rows(database_url))
+
+        async def run() -> list[int]:
+            return await _burst(app, headers, 50, 3)
+
+        statuses = client.portal.call(run) if client.portal else asyncio.run(run())
+    counts = Counter(statuses)
+    assert counts == {200: 13, 429: 37}, counts  # 13 * 3 = 39 <= 40 < 42
+    rows = audit_rows(database_url)[before:]
+    assert len(rows) == 50
+    assert Counter(r.status for r in rows) == counts
+    assert sum(r.n_samples for r in rows if r.status == 200) == 39 == key_used(database_url, key["id"])
+    assert not [r for r in rows if r.status == STATUS_RESERVED]
+
+
+def test_inference_failure_gives_the_samples_back(
+    api: ApiHelper, app: FastAPI, client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
+    model = app.state.models.get("alpha")
+
+    async def boom(path: str, x: Any) -> Any:
+        raise RuntimeError("forward pass failed")
+
+    monkeypatch.setattr(model, "infer", boom)
+    r = api.distill(headers, n=4)
+    assert r.status_code == 500
+    assert "forward pass" not in r.text
+    assert key_used(database_url, key["id"]) == 0
+    assert audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})[-1].status == 500
+
+
+def test_database_down_fails_closed_and_predict_keeps_answering(
+    api: ApiHelper, app: FastAPI, client: TestClient, database_url: str
+) -> None:
+    _, _key, headers = api.user_with_key(scopes=["alpha"])
+    assert api.distill(headers).status_code == 200
+    real_db = app.state.db
+    # a database that refuses connections at once (nothing listens on port 1)
+    app.state.db = Database("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    try:
+        r = api.distill(headers)
+        assert r.status_code == 503
+        assert "soft_labels" not in r.text and r.headers.get("retry-after")
+        assert (
+            client.post("/predict", json={"model": "alpha", "inputs": sample(1).tolist()}).status_code == 200
+        )
+        assert client.get("/admin/users", headers=api.admin).status_code == 503
+    finally:
+        app.state.db.dispose()
+        app.state.db = real_db
+    assert api.distill(headers).status_code == 200
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_pool_recovers_by_itself_after_connections_are_killed(
+    api: ApiHelper, app: FastAPI, database_url: str
+) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    _, _, headers = api.user_with_key(scopes=["alpha"])
+    assert api.distill(headers).status_code == 200
+    dbname = make_url(database_url).database
+    admin_url = (
+        make_url(database_url).set(drivername="postgresql", database="postgres").render_as_string(False)
+    )
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+    # pool_pre_ping replaces the dead pooled connections: no error reaches the client
+    assert api.distill(headers).status_code == 200
+
+
+def test_response_never_contains_the_box_key(api: ApiHelper, client: TestClient, box_dir: Path) -> None:
+    from sdb_core.keys import load_key
+
+    key = load_key(box_dir / "alpha" / "box_key.json")
+    _, _, headers = api.user_with_key(scopes=["alpha"])
+    r = api.distill(headers, n=2)
+    assert r.status_code == 200
+    assert key.seed.hex() not in r.text
+    assert set(r.json()) == {"model", "version", "temperature", "soft_labels", "logits"}
+    models = client.get("/admin/models", headers=api.admin)
+    assert key.seed.hex() not in models.text and "box_key" not in models.text
+    assert "seed" not in client.get("/openapi.json").text.lower()

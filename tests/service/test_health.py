@@ -1,0 +1,101 @@
+"""/healthz, /readyz (models AND database), /metrics exposure."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from sdb_core.artifact import make_test_box
+from service.config import Settings
+from service.inference.registry import ModelRegistry
+from service.middleware import install_middleware
+from service.routes import health
+
+
+class FakeDatabase:
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+
+    def ping(self) -> bool:
+        if self.behaviour == "raise":
+            raise OSError("connection refused")
+        if self.behaviour == "hang":
+            time.sleep(3)
+        return self.behaviour == "ok"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    d = tmp_path_factory.mktemp("health-models")
+    make_test_box(d, name="test-box")
+    reg = ModelRegistry.from_settings(Settings(demo=True, model_dir=d, torch_threads=1), warm_up=False)
+    yield reg
+    reg.close()
+
+
+def build(registry: Any, db: Any, **overrides: Any) -> FastAPI:
+    settings = Settings(demo=True, **overrides)
+    app = FastAPI()
+    app.state.settings = settings
+    app.state.models = registry
+    app.state.db = db
+    install_middleware(app, settings)
+    app.include_router(health.router)
+    return app
+
+
+def test_healthz_is_alive_whatever_the_database() -> None:
+    with TestClient(build(None, FakeDatabase("raise"))) as c:
+        r = c.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_ready_when_models_and_database_are(registry: Any) -> None:
+    with TestClient(build(registry, FakeDatabase("ok"))) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "models": ["test-box"], "database": "ok"}
+
+
+@pytest.mark.parametrize("behaviour", ["down", "raise"])
+def test_not_ready_when_the_database_is_unreachable(registry: Any, behaviour: str) -> None:
+    with TestClient(build(registry, FakeDatabase(behaviour))) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["database"] == "unreachable"
+
+
+def test_a_hung_database_gives_503_within_the_ping_timeout(
+    registry: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health, "DB_PING_TIMEOUT_S", 0.2)
+    with TestClient(build(registry, FakeDatabase("hang"))) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert c.get("/healthz").status_code == 200  # the event loop was never blocked
+
+
+def test_not_ready_without_models() -> None:
+    empty = ModelRegistry.from_boxes([])
+    with TestClient(build(empty, FakeDatabase("ok"))) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["models"] == []
+
+
+def test_metrics_exposed_or_hidden_by_setting(registry: Any) -> None:
+    with TestClient(build(registry, FakeDatabase("ok"))) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert "sdb_http_requests_total" in r.text
+    with TestClient(build(registry, FakeDatabase("ok"), expose_metrics=False)) as c:
+        assert c.get("/metrics").status_code == 404
+
+
+def test_readiness_route_in_openapi(registry: Any, tmp_path: Path) -> None:
+    with TestClient(build(registry, FakeDatabase("ok"))) as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    assert {"/healthz", "/readyz", "/metrics"} <= set(paths)

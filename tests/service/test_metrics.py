@@ -1,0 +1,105 @@
+"""Prometheus metrics: what /predict counts, bounded labels without clients or secrets, multiprocess mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from sdb_core.artifact import make_test_box
+from service import metrics
+from service.config import Settings
+from service.inference.registry import ModelRegistry
+from service.middleware import install_middleware
+from service.routes import health, predict
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+    d = tmp_path_factory.mktemp("metrics-models")
+    make_test_box(d, name="metric-box")
+    settings = Settings(demo=True, model_dir=d, torch_threads=1, predict_rate_per_minute=0)
+    app = FastAPI()
+    app.state.settings = settings
+    app.state.models = ModelRegistry.from_settings(settings)
+    install_middleware(app, settings)
+    app.include_router(predict.router)
+    app.include_router(health.router)
+    with TestClient(app) as c:
+        yield c
+    app.state.models.close()
+
+
+def test_predict_is_counted_by_route_model_and_status(client: TestClient) -> None:
+    before = client.get("/metrics").text
+    x = np.zeros((3, 1, 8, 8), np.float32).tolist()
+    assert client.post("/predict", json={"model": "metric-box", "inputs": x}).status_code == 200
+    assert client.post("/predict", json={"model": "metric-box", "inputs": []}).status_code == 422
+    assert client.post("/predict", json={"model": "attacker-chosen-name", "inputs": x}).status_code == 404
+    after = client.get("/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("sdb_http_requests_total", route="/predict", model="metric-box", status="200") == 1
+    assert delta("sdb_http_requests_total", route="/predict", model="metric-box", status="422") == 1
+    assert delta("sdb_http_requests_total", route="/predict", model="none", status="404") == 1
+    assert delta("sdb_http_request_duration_seconds_count", route="/predict", model="metric-box") == 2
+    assert delta("sdb_samples_total", model="metric-box", path="plain") == 3
+    assert delta("sdb_inference_batch_size_count", model="metric-box", path="plain") >= 1
+    assert delta("sdb_inference_batch_size_sum", model="metric-box", path="plain") == 3
+    assert "attacker-chosen-name" not in after
+
+
+def test_no_client_address_or_id_in_labels(client: TestClient) -> None:
+    client.post("/predict", json={"inputs": []}, headers={"x-forwarded-for": "198.51.100.77"})
+    text = client.get("/metrics").text
+    for _, labels in samples(text):
+        for _, v in labels:
+            assert "testclient" not in v and "198.51.100.77" not in v and not v.startswith("anon-")
+
+
+def test_unknown_model_names_are_folded() -> None:
+    metrics.register_models(["known"])
+    assert metrics.model_label("known") == "known"
+    assert metrics.model_label("x" * 100) == metrics.UNKNOWN
+    assert metrics.model_label(None) == metrics.NONE
+
+
+SCRIPT = """
+from service import metrics
+metrics.register_models(["m"])
+metrics.record_samples_distilled("m", {n})
+metrics.record_auth_failure("expired")
+"""
+
+
+def test_multiprocess_mode_sums_the_workers(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for n in (3, 4):
+        subprocess.run([sys.executable, "-c", SCRIPT.format(n=n)], env=env, check=True, timeout=60)
+    render = "import sys; from service.metrics import render_metrics as r; sys.stdout.write(r()[0].decode())"
+    out = subprocess.run(
+        [sys.executable, "-c", render], env=env, check=True, timeout=60, capture_output=True, text=True
+    ).stdout
+    assert value(out, "sdb_samples_distilled_total", model="m") == 7
+    assert value(out, "sdb_auth_failures_total", reason="expired") == 2

@@ -1,0 +1,210 @@
+"""Middleware: body limit (Content-Length, chunked, lying length), deadline, generic 500, headers,
+validation errors without echoed input, the rate limiter and client identification."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+from starlette.requests import Request as StarletteRequest
+
+from service.config import Settings
+from service.middleware import BodyLimitMiddleware, ClientIdentifier, RateLimiter, install_middleware
+
+LIMIT = 1024
+
+
+class Secretive(BaseModel):
+    api_key: str
+    n: int
+
+
+def make_app() -> FastAPI:
+    settings = Settings(demo=True, max_body_bytes=LIMIT, inference_timeout_s=0.2)
+    app = FastAPI()
+    app.state.seen_bytes = 0
+    install_middleware(app, settings)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        body = await request.body()
+        app.state.seen_bytes = len(body)
+        return {"n": len(body)}
+
+    @app.post("/model")
+    async def model(body: Secretive) -> dict[str, int]:
+        return {"n": body.n}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(10)
+        return {"status": "late"}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(make_app(), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_body_under_the_limit_passes(client: TestClient) -> None:
+    r = client.post("/echo", content=b"x" * LIMIT)
+    assert r.status_code == 200 and r.json() == {"n": LIMIT}
+
+
+def test_content_length_over_the_limit_is_413_before_reading(client: TestClient) -> None:
+    r = client.post("/echo", content=b"x" * (LIMIT + 1))
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+
+def test_chunked_body_over_the_limit_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 300
+
+    r = client.post("/echo", content=chunks())
+    assert r.status_code == 413
+
+
+def test_invalid_content_length_is_400(client: TestClient) -> None:
+    r = client.post("/echo", content=b"x", headers={"content-length": "abc"})
+    assert r.status_code == 400
+
+
+def _run_asgi(
+    app: Any, headers: list[tuple[bytes, bytes]], chunks: list[bytes]
+) -> tuple[list[dict[str, Any]], int]:
+    """Drive an ASGI app with hand-made body messages (a lying Content-Length cannot be sent by httpx)."""
+    sent: list[dict[str, Any]] = []
+    pulled = 0
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
+    ]
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        if messages:
+            pulled += 1
+            return messages.pop(0)
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    return sent, pulled
+
+
+def test_lying_content_length_is_caught_while_streaming() -> None:
+    seen: list[int] = []
+
+    async def reader(scope: Any, receive: Any, send: Any) -> None:
+        total = 0
+        while True:
+            m = await receive()
+            if m["type"] == "http.disconnect":
+                break
+            total += len(m.get("body", b""))
+            if not m.get("more_body"):
+                break
+        seen.append(total)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = BodyLimitMiddleware(reader, limit=LIMIT)
+    sent, pulled = _run_asgi(app, [(b"content-length", b"10")], [b"z" * 600] * 20)
+    assert sent[0]["status"] == 413
+    assert seen[0] <= LIMIT  # the app never saw more than the limit
+    assert pulled <= 2  # and the rest of the body was never read
+    assert [m for m in sent if m["type"] == "http.response.start"] == [sent[0]]  # the app's 200 was dropped
+
+
+def test_unhandled_error_is_a_generic_500_without_trace(client: TestClient) -> None:
+    r = client.get("/boom")
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal server error"}
+    assert "passwd" not in r.text and "Traceback" not in r.text
+
+
+def test_deadline_gives_504_and_the_app_keeps_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = FastAPI()
+    settings = Settings(demo=True, inference_timeout_s=0.05)
+    install_middleware(app, settings)
+    # The whole-request deadline is the inference deadline plus a margin; shorten it for the test.
+    for m in app.user_middleware:
+        if "seconds" in m.kwargs:
+            m.kwargs["seconds"] = 0.2
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(5)
+        return {"status": "late"}
+
+    @app.get("/fast")
+    async def fast() -> dict[str, str]:
+        return {"status": "ok"}
+
+    with TestClient(app) as c:
+        r = c.get("/slow")
+        assert r.status_code == 504 and "within" in r.json()["detail"]
+        assert c.get("/fast").json() == {"status": "ok"}
+
+
+def test_security_headers_everywhere(client: TestClient) -> None:
+    for r in (client.post("/echo", content=b"a"), client.get("/nope"), client.get("/boom")):
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_validation_errors_do_not_echo_the_input(client: TestClient) -> None:
+    secret = "sdb_live_THIS-IS-A-SECRET-VALUE"
+    r = client.post("/model", json={"api_key": secret, "n": "not a number", "extra": secret})
+    assert r.status_code == 422
+    assert secret not in r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "n"]
+
+
+def test_rate_limiter_buckets() -> None:
+    limiter = RateLimiter(per_minute=3)
+    assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = limiter.acquire("a")
+    assert 0 < wait <= 20.0  # one token comes back every 20 s
+    assert RateLimiter.retry_after(wait) == str(int(-(-wait // 1)))
+    assert limiter.acquire("b") == 0.0  # buckets are per client
+    assert RateLimiter(per_minute=0).acquire("a") == 0.0  # 0 turns the limit off
+
+
+def _request(peer: str, forwarded: str | None = None) -> StarletteRequest:
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    return StarletteRequest({"type": "http", "client": (peer, 1234), "headers": headers})
+
+
+def test_forwarded_for_is_used_only_from_trusted_proxies() -> None:
+    ids = ClientIdentifier(["10.0.0.0/8"], salt="s")
+    assert ids.address(_request("203.0.113.5", "198.51.100.1")) == "203.0.113.5"  # untrusted peer: ignored
+    assert ids.address(_request("10.1.2.3", "198.51.100.1")) == "198.51.100.1"
+    # The right-most untrusted hop is the client; what it put in front could be forged.
+    assert ids.address(_request("10.1.2.3", "1.1.1.1, 198.51.100.1, 10.9.9.9")) == "198.51.100.1"
+    assert ids.address(_request("10.1.2.3", "garbage")) == "10.1.2.3"
+    assert ids.address(_request("10.1.2.3")) == "10.1.2.3"
+
+
+def test_anonymous_ids_are_salted_hashes() -> None:
+    a, b = ClientIdentifier([], salt="one"), ClientIdentifier([], salt="two")
+    req = _request("198.51.100.1")
+    assert a.anonymous_id(req) == a.anonymous_id(req)
+    assert a.anonymous_id(req) != b.anonymous_id(req)
+    assert "198.51.100.1" not in a.anonymous_id(req)
