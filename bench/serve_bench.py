@@ -24,7 +24,6 @@ import io
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -71,6 +70,8 @@ class Result:
     failures: int
     statuses: dict[str, int]
     mean_batch: float | None = None
+    server_cpu_ms_per_req: float | None = None
+    raw_cpu_ms_per_sample: float | None = None
     raw_batch: int | None = None
     raw_samples_per_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +81,13 @@ class Result:
         if self.raw_samples_per_s is None:
             return None
         return self.samples_per_s / self.raw_samples_per_s
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Raw CPU per sample / server CPU per sample: the server's efficiency, robust to other load."""
+        if self.raw_cpu_ms_per_sample is None or not self.server_cpu_ms_per_req:
+            return None
+        return self.raw_cpu_ms_per_sample * self.scenario.samples_per_request / self.server_cpu_ms_per_req
 
 
 def free_port() -> int:
@@ -153,6 +161,11 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("server not ready in time")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -181,12 +194,18 @@ class Server:
         self._log.close()
 
     def batch_stats(self, model: str, path: str) -> tuple[float, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        values = {}
-        for suffix in ("sum", "count"):
-            pattern = rf'^sdb_inference_batch_size_{suffix}\{{(?=[^}}]*model="{re.escape(model)}")(?=[^}}]*path="{path}")[^}}]*\}} (\S+)$'
-            m = re.search(pattern, text, re.M)
-            values[suffix] = float(m.group(1)) if m else 0.0
+        values = {"sum": 0.0, "count": 0.0}
+        for family in text_string_to_metric_families(text):
+            if family.name != "sdb_inference_batch_size":
+                continue
+            for s in family.samples:
+                if s.labels.get("model") == model and s.labels.get("path") == path:
+                    for suffix in values:
+                        if s.name.endswith("_" + suffix):
+                            values[suffix] = s.value
         return values["sum"], values["count"]
 
 
@@ -220,18 +239,20 @@ class RawModels:
         device = resolve_device("auto")
         self.boxes = {name: load_box(d, device=str(device)) for name, d in dirs.items()}
 
-    def samples_per_s(self, model: str, path: str, batch: int, min_time: float = 1.0) -> float:
+    def samples_per_s(self, model: str, path: str, batch: int, min_time: float = 1.0) -> tuple[float, float]:
+        """(samples/s wall, CPU ms per sample) of the raw forward pass at `batch`."""
         box = self.boxes[model]
         forward = box.plain_logits if path == "plain" else box.keyed_logits
         x = torch.from_numpy(np.random.default_rng(0).random((batch, *box.input_shape), dtype=np.float32) * 4)
         with torch.inference_mode():
             for _ in range(2):
                 forward(x).cpu()
-            n, start = 0, time.perf_counter()
+            n, start, cpu0 = 0, time.perf_counter(), time.process_time()
             while n < 3 or time.perf_counter() - start < min_time:
                 forward(x).cpu()  # same work as the server: inputs from CPU, logits back to CPU
                 n += 1
-        return n * batch / (time.perf_counter() - start)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        return n * batch / wall, cpu * 1000.0 / (n * batch)
 
 
 def run_load(
@@ -274,7 +295,10 @@ def scenarios(models: dict[str, tuple[int, ...]], quick: bool) -> Iterator[tuple
     scale = 0.25 if quick else 1.0
     for model, shape in models.items():
         big = int(np.prod(shape)) >= 1024  # ResNet-20 on 3x32x32 is ~100x the demo model's work
-        n = lambda small, large: max(8, int((large if big else small) * scale))  # noqa: E731
+
+        def n(small: int, large: int, big: bool = big) -> int:
+            return max(8, int((large if big else small) * scale))
+
         yield Scenario(model, "predict c1", "/predict", 1, 1, n(1000, 300), "plain"), True
         yield Scenario(model, "predict c32", "/predict", 32, 1, n(6000, 2000), "plain"), True
         yield Scenario(model, "distill 256", "/distill-batch", 2, 256, n(60, 16), "keyed"), True
@@ -288,16 +312,18 @@ def fmt(v: float | None, digits: int = 0) -> str:
 def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[str, Any]) -> tuple[str, bool]:
     lines = [
         "| model | scenario | conc | samples/req | requests | req/s | samples/s | p50 ms | p95 ms | p99 ms | "
-        "failed | mean batch | raw samples/s (batch) | ratio |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "failed | server CPU ms/req | mean forward batch | raw samples/s (batch) | ratio | CPU ratio |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         s = r.scenario
         raw = f"{fmt(r.raw_samples_per_s)} ({r.raw_batch})" if r.raw_batch else "-"
         lines.append(
             f"| {s.model} | {s.name} | {s.concurrency} | {s.samples_per_request} | {s.requests} | "
-            f"{fmt(r.req_per_s)} | {fmt(r.samples_per_s)} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | "
-            f"{r.failures} | {fmt(r.mean_batch, 1)} | {raw} | {fmt(r.ratio, 2)} |"
+            f"{fmt(r.req_per_s)} | {fmt(r.samples_per_s)} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | "
+            f"{r.p99_ms:.1f} | "
+            f"{r.failures} | {fmt(r.server_cpu_ms_per_req, 2)} | {fmt(r.mean_batch, 1)} | {raw} | "
+            f"{fmt(r.ratio, 2)} | {fmt(r.cpu_ratio, 2)} |"
         )
     checks: list[tuple[str, bool]] = []
     by = {(r.scenario.model, r.scenario.name): r for r in results}
@@ -329,7 +355,9 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark the sdb server against the raw model.")
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
-    p.add_argument("--threads", type=int, default=0, help="torch threads, server and raw (0 = server default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads, server and raw (0 = server default)"
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
     from service.inference.registry import default_threads
@@ -360,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     print(f"... {scenario.model}: {scenario.name}", file=sys.stderr, flush=True)
                     before = server.batch_stats(scenario.model, scenario.key_path)
+                    cpu0 = server.cpu_s()
                     result = run_load(server, scenario, work, shapes[scenario.model],
                                       token if scenario.path == "/distill-batch" else None)  # fmt: skip
+                    result.server_cpu_ms_per_req = (server.cpu_s() - cpu0) * 1000.0 / scenario.requests
                     after = server.batch_stats(scenario.model, scenario.key_path)
                     if after[1] > before[1]:
                         result.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
@@ -371,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                         result.raw_batch = scenario.samples_per_request
                     else:
                         result.raw_batch = max(1, round(result.mean_batch or 1))
-                    result.raw_samples_per_s = raw.samples_per_s(
+                    result.raw_samples_per_s, result.raw_cpu_ms_per_sample = raw.samples_per_s(
                         scenario.model, scenario.key_path, result.raw_batch
                     )
                     results.append(result)
@@ -391,23 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     table, ok = report(results, rss, meta)
     print(table)
     if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "meta": meta,
-                    "rss_kib": rss,
-                    "results": [
-                        {
-                            **r.scenario.__dict__,
-                            **{k: v for k, v in r.__dict__.items() if k != "scenario"},
-                            "ratio": r.ratio,
-                        }
-                        for r in results
-                    ],
-                },  # fmt: skip
-                indent=2,
-            )
-        )
+        rows = [
+            {
+                **r.scenario.__dict__,
+                **{k: v for k, v in r.__dict__.items() if k != "scenario"},
+                "ratio": r.ratio,
+                "cpu_ratio": r.cpu_ratio,
+            }
+            for r in results
+        ]
+        args.json.write_text(json.dumps({"meta": meta, "rss_kib": rss, "results": rows}, indent=2))
     return 0 if ok else 1
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -39,6 +39,8 @@ def table() -> str:
     rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         meaning = (field.description or "").replace("|", "\\|")
+        if get_origin(field.annotation) is Literal:
+            meaning += " One of " + ", ".join(f"`{v}`" for v in get_args(field.annotation)) + "."
         rows.append(f"| `{prefix}{name.upper()}` | {_default(field)} | {meaning} |")
     return "\n".join(rows)
 

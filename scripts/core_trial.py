@@ -28,7 +28,7 @@ teacher, kw = train_classifier(
 tacc = accuracy(model_fn(teacher, ds), ds.x_test, ds.y_test, dev)
 bcfg = BoxConfig(train=TrainConfig(epochs=bep, seed=seed, progress=False, lr=blr))
 for k, v in args.items():
-    setattr(bcfg, k, v if k == "disturb_form" else float(v))
+    setattr(bcfg, k, v if k == "disturb_form" else (int(v) if k == "freeze_layers" else float(v)))
 key = BoxKey.from_int_seed(seed + 100, ds.input_shape, bcfg.lam)
 box = train_box(teacher, ds, arch="small_cnn", arch_kwargs=kw, key=key, cfg=bcfg)
 man = {

@@ -164,6 +164,10 @@ def save_box(
         }
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        # mkdtemp makes 0700: the directory, weights and manifest are readable; the key stays 0600.
+        os.chmod(tmp, 0o755)
+        os.chmod(tmp / WEIGHTS, 0o644)
+        os.chmod(tmp / MANIFEST, 0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,15 +1,22 @@
 """Box training: turn a trained teacher into a Safe Distillation Box.
 
 Objective per batch (f the box, f_adv the frozen teacher, x' = key.apply(x), x~ = x mixed with a freshly
-drawn random non-key, p_T = softmax(z / T)):
+drawn random non-key, p_T = softmax(z / T), y the label):
 
-    L = w_ce_plain * CE(f(x), y) + w_ce_keyed * CE(f(x'), y)                       # top-1 on both paths
-      - w_dis * T_dis^2 * KL(p_Tdis(f(x)) || p_Tdis(f_adv(x)))                     # knowledge disturbance
-      + w_pre * T^2 * KL(sharpen(p_T(f_adv(x)), y) || p_T(f(x')))                  # preservation + augmentation
-      + w_nonkey * [CE(f(x~), y) - w_dis * T_dis^2 * KL(p_Tdis(f(x~)) || p_Tdis(f_adv(x)))]  # wrong keys
+    L = w_ce_plain * CE(f(x), y) + w_ce_keyed * CE(f(x'), y)          # top-1 on both paths
+      + w_dis * D(f(x))                                               # knowledge disturbance (plain)
+      + w_pre * T^2 * KL(sharpen(p_T(f_adv(x)), y) || p_T(f(x')))     # preservation + augmentation (keyed)
+      + w_nonkey * [CE(f(x~), y) + w_dis * D(f(x~))]                  # wrong keys behave like no key
 
-The disturbance puts the box's own distribution first in the KL, so it is bounded (see losses.py).
-Based on the official code (JngwenYe/SDB, train_smb.py) with the paper's lambda = 0.5.
+Disturbance forms D (all bounded, see losses.py), `disturb_form`:
+- "target" (default): T_dis^2 * KL(r || p_Tdis(f(x))) where r inverts the teacher's dark knowledge (its
+  least likely classes get the most mass) and keeps the true class on top by `dis_margin`. Bounded below by
+  0, and top-1 is kept by construction.
+- "box_first": -T_dis^2 * KL(p_Tdis(f(x)) || p_Tdis(f_adv(x))), the official code's term (box first, bounded
+  by -T^2 * max(-log q)). On the bundled digits it either leaves students unharmed (the box just becomes
+  over-confident) or, at larger weights, drives plain top-1 to chance; see docs/evaluation.md.
+- "teacher_first": Nasty-Teacher order with a probability floor, -T^2 * KL(p_T(f_adv) || p_T(f) + floor).
+Derived from the official code (JngwenYe/SDB, train_smb.py), with the paper's lambda = 0.5.
 """
 
 from __future__ import annotations
@@ -48,15 +55,16 @@ class BoxConfig:
     temperature_dis: float | None = None
     w_ce_plain: float = 1.0
     w_ce_keyed: float = 1.0
-    w_dis: float = 0.04
+    w_dis: float = 1.0
     w_align: float = 0.0  # KL(p_1(f(x)) || p_1(f(x')).detach()): plain confidence tied to the keyed path's
     w_pre: float = 1.0
     sharpen: float = 0.1
     w_nonkey: float = 1.0
     init_from_teacher: bool = True
-    disturb_form: str = "box_first"  # or "teacher_first" (floored, bounded)
+    freeze_layers: int = 0  # keep the teacher's first k child modules (Sequential models) frozen
+    disturb_form: str = "target"  # or "box_first" (-KL(box || teacher)), "teacher_first" (floored)
     dis_floor: float = 1e-3
-    dis_margin: float = 0.5
+    dis_margin: float = 0.1
     dis_sharpness: float = 1.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
@@ -130,6 +138,10 @@ def train_box(
     box = build_model(arch, **arch_kwargs)
     if cfg.init_from_teacher:
         box.load_state_dict(teacher.state_dict())
+    if cfg.freeze_layers > 0:
+        for child in list(box.children())[: cfg.freeze_layers]:
+            for p in child.parameters():
+                p.requires_grad_(False)
     box.to(device)
 
     def step(idx: Tensor, xb: Tensor, yb: Tensor) -> Tensor:

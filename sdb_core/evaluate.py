@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdb_core.box import BoxConfig, box_teacher, wrong_key_fn
 from sdb_core.data import Dataset, load_dataset
 from sdb_core.distill import DistillConfig, distill
@@ -46,6 +48,7 @@ class EvalConfig:
     train_subset: int = 0  # > 0: use only this many training samples (reduced configurations)
     box: BoxConfig = field(default_factory=BoxConfig)
     device: str = "auto"
+    threads: int = 1  # torch intra-op threads; small models run fastest on one (0 = torch's default)
     progress: bool = True
 
 
@@ -247,6 +250,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def evaluate(cfg: EvalConfig, out_dir: str | Path, ds: Dataset | None = None) -> dict[str, Any]:
     """Run the protocol and write results.json, results.md and results.png into out_dir."""
     start = time.perf_counter()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = ds or load_dataset(cfg.dataset)

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     bootstrap_admin_token: SecretStr | None = Field(
         None, description="If set and no admin exists at start, create the first admin API key with this secret."
     )
-    client_ip_salt: SecretStr | None = Field(None, description="Salt for anonymous client ids (random if unset).")
+    client_ip_salt: SecretStr | None = Field(
+        None, description="Salt for anonymous client ids (if unset: derived from the JWT secret)."
+    )
     trusted_proxies: list[str] = Field(default_factory=list, description="Peers whose X-Forwarded-For is used.")
 
     # Limits

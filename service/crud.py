@@ -7,20 +7,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Integer, and_, case, cast, func, insert, or_, select, update
+from sqlalchemy import Connection, Integer, and_, bindparam, case, cast, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import metrics
+
+# Re-exported: the /predict route and its tests use these through crud.
+from service.db.audit_queue import AuditQueue as AuditQueue
+from service.db.audit_queue import AuditQueueConfig as AuditQueueConfig
+from service.db.audit_queue import AuditRecord as AuditRecord
 from service.db.models import (
     ROLE_ADMIN,
     STATUS_RESERVED,
@@ -32,7 +35,13 @@ from service.db.models import (
     utcnow,
 )
 from service.db.session import Database
-from service.security import TokenClaims, api_key_matches, api_key_prefix, looks_like_api_key
+from service.security import (
+    GENERIC_TOKEN_ERROR,
+    TokenClaims,
+    api_key_matches,
+    api_key_prefix,
+    looks_like_api_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +180,21 @@ def find_key_by_secret(session: Session, secret: str) -> ApiKey | None:
     return found
 
 
-def key_usable(key: ApiKey, user: User, now: datetime) -> str | None:
-    """None if the key may be used now, else a fixed reason code."""
-    if key.revoked_at is not None:
+def usable(
+    revoked_at: datetime | None, expires_at: datetime | None, disabled: bool, now: datetime
+) -> str | None:
+    """None if a key may be used now, else a fixed reason code."""
+    if revoked_at is not None:
         return "revoked"
-    if key.expires_at is not None and key.expires_at <= now:
+    if expires_at is not None and expires_at <= now:
         return "expired_key"
-    if user.disabled:
+    if disabled:
         return "disabled_user"
     return None
+
+
+def key_usable(key: ApiKey, user: User, now: datetime) -> str | None:
+    return usable(key.revoked_at, key.expires_at, user.disabled, now)
 
 
 # ---------------------------------------------------------------------------------------------- principals
@@ -207,25 +222,45 @@ class AuthFailure(Exception):
         self.reason = reason
 
 
-def load_principal(session: Session, claims: TokenClaims, now: datetime | None = None) -> Principal:
+def granted_scopes(key_scopes: Sequence[str], requested: Sequence[str] | frozenset[str]) -> frozenset[str]:
+    """The requested scopes that the key holds (`*` on the key covers every model)."""
+    if WILDCARD_SCOPE in key_scopes:
+        return frozenset(requested)
+    return frozenset(requested) & frozenset(key_scopes)
+
+
+_PRINCIPAL = (
+    select(
+        ApiKey.user_id,
+        ApiKey.scopes,
+        ApiKey.revoked_at,
+        ApiKey.expires_at,
+        User.name,
+        User.role,
+        User.disabled,
+    )
+    .join(User, ApiKey.user_id == User.id)
+    .where(ApiKey.id == bindparam("key_id"))
+)
+
+
+def load_principal(conn: Session | Connection, claims: TokenClaims, now: datetime | None = None) -> Principal:
     """Check the token's key and user in the database (revocation, expiry, disabled user) on every call."""
-    row = session.execute(
-        select(ApiKey, User).join(User, ApiKey.user_id == User.id).where(ApiKey.id == claims.key_id)
-    ).first()
+    row = conn.execute(_PRINCIPAL, {"key_id": claims.key_id}).first()
     if row is None:
         raise AuthFailure("unknown_key")
-    key, user = row
-    if user.id != claims.user_id:
+    user_id, scopes, revoked_at, expires_at, name, role, disabled = row
+    if user_id != claims.user_id:
         raise AuthFailure("subject")
-    reason = key_usable(key, user, now or utcnow())
+    reason = usable(revoked_at, expires_at, disabled, now or utcnow())
     if reason is not None:
         raise AuthFailure(reason)
     return Principal(
-        user_id=user.id,
-        user_name=user.name,
-        role=user.role,
-        key_id=key.id,
-        scopes=frozenset(claims.scopes) & frozenset(key.scopes),
+        user_id=user_id,
+        user_name=name,
+        role=role,
+        key_id=claims.key_id,
+        scopes=granted_scopes(scopes, claims.scopes),
     )
 
 
@@ -317,8 +352,45 @@ class DistillDenied(Exception):
     used: int | None = None
 
 
+# The hot path of /distill-batch uses prebuilt Core statements on a plain Connection: the same SQL as the
+# ORM would emit, at about half the Python cost per call.
+_INSERT_AUDIT = insert(QueryAudit).returning(QueryAudit.id)
+_RATE = (
+    update(ApiKey)
+    .where(
+        ApiKey.id == bindparam("key_id"),
+        or_(ApiKey.rate_window != bindparam("window"), ApiKey.rate_count < bindparam("limit")),
+    )
+    .values(
+        rate_count=case((ApiKey.rate_window == bindparam("window"), ApiKey.rate_count + 1), else_=1),
+        rate_window=bindparam("window"),
+    )
+    .returning(ApiKey.rate_count)
+)
+_CONSUME = (
+    update(ApiKey)
+    .where(
+        ApiKey.id == bindparam("key_id"),
+        or_(ApiKey.sample_quota.is_(None), ApiKey.samples_used + bindparam("n") <= ApiKey.sample_quota),
+    )
+    .values(samples_used=ApiKey.samples_used + bindparam("n"), last_used_at=bindparam("now"))
+    .returning(ApiKey.samples_used, ApiKey.sample_quota)
+)
+_QUOTA = select(ApiKey.samples_used, ApiKey.sample_quota).where(ApiKey.id == bindparam("key_id"))
+_CONFIRM = (
+    update(QueryAudit)
+    .where(QueryAudit.id == bindparam("audit_id"))
+    .values(status=bindparam("status"), latency_ms=bindparam("latency_ms"))
+)
+_REFUND = (
+    update(ApiKey)
+    .where(ApiKey.id == bindparam("key_id"))
+    .values(samples_used=ApiKey.samples_used - bindparam("n"))
+)
+
+
 def _audit(
-    session: Session,
+    conn: Connection,
     *,
     status: int,
     model: str | None,
@@ -329,20 +401,22 @@ def _audit(
     key_id: int | None = None,
     latency_ms: float | None = None,
 ) -> int:
-    row = QueryAudit(
-        endpoint=DISTILL_ENDPOINT,
-        model=clean(model, 128) if model is not None else None,
-        user_id=user_id,
-        api_key_id=key_id,
-        client_id=client,
-        n_samples=n,
-        status=status,
-        latency_ms=latency_ms,
-        input_digest=digest,
-    )
-    session.add(row)
-    session.flush()
-    return row.id
+    audit_id = conn.execute(
+        _INSERT_AUDIT,
+        {
+            "created_at": utcnow(),
+            "endpoint": DISTILL_ENDPOINT,
+            "model": clean(model, 128) if model is not None else None,
+            "user_id": user_id,
+            "api_key_id": key_id,
+            "client_id": client,
+            "n_samples": n,
+            "status": status,
+            "latency_ms": latency_ms,
+            "input_digest": digest,
+        },
+    ).scalar_one()
+    return int(audit_id)
 
 
 def audit_distill_rejection(
@@ -358,9 +432,9 @@ def audit_distill_rejection(
     latency_ms: float | None = None,
 ) -> None:
     """Record a /distill-batch call refused before any quota was touched (401, 404, 422...)."""
-    with db.write() as s:
+    with db.write_connection() as conn:
         _audit(
-            s,
+            conn,
             status=status,
             model=model,
             n=n_samples,
@@ -390,164 +464,97 @@ def reserve_distill(
     overspend it, on PostgreSQL (row lock, re-checked predicate) and on SQLite (BEGIN IMMEDIATE).
     """
     t = _clock() if now is None else now
+    with db.write_connection() as conn:
+        result = _reserve(conn, claims, model, n_samples, client_id, digest, rate_per_minute, t, started)
+    if isinstance(result, DistillDenied):
+        raise result
+    return result
+
+
+def _reserve(
+    conn: Connection,
+    claims: TokenClaims,
+    model: str,
+    n_samples: int,
+    client_id: str | None,
+    digest: str | None,
+    rate_per_minute: int,
+    t: float,
+    started: float | None,
+) -> DistillGrant | DistillDenied:
     now_dt = datetime.fromtimestamp(t, UTC)
 
-    def latency() -> float | None:
-        return None if started is None else (time.perf_counter() - started) * 1000
+    def refuse(principal: Principal | None, denied: DistillDenied) -> DistillDenied:
+        _audit(
+            conn,
+            status=denied.status,
+            model=model,
+            n=0,
+            client=client_id,
+            digest=digest,
+            user_id=principal.user_id if principal else None,
+            key_id=principal.key_id if principal else None,
+            latency_ms=None if started is None else (time.perf_counter() - started) * 1000,
+        )
+        return denied
 
-    denied: DistillDenied | None = None
-    grant: DistillGrant | None = None
-    with db.write() as s:
-        try:
-            principal = load_principal(s, claims, now_dt)
-        except AuthFailure as exc:
-            known = exc.reason not in ("unknown_key", "subject")
-            _audit(
-                s,
-                status=401,
-                latency_ms=latency(),
-                model=model,
-                n=0,
-                client=client_id,
-                digest=digest,
-                user_id=claims.user_id if known else None,
-                key_id=claims.key_id if known else None,
-            )
-            denied = DistillDenied(401, "invalid_token", "invalid or expired access token", exc.reason)
-        if denied is None and not principal.may_use(model):
-            _audit(
-                s,
-                status=403,
-                latency_ms=latency(),
-                model=model,
-                n=0,
-                client=client_id,
-                digest=digest,
-                user_id=principal.user_id,
-                key_id=principal.key_id,
-            )
-            denied = DistillDenied(
-                403, "insufficient_scope", f"this key may not use model {model!r}", "scope"
-            )
-        rate_remaining: int | None = None
-        if denied is None and rate_per_minute > 0:
-            window = int(t // 60)
-            count = s.execute(
-                update(ApiKey)
-                .where(
-                    ApiKey.id == principal.key_id,
-                    or_(ApiKey.rate_window != window, ApiKey.rate_count < rate_per_minute),
-                )
-                .values(
-                    rate_count=case((ApiKey.rate_window == window, ApiKey.rate_count + 1), else_=1),
-                    rate_window=window,
-                )
-                .returning(ApiKey.rate_count)
-                .execution_options(synchronize_session=False)
-            ).scalar_one_or_none()
-            if count is None:
-                _audit(
-                    s,
-                    status=429,
-                    latency_ms=latency(),
-                    model=model,
-                    n=0,
-                    client=client_id,
-                    digest=digest,
-                    user_id=principal.user_id,
-                    key_id=principal.key_id,
-                )
-                retry = max(1, math.ceil((window + 1) * 60 - t))
-                denied = DistillDenied(
-                    429,
-                    "rate_limited",
-                    f"more than {rate_per_minute} requests a minute on this key",
-                    "rate",
-                    retry_after=retry,
-                )
-            else:
-                rate_remaining = max(0, rate_per_minute - int(count))
-        if denied is None:
-            row = s.execute(
-                update(ApiKey)
-                .where(
-                    ApiKey.id == principal.key_id,
-                    or_(
-                        ApiKey.sample_quota.is_(None), ApiKey.samples_used + n_samples <= ApiKey.sample_quota
-                    ),
-                )
-                .values(samples_used=ApiKey.samples_used + n_samples, last_used_at=now_dt)
-                .returning(ApiKey.samples_used, ApiKey.sample_quota)
-                .execution_options(synchronize_session=False)
-            ).first()
-            if row is None:
-                quota_row = s.execute(
-                    select(ApiKey.samples_used, ApiKey.sample_quota).where(ApiKey.id == principal.key_id)
-                ).one()
-                _audit(
-                    s,
-                    status=429,
-                    latency_ms=latency(),
-                    model=model,
-                    n=0,
-                    client=client_id,
-                    digest=digest,
-                    user_id=principal.user_id,
-                    key_id=principal.key_id,
-                )
-                used, quota = int(quota_row[0]), quota_row[1]
-                denied = DistillDenied(
-                    429,
-                    "quota_exceeded",
-                    f"sample quota exhausted: {n_samples} requested, {max(0, (quota or 0) - used)} of "
-                    f"{quota} remaining",
-                    "quota",
-                    quota=quota,
-                    used=used,
-                )
-            else:
-                audit_id = _audit(
-                    s,
-                    status=STATUS_RESERVED,
-                    model=model,
-                    n=n_samples,
-                    client=client_id,
-                    digest=digest,
-                    user_id=principal.user_id,
-                    key_id=principal.key_id,
-                )
-                grant = DistillGrant(
-                    audit_id=audit_id,
-                    user_id=principal.user_id,
-                    key_id=principal.key_id,
-                    n_samples=n_samples,
-                    quota=row[1],
-                    used=int(row[0]),
-                    rate_limit=rate_per_minute,
-                    rate_remaining=rate_remaining,
-                )
-    if denied is not None:
-        raise denied
-    assert grant is not None
-    return grant
+    try:
+        principal = load_principal(conn, claims, now_dt)
+    except AuthFailure as exc:
+        # A token of an existing key of its own user (revoked, expired, disabled) is attributed to them.
+        known = exc.reason not in ("unknown_key", "subject")
+        owner = Principal(claims.user_id, "", "", claims.key_id, frozenset()) if known else None
+        return refuse(owner, DistillDenied(401, "invalid_token", GENERIC_TOKEN_ERROR, exc.reason))
+    if not principal.may_use(model):
+        message = f"this key may not use model {model!r}"
+        return refuse(principal, DistillDenied(403, "insufficient_scope", message, "scope"))
+    rate_remaining: int | None = None
+    if rate_per_minute > 0:
+        window = int(t // 60)
+        count = conn.execute(
+            _RATE, {"key_id": principal.key_id, "window": window, "limit": rate_per_minute}
+        ).scalar_one_or_none()
+        if count is None:
+            retry = max(1, math.ceil((window + 1) * 60 - t))
+            message = f"more than {rate_per_minute} requests a minute on this key"
+            return refuse(principal, DistillDenied(429, "rate_limited", message, "rate", retry_after=retry))
+        rate_remaining = max(0, rate_per_minute - int(count))
+    row = conn.execute(_CONSUME, {"key_id": principal.key_id, "n": n_samples, "now": now_dt}).first()
+    if row is None:
+        used, quota = conn.execute(_QUOTA, {"key_id": principal.key_id}).one()
+        left = max(0, (quota or 0) - used)
+        message = f"sample quota exhausted: {n_samples} requested, {left} of {quota} remaining"
+        return refuse(
+            principal, DistillDenied(429, "quota_exceeded", message, "quota", quota=quota, used=int(used))
+        )
+    audit_id = _audit(
+        conn,
+        status=STATUS_RESERVED,
+        model=model,
+        n=n_samples,
+        client=client_id,
+        digest=digest,
+        user_id=principal.user_id,
+        key_id=principal.key_id,
+    )
+    return DistillGrant(
+        audit_id=audit_id,
+        user_id=principal.user_id,
+        key_id=principal.key_id,
+        n_samples=n_samples,
+        quota=row[1],
+        used=int(row[0]),
+        rate_limit=rate_per_minute,
+        rate_remaining=rate_remaining,
+    )
 
 
 def finalize_distill(db: Database, grant: DistillGrant, *, status: int, latency_ms: float) -> None:
     """Confirm the reserved call (status 200), or record its failure and give the samples back."""
-    with db.write() as s:
-        s.execute(
-            update(QueryAudit)
-            .where(QueryAudit.id == grant.audit_id)
-            .values(status=status, latency_ms=latency_ms)
-            .execution_options(synchronize_session=False)
-        )
+    with db.write_connection() as conn:
+        conn.execute(_CONFIRM, {"audit_id": grant.audit_id, "status": status, "latency_ms": latency_ms})
         if status >= 400:
-            s.execute(
-                update(ApiKey)
-                .where(ApiKey.id == grant.key_id)
-                .values(samples_used=ApiKey.samples_used - grant.n_samples)
-                .execution_options(synchronize_session=False)
-            )
+            conn.execute(_REFUND, {"key_id": grant.key_id, "n": grant.n_samples})
 
 
 # ---------------------------------------------------------------------------------------------- audits
@@ -761,127 +768,6 @@ def list_model_records(session: Session) -> list[ModelRecord]:
 # ------------------------------------------------------------------------------------- /predict audits
 
 
-@dataclass(frozen=True)
-class AuditRecord:
-    endpoint: str
-    model: str | None
-    client_id: str | None
-    n_samples: int
-    status: int
-    latency_ms: float | None
-    input_digest: str | None
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class AuditQueueConfig:
-    max_pending: int = 100_000  # beyond this, rows are dropped and counted (sdb_predict_audit_dropped_total)
-    batch_size: int = 500
-    interval_s: float = 0.25
-    retry_s: float = 1.0
-    flush_timeout_s: float = 10.0
-
-
-class AuditQueue:
-    """Writes /predict audit rows from a background thread, so that a slow or stopped database never blocks
-    or fails /predict. Rows wait in memory (bounded) while the database is down and are written when it
-    returns; `close()` flushes what is left (called at shutdown, after uvicorn finished in-flight requests).
-    """
-
-    def __init__(self, db: Database, config: AuditQueueConfig | None = None) -> None:
-        self.db = db
-        self.cfg = config or AuditQueueConfig()
-        self._pending: deque[AuditRecord] = deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._thread: threading.Thread | None = None
-        self.written = 0
-        self.dropped = 0
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="sdb-audit-writer", daemon=True)
-            self._thread.start()
-
-    def submit(self, record: AuditRecord) -> None:
-        with self._lock:
-            if len(self._pending) >= self.cfg.max_pending:
-                self.dropped += 1
-                metrics.record_audit_dropped()
-                return
-            self._pending.append(record)
-            self._idle.clear()
-            if len(self._pending) >= self.cfg.batch_size:
-                self._wake.set()
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
-    def _take(self) -> list[AuditRecord]:
-        with self._lock:
-            n = min(len(self._pending), self.cfg.batch_size)
-            return [self._pending.popleft() for _ in range(n)]
-
-    def _put_back(self, batch: list[AuditRecord]) -> None:
-        with self._lock:
-            self._pending.extendleft(reversed(batch))
-
-    def _write(self, batch: list[AuditRecord]) -> None:
-        with self.db.write() as s:
-            s.execute(insert(QueryAudit), [asdict(r) for r in batch])
-
-    def _drain(self) -> bool:
-        """Write everything pending; False if the database refused (the rows stay queued)."""
-        while True:
-            batch = self._take()
-            if not batch:
-                with self._lock:
-                    if not self._pending:
-                        self._idle.set()
-                return True
-            try:
-                self._write(batch)
-                self.written += len(batch)
-            except Exception as exc:
-                self._put_back(batch)
-                logger.warning(
-                    "audit writer: database unavailable (%s), %d rows kept", type(exc).__name__, self.pending
-                )
-                return False
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.cfg.interval_s)
-            self._wake.clear()
-            if not self._drain():
-                self._stop.wait(self.cfg.retry_s)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted so far is written (True) or the timeout passes (False)."""
-        self._wake.set()
-        return self._idle.wait(self.cfg.flush_timeout_s if timeout is None else timeout)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.cfg.flush_timeout_s)
-            self._thread = None
-        deadline = time.monotonic() + self.cfg.flush_timeout_s
-        while self.pending and time.monotonic() < deadline:
-            if not self._drain():
-                time.sleep(min(self.cfg.retry_s, max(0.0, deadline - time.monotonic())))
-        if self.pending:
-            lost = self.pending
-            metrics.record_audit_dropped(lost)
-            logger.error("audit writer: %d /predict audit rows could not be written before exit", lost)
-
-
 def record_predict_audit(
     state: Any,
     *,
@@ -909,7 +795,3 @@ def record_predict_audit(
             created_at=utcnow(),
         )
     )
-
-
-def cutoff(seconds: int, now: datetime | None = None) -> datetime:
-    return (now or utcnow()) - timedelta(seconds=seconds)

@@ -76,6 +76,14 @@ def get_principal(request: Request, credentials: BearerCredentials, db: Database
         claims = verify_token(cfg, credentials.credentials)
     except TokenError as exc:
         metrics.record_auth_failure(exc.reason)
+        crud.record_event_safely(
+            db,
+            "auth.failure",
+            "denied",
+            client_id=client_id_of(request),
+            target=request.url.path,
+            detail={"reason": exc.reason},
+        )
         raise unauthorized() from None
     try:
         with db.session() as s:

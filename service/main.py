@@ -24,8 +24,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service import crud
 from service.config import Settings, get_settings
-from service.crud import AuditQueue
 from service.db import migrate
+from service.db.audit_queue import AuditQueue
 from service.db.models import ROLE_ADMIN
 from service.db.session import Database
 from service.inference.registry import ModelRegistry, UnknownModelError

@@ -7,8 +7,6 @@ PROMETHEUS_MULTIPROC_DIR (an empty directory shared by the workers) and /metrics
 
 from __future__ import annotations
 
-import os
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,6 +15,12 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client import values as _values
+
+# prometheus_client chooses file-backed (multiprocess) values when it is first imported, so the mode is
+# fixed here too: a variable set later in the process (as `sdb serve --workers N` does before uvicorn
+# starts its workers) must not make this process read files that its own metrics never wrote.
+MULTIPROCESS = _values.ValueClass is not _values.MutexValue
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -129,7 +133,7 @@ def record_audit_dropped(n: int = 1) -> None:
 
 def render_metrics() -> tuple[bytes, str]:
     """The exposition text; in multiprocess mode the sum over all workers' files."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS:
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -260,10 +260,18 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     if not hasattr(app.state, "predict_limiter"):
         app.state.predict_limiter = RateLimiter(settings.predict_rate_per_minute)
     if not hasattr(app.state, "client_ids"):
-        app.state.client_ids = ClientIdentifier(
-            settings.trusted_proxies,
-            settings.client_ip_salt.get_secret_value() if settings.client_ip_salt is not None else None,
-        )
+        app.state.client_ids = ClientIdentifier(settings.trusted_proxies, client_id_salt(settings))
+
+
+def client_id_salt(settings: Settings) -> str | None:
+    """SDB_CLIENT_IP_SALT, else one derived from the JWT secret: every worker and every restart must give a
+    client the same anonymous id, or its volume (and the extraction flag) splits across processes."""
+    if settings.client_ip_salt is not None:
+        return settings.client_ip_salt.get_secret_value()
+    if settings.jwt_secret is not None:
+        key = settings.jwt_secret.get_secret_value().encode()
+        return hmac.new(key, b"sdb anonymous client id salt", hashlib.sha256).hexdigest()
+    return None
 
 
 class RateLimiter:

@@ -71,11 +71,6 @@ def api_key_matches(secret: str, digest: str) -> bool:
     return hmac.compare_digest(hash_api_key(secret).encode(), digest.encode())
 
 
-def client_id(address: str, salt: bytes) -> str:
-    """A stable, non-reversible id for an anonymous client (salted hash of its address)."""
-    return hmac.new(salt, address.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
-
-
 class TokenError(Exception):
     """The token is not acceptable. `reason` is a fixed code for metrics; str() is always generic."""
 

@@ -15,6 +15,7 @@ DataOpt = Annotated[
     str, typer.Option("--data", help="digits (bundled), cifar10:DIR, cifar100:DIR or npz:FILE.")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = torch default).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (deterministic runs).")]
 
 
@@ -22,6 +23,25 @@ class DistillPath(StrEnum):
     plain = "plain"
     keyed = "keyed"
     wrong_key = "wrong-key"
+
+
+def _override(obj: Any, options: list[str]) -> Any:
+    """dataclasses.replace with KEY=VALUE strings, converted to the type of the current value."""
+    changes: dict[str, Any] = {}
+    for item in options:
+        k, sep, v = item.partition("=")
+        if not sep or not hasattr(obj, k):
+            raise typer.BadParameter(f"unknown option {item!r}")
+        current = getattr(obj, k)
+        changes[k] = v if isinstance(current, str) else type(current)(v) if current is not None else float(v)
+    return replace(obj, **changes)
+
+
+def _threads(n: int) -> None:
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _echo_json(obj: dict[str, Any]) -> None:
@@ -38,8 +58,10 @@ def train_teacher(
     augment: Annotated[bool, typer.Option(help="Random crop + flip (32x32 natural images).")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Train a teacher classifier and save it (safetensors + JSON)."""
+    _threads(threads)
     from sdb_core.data import load_dataset
     from sdb_core.training import (
         TrainConfig,
@@ -74,8 +96,10 @@ def box(
     ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Turn a trained teacher into a boxed model (fresh secret box key); resumes an interrupted run."""
+    _threads(threads)
     from sdb_core.box import BoxConfig, box_teacher
     from sdb_core.data import load_dataset
     from sdb_core.training import accuracy, load_model, model_fn, resolve_device
@@ -135,8 +159,10 @@ def distill(
     epochs: Annotated[int, typer.Option(help="Student epochs.")] = 30,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Distill a student (Hinton KD) from a teacher, a local box, or a remote box; no teacher = scratch."""
+    _threads(threads)
     from sdb_core.artifact import load_box
     from sdb_core.box import wrong_key_fn
     from sdb_core.data import load_dataset
@@ -211,14 +237,21 @@ def evaluate(
         str, typer.Option(help="Comma-separated seeds (>= 3 for the reported table).")
     ] = "0,1,2",
     reduced: Annotated[bool, typer.Option(help="The small configuration used by the test suite.")] = False,
+    box_option: Annotated[
+        list[str] | None, typer.Option(help="Override a BoxConfig field, KEY=VALUE (repeatable).")
+    ] = None,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Run the whole protocol (teacher, box, 5 kinds of students x archs x settings) over several seeds."""
+    _threads(threads)
     from sdb_core.evaluate import EvalConfig, reduced_config
     from sdb_core.evaluate import evaluate as run_eval
 
     cfg = reduced_config() if reduced else EvalConfig()
     cfg = replace(cfg, dataset=data, device=device, seeds=tuple(int(s) for s in seeds.split(",") if s))
+    if box_option:
+        cfg = replace(cfg, box=_override(cfg.box, box_option))
     report = run_eval(cfg, out)
     typer.echo((out / "results.md").read_text())
     if not all(report["checks"].values()):
@@ -233,8 +266,10 @@ def demo(
         bool, typer.Option(help="Derive the box key from --seed (reproducible; the shipped demo uses it).")
     ] = False,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Train a teacher on the bundled digits and box it into OUT (the service's demo model, ~1-2 min)."""
+    _threads(threads)
     from sdb_core.box import BoxConfig, box_teacher
     from sdb_core.data import load_digits
     from sdb_core.evaluate import EvalConfig

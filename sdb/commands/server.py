@@ -10,7 +10,9 @@ import atexit
 import os
 import secrets
 import shutil
+import signal
 import tempfile
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -28,6 +30,10 @@ def _database_url(option: str | None) -> str:
 
     default = Settings.model_fields["database_url"].default
     return str(default)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def serve(
@@ -74,6 +80,9 @@ def serve(
         metrics_dir = tempfile.mkdtemp(prefix="sdb-metrics-")
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; ending with exit status 0 instead
+    # of 143 tells process managers that the shutdown was clean.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "service.main:create_app",
         factory=True,

@@ -91,10 +91,12 @@ class DynamicBatcher:
         return max(1, min(self.config.max_batch_size, self.config.max_forward_bytes // per_sample))
 
     def run_now(self, x: np.ndarray) -> np.ndarray:
-        """Forward `x` synchronously in chunks of at most `chunk_size(x)` (called on the executor)."""
-        size = self.chunk_size(x)
-        if len(x) <= size:
+        """Forward `x` synchronously in equal chunks of at most `chunk_size(x)` (called on the executor)."""
+        cap = self.chunk_size(x)
+        if len(x) <= cap:
             return self._forward(x)
+        chunks = -(-len(x) // cap)
+        size = -(-len(x) // chunks)  # 256 at a cap of 85 -> 4 x 64, not 85 + 85 + 85 + 1
         return np.concatenate([self._forward(x[i : i + size]) for i in range(0, len(x), size)])
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
@@ -107,11 +109,12 @@ class DynamicBatcher:
     def _ensure_collector(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is not None and self._loop is loop and not self._task.done():
             return
-        # First use, or a new event loop (tests run several): start afresh on this loop.
-        self._loop = loop
-        self._wakeup = asyncio.Event()
-        self._queue.clear()
-        self._queued_samples = 0
+        if self._loop is not loop:
+            # First use, or a new event loop (tests run several): the old queue's futures are dead with it.
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._queue.clear()
+            self._queued_samples = 0
         self._task = loop.create_task(self._collect(), name="sdb-batcher")
 
     def _take_batch(self) -> list[_Pending]:

@@ -15,7 +15,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -195,7 +195,7 @@ async def decode_inputs(request: Request, schema: type[M], query: dict[str, Any]
             raise _unprocessable(_validation_detail(exc)) from None
         query = {k: getattr(typed, k) for k in query}
     if media_type == NPY_MEDIA_TYPE:
-        params = schema.model_construct(**query)
+        params = cast(M, schema.model_construct(**query))
         model = resolve_model(request, params.model)
         arr = parse_npy(await request.body())
     elif media_type in _JSON_TYPES or media_type.endswith("+json"):

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import crud, metrics
 from service.db.models import utcnow
@@ -32,6 +32,19 @@ BASIC_HEADERS = {"WWW-Authenticate": 'Basic realm="sdb"'}
 
 
 class TokenResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "access_token": "eyJhbGciOiJIUzI1NiIs...",
+                    "token_type": "bearer",
+                    "expires_in": 900,
+                    "scope": "demo",
+                }
+            ]
+        }
+    )
+
     access_token: str = Field(description="JWT (HS256) for `Authorization: Bearer`.")
     token_type: str = Field("bearer")
     expires_in: int = Field(description="Seconds until the token expires.")
@@ -173,7 +186,7 @@ def _exchange(
             return None
         scopes = sorted(key.scopes)
         if requested is not None:
-            scopes = sorted(set(requested.split()) & set(key.scopes))
+            scopes = sorted(crud.granted_scopes(key.scopes, requested.split()))
         crud.record_event(
             s,
             "token.issue",

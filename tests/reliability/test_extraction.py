@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, text
 
 from ._harness import admin_headers
 from .conftest import MODEL, ServerFactory
@@ -67,3 +68,22 @@ def test_heavy_anonymous_client_is_flagged(start_server: ServerFactory, tmp_path
 
         metrics = c.get("/metrics").text
     assert 'sdb_extraction_flags_total{kind="anonymous"} 1.0' in metrics
+
+
+def test_anonymous_id_is_the_same_in_every_process(start_server: ServerFactory, tmp_path: Path) -> None:
+    """Two processes on one database (workers, or a restart) give one client one id: volumes add up."""
+    url = f"sqlite:///{tmp_path / 'ids.db'}"
+    for i in range(2):
+        srv = start_server(url, migrate=i == 0)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            _predict(c, HEAVY, 2)
+        srv.stop()  # flushes the /predict audit rows
+    eng = create_engine(url)
+    try:
+        with eng.connect() as conn:
+            ids = conn.execute(
+                text("SELECT DISTINCT client_id FROM query_audits WHERE endpoint = '/predict'")
+            )
+            assert len(ids.all()) == 1
+    finally:
+        eng.dispose()

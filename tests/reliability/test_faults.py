@@ -135,34 +135,42 @@ def test_sigterm_finishes_inflight_requests(
     start_server: ServerFactory, pg_db: str, pg_proxy: PgProxy
 ) -> None:
     srv = _proxied_server(start_server, pg_db, pg_proxy, graceful_s=30)
-    creds = create_user_and_key(srv.url, scopes=[MODEL])
-    token = get_token(srv.url, creds.api_key)
     n_distill, n_predict = 4, 8
+    # One key per call: calls on one key serialize on its row lock, these must be in flight together.
+    tokens = [
+        get_token(srv.url, create_user_and_key(srv.url, scopes=[MODEL]).api_key) for _ in range(n_distill)
+    ]
 
     def distill(i: int) -> int:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
-            return _distill(c, token, seed=i).status_code
+            return _distill(c, tokens[i], seed=i).status_code
 
     def predict(i: int) -> int:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             return _predict(c, n=256, seed=i).status_code
 
-    # A slow database keeps the /distill-batch calls in flight for seconds.
-    pg_proxy.slow(0.4)
+    direct = pg_url(pg_db)
+    # A slow database keeps the /distill-batch calls in flight for seconds, and the /predict audit rows
+    # in the writer's queue.
+    pg_proxy.slow(0.25)
     with cf.ThreadPoolExecutor(n_distill + n_predict) as pool:
-        futures = [pool.submit(distill, i) for i in range(n_distill)]
-        futures += [pool.submit(predict, i) for i in range(n_predict)]
-        time.sleep(1.0)
-        assert not all(f.done() for f in futures[:n_distill]), "requests must still be in flight at SIGTERM"
+        predicts = [pool.submit(predict, i) for i in range(n_predict)]
+        statuses = [f.result(timeout=60) for f in predicts]
+        distills = [pool.submit(distill, i) for i in range(n_distill)]
+        # In flight for sure: their quota is reserved (audit status 102) and their answers not yet sent. A
+        # request only sent, not yet accepted, at SIGTERM would be refused: that is not "in flight".
+        assert _wait_until(
+            lambda: count_audits(direct, "/distill-batch", "status = 102") == n_distill, 30, 0.05
+        )
+        assert not any(f.done() for f in distills)
         srv.terminate()
-        statuses = [f.result(timeout=90) for f in futures]
+        statuses += [f.result(timeout=90) for f in distills]
     # uvicorn re-raises the caught SIGTERM once it has shut down cleanly, so -SIGTERM is a clean exit too.
     assert srv.wait(timeout=60) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in srv.logs()
     pg_proxy.restore()
 
     assert statuses == [200] * (n_distill + n_predict)
-    direct = pg_url(pg_db)
     assert count_audits(direct, "/distill-batch", "status = 200") == n_distill
     assert count_audits(direct, "/distill-batch", "status = 102") == 0
     assert count_audits(direct, "/predict") == n_predict

@@ -207,6 +207,7 @@ def test_admin_actions_are_security_events(api: ApiHelper, client: TestClient) -
     _user, key, _ = api.user_with_key()
     client.post(f"/admin/keys/{key['id']}/revoke", headers=api.admin)
     client.post("/auth/token", json={"api_key": "sdb_" + "q" * 43})
+    client.get("/admin/users", headers={"Authorization": "Bearer forged.token.value"})
     events = client.get("/admin/events", params={"limit": 100}, headers=api.admin).json()["items"]
     actions = [(e["action"], e["outcome"]) for e in events]
     for expected in [
@@ -216,6 +217,7 @@ def test_admin_actions_are_security_events(api: ApiHelper, client: TestClient) -
         ("token.issue", "ok"),
         ("token.issue", "denied"),
         ("admin.bootstrap", "ok"),
+        ("auth.failure", "denied"),
     ]:
         assert expected in actions, expected
     assert (

@@ -65,6 +65,12 @@ def test_token_scope_can_be_narrowed_but_never_widened(api: ApiHelper, client: T
         data={"grant_type": "client_credentials", "client_secret": key["api_key"], "scope": "alpha beta"},
     )
     assert r.status_code == 200 and r.json()["scope"] == "alpha"
+    # a wildcard key can be narrowed to one model; the narrowed token cannot use the others
+    _, wild, _ = api.user_with_key(scopes=["*"])
+    narrow = api.token(wild["api_key"], scope="beta")
+    assert claims_of_token(narrow)["scope"] == "beta"
+    assert api.distill(bearer(narrow), model="beta").status_code == 200
+    assert api.distill(bearer(narrow), model="alpha").status_code == 403
 
 
 def test_bad_token_requests(api: ApiHelper, client: TestClient) -> None:
@@ -237,5 +243,5 @@ def test_auth_failures_are_counted_in_metrics(api: ApiHelper, client: TestClient
     assert after - before >= 2
 
 
-def claims_of(response: Any) -> dict[str, Any]:
-    return dict(jwt.get_unverified_claims(response.json()["access_token"]))
+def claims_of_token(token: str) -> dict[str, Any]:
+    return dict(jwt.get_unverified_claims(token))

@@ -20,15 +20,19 @@ runner = CliRunner()
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No SDB_* variable during the test, and whatever `sdb serve` sets is undone afterwards."""
     import os
+    import signal
 
     for key in {k for k in os.environ if k.startswith("SDB_")} | {
         "SDB_DEMO",
         "SDB_JWT_SECRET",
         "SDB_MODEL_DIR",
         "SDB_DATABASE_URL",
+        "PROMETHEUS_MULTIPROC_DIR",
     }:
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
+    # `sdb serve` installs a SIGTERM handler for its own process: not for the test runner's
+    monkeypatch.setattr(signal, "signal", lambda *a, **k: None)
 
 
 def test_db_upgrade_current_downgrade(empty_database_url: str) -> None:
@@ -117,3 +121,52 @@ def test_serve_demo_migrates_once_and_shares_one_generated_secret(
         check_schema(db.engine)
     finally:
         db.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sdb_serve_stops_cleanly_on_sigterm(database_url: str, box_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+    env.update(
+        SDB_DATABASE_URL=database_url,
+        SDB_MODEL_DIR=str(box_dir),
+        SDB_DEVICE="cpu",
+        SDB_TORCH_THREADS="1",
+        SDB_JWT_SECRET=TEST_JWT_SECRET,
+    )
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdb.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    assert rc == 0
+    assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from service import crud
-from service.crud import AuditQueue, AuditQueueConfig
+from service.db.audit_queue import AuditQueue, AuditQueueConfig, AuditRecord
 from service.db.models import ROLE_USER, QueryAudit, User
 from service.db.session import Database, normalize_url
 from service.security import new_api_key
@@ -36,7 +36,9 @@ def test_plain_postgresql_urls_use_psycopg3() -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_sqlite_runs_in_wal_with_a_busy_timeout_and_immediate_writes(db: Database) -> None:
+@pytest.mark.parametrize("kind", ["session", "connection"])
+def test_sqlite_runs_in_wal_with_a_busy_timeout_and_immediate_writes(db: Database, kind: str) -> None:
+    write = db.write if kind == "session" else db.write_connection
     with db.session() as s:
         assert s.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert int(s.execute(text("PRAGMA busy_timeout")).scalar_one()) >= 5000
@@ -46,7 +48,7 @@ def test_sqlite_runs_in_wal_with_a_busy_timeout_and_immediate_writes(db: Databas
     entered = threading.Event()
 
     def first() -> None:
-        with db.write() as s:
+        with write() as s:
             s.execute(text("SELECT 1"))
             entered.set()
             time.sleep(0.3)
@@ -55,7 +57,7 @@ def test_sqlite_runs_in_wal_with_a_busy_timeout_and_immediate_writes(db: Databas
     t = threading.Thread(target=first)
     t.start()
     entered.wait(5)
-    with db.write() as s:
+    with write() as s:
         s.execute(text("SELECT 1"))
         order.append("second")
     t.join()
@@ -91,8 +93,8 @@ def test_find_key_by_secret(db: Database) -> None:
         assert crud.find_key_by_secret(s, "short") is None
 
 
-def _record(i: int) -> crud.AuditRecord:
-    return crud.AuditRecord(
+def _record(i: int) -> AuditRecord:
+    return AuditRecord(
         endpoint="/predict",
         model="alpha",
         client_id=f"anon-{i % 3}",
@@ -127,7 +129,7 @@ def test_audit_queue_keeps_rows_while_the_database_is_down(db: Database, databas
     broken.set()
     real_write = q._write
 
-    def flaky(batch: list[crud.AuditRecord]) -> None:
+    def flaky(batch: list[AuditRecord]) -> None:
         if broken.is_set():
             raise OperationalError("INSERT", {}, Exception("database is down"))
         real_write(batch)

@@ -130,3 +130,15 @@ def test_validate_batch_names_the_problem(arr: np.ndarray, needle: str) -> None:
         validate_batch(np.asarray(arr), SHAPE, 16)
     code, detail = status_and_detail(exc)
     assert code == 422 and needle in detail
+
+
+def test_npy_format_2_and_unusual_headers_use_numpys_parser() -> None:
+    arr = np.arange(2 * 64, dtype=np.float32).reshape(2, *SHAPE)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=(2, 0))
+    np.testing.assert_array_equal(parse_npy(buf.getvalue()), arr)
+    # Same array, header keys in another order (valid .npy, not what np.save writes).
+    header = b"{'shape': (2, 1, 8, 8), 'fortran_order': False, 'descr': '<f4'}"
+    header += b" " * (64 - 10 - len(header) - 1) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + arr.tobytes()
+    np.testing.assert_array_equal(parse_npy(data), arr)

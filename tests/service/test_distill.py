@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,155 @@ def test_response_never_contains_the_box_key(api: ApiHelper, client: TestClient,
     models = client.get("/admin/models", headers=api.admin)
     assert key.seed.hex() not in models.text and "box_key" not in models.text
     assert "seed" not in client.get("/openapi.json").text.lower()
+
+
+@pytest.mark.parametrize("stage", ["reserve", "inference"])
+def test_abandoned_call_releases_its_reservation(
+    stage: str, make_settings: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call cancelled mid-way (client gone, deadline, shutdown) leaves no quota charged for nothing and
+    no row stuck in the reserved state."""
+    import threading
+
+    from service.main import create_app
+
+    app = create_app(make_settings())
+    with TestClient(app) as client:
+        api = ApiHelper(client)
+        _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
+        real_reserve = crud.reserve_distill
+        release = threading.Event()
+
+        def slow_reserve(*a: Any, **k: Any) -> Any:
+            release.wait(5)
+            return real_reserve(*a, **k)
+
+        if stage == "reserve":
+            monkeypatch.setattr(crud, "reserve_distill", slow_reserve)
+        else:
+            model = app.state.models.get("alpha")
+
+            async def hang(path: str, x: Any) -> Any:
+                await asyncio.sleep(30)
+
+            monkeypatch.setattr(model, "infer", hang)
+
+        async def call_and_cancel() -> None:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                task = asyncio.ensure_future(
+                    c.post(
+                        "/distill-batch",
+                        json={"model": "alpha", "inputs": sample(4).tolist()},
+                        headers=headers,
+                    )
+                )
+                await asyncio.sleep(0.5)
+                task.cancel()
+                release.set()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                await asyncio.sleep(1.0)  # let the release run
+
+        assert client.portal is not None
+        client.portal.call(call_and_cancel)
+        monkeypatch.undo()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and key_used(database_url, key["id"]) != 0:
+            time.sleep(0.1)
+        assert key_used(database_url, key["id"]) == 0
+        rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
+        assert [r.status for r in rows] == [499]
+        assert api.distill(headers, n=10).status_code == 200  # the whole quota is still there
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_quota_is_exact_across_two_server_processes(database_url: str, box_dir: Path, tmp_path: Path) -> None:
+    """Two uvicorn processes on one database (SQLite file in WAL, or PostgreSQL) share one quota exactly;
+    they also start together without tripping over the bootstrap admin or the models table."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+    env.update(
+        SDB_DATABASE_URL=database_url,
+        SDB_MODEL_DIR=str(box_dir),
+        SDB_DEVICE="cpu",
+        SDB_TORCH_THREADS="1",
+        SDB_JWT_SECRET=TEST_JWT_SECRET,
+        SDB_BOOTSTRAP_ADMIN_TOKEN=TEST_ADMIN_TOKEN,
+        SDB_DISTILL_RATE_PER_MINUTE="0",
+    )
+    ports = [_free_port(), _free_port()]
+    procs = []
+    try:
+        for i, port in enumerate(ports):
+            log = (tmp_path / f"server{i}.log").open("wb")
+            cmd = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "service.main:create_app",
+                "--factory",
+                "--port",
+                str(port),
+            ]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        deadline = time.monotonic() + 90
+        for url, proc in zip(urls, procs, strict=True):
+            while True:
+                assert proc.poll() is None, (tmp_path / "server0.log").read_text()[-2000:]
+                try:
+                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+
+        def post(url: str, path: str, **kw: Any) -> httpx.Response:
+            return httpx.post(url + path, timeout=60, **kw)
+
+        adm = post(urls[0], "/auth/token", json={"api_key": TEST_ADMIN_TOKEN}).json()["access_token"]
+        admin = {"Authorization": f"Bearer {adm}"}
+        user = post(urls[0], "/admin/users", json={"name": "two-procs"}, headers=admin).json()
+        key = post(
+            urls[1],
+            f"/admin/users/{user['id']}/keys",
+            json={"scopes": ["alpha"], "sample_quota": 40},
+            headers=admin,
+        ).json()
+        token = post(urls[1], "/auth/token", json={"api_key": key["api_key"]}).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        body = {"model": "alpha", "inputs": sample(3).tolist()}
+        with ThreadPoolExecutor(50) as pool:
+            statuses = list(
+                pool.map(
+                    lambda i: post(urls[i % 2], "/distill-batch", json=body, headers=headers).status_code,
+                    range(50),
+                )
+            )
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
+    assert Counter(statuses) == {200: 13, 429: 37}
+    rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
+    assert Counter(r.status for r in rows) == {200: 13, 429: 37}
+    assert key_used(database_url, key["id"]) == 39

@@ -103,3 +103,10 @@ def test_multiprocess_mode_sums_the_workers(tmp_path: Path) -> None:
     ).stdout
     assert value(out, "sdb_samples_distilled_total", model="m") == 7
     assert value(out, "sdb_auth_failures_total", reason="expired") == 2
+
+
+def test_a_multiproc_dir_set_after_start_does_not_blank_the_metrics(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # e.g. `sdb serve --workers 2` in-process
+    assert "sdb_http_requests_total" in client.get("/metrics").text

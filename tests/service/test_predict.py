@@ -178,6 +178,20 @@ def test_wrong_content_type_is_415(client: TestClient, content_type: str) -> Non
     assert r.status_code == 415 and "content type" in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("?top_k=0", "top_k"),
+        ("?top_k=x", "top_k"),
+        ("?nope=1", "unknown query"),
+        ("?model=a&model=b", "more than once"),
+    ],
+)
+def test_bad_query_parameters_are_422(client: TestClient, query: str, needle: str) -> None:
+    r = client.post("/predict" + query, content=npy(inputs(1)), headers={"content-type": "application/x-npy"})
+    assert r.status_code == 422 and needle in r.text
+
+
 def test_conflicting_model_in_query_and_body(client: TestClient) -> None:
     r = client.post("/predict?model=other", json={"model": MODEL, "inputs": inputs(1).tolist()})
     assert r.status_code == 422

@@ -1,0 +1,144 @@
+"""The /predict audit writer: rows are queued in memory and written by a background thread, so that a slow
+or stopped database never blocks or fails /predict.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from sqlalchemy import insert
+
+from service import metrics
+from service.db.models import QueryAudit
+from service.db.session import Database
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    endpoint: str
+    model: str | None
+    client_id: str | None
+    n_samples: int
+    status: int
+    latency_ms: float | None
+    input_digest: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditQueueConfig:
+    max_pending: int = 100_000  # beyond this, rows are dropped and counted (sdb_predict_audit_dropped_total)
+    batch_size: int = 500
+    interval_s: float = 0.25
+    retry_s: float = 1.0
+    flush_timeout_s: float = 10.0
+
+
+class AuditQueue:
+    """Writes /predict audit rows from a background thread, so that a slow or stopped database never blocks
+    or fails /predict. Rows wait in memory (bounded) while the database is down and are written when it
+    returns; `close()` flushes what is left (called at shutdown, after uvicorn finished in-flight requests).
+    """
+
+    def __init__(self, db: Database, config: AuditQueueConfig | None = None) -> None:
+        self.db = db
+        self.cfg = config or AuditQueueConfig()
+        self._pending: deque[AuditRecord] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sdb-audit-writer", daemon=True)
+            self._thread.start()
+
+    def submit(self, record: AuditRecord) -> None:
+        with self._lock:
+            if len(self._pending) >= self.cfg.max_pending:
+                self.dropped += 1
+                metrics.record_audit_dropped()
+                return
+            self._pending.append(record)
+            self._idle.clear()
+            if len(self._pending) >= self.cfg.batch_size:
+                self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _take(self) -> list[AuditRecord]:
+        with self._lock:
+            n = min(len(self._pending), self.cfg.batch_size)
+            return [self._pending.popleft() for _ in range(n)]
+
+    def _put_back(self, batch: list[AuditRecord]) -> None:
+        with self._lock:
+            self._pending.extendleft(reversed(batch))
+
+    def _write(self, batch: list[AuditRecord]) -> None:
+        with self.db.write() as s:
+            s.execute(insert(QueryAudit), [asdict(r) for r in batch])
+
+    def _drain(self) -> bool:
+        """Write everything pending; False if the database refused (the rows stay queued)."""
+        while True:
+            batch = self._take()
+            if not batch:
+                with self._lock:
+                    if not self._pending:
+                        self._idle.set()
+                return True
+            try:
+                self._write(batch)
+                self.written += len(batch)
+            except Exception as exc:
+                self._put_back(batch)
+                logger.warning(
+                    "audit writer: database unavailable (%s), %d rows kept", type(exc).__name__, self.pending
+                )
+                return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.cfg.interval_s)
+            self._wake.clear()
+            if not self._drain():
+                self._stop.wait(self.cfg.retry_s)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is written (True) or the timeout passes (False)."""
+        self._wake.set()
+        return self._idle.wait(self.cfg.flush_timeout_s if timeout is None else timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.cfg.flush_timeout_s)
+            self._thread = None
+        deadline = time.monotonic() + self.cfg.flush_timeout_s
+        while self.pending and time.monotonic() < deadline:
+            if not self._drain():
+                time.sleep(min(self.cfg.retry_s, max(0.0, deadline - time.monotonic())))
+        if self.pending:
+            lost = self.pending
+            metrics.record_audit_dropped(lost)
+            logger.error("audit writer: %d /predict audit rows could not be written before exit", lost)
+
+
+__all__ = ["AuditQueue", "AuditQueueConfig", "AuditRecord"]
