@@ -2,7 +2,7 @@
 # Quick start 2: install the test dependencies into .venv and run the whole test suite:
 #   lint (ruff check, ruff format --check, mypy), then the quick tests, then slow / e2e / PostgreSQL tests.
 # PostgreSQL tests use SDB_TEST_POSTGRES_URL (default: the server at 127.0.0.1:5432, user postgres).
-# Extra arguments go to both pytest runs (e.g. `./scripts/test.sh -x -k quota`).
+# Extra arguments go to every pytest run (`./scripts/test.sh -x -k quota`); paths narrow it (`tests/ops`).
 # SDB_SKIP_SETUP=1 skips the install step; SDB_SKIP_LINT=1 skips the linters.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,23 +26,47 @@ if [ "${SDB_SKIP_LINT:-0}" != 1 ]; then
   step "mypy";               mypy                   || failed+=("mypy")
 fi
 
-# pytest exits 5 when a stage selects no test; that is not a failure of the stage.
+# Each top-level test directory runs in its own pytest process: the directories are written by different
+# people, and test modules or conftest helpers with the same basename in two of them would clash in one
+# process (pytest's default import mode). Arguments that name existing paths run just those instead.
+targets=()
+for a in "$@"; do [ -e "${a%%::*}" ] && targets+=("$a"); done
+options=()
+for a in "$@"; do [ -e "${a%%::*}" ] || options+=("$a"); done
+groups=()
+if [ ${#targets[@]} -gt 0 ]; then
+  groups+=("${targets[*]}")
+else
+  for d in tests/*/; do
+    d=${d%/}
+    [ "$(basename "$d")" = __pycache__ ] && continue
+    find "$d" -name 'test_*.py' -print -quit | grep -q . && groups+=("$d")
+  done
+  root_files=$(find tests -maxdepth 1 -name 'test_*.py' | sort | tr '\n' ' ')
+  [ -n "$root_files" ] && groups+=("$root_files")
+fi
+
+# pytest exits 5 when it selects no test; that is not a failure.
 run_stage() {
-  local name=$1; shift
-  step "pytest: $name"
-  pytest --junitxml="$REPORTS/$name.xml" "$@"
-  local rc=$?
-  if [ $rc -eq 5 ]; then echo "test: stage '$name' selected no test"; rc=0; fi
-  [ $rc -eq 0 ] || failed+=("pytest $name")
+  local name=$1 marker=$2 extra=$3 rc=0 i=0 group
+  for group in "${groups[@]}"; do
+    i=$((i + 1))
+    step "pytest ($name): $group"
+    # shellcheck disable=SC2086  # a group is a space-separated list of paths
+    pytest -m "$marker" --junitxml="$REPORTS/$name-$i.xml" $extra ${options[@]+"${options[@]}"} $group
+    local r=$?
+    if [ $r -eq 5 ]; then echo "test: no $name test in $group"; r=0; fi
+    if [ $r -ne 0 ]; then rc=$r; failed+=("pytest $name $group"); fi
+  done
   return $rc
 }
 
 QUICK="not slow and not e2e and not postgres"
-if run_stage quick -m "$QUICK" "$@"; then
-  run_stage slow -m "not ($QUICK)" --durations=15 "$@"
+if run_stage quick "$QUICK" ""; then
+  run_stage slow "not ($QUICK)" "--durations=10"
 else
-  echo "test: quick tests failed; slow, e2e and PostgreSQL tests not run" >&2
-  failed+=("pytest slow (skipped)")
+  echo "test: quick tests failed; the slow, e2e and PostgreSQL tests were not run" >&2
+  failed+=("pytest slow (not run)")
 fi
 
 # One closing line over both stages, so a CI reader sees the totals.

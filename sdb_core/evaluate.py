@@ -240,6 +240,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 color=colors[j],
             )
         ax.set_xticks([a + 0.4 - width / 2 for a in range(len(per_arch))], list(per_arch))
+        low = min(v[m]["mean"] - v[m]["std"] for v in per_arch.values() for m in METHODS)
+        ax.set_ylim(max(0.0, low - 5.0), 100.5)
         ax.set_title(f"students: {setting}")
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()

@@ -234,8 +234,8 @@ def evaluate(
     ),
     data: DataOpt = "digits",
     seeds: Annotated[
-        str, typer.Option(help="Comma-separated seeds (>= 3 for the reported table).")
-    ] = "0,1,2",
+        str | None, typer.Option(help="Comma-separated seeds (default 0,1,2; with --reduced: 0).")
+    ] = None,
     reduced: Annotated[bool, typer.Option(help="The small configuration used by the test suite.")] = False,
     box_option: Annotated[
         list[str] | None, typer.Option(help="Override a BoxConfig field, KEY=VALUE (repeatable).")
@@ -249,7 +249,9 @@ def evaluate(
     from sdb_core.evaluate import evaluate as run_eval
 
     cfg = reduced_config() if reduced else EvalConfig()
-    cfg = replace(cfg, dataset=data, device=device, seeds=tuple(int(s) for s in seeds.split(",") if s))
+    cfg = replace(cfg, dataset=data, device=device)
+    if seeds:
+        cfg = replace(cfg, seeds=tuple(int(s) for s in seeds.split(",") if s))
     if box_option:
         cfg = replace(cfg, box=_override(cfg.box, box_option))
     report = run_eval(cfg, out)

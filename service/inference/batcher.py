@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent requests for one (model, path) share one forward pass.
 
 Requests wait in a queue owned by the event loop. A collector task takes the oldest request, waits at most
-`max_delay_s` from that request's arrival for others (or until `max_batch_size` samples are queued),
+`max_delay_s` from that request's arrival for others (or until `max_batch_size` samples are queued; no
+wait while requests come one at a time, i.e. the last batch held a single request and no other waits),
 concatenates them and runs the forward pass on the inference executor (a dedicated thread, never the event
 loop). Requests that arrive during a forward pass form the next batch, so under load batches grow by
 themselves. A request larger than `max_batch_size` runs alone, in chunks of `max_batch_size`; big inputs
@@ -70,6 +71,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_merged = True
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
         """Run `fn` on `x` (possibly together with other requests) and return this request's rows."""
@@ -155,9 +157,12 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.config.max_delay_s > 0:
+            # Wait for company only when it is likely: the last batch merged requests, or several queue now.
+            # A lone client (each batch of one request) then pays no delay at all.
+            if self.config.max_delay_s > 0 and (self._last_merged or len(self._queue) > 1):
                 await self._wait_for_more(loop)
             batch = self._take_batch()
+            self._last_merged = len(batch) > 1
             if not batch:
                 continue
             try:

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from service import crud, metrics
 from service.inference.decode import decode_inputs, query_fields, query_openapi
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
-from service.middleware import ClientIdentifier, RateLimiter
+from service.middleware import ClientIdentifier, RateLimiter, client_id_salt
 from service.schemas import (
     ERROR_RESPONSES,
     FastJSONResponse,
@@ -89,10 +89,7 @@ def client_id(request: Request) -> str:
     ids: ClientIdentifier = _state(
         request,
         "client_ids",
-        lambda: ClientIdentifier(
-            _settings(request).trusted_proxies,
-            s.get_secret_value() if (s := _settings(request).client_ip_salt) is not None else None,
-        ),
+        lambda: ClientIdentifier(_settings(request).trusted_proxies, client_id_salt(_settings(request))),
     )
     return ids.anonymous_id(request)
 

@@ -7,6 +7,8 @@ Modes:
 - up:   bytes pass through (optionally each chunk delayed by `delay_s`, both directions).
 - down: every open connection is aborted (RST-like close) and new ones are accepted and closed at once,
         so clients see "server closed the connection unexpectedly" immediately, like a stopped server.
+- partitioned: connections stay open but no byte moves (a network partition, or a hung server); bytes
+        held back flow again on `restore()`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class PgProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._down = False
+        self._flowing: asyncio.Event | None = None
         self.delay_s = 0.0
         self.connections_total = 0
 
@@ -59,6 +62,11 @@ class PgProxy:
     def restore(self) -> None:
         self._down = False
         self.delay_s = 0.0
+        self._loop.call_soon_threadsafe(self._set_flowing, True)
+
+    def partition(self) -> None:
+        """No byte moves until `restore()`; connections stay open."""
+        self._loop.call_soon_threadsafe(self._set_flowing, False)
 
     def slow(self, delay_s: float) -> None:
         """Delay every forwarded chunk by `delay_s` seconds (0 = no delay)."""
@@ -70,7 +78,16 @@ class PgProxy:
 
     # --- loop side ---
 
+    def _set_flowing(self, flowing: bool) -> None:
+        assert self._flowing is not None
+        if flowing:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
     async def _start(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server = await asyncio.start_server(self._handle, self.config.listen_host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -122,6 +139,8 @@ class PgProxy:
                     break
                 if self.delay_s > 0:
                     await asyncio.sleep(self.delay_s)
+                assert self._flowing is not None
+                await self._flowing.wait()
                 if self._down:
                     break
                 writer.write(data)

@@ -82,6 +82,21 @@ def test_database_down_then_back(start_server: ServerFactory, pg_db: str, pg_pro
         r = c.get("/readyz")
         assert r.status_code == 503
         assert r.json()["database"] != "ok"
+        # Everything else that needs the database answers a fast, clean 503 too (never a 500 or a hang).
+        for method, path, kw in (
+            (
+                "POST",
+                "/auth/token",
+                {"data": {"grant_type": "client_credentials", "client_secret": creds.api_key}},
+            ),
+            ("GET", "/admin/users", {"headers": creds.admin_headers}),
+            ("GET", "/admin/audits", {"headers": creds.admin_headers}),
+        ):
+            t0 = time.monotonic()
+            r = c.request(method, path, **kw)
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert time.monotonic() - t0 < FAST_FAIL_S
+            assert creds.api_key not in r.text
 
         pg_proxy.restore()
         assert _wait_until(lambda: c.get("/readyz").status_code == 200, RECOVERY_S)
@@ -93,7 +108,9 @@ def test_database_down_then_back(start_server: ServerFactory, pg_db: str, pg_pro
 
     # /predict answered while the database was down: its audit rows were kept and written on recovery.
     direct = pg_url(pg_db)
-    assert _wait_until(lambda: count_audits(direct, "/predict") == answered_predict, RECOVERY_S)
+    assert _wait_until(lambda: count_audits(direct, "/predict") == answered_predict, RECOVERY_S), (
+        f"{count_audits(direct, '/predict')} /predict audit rows for {answered_predict} answers"
+    )
     # Exactly the two answered /distill-batch calls are recorded as answered; the refused one charged nothing.
     assert count_audits(direct, "/distill-batch", "status = 200") == 2
     assert count_audits(direct, "/distill-batch", "status = 102") == 0
@@ -174,3 +191,30 @@ def test_sigterm_finishes_inflight_requests(
     assert count_audits(direct, "/distill-batch", "status = 200") == n_distill
     assert count_audits(direct, "/distill-batch", "status = 102") == 0
     assert count_audits(direct, "/predict") == n_predict
+
+
+def test_partitioned_database_never_hangs_a_request(
+    start_server: ServerFactory, pg_db: str, pg_proxy: PgProxy
+) -> None:
+    """Connections that stay open but carry nothing (a partition, a hung server): nothing waits forever."""
+    inference_timeout = 4.0  # the request deadline is this + 5 s (service.middleware.DeadlineMiddleware)
+    srv = _proxied_server(start_server, pg_db, pg_proxy, inference_timeout_s=inference_timeout)
+    creds = create_user_and_key(srv.url, scopes=[MODEL])
+    token = get_token(srv.url, creds.api_key)
+    limit = inference_timeout + 5 + FAST_FAIL_S
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert _distill(c, token).status_code == 200
+        pg_proxy.partition()
+        t0 = time.monotonic()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and time.monotonic() - t0 < FAST_FAIL_S
+        assert _predict(c).status_code == 200
+        t0 = time.monotonic()
+        r = _distill(c, token)
+        assert time.monotonic() - t0 < limit
+        assert r.status_code in (503, 504), r.text
+        assert "soft_labels" not in r.text
+        pg_proxy.restore()
+        assert _wait_until(lambda: c.get("/readyz").status_code == 200, RECOVERY_S)
+        assert _wait_until(lambda: _distill(c, token).status_code == 200, RECOVERY_S)
+        assert _predict(c).status_code == 200

@@ -112,3 +112,19 @@ def test_missing_files_are_refused(test_box: Path, missing: str) -> None:
 def test_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not found"):
         load_box(tmp_path / "nope")
+
+
+def test_file_permissions_keep_the_key_private(test_box: Path) -> None:
+    import stat
+
+    assert stat.S_IMODE((test_box / "box_key.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((test_box / "weights.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE(test_box.stat().st_mode) == 0o755
+
+
+def test_saving_again_replaces_the_artifact(tmp_path: Path) -> None:
+    first = make_test_box(tmp_path, name="m", seed=1)
+    again = make_test_box(tmp_path, name="m", seed=2)
+    assert first == again
+    assert load_box(again).keyed_logits(_raw()).shape == (5, 10)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp directories left behind

@@ -16,12 +16,14 @@ def test_reduced_evaluation_directions(tmp_path: Path) -> None:
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / name).stat().st_size > 0
     t = report["summary"]["teacher"]
-    # the box keeps top-1 within 2 points on both paths (1 point in the full protocol, over 3 seeds)
-    assert t["box_plain"]["mean"] >= t["normal"]["mean"] - 2.0
-    assert t["box_keyed"]["mean"] >= t["normal"]["mean"] - 2.0
+    # Directions of the full protocol, with single-seed slack (the full protocol's thresholds are in
+    # docs/evaluation.md; per-seed std there is up to ~0.8 pt for the box and ~1.6 pt for students).
+    assert t["box_plain"]["mean"] >= t["normal"]["mean"] - 4.0
+    assert t["box_keyed"]["mean"] >= t["normal"]["mean"] - 1.5
+    assert t["box_wrong_key"]["mean"] <= t["normal"]["mean"] - 5.0
     for spec, m in report["summary"]["students"]["full"].items():
         mean = {k: v["mean"] for k, v in m.items()}
-        assert mean["unauthorized"] < mean["normal"] - 2.0, spec
+        assert mean["unauthorized"] <= mean["normal"] - 2.0, spec
         assert mean["unauthorized"] < mean["scratch"], spec
-        assert mean["authorized"] >= mean["normal"] - 1.0, spec
-        assert mean["wrong_key"] < mean["normal"] - 2.0, spec
+        assert mean["authorized"] >= mean["normal"] - 1.5, spec
+        assert mean["wrong_key"] <= mean["normal"] - 5.0, spec

@@ -9,11 +9,11 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conftest import TEST_ADMIN_TOKEN, ApiHelper
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.db.models import QueryAudit
+from tests.conftest import TEST_ADMIN_TOKEN, ApiHelper
 
 
 def test_users_create_list_get_disable(api: ApiHelper, client: TestClient) -> None:
@@ -229,3 +229,22 @@ def test_user_token_is_403_on_admin_reads(api: ApiHelper, client: TestClient) ->
     _, _, headers = api.user_with_key(scopes=["*"])
     for path in ("/admin/users", "/admin/audits", "/admin/usage", "/admin/models", "/admin/keys"):
         assert client.get(path, headers=headers).status_code == 403, path
+
+
+def test_hostile_admin_parameters_are_4xx_not_5xx(api: ApiHelper, client: TestClient) -> None:
+    for path, params in [
+        ("/admin/users/9223372036854775808", {}),
+        ("/admin/audits", {"user_id": 2**70}),
+        ("/admin/audits", {"model": "a\x00b"}),
+        ("/admin/audits", {"since": "9999-12-31T23:59:59-23:59"}),
+        ("/admin/audits", {"until": "0001-01-01T00:00:00+01:00"}),
+        ("/admin/usage/clients", {"until": "0001-01-01T00:30:00"}),
+        ("/admin/events", {"action": "x" * 1000}),
+    ]:
+        r = client.get(path, params=params, headers=api.admin)
+        assert 400 <= r.status_code < 500, (path, params, r.status_code, r.text)
+    user = api.create_user()
+    r = client.post(
+        f"/admin/users/{user['id']}/keys", json={"scopes": ["alpha"], "name": "a\x00b"}, headers=api.admin
+    )
+    assert r.status_code == 422

@@ -9,13 +9,14 @@ import base64
 import time
 from typing import Any
 
-from conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from jose import jwt
 from starlette.routing import Route
-from test_security import ATTACKS, forge, good_claims
+
+from tests.conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
+from tests.service.test_security import ATTACKS, forge, good_claims
 
 PUBLIC_ROUTES = {
     ("POST", "/predict"),

@@ -173,3 +173,28 @@ def test_big_inputs_run_in_memory_bounded_chunks(executor: ThreadPoolExecutor) -
     out = run(b.submit(x))
     assert fn.sizes == [4, 4, 2]
     np.testing.assert_array_equal(out[:, 0], np.full(10, 512.0))
+
+
+def test_a_lone_client_pays_no_batching_delay(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fn = Recorder()
+    b = DynamicBatcher(fn, executor, BatcherConfig(max_batch_size=64, max_delay_s=0.05))
+    waits: list[int] = []
+    original = b._wait_for_more
+
+    async def counting(loop: asyncio.AbstractEventLoop) -> None:
+        waits.append(len(b._queue))
+        await original(loop)
+
+    monkeypatch.setattr(b, "_wait_for_more", counting)
+
+    async def main() -> None:
+        for i in range(4):  # one request at a time
+            await b.submit(rows(i, 1))
+        await asyncio.gather(*(b.submit(rows(i, 1)) for i in range(3)))  # then several at once
+
+    run(main())
+    assert waits[0] == 1  # the first batch waits (nothing known yet)
+    assert waits[1:2] == [3]  # sequential single requests did not; the concurrent burst did
+    assert fn.sizes == [1, 1, 1, 1, 3]

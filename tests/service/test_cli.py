@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_JWT_SECRET, ApiHelper
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from sdb.cli import app as cli
+from tests.conftest import TEST_JWT_SECRET, ApiHelper
 
 runner = CliRunner()
 

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from conftest import audit_rows
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -21,6 +20,7 @@ from service.db.audit_queue import AuditQueue, AuditQueueConfig, AuditRecord
 from service.db.models import ROLE_USER, QueryAudit, User
 from service.db.session import Database, normalize_url
 from service.security import new_api_key
+from tests.conftest import audit_rows
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ApiHelper, audit_rows
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -25,6 +24,7 @@ from sdb_core.artifact import load_box
 from service import crud
 from service.db.models import STATUS_RESERVED
 from service.db.session import Database
+from tests.conftest import ApiHelper, audit_rows
 
 
 def sample(n: int, seed: int = 0) -> np.ndarray:
@@ -361,7 +361,7 @@ def test_quota_is_exact_across_two_server_processes(database_url: str, box_dir: 
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    from conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET
+    from tests.conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
     env.update(
