@@ -1,4 +1,4 @@
-"""The `sdb` command line. Core ML commands live in sdb.commands.core, server commands in sdb.commands.server."""
+"""The `sdb` command line: core ML commands (sdb.commands.core) and server commands (sdb.commands.server)."""
 
 from __future__ import annotations
 

@@ -63,10 +63,14 @@ class BoxConfig:
     init_from_teacher: bool = True
     freeze_layers: int = 0  # keep the teacher's first k child modules (Sequential models) frozen
     disturb_form: str = "target"  # or "box_first" (-KL(box || teacher)), "teacher_first" (floored)
-    dis_floor: float = 1e-3
-    dis_margin: float = 0.1
-    dis_sharpness: float = 1.0
+    dis_floor: float = 1e-3  # teacher_first only
+    dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
+    dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
+
+    def __post_init__(self) -> None:
+        if self.disturb_form not in ("target", "box_first", "teacher_first"):
+            raise ValueError(f"unknown disturb_form {self.disturb_form!r}")
 
     def temps(self, num_classes: int) -> tuple[float, float]:
         t = self.temperature or default_temperature(num_classes)

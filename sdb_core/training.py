@@ -93,8 +93,9 @@ def model_fn(model: nn.Module, ds: Dataset) -> TeacherFn:
 
     def fn(x: Tensor) -> Tensor:
         model.eval()
+        device = next(model.parameters()).device
         with torch.no_grad():
-            return model(ds.normalize(x.float()))
+            return model(ds.normalize(x.to(device=device, dtype=torch.float32)))
 
     return fn
 

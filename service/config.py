@@ -24,17 +24,22 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="torch intra-op threads; 0 = CPU cores - 1 (min 1).")
 
     # Auth
-    jwt_secret: SecretStr | None = Field(None, description="HS256 secret, >= 32 bytes; required outside demo.")
+    jwt_secret: SecretStr | None = Field(
+        None, description="HS256 secret, >= 32 bytes; required outside demo."
+    )
     jwt_issuer: str = Field("sdb", description="`iss` claim issued and required.")
     jwt_audience: str = Field("sdb-distill", description="`aud` claim issued and required.")
     token_ttl_seconds: int = Field(900, gt=0, le=86400, description="Lifetime of access tokens.")
     bootstrap_admin_token: SecretStr | None = Field(
-        None, description="If set and no admin exists at start, create the first admin API key with this secret."
+        None,
+        description="If set and no admin exists at start, create the first admin API key with this secret.",
     )
     client_ip_salt: SecretStr | None = Field(
         None, description="Salt for anonymous client ids (if unset: derived from the JWT secret)."
     )
-    trusted_proxies: list[str] = Field(default_factory=list, description="Peers whose X-Forwarded-For is used.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Peers whose X-Forwarded-For is used."
+    )
 
     # Limits
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body (413 above).")
@@ -43,13 +48,19 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(2.0, ge=0, description="How long the batcher waits to fill a batch.")
     batching: bool = Field(True, description="Merge concurrent requests into one forward pass.")
     inference_timeout_s: float = Field(30.0, gt=0, description="Deadline of one inference (503 past it).")
-    predict_rate_per_minute: int = Field(600, ge=0, description="Per-client /predict requests a minute (0=off).")
-    distill_rate_per_minute: int = Field(600, ge=0, description="Per-API-key /distill-batch requests a minute.")
+    predict_rate_per_minute: int = Field(
+        600, ge=0, description="Per-client /predict requests a minute (0=off)."
+    )
+    distill_rate_per_minute: int = Field(
+        600, ge=0, description="Per-API-key /distill-batch requests a minute."
+    )
     extraction_window_s: int = Field(3600, gt=0, description="Window for the extraction-volume flag.")
     extraction_sample_threshold: int = Field(
         50_000, gt=0, description="Samples per window above which an anonymous client is flagged."
     )
-    expose_metrics: bool = Field(True, description="Serve /metrics (bind to a private network in production).")
+    expose_metrics: bool = Field(
+        True, description="Serve /metrics (bind to a private network in production)."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     @model_validator(mode="after")

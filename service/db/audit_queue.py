@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 
 from service import metrics
 from service.db.models import QueryAudit
@@ -59,6 +59,8 @@ class AuditQueue:
         self._thread: threading.Thread | None = None
         self.written = 0
         self.dropped = 0
+        # A batch whose write failed may still have committed (the answer to COMMIT lost): (first row, size).
+        self._unsure: tuple[AuditRecord, int] | None = None
 
     def start(self) -> None:
         if self._thread is None:
@@ -97,6 +99,8 @@ class AuditQueue:
     def _drain(self) -> bool:
         """Write everything pending; False if the database refused (the rows stay queued)."""
         while True:
+            if self._unsure is not None and not self._resolve_unsure():
+                return False
             batch = self._take()
             if not batch:
                 with self._lock:
@@ -108,10 +112,38 @@ class AuditQueue:
                 self.written += len(batch)
             except Exception as exc:
                 self._put_back(batch)
+                self._unsure = (batch[0], len(batch))
                 logger.warning(
                     "audit writer: database unavailable (%s), %d rows kept", type(exc).__name__, self.pending
                 )
                 return False
+
+    def _resolve_unsure(self) -> bool:
+        """Before retrying a failed batch, look whether it committed after all, so that no row is written
+        twice. False while the database cannot be asked."""
+        assert self._unsure is not None
+        first, n = self._unsure
+        try:
+            with self.db.session() as s:
+                found = s.scalar(
+                    select(func.count())
+                    .select_from(QueryAudit)
+                    .where(
+                        QueryAudit.endpoint == first.endpoint,
+                        QueryAudit.created_at == first.created_at,
+                        QueryAudit.client_id == first.client_id,
+                        QueryAudit.latency_ms == first.latency_ms,
+                    )
+                )
+        except Exception:
+            return False
+        if found:  # the batch is a prefix of the queue (put back in front): drop it, it is written
+            with self._lock:
+                for _ in range(min(n, len(self._pending))):
+                    self._pending.popleft()
+            self.written += n
+        self._unsure = None
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 
 from service.config import Settings
 from service.main import create_app
@@ -44,3 +45,25 @@ def test_every_route_is_in_the_api_table() -> None:
         if f"{method.upper()} {re.sub(r'{[^}]*}', '{}', path)}" not in table
     ]
     assert not undocumented, f"routes missing from the README's API table: {undocumented}"
+
+
+def test_evaluation_tables_are_those_of_docs_evaluation() -> None:
+    evaluation = (REPO / "docs" / "evaluation.md").read_text().splitlines()
+    rows = [line for line in _section("Evaluation").splitlines() if line.startswith("|")]
+    assert len(rows) >= 10, "the README's evaluation section must show the tables"
+    stale = [row for row in rows if row not in evaluation]
+    assert not stale, f"README rows not in docs/evaluation.md (copy the new tables): {stale}"
+    commands = re.findall(r"^\.venv/bin/sdb evaluate .*$", _section("Evaluation"), flags=re.MULTILINE)
+    assert commands and all(c.split("#")[0].strip() in "\n".join(evaluation) for c in commands)
+
+
+def test_every_dependency_is_explained() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+    table = _section("Added libraries, and why").lower()
+    aliases = {"torch": "pytorch", "sqlalchemy": "sqlalchemy 2.0", "psycopg": "psycopg 3"}
+    missing = sorted(n for n in names if aliases.get(n, n) not in table and n not in table)
+    assert not missing, f"dependencies missing from the README's library table: {missing}"

@@ -35,11 +35,13 @@ class PgProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="pgproxy", daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._upstream: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._down = False
         self._flowing: asyncio.Event | None = None
         self.delay_s = 0.0
         self.connections_total = 0
+        self._cut_after_commit = 0
 
     # --- control (called from the test thread) ---
 
@@ -67,6 +69,12 @@ class PgProxy:
     def partition(self) -> None:
         """No byte moves until `restore()`; connections stay open."""
         self._loop.call_soon_threadsafe(self._set_flowing, False)
+
+    def cut_after_next_commit(self, count: int = 1) -> None:
+        """Forward the next `count` COMMITs to the server, then cut before its answer comes back: the
+        client cannot know whether the transaction committed (it did). The proxy stays down until
+        `restore()`."""
+        self._cut_after_commit = count
 
     def slow(self, delay_s: float) -> None:
         """Delay every forwarded chunk by `delay_s` seconds (0 = no delay)."""
@@ -118,6 +126,7 @@ class PgProxy:
             return
         self.connections_total += 1
         self._writers.update((writer, up_writer))
+        self._upstream.add(up_writer)
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -127,6 +136,7 @@ class PgProxy:
             pass
         finally:
             self._tasks.discard(task)
+            self._upstream.discard(up_writer)
             for w in (writer, up_writer):
                 self._writers.discard(w)
                 w.transport.abort()
@@ -143,8 +153,15 @@ class PgProxy:
                 await self._flowing.wait()
                 if self._down:
                     break
+                commit = bool(self._cut_after_commit) and writer in self._upstream and b"COMMIT\x00" in data
+                if commit:
+                    self._cut_after_commit -= 1
+                    self._flowing.clear()  # hold the server's answer back (restore() lets bytes flow again)
                 writer.write(data)
                 await writer.drain()
+                if commit:
+                    await asyncio.sleep(0.2)  # the server commits; its answer never reaches the client
+                    await self._cut()
         except (OSError, asyncio.CancelledError):
             pass
         finally:

@@ -13,12 +13,11 @@ from sdb_core.artifact import make_test_box
 from sdb_core.keys import load_key
 
 from ._harness import (
-    ADMIN_TOKEN,
-    JWT_SECRET,
+    PG_ADMIN_URL,
     Server,
     base_env,
+    pg_available,
     pg_database,
-    pg_url,
     run_migrations,
 )
 from ._pgproxy import PgProxy
@@ -52,19 +51,12 @@ def box_secrets(model_dir: Path) -> BoxSecrets:
     )
 
 
-@pytest.fixture(scope="session")
-def jwt_secret() -> str:
-    return JWT_SECRET
-
-
-@pytest.fixture(scope="session")
-def bootstrap_admin_token() -> str:
-    return ADMIN_TOKEN
-
-
 @pytest.fixture
 def pg_db() -> Iterator[str]:
-    """A fresh PostgreSQL database (its name), dropped afterwards."""
+    """A fresh PostgreSQL database (its name), dropped afterwards; skipped, like the rest of the suite's
+    PostgreSQL tests, when no server answers at SDB_TEST_POSTGRES_URL."""
+    if not pg_available():
+        pytest.skip(f"no PostgreSQL server answers at {PG_ADMIN_URL}")
     with pg_database() as name:
         yield name
 
@@ -104,11 +96,6 @@ def start_server(model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
     if rep is not None and rep.failed:
         for i, srv in enumerate(servers):
             print(f"--- server {i} log (tail) ---\n{srv.logs()[-3000:]}")
-
-
-@pytest.fixture
-def pg_server_url() -> Callable[[str, int | None], str]:
-    return pg_url
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

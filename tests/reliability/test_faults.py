@@ -83,15 +83,13 @@ def test_database_down_then_back(start_server: ServerFactory, pg_db: str, pg_pro
         assert r.status_code == 503
         assert r.json()["database"] != "ok"
         # Everything else that needs the database answers a fast, clean 503 too (never a 500 or a hang).
-        for method, path, kw in (
-            (
-                "POST",
-                "/auth/token",
-                {"data": {"grant_type": "client_credentials", "client_secret": creds.api_key}},
-            ),
+        form = {"grant_type": "client_credentials", "client_secret": creds.api_key}
+        calls: list[tuple[str, str, dict[str, Any]]] = [
+            ("POST", "/auth/token", {"data": form}),
             ("GET", "/admin/users", {"headers": creds.admin_headers}),
             ("GET", "/admin/audits", {"headers": creds.admin_headers}),
-        ):
+        ]
+        for method, path, kw in calls:
             t0 = time.monotonic()
             r = c.request(method, path, **kw)
             assert r.status_code == 503, (path, r.status_code, r.text)
@@ -218,3 +216,19 @@ def test_partitioned_database_never_hangs_a_request(
         assert _wait_until(lambda: c.get("/readyz").status_code == 200, RECOVERY_S)
         assert _wait_until(lambda: _distill(c, token).status_code == 200, RECOVERY_S)
         assert _predict(c).status_code == 200
+
+
+def test_lost_commit_answer_writes_no_duplicate_audit_row(
+    start_server: ServerFactory, pg_db: str, pg_proxy: PgProxy
+) -> None:
+    """The database commits a /predict audit batch but the answer to COMMIT is lost: the writer cannot know,
+    retries when the database returns, and must not record the same call twice."""
+    srv = _proxied_server(start_server, pg_db, pg_proxy)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        pg_proxy.cut_after_next_commit()  # the next COMMIT through the proxy is the audit writer's
+        assert _predict(c).status_code == 200
+        assert _wait_until(lambda: pg_proxy.is_down, RECOVERY_S)
+        pg_proxy.restore()
+        assert _predict(c, seed=1).status_code == 200
+    srv.stop()
+    assert count_audits(pg_url(pg_db), "/predict") == 2

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdb_core.box import BoxConfig, box_step_losses, default_temperature
+from sdb_core.keys import BoxKey
+from sdb_core.zoo import build_model
+
+
+def _setup() -> tuple[torch.nn.Module, torch.nn.Module, BoxKey, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    kw = {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}
+    teacher, box = build_model("small_cnn", **kw).eval(), build_model("small_cnn", **kw)
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    return box, teacher, BoxKey.from_int_seed(0, (1, 8, 8)), x, y
+
+
+def test_paper_temperatures() -> None:
+    assert default_temperature(10) == 4.0 and default_temperature(100) == 20.0
+    assert BoxConfig().temps(100) == (20.0, 20.0)
+
+
+@pytest.mark.parametrize("form", ["target", "box_first", "teacher_first"])
+def test_total_is_the_weighted_sum_and_has_gradients(form: str) -> None:
+    box, teacher, key, x, y = _setup()
+    cfg = BoxConfig(disturb_form=form, w_dis=0.7, w_nonkey=0.5, w_align=0.3)
+    torch.manual_seed(1)
+    out = box_step_losses(box, teacher, key, x, y, cfg, 10)
+    expected = (
+        out["ce_plain"] + out["ce_keyed"] + 0.7 * out["disturb"] + out["preserve"] + 0.3 * out["align"]
+        + 0.5 * (out["ce_nonkey"] + 0.7 * out["disturb_nonkey"])
+    )  # fmt: skip
+    assert torch.allclose(out["total"], expected)
+    assert float(out["preserve"].detach()) >= 0
+    if form == "target":
+        assert float(out["disturb"].detach()) >= 0
+    elif form == "box_first":
+        assert float(out["disturb"].detach()) <= 1e-6
+    out["total"].backward()
+    assert all(p.grad is not None for p in box.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_without_nonkey_term() -> None:
+    box, teacher, key, x, y = _setup()
+    out = box_step_losses(box, teacher, key, x, y, BoxConfig(w_nonkey=0.0), 10)
+    assert "ce_nonkey" not in out
+
+
+def test_unknown_form_is_refused() -> None:
+    with pytest.raises(ValueError, match="disturb_form"):
+        BoxConfig(disturb_form="nope")
