@@ -1,4 +1,4 @@
-"""End to end over real HTTP, on SQLite and on PostgreSQL: the access rules of /distill-batch, audits, metrics.
+"""End to end over real HTTP on SQLite and PostgreSQL: the access rules of /distill-batch, audits, metrics.
 
 Each backend gets a fresh database migrated with Alembic, a real `sdb serve` (uvicorn) on a free loopback
 port, and an administrator created by the documented CLI (`sdb admin bootstrap`, which prints the admin's
