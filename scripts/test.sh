@@ -28,11 +28,13 @@ fi
 
 # Each top-level test directory runs in its own pytest process: the directories are written by different
 # people, and test modules or conftest helpers with the same basename in two of them would clash in one
-# process (pytest's default import mode). Arguments that name existing paths run just those instead.
+# process (pytest's default import mode). Arguments naming test paths (tests/..., *.py) run just those.
+is_path() { case "$1" in tests | tests/* | *.py | *.py::*) [ -e "${1%%::*}" ] ;; *) return 1 ;; esac; }
 targets=()
-for a in "$@"; do [ -e "${a%%::*}" ] && targets+=("$a"); done
 options=()
-for a in "$@"; do [ -e "${a%%::*}" ] || options+=("$a"); done
+for a in "$@"; do
+  if is_path "$a"; then targets+=("$a"); else options+=("$a"); fi
+done
 groups=()
 if [ ${#targets[@]} -gt 0 ]; then
   groups+=("${targets[*]}")

@@ -70,6 +70,7 @@ class BoxConfig:
     shift: int = 0  # augmentation: random shifts of up to `shift` pixels (edge-replicated) per sample
     w_margin: float = 0.0  # hinge on the plain (and non-key) path at T=1: true logit above the rest by margin
     margin: float = 2.0
+    noise: float = 0.0  # augmentation: Gaussian noise (normalized units) added to box-training inputs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
     def __post_init__(self) -> None:
@@ -111,6 +112,8 @@ def box_step_losses(
 
     if cfg.shift > 0:
         xn = random_shift(xn, cfg.shift)
+    if cfg.noise > 0:
+        xn = xn + cfg.noise * torch.randn_like(xn)
     with torch.no_grad():
         z_adv = teacher(xn)
     xk = key.apply(xn)

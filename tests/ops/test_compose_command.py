@@ -81,8 +81,10 @@ def test_migrate_then_serve_as_compose_does(
     assert manifests
     for manifest in manifests:
         x = np.zeros((2, *manifest["input_shape"]), dtype=np.float32).tolist()
-        r = httpx.post(server.url + "/predict", json={"model": manifest["name"], "inputs": x}, timeout=30)
-        assert r.status_code == 200, r.text
-        assert r.json()["model"] == manifest["name"]
-        assert len(r.json()["predictions"]) == 2
+        answer = httpx.post(
+            server.url + "/predict", json={"model": manifest["name"], "inputs": x}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == manifest["name"]
+        assert len(answer.json()["predictions"]) == 2
     assert server.stop() == 0, server.logs()[-3000:]
