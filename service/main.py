@@ -46,11 +46,24 @@ Serve a boxed classifier to everyone, and let only licensed users distill it.
 """
 
 
+class _DropQueryString(logging.Filter):
+    """uvicorn's access log prints the full path; a token put in a query string must not reach it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
 def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("service").setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _DropQueryString) for f in access.filters):
+        access.addFilter(_DropQueryString())
 
 
 def _token_config(settings: Settings) -> TokenConfig:
