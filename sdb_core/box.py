@@ -35,7 +35,6 @@ from sdb_core.keys import BoxKey
 from sdb_core.losses import (
     disturbance_loss,
     kl_div,
-    margin_loss,
     preservation_loss,
     reverse_disturbance_loss,
     target_disturbance_loss,
@@ -67,10 +66,6 @@ class BoxConfig:
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
-    shift: int = 0  # augmentation: random shifts of up to `shift` pixels (edge-replicated) per sample
-    w_margin: float = 0.0  # hinge on the plain (and non-key) path at T=1: true logit above the rest by margin
-    margin: float = 2.0
-    noise: float = 0.0  # augmentation: Gaussian noise (normalized units) added to box-training inputs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
     def __post_init__(self) -> None:
@@ -80,21 +75,6 @@ class BoxConfig:
     def temps(self, num_classes: int) -> tuple[float, float]:
         t = self.temperature or default_temperature(num_classes)
         return t, self.temperature_dis or t
-
-
-def random_shift(x: Tensor, max_shift: int) -> Tensor:
-    """Each sample shifted by a random (dy, dx) in [-max_shift, max_shift]^2, edges replicated."""
-    n, _, h, w = x.shape
-    k = max_shift
-    padded = F.pad(x, (k, k, k, k), mode="replicate")
-    dy = torch.randint(0, 2 * k + 1, (n,), device=x.device)
-    dx = torch.randint(0, 2 * k + 1, (n,), device=x.device)
-    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-    c = x.shape[1]
-    bidx = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    cidx = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[bidx, cidx, rows, cols]
 
 
 def box_step_losses(
@@ -110,10 +90,6 @@ def box_step_losses(
             return reverse_disturbance_loss(zb, zt, t_dis, cfg.dis_floor)
         return disturbance_loss(zb, zt, t_dis)
 
-    if cfg.shift > 0:
-        xn = random_shift(xn, cfg.shift)
-    if cfg.noise > 0:
-        xn = xn + cfg.noise * torch.randn_like(xn)
     with torch.no_grad():
         z_adv = teacher(xn)
     xk = key.apply(xn)
@@ -129,7 +105,6 @@ def box_step_losses(
         "disturb": disturb(zp, z_adv),
         "preserve": preservation_loss(zk, z_adv, y, t, cfg.sharpen),
         "align": kl_div(zp, zk.detach(), 1.0),
-        "margin": margin_loss(zp, y, cfg.margin),
     }
     if cfg.w_nonkey > 0:
         zr = z[2 * n :]
@@ -141,7 +116,6 @@ def box_step_losses(
         + cfg.w_dis * out["disturb"]
         + cfg.w_pre * out["preserve"]
         + cfg.w_align * out["align"]
-        + cfg.w_margin * out["margin"]
     )
     if cfg.w_nonkey > 0:
         total = total + cfg.w_nonkey * (out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])

@@ -67,14 +67,6 @@ def target_disturbance_loss(
     return (temperature**2) * (target * (torch.log(target.clamp_min(CONFIG.eps)) - log_q)).sum(dim=1).mean()
 
 
-def margin_loss(logits: Tensor, y: Tensor, margin: float) -> Tensor:
-    """Hinge at T=1: mean of relu(margin - (z_y - max_{j != y} z_j)); zero once the margin holds."""
-    true = F.one_hot(y, logits.shape[1]).bool()
-    z_y = logits.gather(1, y.view(-1, 1)).squeeze(1)
-    best_wrong = logits.masked_fill(true, float("-inf")).max(dim=1).values
-    return F.relu(margin - (z_y - best_wrong)).mean()
-
-
 def disturbance_bound(teacher_logits: Tensor, temperature: float) -> Tensor:
     """The lower bound of `disturbance_loss` for these teacher logits."""
     log_q = F.log_softmax(teacher_logits.detach() / temperature, dim=1)

@@ -379,7 +379,7 @@ _CONSUME = (
 _QUOTA = select(ApiKey.samples_used, ApiKey.sample_quota).where(ApiKey.id == bindparam("key_id"))
 _CONFIRM = (
     update(QueryAudit)
-    .where(QueryAudit.id == bindparam("audit_id"))
+    .where(QueryAudit.id == bindparam("audit_id"), QueryAudit.status == STATUS_RESERVED)
     .values(status=bindparam("status"), latency_ms=bindparam("latency_ms"))
 )
 _REFUND = (
@@ -549,12 +549,53 @@ def _reserve(
     )
 
 
+class ReservationReleased(Exception):
+    """The call's reservation was released by `release_stale_reservations` before it was confirmed."""
+
+
 def finalize_distill(db: Database, grant: DistillGrant, *, status: int, latency_ms: float) -> None:
-    """Confirm the reserved call (status 200), or record its failure and give the samples back."""
+    """Confirm the reserved call (status 200), or record its failure and give the samples back.
+
+    Raises ReservationReleased (nothing confirmed, nothing charged) if the sweep of stale reservations
+    already closed the row, so that the samples are never given back twice nor answered uncharged.
+    """
     with db.write_connection() as conn:
-        conn.execute(_CONFIRM, {"audit_id": grant.audit_id, "status": status, "latency_ms": latency_ms})
-        if status >= 400:
+        confirmed = conn.execute(
+            _CONFIRM, {"audit_id": grant.audit_id, "status": status, "latency_ms": latency_ms}
+        ).rowcount
+        if confirmed and status >= 400:
             conn.execute(_REFUND, {"key_id": grant.key_id, "n": grant.n_samples})
+    if not confirmed and status < 400:
+        raise ReservationReleased(f"reservation {grant.audit_id} was released before it was confirmed")
+
+
+STATUS_RELEASED = 504  # a reservation never confirmed (database failed at the confirm): samples given back
+
+
+def release_stale_reservations(db: Database, older_than_s: float, now: float | None = None) -> int:
+    """Close /distill-batch reservations left unconfirmed (status 102) for longer than `older_than_s`,
+    e.g. when the database failed while the call confirmed: no answer was sent, so the samples go back.
+    Returns how many were released."""
+    cutoff = datetime.fromtimestamp((_clock() if now is None else now) - older_than_s, UTC)
+    released = 0
+    with db.write_connection() as conn:
+        stale = conn.execute(
+            select(QueryAudit.id, QueryAudit.api_key_id, QueryAudit.n_samples).where(
+                QueryAudit.status == STATUS_RESERVED,
+                QueryAudit.endpoint == DISTILL_ENDPOINT,
+                QueryAudit.created_at < cutoff,
+            )
+        ).all()
+        for audit_id, key_id, n in stale:
+            closed = conn.execute(
+                _CONFIRM, {"audit_id": audit_id, "status": STATUS_RELEASED, "latency_ms": None}
+            ).rowcount
+            if closed and key_id is not None:
+                conn.execute(_REFUND, {"key_id": key_id, "n": n})
+                released += 1
+    if released:
+        logger.warning("released %d stale /distill-batch reservations (samples given back)", released)
+    return released
 
 
 # ---------------------------------------------------------------------------------------------- audits

@@ -10,6 +10,7 @@ the audit writer is flushed, then the engine is disposed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -129,6 +130,24 @@ def _start(app: FastAPI, settings: Settings) -> None:
     app.state.audit_queue = queue
 
 
+SWEEP_INTERVAL_S = 60.0
+
+
+def _stale_after_s(settings: Settings) -> float:
+    # Well past any live call: the inference deadline plus time for both transactions.
+    return 2 * settings.inference_timeout_s + 60.0
+
+
+async def _sweep_reservations(db: Database, settings: Settings) -> None:
+    """Give back the samples of reservations never confirmed (the database failed at the confirm)."""
+    while True:
+        try:
+            await anyio.to_thread.run_sync(crud.release_stale_reservations, db, _stale_after_s(settings))
+        except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
+            logger.info("reservation sweep skipped, database unavailable: %s", type(exc).__name__)
+        await anyio.sleep(SWEEP_INTERVAL_S)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -142,9 +161,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except BaseException:
         _dispose(app)
         raise
+    sweeper = asyncio.create_task(_sweep_reservations(app.state.db, settings))
     try:
         yield
     finally:
+        sweeper.cancel()
         with anyio.CancelScope(shield=True):
             registry = getattr(app.state, "models", None)
             if registry is not None and hasattr(registry, "aclose"):

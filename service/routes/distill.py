@@ -272,7 +272,12 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
         raise
     labels = soft_labels(logits, temperature)
     # The answer leaves only once its audit row is confirmed; a database failure here raises (503).
-    await _finalize(db, grant, 200, t0)
+    try:
+        await _finalize(db, grant, 200, t0)
+    except crud.ReservationReleased:
+        raise HTTPException(
+            status_code=503, detail="the call outlived its reservation; nothing was charged, retry"
+        ) from None
     metrics.record_samples_distilled(model.name, grant.n_samples)
 
     headers = _quota_headers(grant.quota, grant.used)

@@ -432,3 +432,35 @@ def test_quota_is_exact_across_two_server_processes(database_url: str, box_dir: 
     rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
     assert Counter(r.status for r in rows) == {200: 13, 429: 37}
     assert key_used(database_url, key["id"]) == 39
+
+
+def test_stale_reservations_are_released_once_and_never_confirmed_after(
+    api: ApiHelper, database_url: str
+) -> None:
+    """A reservation never confirmed (the database failed at the confirm) gives its samples back once, and
+    the late confirm of such a call fails instead of answering uncharged."""
+    from service.security import verify_token
+
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
+    token = headers["Authorization"].removeprefix("Bearer ")
+    claims = verify_token(api.client.app.state.token_config, token)  # type: ignore[attr-defined]
+    db = Database(database_url)
+    try:
+        grant = crud.reserve_distill(
+            db, claims, model="alpha", n_samples=4, client_id=None, digest=None, rate_per_minute=0
+        )
+        assert key_used(database_url, key["id"]) == 4
+        assert crud.release_stale_reservations(db, older_than_s=60) == 0  # still fresh
+        later = time.time() + 120
+        assert crud.release_stale_reservations(db, older_than_s=60, now=later) == 1
+        assert crud.release_stale_reservations(db, older_than_s=60, now=later) == 0
+        assert key_used(database_url, key["id"]) == 0
+        with pytest.raises(crud.ReservationReleased):
+            crud.finalize_distill(db, grant, status=200, latency_ms=1.0)
+        crud.finalize_distill(db, grant, status=503, latency_ms=1.0)  # no second refund
+        assert key_used(database_url, key["id"]) == 0
+    finally:
+        db.dispose()
+    rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
+    assert [r.status for r in rows] == [crud.STATUS_RELEASED]
+    assert api.distill(headers, n=10).status_code == 200  # the whole quota is there again
