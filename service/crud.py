@@ -37,6 +37,7 @@ from service.db.models import (
 from service.db.session import Database
 from service.security import (
     GENERIC_TOKEN_ERROR,
+    NewApiKey,
     TokenClaims,
     api_key_matches,
     api_key_prefix,
@@ -143,6 +144,26 @@ def create_api_key(
     session.add(key)
     session.flush()
     return key
+
+
+def create_first_admin(session: Session, name: str, key: NewApiKey, via: str) -> tuple[User, ApiKey]:
+    """The first administrator and its unscoped, unlimited API key (only its hash is stored).
+    Raises ConflictError if an administrator exists already or the name is taken."""
+    if admin_exists(session):
+        raise ConflictError("an administrator already exists; issue further keys with the admin API")
+    user = create_user(session, name, ROLE_ADMIN)
+    created = create_api_key(
+        session,
+        user,
+        prefix=key.prefix,
+        digest=key.digest,
+        scopes=[],
+        sample_quota=None,
+        expires_at=None,
+        name="bootstrap",
+    )
+    record_event(session, "admin.bootstrap", "ok", target=f"key:{created.id}", detail={"via": via})
+    return user, created
 
 
 def get_key(session: Session, key_id: int) -> ApiKey:

@@ -27,7 +27,6 @@ from service import crud
 from service.config import Settings, get_settings
 from service.db import migrate
 from service.db.audit_queue import AuditQueue
-from service.db.models import ROLE_ADMIN
 from service.db.session import Database
 from service.inference.registry import ModelRegistry, UnknownModelError
 from service.middleware import install_middleware
@@ -86,22 +85,9 @@ def bootstrap_admin_from_env(db: Database, secret: str) -> bool:
     key = api_key_from_secret(secret)
     try:
         with db.write() as s:
-            if crud.admin_exists(s):
-                return False
-            user = crud.create_user(s, BOOTSTRAP_ADMIN_NAME, ROLE_ADMIN)
-            created = crud.create_api_key(
-                s,
-                user,
-                prefix=key.prefix,
-                digest=key.digest,
-                scopes=[],
-                sample_quota=None,
-                expires_at=None,
-                name="bootstrap",
-            )
-            crud.record_event(s, "admin.bootstrap", "ok", target=f"key:{created.id}", detail={"via": "env"})
+            crud.create_first_admin(s, BOOTSTRAP_ADMIN_NAME, key, via="env")
     except (IntegrityError, crud.ConflictError):
-        return False  # another worker created it first, or a user named "admin" exists
+        return False  # an admin exists (another worker created it first), or a user named "admin" exists
     logger.info("created the first administrator from SDB_BOOTSTRAP_ADMIN_TOKEN")
     return True
 

@@ -108,7 +108,6 @@ def bootstrap(
     """Create the first administrator and print its API key once (there is no default password)."""
     from service import crud
     from service.db.migrate import SchemaError, check_schema
-    from service.db.models import ROLE_ADMIN
     from service.db.session import Database
     from service.security import new_api_key
 
@@ -117,28 +116,8 @@ def bootstrap(
         check_schema(db.engine)
         key = new_api_key()
         with db.write() as s:
-            if crud.admin_exists(s):
-                typer.echo(
-                    "error: an administrator already exists; issue further keys with the admin API", err=True
-                )
-                raise typer.Exit(1)
-            try:
-                user = crud.create_user(s, name, ROLE_ADMIN)
-            except crud.ConflictError as exc:
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(1) from None
-            created = crud.create_api_key(
-                s,
-                user,
-                prefix=key.prefix,
-                digest=key.digest,
-                scopes=[],
-                sample_quota=None,
-                expires_at=None,
-                name="bootstrap",
-            )
-            crud.record_event(s, "admin.bootstrap", "ok", target=f"key:{created.id}", detail={"via": "cli"})
-    except SchemaError as exc:
+            user, created = crud.create_first_admin(s, name, key, via="cli")
+    except (SchemaError, crud.ConflictError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
