@@ -19,6 +19,11 @@ class Settings(BaseSettings):
     demo: bool = Field(False, description="Demo mode: allows a generated JWT secret (printed nowhere).")
     database_url: str = Field("sqlite:///./var/sdb.db", description="SQLAlchemy URL (SQLite or PostgreSQL).")
     model_dir: Path = Field(Path("models"), description="Directory of boxed-model artifact directories.")
+    box_key_dir: Path | None = Field(
+        None,
+        description="Directory of box key files `<artifact dir name>.json` (a secret store mount); "
+        "unset: each artifact's own box_key.json.",
+    )
     default_model: str | None = Field(None, description="Model used when a request names none.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
     torch_threads: int = Field(0, description="torch intra-op threads; 0 = CPU cores - 1 (min 1).")

@@ -292,8 +292,13 @@ class ModelRegistry:
             for entry in sorted(model_dir.iterdir()):
                 if not (entry / "manifest.json").is_file():
                     continue
+                key_path = (
+                    None
+                    if settings.box_key_dir is None
+                    else Path(settings.box_key_dir) / f"{entry.name}.json"
+                )
                 try:
-                    box = load_box(entry, device=str(device))
+                    box = load_box(entry, key_path=key_path, device=str(device))
                 except Exception as exc:
                     raise RuntimeError(f"cannot load the boxed model in {entry}: {exc}") from exc
                 if hasattr(box, "eval"):

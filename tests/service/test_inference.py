@@ -73,6 +73,25 @@ def test_a_broken_artifact_refuses_start_with_its_path(tmp_path: Path) -> None:
         ModelRegistry.from_settings(settings(tmp_path))
 
 
+def test_box_keys_can_live_in_their_own_directory(tmp_path: Path) -> None:
+    """SDB_BOX_KEY_DIR: the box key comes from a secret-store mount, not from the artifact directory."""
+    models, keys = tmp_path / "models", tmp_path / "keys"
+    keys.mkdir()
+    box = make_test_box(models, name="alpha", seed=3)
+    reference = load_box(box)
+    (box / "box_key.json").rename(keys / "alpha.json")
+    with pytest.raises(RuntimeError, match="alpha"):
+        ModelRegistry.from_settings(settings(models), warm_up=False)  # no key beside the weights
+    registry = ModelRegistry.from_settings(settings(models, box_key_dir=keys), warm_up=False)
+    x = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    try:
+        got = asyncio.run(registry.get("alpha").infer("keyed", x))
+    finally:
+        asyncio.run(registry.aclose())
+    want = reference.keyed_logits(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_info_holds_no_key_material(model_dir: Path) -> None:
     reg = ModelRegistry.from_settings(settings(model_dir), warm_up=False)
     key = load_key(model_dir / "alpha" / "box_key.json")
