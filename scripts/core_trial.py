@@ -1,8 +1,10 @@
 """One quick tuning trial on digits (one seed): teacher -> box -> students, printed as one JSON line.
 
-Usage: .venv/bin/python scripts/core_trial.py [seed=0] [ep=30] [bep=30] [sep=30] [frac=1.0] [tw=32]
+Usage: .venv/bin/python scripts/core_trial.py [seed=0] [ep=30] [bep=30] [sep=30] [frac=1.0] [tw=32] [bw=tw]
            [blr=0.05] [students=small_cnn:8,mlp] [BoxConfig field=value ...]
 e.g.   .venv/bin/python scripts/core_trial.py w_dis=2 dis_sharpness=2
+       .venv/bin/python scripts/core_trial.py bw=64 bep=40 dis_sharpness=-4   (a box wider than the teacher,
+       trained from scratch with the box objective)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     seed, ep, bep, sep = (int(args.pop(k, d)) for k, d in (("seed", 0), ("ep", 30), ("bep", 30), ("sep", 30)))
     frac, tw, blr = float(args.pop("frac", 1.0)), int(args.pop("tw", 32)), float(args.pop("blr", 0.05))
+    bw = int(args.pop("bw", tw))
     students = args.pop("students", "small_cnn:8,mlp").split(",")
     ds, dev = load_digits(), resolve_device("cpu")
     t0 = time.time()
@@ -40,7 +43,9 @@ def main(argv: list[str]) -> None:
     for k, v in args.items():
         setattr(bcfg, k, v if "str" in str(types[k]) else int(v) if "int" in str(types[k]) else float(v))
     key = BoxKey.from_int_seed(seed + 100, ds.input_shape, bcfg.lam)
-    box = train_box(teacher, ds, arch="small_cnn", arch_kwargs=kw, key=key, cfg=bcfg)
+    if bw != tw:
+        bcfg.init_from_teacher = False
+    box = train_box(teacher, ds, arch="small_cnn", arch_kwargs={**kw, "width": bw}, key=key, cfg=bcfg)
     manifest = {"name": "trial", "version": "1", "input_shape": list(ds.input_shape), "num_classes": 10,
                 "class_names": ds.class_names, "temperature": 4.0, "arch": "small_cnn",
                 "normalization": ds.normalization, "lam": bcfg.lam}  # fmt: skip
