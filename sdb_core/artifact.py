@@ -109,6 +109,18 @@ class BoxedModel:
         """Raw -> normalized inputs (what the network sees on the plain path)."""
         return self._normalize(x)
 
+    def script(self, example_batch: int = 4) -> BoxedModel:
+        """Replace the network by a frozen TorchScript trace of itself (same outputs up to float rounding).
+
+        An eager forward pass takes Python's GIL back between operators, so a serving thread slows to a
+        crawl while other threads run Python (HTTP handling); a scripted one runs the whole graph in C++.
+        """
+        example = torch.zeros((example_batch, *self.input_shape), device=self.device)
+        with torch.no_grad():
+            traced = torch.jit.trace(self.model, example)
+        self.model = torch.jit.freeze(traced.eval())
+        return self
+
     def __repr__(self) -> str:
         return f"BoxedModel(name={self.name!r}, version={self.version!r}, arch={self.arch!r})"
 

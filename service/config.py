@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(None, description="Model used when a request names none.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
+    torchscript: bool = Field(
+        True, description="Serve models as frozen TorchScript traces (no GIL between operators under load)."
+    )
     torch_threads: int = Field(0, description="torch intra-op threads; 0 = CPU cores - 1 (min 1).")
 
     # Auth

@@ -303,6 +303,11 @@ class ModelRegistry:
                     raise RuntimeError(f"cannot load the boxed model in {entry}: {exc}") from exc
                 if hasattr(box, "eval"):
                     box.eval()
+                if settings.torchscript:
+                    try:
+                        box.script()
+                    except Exception as exc:  # an architecture that does not trace still serves, eagerly
+                        logger.warning("serving %s eagerly, TorchScript trace failed: %s", entry.name, exc)
                 boxes.append(box)
         else:
             logger.warning("model directory %s does not exist: no model loaded", model_dir)
