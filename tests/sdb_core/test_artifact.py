@@ -128,3 +128,16 @@ def test_saving_again_replaces_the_artifact(tmp_path: Path) -> None:
     assert first == again
     assert load_box(again).keyed_logits(_raw()).shape == (5, 10)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp directories left behind
+
+
+@pytest.mark.parametrize(("arch", "shape"), [("small_cnn", (1, 8, 8)), ("resnet20", (3, 32, 32))])
+def test_scripted_box_gives_the_eager_outputs_on_both_paths(
+    tmp_path: Path, arch: str, shape: tuple[int, ...]
+) -> None:
+    d = make_test_box(tmp_path, name="s", arch=arch, input_shape=shape, seed=7)
+    eager, scripted = load_box(d), load_box(d).script()
+    assert isinstance(scripted.model, torch.jit.ScriptModule)
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0)) * 3 + 1  # another batch size
+    torch.testing.assert_close(scripted.plain_logits(x), eager.plain_logits(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scripted.keyed_logits(x), eager.keyed_logits(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scripted.plain_logits(x), scripted.keyed_logits(x))
