@@ -125,6 +125,19 @@ class BodyLimitMiddleware:
         )
 
 
+class _StartTracker:
+    """Wraps `send` and remembers whether the response has started (after that, no error body can be sent)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class DeadlineMiddleware:
     """Every request gets a deadline: past it, 504 with a JSON body (the worker goes on serving)."""
 
@@ -136,24 +149,17 @@ class DeadlineMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _StartTracker(send)
         try:
             async with asyncio.timeout(self.seconds) as deadline:
-                await self.app(scope, receive, tracking_send)
+                await self.app(scope, receive, tracked)
         except TimeoutError:
             if not deadline.expired():
                 raise
             logger.warning(
                 "request %s %s passed its %.1f s deadline", scope["method"], scope["path"], self.seconds
             )
-            if not started:
+            if not tracked.started:
                 await send_json(send, 504, {"detail": f"request did not complete within {self.seconds:g} s"})
 
 
@@ -167,19 +173,12 @@ class ServerErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _StartTracker(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], _clean(scope["path"]))
-            if started:
+            if tracked.started:
                 raise
             await send_json(send, 500, {"detail": "internal server error"})
 
