@@ -8,6 +8,11 @@ drawn random non-key, p_T = softmax(z / T), y the label):
       + w_pre * T^2 * KL(sharpen(p_T(f_adv(x)), y) || p_T(f(x')))     # preservation + augmentation (keyed)
       + w_nonkey * [CE(f(x~), y) + w_dis * D(f(x~))]                  # wrong keys behave like no key
 
+With `guard` (the default) the box is a zoo.TopOneGuard: a soft head z and a decision head d over one trunk.
+The cross-entropy terms above train d (plus w_dec_pre * T^2 * KL(p_T(f_adv(x)) || p_T(d)) on plain and keyed
+inputs), the disturbance and preservation terms train z, and the output is z with d's top-1 lifted to the top.
+One head cannot both keep a wide top-1 margin and flatten its soft labels; two heads can (docs/evaluation.md).
+
 Disturbance forms D (all bounded, see losses.py), `disturb_form`:
 - "target" (default): T_dis^2 * KL(r || p_Tdis(f(x))) where r inverts the teacher's dark knowledge (its
   least likely classes get the most mass) and keeps the true class on top by `dis_margin`. Bounded below by
@@ -40,7 +45,7 @@ from sdb_core.losses import (
     target_disturbance_loss,
 )
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
-from sdb_core.zoo import build_model
+from sdb_core.zoo import TopOneGuard, build_model
 
 
 def default_temperature(num_classes: int) -> float:
@@ -66,6 +71,9 @@ class BoxConfig:
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
+    guard: bool = True  # two heads (soft, decision) behind zoo.TopOneGuard; False: one head does both
+    guard_lift: float = 1.0  # logits by which a guarded box lifts its decision above the soft head's top
+    w_dec_pre: float = 1.0  # guarded only: the decision head also imitates the teacher (plain and keyed)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
     def __post_init__(self) -> None:
@@ -96,19 +104,25 @@ def box_step_losses(
     parts = [xn, xk]
     if cfg.w_nonkey > 0:
         parts.append(key.lam * xn + (1.0 - key.lam) * torch.randn_like(xn))
-    z = box(torch.cat(parts))
+    guarded = isinstance(box, TopOneGuard)
+    if isinstance(box, TopOneGuard):
+        z, d = box.heads(torch.cat(parts))
+    else:
+        z = d = box(torch.cat(parts))
     n = len(xn)
     zp, zk = z[:n], z[n : 2 * n]
     out = {
-        "ce_plain": F.cross_entropy(zp, y),
-        "ce_keyed": F.cross_entropy(zk, y),
+        "ce_plain": F.cross_entropy(d[:n], y),
+        "ce_keyed": F.cross_entropy(d[n : 2 * n], y),
         "disturb": disturb(zp, z_adv),
         "preserve": preservation_loss(zk, z_adv, y, t, cfg.sharpen),
         "align": kl_div(zp, zk.detach(), 1.0),
     }
+    if guarded:
+        out["dec_preserve"] = preservation_loss(d[: 2 * n], z_adv.repeat(2, 1), y.repeat(2), t, 0.0)
     if cfg.w_nonkey > 0:
         zr = z[2 * n :]
-        out["ce_nonkey"] = F.cross_entropy(zr, y)
+        out["ce_nonkey"] = F.cross_entropy(d[2 * n :], y)
         out["disturb_nonkey"] = disturb(zr, z_adv)
     total = (
         cfg.w_ce_plain * out["ce_plain"]
@@ -117,10 +131,19 @@ def box_step_losses(
         + cfg.w_pre * out["preserve"]
         + cfg.w_align * out["align"]
     )
+    if guarded:
+        total = total + cfg.w_dec_pre * out["dec_preserve"]
     if cfg.w_nonkey > 0:
         total = total + cfg.w_nonkey * (out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
     out["total"] = total
     return out
+
+
+def box_arch(arch: str, arch_kwargs: dict[str, Any], cfg: BoxConfig) -> tuple[str, dict[str, Any]]:
+    """The box network's registered name and kwargs for a teacher of `arch` (wrapped when guarded)."""
+    if cfg.guard:
+        return "guarded", {"base": arch, "lift": cfg.guard_lift, **arch_kwargs}
+    return arch, arch_kwargs
 
 
 def train_box(
@@ -139,8 +162,11 @@ def train_box(
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    box = build_model(arch, **arch_kwargs)
-    if cfg.init_from_teacher:
+    name, kwargs = box_arch(arch, arch_kwargs, cfg)
+    box = build_model(name, **kwargs)
+    if cfg.init_from_teacher and isinstance(box, TopOneGuard):
+        box.load_base_from(teacher)
+    elif cfg.init_from_teacher:
         box.load_state_dict(teacher.state_dict())
     if cfg.freeze_layers > 0:
         for child in list(box.children())[: cfg.freeze_layers]:
@@ -192,8 +218,9 @@ def box_teacher(
 ) -> BoxedModel:
     """Box, save the artifact (with metrics) to out_dir, and return it loaded back (checksums verified)."""
     key = key or BoxKey.generate(ds.input_shape, cfg.lam)
-    arch, arch_kwargs = teacher_meta["arch"], teacher_meta["arch_kwargs"]
-    box = train_box(teacher, ds, arch=arch, arch_kwargs=arch_kwargs, key=key, cfg=cfg, checkpoint=checkpoint)
+    t_arch, t_kwargs = teacher_meta["arch"], teacher_meta["arch_kwargs"]
+    box = train_box(teacher, ds, arch=t_arch, arch_kwargs=t_kwargs, key=key, cfg=cfg, checkpoint=checkpoint)
+    arch, arch_kwargs = box_arch(t_arch, t_kwargs, cfg)
     t, t_dis = cfg.temps(ds.num_classes)
     common: dict[str, Any] = dict(
         model=box,

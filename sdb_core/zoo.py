@@ -237,3 +237,47 @@ def mobilenetv2(
         nn.Linear(last, num_classes),
     ]
     return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------- the box's top-1 guard
+
+
+class TopOneGuard(nn.Module):
+    """A base network with 2 * num_classes outputs read as two heads over one trunk: `soft` (the soft labels
+    a caller sees) and `decision` (trained for top-1 only, never shown). The output is `soft` with the
+    decision head's class lifted to the top (by `lift` logits) where the two disagree, so the soft head can
+    be disturbed freely while the box's top-1 stays that of a plainly trained classifier."""
+
+    def __init__(self, base: nn.Module, num_classes: int, lift: float) -> None:
+        super().__init__()
+        self.base = base
+        self.num_classes = num_classes
+        self.lift = lift
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.base(x)
+        return z[:, : self.num_classes], z[:, self.num_classes :]
+
+    def forward(self, x: Tensor) -> Tensor:
+        soft, decision = self.heads(x)
+        k = decision.argmax(dim=1, keepdim=True)
+        top = soft.max(dim=1, keepdim=True).values
+        at_k = soft.gather(1, k)
+        return soft.scatter(1, k, torch.where(at_k >= top, at_k, top + self.lift))
+
+    def load_base_from(self, single_head: nn.Module) -> None:
+        """Start from a trained single-head model of the base architecture: both heads begin as its head."""
+        own = self.base.state_dict()
+        for name, value in single_head.state_dict().items():
+            if own[name].shape != value.shape:  # the final layer: [C, ...] -> [2C, ...]
+                value = torch.cat([value, value])
+            own[name] = value.clone()
+        self.base.load_state_dict(own)
+
+
+@register("guarded")
+def guarded(base: str = "small_cnn", num_classes: int = 10, lift: float = 1.0, **kwargs: Any) -> nn.Module:
+    """`base` (a registered name) wrapped in a TopOneGuard; the other kwargs go to the base builder."""
+    if base == "guarded":
+        raise ValueError("a guard cannot wrap a guard")
+    return TopOneGuard(build_model(base, num_classes=2 * num_classes, **kwargs), num_classes, lift)

@@ -33,7 +33,14 @@ def _override(obj: Any, options: list[str]) -> Any:
         if not sep or not hasattr(obj, k):
             raise typer.BadParameter(f"unknown option {item!r}")
         current = getattr(obj, k)
-        changes[k] = v if isinstance(current, str) else type(current)(v) if current is not None else float(v)
+        if isinstance(current, bool):  # bool("false") is True
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise typer.BadParameter(f"{k} takes true or false, got {v!r}")
+            changes[k] = v.lower() in ("true", "1")
+        elif isinstance(current, str):
+            changes[k] = v
+        else:
+            changes[k] = type(current)(v) if current is not None else float(v)
     return replace(obj, **changes)
 
 

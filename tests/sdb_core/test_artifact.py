@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -130,11 +131,18 @@ def test_saving_again_replaces_the_artifact(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp directories left behind
 
 
-@pytest.mark.parametrize(("arch", "shape"), [("small_cnn", (1, 8, 8)), ("resnet20", (3, 32, 32))])
+@pytest.mark.parametrize(
+    ("arch", "shape", "extra"),
+    [
+        ("small_cnn", (1, 8, 8), None),
+        ("resnet20", (3, 32, 32), {}),
+        ("guarded", (1, 8, 8), {"base": "small_cnn", "width": 8}),  # data-dependent gather/scatter
+    ],
+)
 def test_scripted_box_gives_the_eager_outputs_on_both_paths(
-    tmp_path: Path, arch: str, shape: tuple[int, ...]
+    tmp_path: Path, arch: str, shape: tuple[int, ...], extra: dict[str, Any] | None
 ) -> None:
-    d = make_test_box(tmp_path, name="s", arch=arch, input_shape=shape, seed=7)
+    d = make_test_box(tmp_path, name="s", arch=arch, input_shape=shape, seed=7, arch_extra=extra)
     eager, scripted = load_box(d), load_box(d).script()
     assert isinstance(scripted.model, torch.jit.ScriptModule)
     x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0)) * 3 + 1  # another batch size

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sdb_core.box import BoxConfig, box_step_losses, default_temperature
+from sdb_core.box import BoxConfig, box_arch, box_step_losses, default_temperature
 from sdb_core.keys import BoxKey
-from sdb_core.zoo import build_model
+from sdb_core.losses import target_disturbance_loss
+from sdb_core.zoo import TopOneGuard, build_model
 
 
 def _setup() -> tuple[torch.nn.Module, torch.nn.Module, BoxKey, torch.Tensor, torch.Tensor]:
@@ -52,3 +54,29 @@ def test_without_nonkey_term() -> None:
 def test_unknown_form_is_refused() -> None:
     with pytest.raises(ValueError, match="disturb_form"):
         BoxConfig(disturb_form="nope")
+
+
+def test_guarded_box_trains_top1_on_the_decision_head_and_disturbs_the_soft_head() -> None:
+    _, teacher, key, x, y = _setup()
+    cfg = BoxConfig(w_dec_pre=0.5)
+    name, kwargs = box_arch(
+        "small_cnn", {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}, cfg
+    )
+    box = build_model(name, **kwargs)
+    assert isinstance(box, TopOneGuard)
+    box.load_base_from(teacher)
+    box.eval()  # batch-norm statistics of the running averages: heads(x) alone gives the same logits
+    torch.manual_seed(1)
+    out = box_step_losses(box, teacher, key, x, y, cfg, 10)
+    soft, decision = box.heads(x)
+    assert torch.allclose(out["ce_plain"], F.cross_entropy(decision, y), atol=1e-6)
+    assert torch.allclose(out["disturb"], target_disturbance_loss(soft, teacher(x), y, 4.0, 0.1), atol=1e-5)
+    expected = (
+        out["ce_plain"] + out["ce_keyed"] + out["disturb"] + out["preserve"] + 0.5 * out["dec_preserve"]
+        + out["ce_nonkey"] + out["disturb_nonkey"]
+    )  # fmt: skip
+    assert torch.allclose(out["total"], expected)
+    out["total"].backward()
+    head = [m for m in box.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.weight.grad is not None
+    assert head.weight.grad[:10].abs().sum() > 0 and head.weight.grad[10:].abs().sum() > 0

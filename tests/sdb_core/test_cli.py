@@ -115,3 +115,17 @@ def test_distill_remote_uses_the_client(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert r.exit_code == 0, r.output
     assert calls == [("http://svc", "k-123", "m", "plain")]
     assert "k-123" not in r.output
+
+
+def test_box_options_are_parsed_by_the_fields_type() -> None:
+    import typer
+
+    from sdb.commands.core import _override
+    from sdb_core.box import BoxConfig
+
+    cfg = _override(BoxConfig(), ["guard=false", "w_dis=2", "disturb_form=box_first", "temperature=3"])
+    assert (cfg.guard, cfg.w_dis, cfg.disturb_form, cfg.temperature) == (False, 2.0, "box_first", 3.0)
+    assert _override(BoxConfig(), ["guard=1"]).guard is True
+    for bad in (["guard=maybe"], ["nope=1"], ["w_dis"]):
+        with pytest.raises(typer.BadParameter):
+            _override(BoxConfig(), bad)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdb_core.zoo import arch_kwargs_for, build_model, list_models
+from sdb_core.zoo import TopOneGuard, arch_kwargs_for, build_model, list_models
 
 
 def test_the_paper_architectures_are_registered() -> None:
@@ -23,3 +23,45 @@ def test_forward_shapes(arch: str) -> None:
 def test_unknown_architecture_lists_the_known_ones() -> None:
     with pytest.raises(KeyError, match="small_cnn"):
         build_model("nope")
+
+
+def _guard() -> TopOneGuard:
+    torch.manual_seed(0)
+    model = build_model("guarded", base="small_cnn", lift=0.5, **arch_kwargs_for((1, 8, 8), 10, width=4))
+    assert isinstance(model, TopOneGuard)
+    for m in model.modules():  # spread the logits so that the two heads' top-1 often differ
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=3.0)
+    return model.eval()
+
+
+def test_guard_output_has_the_decision_heads_top1_and_otherwise_the_soft_heads_logits() -> None:
+    guard = _guard()
+    x = torch.randn(256, 1, 8, 8)
+    with torch.no_grad():
+        soft, decision = guard.heads(x)
+        out = guard(x)
+    k = decision.argmax(1)
+    assert torch.equal(out.argmax(1), k)
+    agree = soft.argmax(1) == k
+    assert 0 < int(agree.sum()) < len(x)  # untrained heads: both cases occur
+    assert torch.equal(out[agree], soft[agree])
+    lifted = soft[~agree].clone()
+    lifted[torch.arange(len(lifted)), k[~agree]] = soft[~agree].max(1).values + 0.5
+    assert torch.allclose(out[~agree], lifted)
+
+
+def test_guard_starts_with_both_heads_equal_to_a_trained_single_head_model() -> None:
+    guard = _guard()
+    single = build_model("small_cnn", **arch_kwargs_for((1, 8, 8), 10, width=4)).eval()
+    guard.load_base_from(single)
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        soft, decision = guard.heads(x)
+        assert torch.allclose(soft, single(x)) and torch.allclose(decision, single(x))
+        assert torch.allclose(guard(x), single(x))
+
+
+def test_guard_cannot_wrap_itself() -> None:
+    with pytest.raises(ValueError, match="guard"):
+        build_model("guarded", base="guarded")
