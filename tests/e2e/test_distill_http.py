@@ -10,14 +10,6 @@ Model: the shipped demo box under models/ when present, else a box made by `make
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,20 +24,13 @@ from sdb_core.data import load_dataset
 from sdb_core.distill import DistillConfig, distill, query_teacher
 from sdb_core.training import TrainConfig, accuracy, model_fn
 
+from ..reliability._harness import ADMIN_TOKEN, REPO, Server, base_env, run_migrations
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-REPO = Path(__file__).resolve().parents[2]
-ADMIN_TOKEN = "e2e-admin-" + uuid.uuid4().hex + uuid.uuid4().hex
-JWT_SECRET = "e2e-jwt-" + uuid.uuid4().hex + uuid.uuid4().hex
 SEEDS = (0,)
 EPOCHS = 4
 TOLERANCE_PT = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def demo_box_dir() -> Path | None:
@@ -66,49 +51,18 @@ def box_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(box_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from service.db.migrate import upgrade
-
     work = tmp_path_factory.mktemp("e2e-server")
     models = work / "models"
     models.mkdir()
     (models / box_dir.name).symlink_to(box_dir, target_is_directory=True)
     db_url = f"sqlite:///{work / 'sdb.db'}"
-    upgrade(db_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
-    env.update(
-        SDB_DATABASE_URL=db_url,
-        SDB_MODEL_DIR=str(models),
-        SDB_DEVICE="cpu",
-        SDB_TORCH_THREADS="1",
-        SDB_JWT_SECRET=JWT_SECRET,
-        SDB_BOOTSTRAP_ADMIN_TOKEN=ADMIN_TOKEN,
-        SDB_PREDICT_RATE_PER_MINUTE="0",
-        SDB_DISTILL_RATE_PER_MINUTE="0",
-    )
-    port = free_port()
-    log = (work / "server.log").open("wb")
-    cmd = [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory", "--host", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
+    run_migrations(db_url)
+    env = base_env(models, db_url, predict_rate_per_minute=0, distill_rate_per_minute=0)
+    srv = Server(env, work / "server.log", ready_path="/readyz")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (work / "server.log").read_text()[-3000:]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server not ready in 60 s"
-            time.sleep(0.2)
-        yield url
+        yield srv.start(wait_s=60).url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        srv.stop()
 
 
 @pytest.fixture(scope="module")

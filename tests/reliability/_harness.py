@@ -104,13 +104,20 @@ class Server:
     port: int = field(default_factory=free_port)
     graceful_s: int = 10
     workers: int = 1
+    ready_path: str = "/healthz"  # polled until it answers 200; "/readyz" also waits for the database
     proc: subprocess.Popen[bytes] | None = None
+    _terminated: bool = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait_s: float = 90.0) -> Server:
+        """Launch the process and wait until it is ready."""
+        return self.launch().wait_ready(wait_s)
+
+    def launch(self) -> Server:
+        """Start the process without waiting (to start several at once, then `wait_ready` on each)."""
         # The production entry point (`sdb serve`): it turns uvicorn's own X-Forwarded-For handling off, so
         # that only SDB_TRUSTED_PROXIES decides whose forwarded address counts.
         cmd = [
@@ -119,16 +126,22 @@ class Server:
         ]  # fmt: skip
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, wait_s: float = 90.0) -> Server:
+        """Poll `ready_path` until it answers 200; stops the server and raises if it exits or times out."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=1.0).status_code == 200:
                     return self
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"server did not answer /healthz in {wait_s}s:\n{self.logs()[-4000:]}")
+        raise RuntimeError(f"server did not answer {self.ready_path} in {wait_s}s:\n{self.logs()[-4000:]}")
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -136,6 +149,7 @@ class Server:
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None
@@ -145,7 +159,8 @@ class Server:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self._terminated:  # a second SIGTERM makes uvicorn skip its graceful shutdown
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=self.graceful_s + 10)
             except subprocess.TimeoutExpired:

@@ -26,6 +26,8 @@ from service.db.models import STATUS_RESERVED
 from service.db.session import Database
 from tests.conftest import ApiHelper, audit_rows
 
+from ..reliability._harness import ADMIN_TOKEN, Server, base_env
+
 
 def sample(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 1, 8, 8)).astype(np.float32)
@@ -342,69 +344,26 @@ def test_abandoned_call_releases_its_reservation(
         assert api.distill(headers, n=10).status_code == 200  # the whole quota is still there
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_quota_is_exact_across_two_server_processes(database_url: str, box_dir: Path, tmp_path: Path) -> None:
     """Two uvicorn processes on one database (SQLite file in WAL, or PostgreSQL) share one quota exactly;
     they also start together without tripping over the bootstrap admin or the models table."""
-    import os
-    import signal
-    import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
-    env.update(
-        SDB_DATABASE_URL=database_url,
-        SDB_MODEL_DIR=str(box_dir),
-        SDB_DEVICE="cpu",
-        SDB_TORCH_THREADS="1",
-        SDB_JWT_SECRET=TEST_JWT_SECRET,
-        SDB_BOOTSTRAP_ADMIN_TOKEN=TEST_ADMIN_TOKEN,
-        SDB_DISTILL_RATE_PER_MINUTE="0",
-    )
-    ports = [_free_port(), _free_port()]
-    procs = []
+    env = base_env(box_dir, database_url, distill_rate_per_minute=0)
+    servers = [Server(env, tmp_path / f"server{i}.log") for i in range(2)]
     try:
-        for i, port in enumerate(ports):
-            log = (tmp_path / f"server{i}.log").open("wb")
-            cmd = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.main:create_app",
-                "--factory",
-                "--port",
-                str(port),
-            ]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
-        deadline = time.monotonic() + 90
-        for url, proc in zip(urls, procs, strict=True):
-            while True:
-                assert proc.poll() is None, (tmp_path / "server0.log").read_text()[-2000:]
-                try:
-                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+        for srv in servers:  # both start at once
+            srv.launch()
+        for srv in servers:
+            srv.wait_ready(90)
+        urls = [srv.url for srv in servers]
 
         def post(url: str, path: str, **kw: Any) -> httpx.Response:
             return httpx.post(url + path, timeout=60, **kw)
 
-        adm = post(urls[0], "/auth/token", json={"api_key": TEST_ADMIN_TOKEN}).json()["access_token"]
+        adm = post(urls[0], "/auth/token", json={"api_key": ADMIN_TOKEN}).json()["access_token"]
         admin = {"Authorization": f"Bearer {adm}"}
         user = post(urls[0], "/admin/users", json={"name": "two-procs"}, headers=admin).json()
         key = post(
@@ -424,10 +383,8 @@ def test_quota_is_exact_across_two_server_processes(database_url: str, box_dir: 
                 )
             )
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=30)
+        for srv in servers:
+            srv.stop()
     assert Counter(statuses) == {200: 13, 429: 37}
     rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
     assert Counter(r.status for r in rows) == {200: 13, 429: 37}
