@@ -17,6 +17,10 @@ DataOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = torch default).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (deterministic runs).")]
+BoxOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option("--box-option", help="Override a BoxConfig field, KEY=VALUE (repeatable): guard=false."),
+]
 
 
 class DistillPath(StrEnum):
@@ -101,6 +105,7 @@ def box(
     key_out: Annotated[
         Path | None, typer.Option(help="Also move the box key here (e.g. a secret store mount).")
     ] = None,
+    box_option: BoxOptionOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
@@ -119,7 +124,7 @@ def box(
     train = replace(base.train, seed=seed, device=device, checkpoint_every=5)
     if epochs is not None:
         train = replace(train, epochs=epochs)
-    cfg = replace(base, train=train)
+    cfg = replace(_override(base, box_option or []), train=train)
     top1 = accuracy(model_fn(model, ds), ds.x_test, ds.y_test, resolve_device(device))
     ckpt = out.parent / f".{out.name}.resume.pt"
     boxed = box_teacher(
@@ -244,9 +249,7 @@ def evaluate(
         str | None, typer.Option(help="Comma-separated seeds (default 0,1,2; with --reduced: 0).")
     ] = None,
     reduced: Annotated[bool, typer.Option(help="The small configuration used by the test suite.")] = False,
-    box_option: Annotated[
-        list[str] | None, typer.Option(help="Override a BoxConfig field, KEY=VALUE (repeatable).")
-    ] = None,
+    box_option: BoxOptionOpt = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
 ) -> None:

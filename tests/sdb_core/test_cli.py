@@ -51,6 +51,15 @@ def test_train_box_distill_pipeline(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert not (box / "box_key.json").exists() and key.exists()
     assert load_box(box, key_path=key).name == "mini"
+    assert load_box(box, key_path=key).arch == "guarded"  # the default box has a top-1 guard
+    single = tmp_path / "models" / "single"
+    args = ["box", "--teacher", str(teacher), "--out", str(single), "--epochs", "1", "--device", "cpu"]
+    r = runner.invoke(app, [*args, "--box-option", "guard=false", "--box-option", "w_dis=0.5"])
+    assert r.exit_code == 0, r.output
+    boxed = load_box(single)
+    assert boxed.arch == "small_cnn" and boxed.manifest["extra"]["box_config"]["w_dis"] == 0.5
+    r = runner.invoke(app, [*args, "--box-option", "nope=1"])
+    assert r.exit_code != 0 and "nope" in r.output
     student = tmp_path / "student"
     r = runner.invoke(
         app,
