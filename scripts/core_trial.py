@@ -1,7 +1,8 @@
 """One quick tuning trial on digits (one seed): teacher -> box -> students, printed as one JSON line.
 
 Usage: .venv/bin/python scripts/core_trial.py [seed=0] [ep=30] [bep=30] [sep=30] [frac=1.0] [tw=32] [bw=tw]
-           [blr=0.05] [students=small_cnn:8,mlp] [BoxConfig field=value ...]
+           [blr=0.05] [students=small_cnn:8,mlp] [hard=0|1] [BoxConfig field=value ...]
+hard=1 adds a label-only attacker: a student distilled from the plain path's top-1 alone.
 e.g.   .venv/bin/python scripts/core_trial.py w_dis=2 dis_sharpness=2
        .venv/bin/python scripts/core_trial.py bw=64 bep=40 dis_sharpness=-4   (a box wider than the teacher,
        trained from scratch with the box objective)
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> None:
     seed, ep, bep, sep = (int(args.pop(k, d)) for k, d in (("seed", 0), ("ep", 30), ("bep", 30), ("sep", 30)))
     frac, tw, blr = float(args.pop("frac", 1.0)), int(args.pop("tw", 32)), float(args.pop("blr", 0.05))
     bw = int(args.pop("bw", tw))
+    hard = bool(int(args.pop("hard", 0)))
     students = args.pop("students", "small_cnn:8,mlp").split(",")
     ds, dev = load_digits(), resolve_device("cpu")
     t0 = time.time()
@@ -59,6 +61,8 @@ def main(argv: list[str]) -> None:
         extra = {"width": int(w)} if w else {}
         teachers = {"scratch": None, "normal": teacher_fn, "unauth": boxed.plain_logits,
                     "auth": boxed.keyed_logits, "wrong": wrong}  # fmt: skip
+        if hard:  # label-only extraction: the plain path's top-1 as (nearly one-hot) soft labels
+            teachers["unauth_top1"] = lambda x: 100.0 * F.one_hot(boxed.plain_logits(x).argmax(1), 10).float()
         for name, fn in teachers.items():
             dcfg = DistillConfig(
                 labelled_fraction=frac, train=TrainConfig(epochs=sep, seed=seed, progress=False)
