@@ -48,6 +48,9 @@ _NPY_HEADER = re.compile(
 )
 
 
+_DTYPES: dict[bytes, np.dtype[Any]] = {}
+
+
 def _fast_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int] | None:
     """np.save's own float header (format 1.0), parsed without ast.literal_eval; None for anything else."""
     if len(data) < 10 or data[:8] != b"\x93NUMPY\x01\x00":
@@ -57,7 +60,11 @@ def _fast_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int
     if m is None:
         return None
     shape = tuple(int(d) for d in m.group(3).replace(b" ", b"").split(b",") if d)
-    return shape, m.group(2) == b"True", np.dtype(m.group(1).decode()), 10 + length
+    descr = m.group(1)
+    dtype = _DTYPES.get(descr)
+    if dtype is None:
+        dtype = _DTYPES[descr] = np.dtype(descr.decode())  # bounded: the regex admits a few float codes
+    return shape, m.group(2) == b"True", dtype, 10 + length
 
 
 def parse_npy(data: bytes) -> np.ndarray:
@@ -118,11 +125,14 @@ def json_to_array(inputs: list[Any], max_samples: int) -> np.ndarray:
     return arr
 
 
+def _expected(input_shape: tuple[int, ...]) -> str:
+    return "[N, " + ", ".join(str(d) for d in input_shape) + "]"
+
+
 def validate_batch(arr: np.ndarray, input_shape: tuple[int, ...], max_samples: int) -> np.ndarray:
     """Check and convert to a float32 batch [N, *input_shape]; accepts flat rows [N, prod(input_shape)]."""
-    expected = "[N, " + ", ".join(str(d) for d in input_shape) + "]"
     if arr.ndim == 0:
-        raise _unprocessable(f"inputs must be a batch of shape {expected}, got a scalar")
+        raise _unprocessable(f"inputs must be a batch of shape {_expected(input_shape)}, got a scalar")
     if arr.size == 0 or arr.shape[0] == 0:
         raise _unprocessable("empty batch: send at least one sample")
     if arr.shape[0] > max_samples:
@@ -132,9 +142,12 @@ def validate_batch(arr: np.ndarray, input_shape: tuple[int, ...], max_samples: i
             arr = arr.reshape((arr.shape[0], *input_shape))
         else:
             got = "[" + ", ".join(str(d) for d in arr.shape) + "]"
-            raise _unprocessable(f"inputs must have shape {expected}, got {got}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        x = np.ascontiguousarray(arr, dtype=np.float32)
+            raise _unprocessable(f"inputs must have shape {_expected(input_shape)}, got {got}")
+    if arr.dtype == np.float32:  # no cast, so nothing can overflow: skip the errstate context
+        x = np.ascontiguousarray(arr)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.ascontiguousarray(arr, dtype=np.float32)
     if not x.flags.writeable:
         x = x.copy()
     if not np.isfinite(x).all():
@@ -149,8 +162,9 @@ def _registry(request: Request) -> ModelRegistry:
     return registry
 
 
-def resolve_model(request: Request, name: str | None) -> ServedModel:
-    registry = _registry(request)
+def resolve_model(request: Request, name: str | None, registry: ModelRegistry | None = None) -> ServedModel:
+    if registry is None:
+        registry = _registry(request)
     try:
         model = registry.get(name)
     except UnknownModelError:
@@ -187,7 +201,8 @@ async def decode_inputs(request: Request, schema: type[M], query: dict[str, Any]
     """
     media_type = _media_type(request)
     query = {k: v for k, v in query.items() if v is not None}
-    max_samples = _registry(request).max_request_samples
+    registry = _registry(request)
+    max_samples = registry.max_request_samples
     if query:  # validated (and typed) by the same schema as the body fields
         try:
             typed = schema.model_validate({**query, "inputs": []})
@@ -196,7 +211,7 @@ async def decode_inputs(request: Request, schema: type[M], query: dict[str, Any]
         query = {k: getattr(typed, k) for k in query}
     if media_type == NPY_MEDIA_TYPE:
         params = cast(M, schema.model_construct(**query))
-        model = resolve_model(request, params.model)
+        model = resolve_model(request, params.model, registry)
         arr = parse_npy(await request.body())
     elif media_type in _JSON_TYPES or media_type.endswith("+json"):
         body = await request.body()
@@ -209,15 +224,14 @@ async def decode_inputs(request: Request, schema: type[M], query: dict[str, Any]
         if "model" in query and params.model is not None and params.model != query["model"]:
             raise _unprocessable("the model named in the query differs from the body's `model`")
         extra = {k: v for k, v in query.items() if getattr(params, k, None) is None}
-        if extra:
-            params = params.model_copy(update=extra)
-        model = resolve_model(request, params.model)
+        model_name = extra.get("model", params.model)
+        model = resolve_model(request, model_name, registry)
         if params.inputs_b64 is not None:
             arr = decode_b64_npy(params.inputs_b64)
         else:
             assert params.inputs is not None
             arr = json_to_array(params.inputs, max_samples)
-        params = params.model_copy(update={"inputs": None, "inputs_b64": None})
+        params = params.model_copy(update={**extra, "inputs": None, "inputs_b64": None})  # one copy
     else:
         raise HTTPException(
             status_code=415,
