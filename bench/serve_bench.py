@@ -231,13 +231,15 @@ def bootstrap_key(url: str, models: list[str]) -> str:
 class RawModels:
     """The same boxes, loaded in this process: forward passes with no HTTP, no batcher, no event loop."""
 
-    def __init__(self, dirs: dict[str, Path], threads: int) -> None:
+    def __init__(self, dirs: dict[str, Path], threads: int, scripted: bool = False) -> None:
         from sdb_core.artifact import load_box
         from service.inference.registry import resolve_device
 
         torch.set_num_threads(threads)
         device = resolve_device("auto")
         self.boxes = {name: load_box(d, device=str(device)) for name, d in dirs.items()}
+        if scripted:  # the form the server runs (SDB_TORCHSCRIPT): the service's overhead alone
+            self.boxes = {name: box.script() for name, box in self.boxes.items()}
 
     def samples_per_s(self, model: str, path: str, batch: int, min_time: float = 1.0) -> tuple[float, float]:
         """(samples/s wall, CPU ms per sample) of the raw forward pass at `batch`."""
@@ -366,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="torch threads, server and raw (0 = server default)"
     )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument(
+        "--raw",
+        choices=("eager", "script"),
+        default="eager",
+        help="the raw model: plain PyTorch (eager, default) or the TorchScript trace the server runs",
+    )
     args = p.parse_args(argv)
     from service.inference.registry import default_threads
 
@@ -377,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdb-bench-") as tmp:
         work = Path(tmp)
         dirs = prepare_models(work)
-        raw = RawModels(dirs, threads)
+        raw = RawModels(dirs, threads, scripted=args.raw == "script")
         shapes = {name: tuple(box.input_shape) for name, box in raw.boxes.items()}
         plan = list(scenarios(shapes, args.quick))
         for batching in (True, False):
@@ -424,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "quick": args.quick,
+        "raw": args.raw,
     }
     table, ok = report(results, rss, meta)
     print(table)

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(256, gt=0, description="Largest batch the dynamic batcher forms.")
     max_batch_delay_ms: float = Field(2.0, ge=0, description="How long the batcher waits to fill a batch.")
     batching: bool = Field(True, description="Merge concurrent requests into one forward pass.")
+    calibrate_forward_batch: bool = Field(
+        True,
+        description="At start, time each model at batch 8..SDB_MAX_BATCH_SIZE and run bigger batches in "
+        "chunks of the fastest size.",
+    )
     inference_timeout_s: float = Field(30.0, gt=0, description="Deadline of one inference (503 past it).")
     predict_rate_per_minute: int = Field(
         600, ge=0, description="Per-client /predict requests a minute (0=off)."

@@ -159,6 +159,7 @@ def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
             "bootstrap_admin_token": TEST_ADMIN_TOKEN,
             "client_ip_salt": "test-salt",
             "max_batch_delay_ms": 1.0,
+            "calibrate_forward_batch": False,  # ~0.3 s per model and app; tested in test_inference.py
             "predict_rate_per_minute": 0,
             "distill_rate_per_minute": 0,
             "log_level": "DEBUG",

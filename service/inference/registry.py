@@ -27,6 +27,7 @@ from service.inference.batcher import (
     BatchObserver,
     DynamicBatcher,
     InferFn,
+    fastest_forward_batch,
 )
 
 if TYPE_CHECKING:
@@ -136,6 +137,22 @@ class ServedModel:
         x = np.zeros((1, *self.input_shape), dtype=np.float32)
         for batcher in self._batchers.values():
             batcher.run_now(x)
+
+    def calibrate_forward_batch(self) -> int:
+        """Measure the fastest forward batch (plain path; both paths run the same network) and cap every
+        forward pass of this model at it. Returns the cap."""
+        plain = self._batchers["plain"]
+        sample = np.random.default_rng(0).random((1, *self.input_shape), dtype=np.float32)
+        cap, rates = fastest_forward_batch(plain.fn, sample, plain.config.max_batch_size)
+        for batcher in self._batchers.values():
+            batcher.forward_cap = cap
+        logger.info(
+            "%s: forward passes capped at %d samples (samples/s by batch: %s)",
+            self.name,
+            cap,
+            ", ".join(f"{k}: {v:,.0f}" for k, v in rates.items()),
+        )
+        return cap
 
     async def infer(self, path: InferencePath, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Logits [N, num_classes] (float32 numpy) of the plain or keyed path for raw inputs x [N, *shape]."""
@@ -324,6 +341,8 @@ class ModelRegistry:
         if warm_up:
             for model in registry:
                 model.warm_up()
+                if settings.calibrate_forward_batch:
+                    model.calibrate_forward_batch()
         logger.info(
             "loaded %d model(s) %s on %s (torch threads %d, batching %s)",
             len(names),

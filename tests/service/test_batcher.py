@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from service.inference.batcher import BatcherConfig, BatcherOverloaded, DynamicBatcher
+from service.inference.batcher import BatcherConfig, BatcherOverloaded, DynamicBatcher, fastest_forward_batch
 
 
 class Recorder:
@@ -198,3 +199,34 @@ def test_a_lone_client_pays_no_batching_delay(
     assert waits[0] == 1  # the first batch waits (nothing known yet)
     assert waits[1:2] == [3]  # sequential single requests did not; the concurrent burst did
     assert fn.sizes == [1, 1, 1, 1, 3]
+
+
+def test_fastest_forward_batch_finds_the_peak_and_forward_passes_are_capped_at_it(
+    executor: ThreadPoolExecutor,
+) -> None:
+    def fn(x: np.ndarray) -> np.ndarray:  # per-sample cost jumps above 32 samples (a cache that overflows)
+        n = len(x)
+        time.sleep(0.002 + 0.0001 * n if n <= 32 else 0.0004 * n)
+        return x[:, :2] * 2
+
+    cap, rates = fastest_forward_batch(fn, np.ones((1, 4), dtype=np.float32), 64)
+    assert sorted(rates) == [8, 16, 32, 64]
+    assert cap == 32, rates
+    recorder = Recorder()
+    b = DynamicBatcher(recorder, executor, BatcherConfig(max_batch_size=256, max_delay_s=0.0))
+    b.forward_cap = cap
+    run(b.submit(np.ones((100, 4), dtype=np.float32)))
+    assert recorder.sizes == [25, 25, 25, 25]  # equal chunks of at most 32
+
+
+def test_fastest_forward_batch_stops_growing_past_a_slow_forward_pass() -> None:
+    calls: list[int] = []
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        time.sleep(0.001 * len(x))
+        return x
+
+    cap, rates = fastest_forward_batch(fn, np.ones((1, 1), dtype=np.float32), 256, slow_forward_s=0.015)
+    assert max(calls) == 16 and sorted(rates) == [8, 16]  # 16 samples took >= 15 ms: no 32, 64, ...
+    assert cap in rates

@@ -51,6 +51,23 @@ def test_registry_loads_every_artifact_with_a_default(model_dir: Path) -> None:
         reg.close()
 
 
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_forward_batch_calibration_caps_both_paths(model_dir: Path, calibrate: bool) -> None:
+    reg = ModelRegistry.from_settings(
+        settings(model_dir, calibrate_forward_batch=calibrate, max_batch_size=64)
+    )
+    try:
+        for model in reg:
+            caps = {b.forward_cap for b in model._batchers.values()}
+            if calibrate:
+                (cap,) = caps  # one cap for both paths (the same network)
+                assert cap in (8, 16, 32, 64)
+            else:
+                assert caps == {None}
+    finally:
+        reg.close()
+
+
 def test_default_model_setting_is_honoured_and_checked(model_dir: Path) -> None:
     reg = ModelRegistry.from_settings(settings(model_dir, default_model="beta"))
     assert reg.get().name == "beta"
