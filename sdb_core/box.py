@@ -169,7 +169,8 @@ def train_box(
     elif cfg.init_from_teacher:
         box.load_state_dict(teacher.state_dict())
     if cfg.freeze_layers > 0:
-        for child in list(box.children())[: cfg.freeze_layers]:
+        layers = box.base if isinstance(box, TopOneGuard) else box
+        for child in list(layers.children())[: cfg.freeze_layers]:
             for p in child.parameters():
                 p.requires_grad_(False)
     box.to(device)

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdb_core.box import BoxConfig, box_arch, box_step_losses, default_temperature
+from sdb_core.box import BoxConfig, box_arch, box_step_losses, default_temperature, train_box
+from sdb_core.data import Dataset
 from sdb_core.keys import BoxKey
 from sdb_core.losses import target_disturbance_loss
+from sdb_core.training import TrainConfig
 from sdb_core.zoo import TopOneGuard, build_model
 
 
@@ -80,3 +82,17 @@ def test_guarded_box_trains_top1_on_the_decision_head_and_disturbs_the_soft_head
     head = [m for m in box.modules() if isinstance(m, torch.nn.Linear)][-1]
     assert head.weight.grad is not None
     assert head.weight.grad[:10].abs().sum() > 0 and head.weight.grad[10:].abs().sum() > 0
+
+
+def test_frozen_layers_of_a_guarded_box_are_the_base_networks_first_layers(digits: Dataset) -> None:
+    kw = {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}
+    teacher = build_model("small_cnn", **kw).eval()
+    cfg = BoxConfig(freeze_layers=1, train=TrainConfig(epochs=1, progress=False, device="cpu"))
+    box = train_box(
+        teacher, digits, arch="small_cnn", arch_kwargs=kw, key=BoxKey.from_int_seed(0, (1, 8, 8)), cfg=cfg
+    )
+    assert isinstance(box, TopOneGuard)
+    first, *rest = list(box.base.children())
+    assert not any(p.requires_grad for p in first.parameters())
+    assert all(p.requires_grad for m in rest for p in m.parameters())
+    assert torch.equal(first[0].weight, teacher[0][0].weight)  # frozen: still the teacher's
