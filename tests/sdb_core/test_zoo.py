@@ -51,11 +51,16 @@ def test_guard_output_has_the_decision_heads_top1_and_otherwise_the_soft_heads_l
     assert torch.allclose(out[~agree], lifted)
 
 
-def test_guard_starts_with_both_heads_equal_to_a_trained_single_head_model() -> None:
-    guard = _guard()
-    single = build_model("small_cnn", **arch_kwargs_for((1, 8, 8), 10, width=4)).eval()
+@pytest.mark.parametrize("arch", [a for a in list_models() if a != "guarded"])
+def test_guard_starts_with_both_heads_equal_to_a_trained_single_head_model(arch: str) -> None:
+    shape = (1, 8, 8) if arch in {"small_cnn", "mlp"} else (3, 32, 32)
+    kwargs = arch_kwargs_for(shape, 10)
+    torch.manual_seed(0)
+    guard = build_model("guarded", base=arch, **kwargs).eval()
+    single = build_model(arch, **kwargs).eval()
+    assert isinstance(guard, TopOneGuard)
     guard.load_base_from(single)
-    x = torch.randn(8, 1, 8, 8)
+    x = torch.randn(4, *shape)
     with torch.no_grad():
         soft, decision = guard.heads(x)
         assert torch.allclose(soft, single(x)) and torch.allclose(decision, single(x))
