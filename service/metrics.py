@@ -88,42 +88,34 @@ def model_label(name: str | None) -> str:
     return name if name in _known_models else UNKNOWN
 
 
-# The labelled children of the per-request metrics, looked up once per label set: `.labels()` validates
-# and joins the values on every call, a measurable share of a /predict request. Label values come from the
-# fixed vocabularies above (route templates, folded model names, status codes, "plain"/"keyed"), so these
-# caches stay as small as the metrics themselves.
-_request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-_batch_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-_sample_children: dict[tuple[str, str], Any] = {}
+# Labelled children of the per-request metrics, looked up once per label set: `.labels()` validates and
+# joins the values on every call, a measurable share of a /predict request. Label values come from the
+# fixed vocabularies above (route templates, folded model names, status codes, "plain"/"keyed"), so the
+# cache stays as small as the metrics themselves.
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
 
 
 def record_request(route: str, model: str | None, status: int, seconds: float) -> None:
     label = model_label(model)
-    key = (route, label, status)
-    children = _request_children.get(key)
-    if children is None:
-        children = (REQUESTS.labels(route, label, str(status)), REQUEST_LATENCY.labels(route, label))
-        _request_children[key] = children
-    children[0].inc()
-    children[1].observe(seconds)
+    _child(REQUESTS, route, label, str(status)).inc()
+    _child(REQUEST_LATENCY, route, label).observe(seconds)
 
 
 def record_batch(model: str, path: str, size: int, seconds: float) -> None:
-    key = (model, path)
-    children = _batch_children.get(key)
-    if children is None:
-        children = (BATCH_SIZE.labels(model, path), INFERENCE_LATENCY.labels(model, path))
-        _batch_children[key] = children
-    children[0].observe(size)
-    children[1].observe(seconds)
+    _child(BATCH_SIZE, model, path).observe(size)
+    _child(INFERENCE_LATENCY, model, path).observe(seconds)
 
 
 def record_samples(model: str, path: str, n: int) -> None:
-    key = (model_label(model), path)
-    child = _sample_children.get(key)
-    if child is None:
-        child = _sample_children[key] = SAMPLES.labels(*key)
-    child.inc(n)
+    _child(SAMPLES, model_label(model), path).inc(n)
 
 
 def record_samples_distilled(model: str, n: int) -> None:
