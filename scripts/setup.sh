@@ -11,6 +11,17 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
   echo "sdb: Python 3.11+ is required ('$PY' is $("$PY" -V 2>&1)); set PYTHON=python3.11 or newer" >&2
   exit 1
 fi
+# Real data for the evaluation: Debian's Fashion-MNIST package (IDX files under /usr/share/datasets).
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; } \
+      && echo "sdb: installed Fashion-MNIST (dataset-fashion-mnist)" \
+      || echo "sdb: warning: could not install dataset-fashion-mnist; the Fashion-MNIST tests will skip" >&2
+  else
+    echo "sdb: Fashion-MNIST is not installed; for the evaluation run: sudo apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 STAMP=".venv/.sdb-setup-${EXTRAS:-runtime}"

@@ -40,6 +40,15 @@ class ArtifactConfig:
     key_name: str = KEY_FILE
 
 
+TOP1_MARGIN = 10.0  # logits of the top-1 above every other class in a "top1" plain output
+
+
+def top1_logits(logits: Tensor, margin: float = TOP1_MARGIN) -> Tensor:
+    """A fixed distribution around the top-1: `margin` for the arg-max class, 0 for every other. Everything
+    but the arg-max of `logits` is thrown away, so nothing beyond the top-1 can be read from the answer."""
+    return margin * torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+
+
 class ArtifactError(Exception):
     """A box artifact is missing, malformed or tampered with. Never contains key material."""
 
@@ -71,6 +80,8 @@ class BoxedModel:
         self.class_names: list[str] = list(manifest["class_names"])
         self.temperature: float = float(manifest["temperature"])
         self.arch: str = manifest["arch"]
+        # Artifacts written before plain_output existed served the box's own logits.
+        self.plain_output: str = manifest.get("plain_output", "soft")
         self._key = key
         self.model = model.eval()
         for p in self.model.parameters():
@@ -98,6 +109,12 @@ class BoxedModel:
         return (x - self._mean) / self._std
 
     def plain_logits(self, x: Tensor) -> Tensor:
+        """What the plain path serves (`/predict`): the top-1 only for a "top1" box."""
+        z = self.raw_plain_logits(x)
+        return top1_logits(z) if self.plain_output == "top1" else z
+
+    def raw_plain_logits(self, x: Tensor) -> Tensor:
+        """The network's own outputs on plain inputs: what stolen weights give without the key."""
         with torch.inference_mode():
             return self.model(self._normalize(x))
 
@@ -142,6 +159,7 @@ def save_box(
     data_digest: str,
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    plain_output: str = "top1",
 ) -> Path:
     """Write a box artifact atomically (a sibling temp dir renamed into place). Returns the directory."""
     out = Path(out_dir)
@@ -168,6 +186,7 @@ def save_box(
             "lam": float(key.lam),
             "temperature": float(temperature),
             "temperature_dis": float(temperature_dis),
+            "plain_output": plain_output,
             "data_digest": data_digest,
             "metrics": metrics,
             "torch_version": torch.__version__,

@@ -1,12 +1,12 @@
 """Box training: turn a trained teacher into a Safe Distillation Box.
 
 Objective per batch (f the box, f_adv the frozen teacher, x' = key.apply(x), x~ = x mixed with a freshly
-drawn random non-key, p_T = softmax(z / T), y the label):
+drawn random non-key at lambda +- nonkey_lam_spread, p_T = softmax(z / T), y the label):
 
     L = w_ce_plain * CE(f(x), y) + w_ce_keyed * CE(f(x'), y)          # top-1 on both paths
       + w_dis * D(f(x))                                               # knowledge disturbance (plain)
       + w_pre * T^2 * KL(sharpen(p_T(f_adv(x)), y) || p_T(f(x')))     # preservation + augmentation (keyed)
-      + w_nonkey * [CE(f(x~), y) + w_dis * D(f(x~))]                  # wrong keys behave like no key
+      + w_nonkey * [w_ce_plain * CE(f(x~), y) + w_dis * D(f(x~))]     # wrong keys behave like no key
 
 With `guard` (the default) the box is a zoo.TopOneGuard: a soft head z and a decision head d over one trunk.
 The cross-entropy terms above train d (plus w_dec_pre * T^2 * KL(p_T(f_adv(x)) || p_T(d)) on plain and keyed
@@ -21,7 +21,15 @@ Disturbance forms D (all bounded, see losses.py), `disturb_form`:
   by -T^2 * max(-log q)). On the bundled digits it either leaves students unharmed (the box just becomes
   over-confident) or, at larger weights, drives plain top-1 to chance; see docs/evaluation.md.
 - "teacher_first": Nasty-Teacher order with a probability floor, -T^2 * KL(p_T(f_adv) || p_T(f) + floor).
+- "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))), flat(y) = 1 - dis_eps on y and the rest
+  spread evenly: the box's own plain outputs carry the top-1 and no dark knowledge, so a stolen copy of the
+  weights (run without the key) teaches no more than the labels. Paired with `plain_output = "top1"`.
 Derived from the official code (JngwenYe/SDB, train_smb.py), with the paper's lambda = 0.5.
+
+`plain_output` says what the served plain path returns: "top1" (the default) replaces the box's plain logits
+by a fixed distribution around their top-1 (`artifact.top1_logits`), so `/predict` gives away the top-1 and
+nothing else whatever the attacker does with the answers; "soft" returns the box's own (disturbed) logits,
+the paper's design. docs/evaluation.md measures both against the attack suite (`sdb_core.attacks`).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from sdb_core.data import Dataset
 from sdb_core.keys import BoxKey
 from sdb_core.losses import (
     disturbance_loss,
+    flat_disturbance_loss,
     kl_div,
     preservation_loss,
     reverse_disturbance_loss,
@@ -53,32 +62,41 @@ def default_temperature(num_classes: int) -> float:
     return 4.0 if num_classes <= 10 else 20.0
 
 
+PLAIN_OUTPUTS = ("top1", "soft")
+DISTURB_FORMS = ("flat", "target", "box_first", "teacher_first")
+
+
 @dataclass
 class BoxConfig:
     lam: float = 0.5
     temperature: float | None = None  # None: default_temperature(num_classes)
     temperature_dis: float | None = None
-    w_ce_plain: float = 1.0
+    plain_output: str = "top1"  # what the plain path serves: "top1" (fixed distribution) or "soft"
+    w_ce_plain: float = 0.0  # the flat target already puts the label on top
     w_ce_keyed: float = 1.0
     w_dis: float = 1.0
     w_align: float = 0.0  # KL(p_1(f(x)) || p_1(f(x')).detach()): plain confidence tied to the keyed path's
     w_pre: float = 1.0
     sharpen: float = 0.1
     w_nonkey: float = 1.0
+    nonkey_lam_spread: float = 0.3  # non-key mixes use lambda drawn uniformly in lam +- this
     init_from_teacher: bool = True
     freeze_layers: int = 0  # keep the teacher's first k child modules (Sequential models) frozen
-    disturb_form: str = "target"  # or "box_first" (-KL(box || teacher)), "teacher_first" (floored)
+    disturb_form: str = "flat"  # or "target", "box_first" (-KL(box || teacher)), "teacher_first" (floored)
+    dis_eps: float = 0.1  # flat only: the probability mass spread evenly over the wrong classes
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
-    guard: bool = True  # two heads (soft, decision) behind zoo.TopOneGuard; False: one head does both
+    guard: bool = False  # two heads (soft, decision) behind zoo.TopOneGuard; False: one head does both
     guard_lift: float = 1.0  # logits by which a guarded box lifts its decision above the soft head's top
     w_dec_pre: float = 1.0  # guarded only: the decision head also imitates the teacher (plain and keyed)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
     def __post_init__(self) -> None:
-        if self.disturb_form not in ("target", "box_first", "teacher_first"):
-            raise ValueError(f"unknown disturb_form {self.disturb_form!r}")
+        if self.disturb_form not in DISTURB_FORMS:
+            raise ValueError(f"unknown disturb_form {self.disturb_form!r}; one of {', '.join(DISTURB_FORMS)}")
+        if self.plain_output not in PLAIN_OUTPUTS:
+            raise ValueError(f"unknown plain_output {self.plain_output!r}; one of {', '.join(PLAIN_OUTPUTS)}")
 
     def temps(self, num_classes: int) -> tuple[float, float]:
         t = self.temperature or default_temperature(num_classes)
@@ -92,6 +110,8 @@ def box_step_losses(
     t, t_dis = cfg.temps(num_classes)
 
     def disturb(zb: Tensor, zt: Tensor) -> Tensor:
+        if cfg.disturb_form == "flat":
+            return flat_disturbance_loss(zb, y, cfg.dis_eps)
         if cfg.disturb_form == "target":
             return target_disturbance_loss(zb, zt, y, t_dis, cfg.dis_margin, cfg.dis_sharpness)
         if cfg.disturb_form == "teacher_first":
@@ -103,7 +123,10 @@ def box_step_losses(
     xk = key.apply(xn)
     parts = [xn, xk]
     if cfg.w_nonkey > 0:
-        parts.append(key.lam * xn + (1.0 - key.lam) * torch.randn_like(xn))
+        shape = (len(xn),) + (1,) * (xn.dim() - 1)
+        lam = key.lam + cfg.nonkey_lam_spread * (2 * torch.rand(shape, device=xn.device) - 1)
+        lam = lam.clamp(0.05, 0.95)
+        parts.append(lam * xn + (1.0 - lam) * torch.randn_like(xn))
     guarded = isinstance(box, TopOneGuard)
     if isinstance(box, TopOneGuard):
         z, d = box.heads(torch.cat(parts))
@@ -134,7 +157,7 @@ def box_step_losses(
     if guarded:
         total = total + cfg.w_dec_pre * out["dec_preserve"]
     if cfg.w_nonkey > 0:
-        total = total + cfg.w_nonkey * (out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
+        total = total + cfg.w_nonkey * (cfg.w_ce_plain * out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
     out["total"] = total
     return out
 
@@ -235,6 +258,7 @@ def box_teacher(
         normalization=ds.normalization,
         temperature=t,
         temperature_dis=t_dis,
+        plain_output=cfg.plain_output,
         data_digest=ds.digest(),
         extra={"dataset": ds.name, "box_config": asdict(cfg)},
     )

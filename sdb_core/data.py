@@ -1,12 +1,14 @@
-"""Datasets: the bundled default (scikit-learn's digits, 1x8x8, fixed split), CIFAR-10/100 python-pickle
-directories, and generic `.npz` files with arrays `x` and `y`.
+"""Datasets: the bundled default (scikit-learn's digits, 1x8x8, fixed split), Fashion-MNIST and any data set
+in the MNIST IDX format, CIFAR-10/100 python-pickle directories, and `.npz` files with arrays `x` and `y`.
 
-Inputs are kept RAW (float32 [N, C, H, W] in the dataset's native scale: digits 0..16, CIFAR pixel/255);
+Inputs are kept RAW (float32 [N, C, H, W] in the dataset's native scale: digits 0..16, IDX and CIFAR
+pixel/255);
 the per-channel normalization computed on the training split travels with every model that uses it.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -25,6 +27,7 @@ class DataConfig:
     digits_test_size: int = 497  # 1797 digits -> 1300 train / 497 test
     split_seed: int = 0  # the fixed split; independent of the experiment seeds
     npz_test_fraction: float = 0.2
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 
 
 CONFIG = DataConfig()
@@ -240,11 +243,134 @@ def load_npz(path: str | os.PathLike[str], config: DataConfig = CONFIG) -> Datas
     return Dataset(p.stem, xtr, ytr, xte, yte, names)
 
 
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+_IDX_DTYPES: dict[int, Any] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+}
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """One IDX file (the MNIST format, optionally gzip-compressed): magic 0x0000 TT DD, DD big-endian
+    int32 dimensions, then the data. DataError on a wrong magic number, dimensions or length."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise DataError(f"{p}: not found") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{p}: cannot read ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{p}: not an IDX file (bad magic number)")
+    dtype, ndim = raw[2], raw[3]
+    if dtype not in _IDX_DTYPES:
+        raise DataError(f"{p}: unknown IDX data type 0x{dtype:02x}")
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{p}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dt = np.dtype(_IDX_DTYPES[dtype])
+    expected = int(np.prod(dims)) * dt.itemsize
+    body = len(raw) - 4 - 4 * ndim
+    if body != expected:
+        raise DataError(f"{p}: IDX header says {dims} ({expected} bytes of data), file has {body}")
+    return np.frombuffer(raw, dtype=dt, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(d: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (d / name).is_file():
+            return d / name
+    # also accept the common dotted spelling (train-images.idx3-ubyte)
+    dotted = stem.replace("-idx", ".idx")
+    for name in (dotted, dotted + ".gz"):
+        if (d / name).is_file():
+            return d / name
+    raise DataError(f"{d}: {stem}[.gz] not found (expected the four MNIST-format IDX files)")
+
+
+def load_idx(
+    directory: str | os.PathLike[str], name: str = "", class_names: list[str] | None = None
+) -> Dataset:
+    """A directory with the four standard MNIST-format files (train-images-idx3-ubyte,
+    train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each optionally .gz).
+    Pixels become float32 / 255."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: directory not found")
+    arrays = {k: read_idx(_find_idx(d, stem)) for k, stem in _IDX_FILES.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if x.ndim != 3:
+            raise DataError(f"{d}: {split} images must be [N, H, W], got {x.shape}")
+        if y.ndim != 1:
+            raise DataError(f"{d}: {split} labels must be [N], got {y.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{d}: {len(x)} {split} images but {len(y)} labels")
+    ytr, yte = arrays["train_labels"].astype(np.int64), arrays["test_labels"].astype(np.int64)
+    if min(ytr.min(), yte.min()) < 0:
+        raise DataError(f"{d}: negative labels")
+    n_cls = int(max(ytr.max(), yte.max())) + 1
+    names = class_names or [str(i) for i in range(n_cls)]
+    if len(names) < n_cls:
+        raise DataError(f"{d}: labels go up to {n_cls - 1} but only {len(names)} class names")
+    return Dataset(
+        name or d.name,
+        arrays["train_images"][:, None].astype(np.float32) / 255.0,
+        ytr,
+        arrays["test_images"][:, None].astype(np.float32) / 255.0,
+        yte,
+        list(names),
+    )
+
+
+def load_fashion_mnist(
+    directory: str | os.PathLike[str] | None = None, config: DataConfig = CONFIG
+) -> Dataset:
+    """Zalando's Fashion-MNIST (60,000 train / 10,000 test, 1x28x28, 10 classes) from its IDX files, by
+    default where Debian's `dataset-fashion-mnist` package installs them."""
+    d = Path(directory or config.fashion_mnist_dir)
+    if not d.is_dir():
+        raise DataError(
+            f"{d}: Fashion-MNIST not found; install it with `apt-get install dataset-fashion-mnist` "
+            "(Debian/Ubuntu) or pass fashion-mnist:DIR with the four IDX files "
+            "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+            "t10k-labels-idx1-ubyte.gz)"
+        )
+    return load_idx(d, name="fashion-mnist", class_names=FASHION_MNIST_CLASSES)
+
+
 def load_dataset(spec: str = "digits") -> Dataset:
-    """`digits`, `cifar10:DIR`, `cifar100:DIR`, `npz:FILE`, or a path (`.npz` file or a CIFAR directory)."""
+    """`digits`, `fashion-mnist[:DIR]`, `idx:DIR`, `cifar10:DIR`, `cifar100:DIR`, `npz:FILE`, or a path
+    (`.npz` file or a CIFAR directory)."""
     kind, _, arg = spec.partition(":")
     if spec == "digits":
         return load_digits()
+    if kind == "fashion-mnist":
+        return load_fashion_mnist(arg or None)
+    if kind == "idx" and arg:
+        return load_idx(arg)
     if kind == "cifar10" and arg:
         return load_cifar10(arg)
     if kind == "cifar100" and arg:
@@ -258,4 +384,7 @@ def load_dataset(spec: str = "digits") -> Dataset:
         return load_cifar10(p)
     if p.is_dir() and (p / "train").exists() and (p / "test").exists():
         return load_cifar100(p)
-    raise DataError(f"unknown dataset {spec!r} (digits, cifar10:DIR, cifar100:DIR, npz:FILE)")
+    raise DataError(
+        f"unknown dataset {spec!r} "
+        "(digits, fashion-mnist[:DIR], idx:DIR, cifar10:DIR, cifar100:DIR, npz:FILE)"
+    )

@@ -21,7 +21,7 @@ from sdb_core.losses import hinton_kd_loss
 from sdb_core.training import TeacherFn, TrainConfig, fit, resolve_device, seed_everything
 from sdb_core.zoo import arch_kwargs_for, build_model
 
-__all__ = ["DistillConfig", "TeacherFn", "distill", "labelled_mask", "query_teacher"]
+__all__ = ["DistillConfig", "TeacherFn", "distill", "distill_logits", "labelled_mask", "query_teacher"]
 
 
 @dataclass
@@ -87,15 +87,52 @@ def distill(
             scratch_cfg = TrainConfig(**{**cfg.train.__dict__, "epochs": cfg.train.epochs * factor})
         return fit(student, sub, ce_step, scratch_cfg, desc=desc)
 
-    precomputed: Tensor | None = None
-    if not cfg.train.augment:
-        precomputed = query_teacher(teacher, ds.x_train, cfg.teacher_batch_size).to(device)
+    if cfg.train.augment:
+        return _fit_kd(ds, student, None, teacher, cfg, mask_t, desc)
+    logits = query_teacher(teacher, ds.x_train, cfg.teacher_batch_size)
+    return distill_logits(ds, arch, logits, cfg, arch_extra=arch_extra, desc=desc)
+
+
+def distill_logits(
+    ds: Dataset,
+    arch: str,
+    logits: Tensor,
+    cfg: DistillConfig,
+    *,
+    arch_extra: dict[str, Any] | None = None,
+    desc: str = "student",
+) -> nn.Module:
+    """`distill` from teacher logits already computed for every training sample (one query per sample,
+    shared by every student that learns from the same answers)."""
+    if logits.shape[0] != len(ds.x_train):
+        raise ValueError(f"{logits.shape[0]} teacher logits for {len(ds.x_train)} training samples")
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    kwargs = arch_kwargs_for(ds.input_shape, ds.num_classes, **(arch_extra or {}))
+    student = build_model(arch, **kwargs)
+    mask_t = torch.from_numpy(labelled_mask(len(ds.x_train), cfg.labelled_fraction, cfg.train.seed)).to(
+        device
+    )
+    return _fit_kd(ds, student, logits.to(device), None, cfg, mask_t, desc)
+
+
+def _fit_kd(
+    ds: Dataset,
+    student: nn.Module,
+    precomputed: Tensor | None,
+    teacher: TeacherFn | None,
+    cfg: DistillConfig,
+    mask_t: Tensor,
+    desc: str,
+) -> nn.Module:
+    device = resolve_device(cfg.train.device)
 
     def kd_step(idx: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
         idx = idx.to(device)
         if precomputed is not None:
             t_logits = precomputed[idx]
         else:  # augmented batch: ask the teacher about exactly what the student sees (raw scale)
+            assert teacher is not None
             mean = torch.tensor(ds.mean, device=device).view(-1, 1, 1)
             std = torch.tensor(ds.std, device=device).view(-1, 1, 1)
             t_logits = teacher((xb * std + mean).cpu()).float().to(device)

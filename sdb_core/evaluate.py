@@ -1,9 +1,24 @@
-"""The whole protocol over several seeds: teacher -> box -> students, written as JSON, Markdown and PNG.
+"""The protocol over several seeds: teacher -> box -> licensees' and attackers' students, with the measures
+of knowledge delivered and leaked, written as JSON, Markdown and PNG.
 
-Per seed: train the teacher, box it (artifact saved and reloaded, checksums verified), then train every
-student architecture five ways (scratch, normal KD, unauthorized KD from the box's plain path, authorized
-KD from the keyed path, KD from the box fed a wrong key) in two settings: all labels known, and the API
-customer's transfer set with only `labelled_fraction` of the labels known.
+Per seed the training split is cut in two, disjoint: the model owner's images (teacher and box train on them)
+and a transfer set of `transfer` images that a licensee or an attacker holds, of which `labelled_fraction`
+carry their true label (`transfer = 0`: the transfer set is the owner's own split, the quick digits check).
+Every student family then learns from the transfer set in these ways (`sdb_core.distill`, one query per
+image, answers cached and shared by all families):
+
+- scratch: cross-entropy on the known labels only;
+- normal KD: the original teacher's soft labels (what the knowledge is worth);
+- authorized KD: the box's keyed path (what a licensee gets through `/distill-batch`);
+- every attack of `sdb_core.attacks` against the plain path (`api/...`, what `/predict` answers) and against
+  the box's weights run without the key (`stolen/...`, a copy of the weights off a server).
+
+Every attack also runs on its top-1 twin (`attacks.top1_oracle`: the same queries, each answer cut down to its
+top-1). The label-only floor is the best of those twins: the best student that the suite's recipes train from
+top-1 answers alone, which no service that answers correctly can prevent (`api/label_only`, the top-1 as
+pseudo-labels, is one of them). Measures per family, in top-1 points over that floor, per seed then
+mean ± std: V = normal KD - floor (the value of the dark knowledge), delivered = authorized KD - floor, and
+leaked = the best attack - floor (the attack is named). `beyond_top1` is each attack's gain over its own twin.
 """
 
 from __future__ import annotations
@@ -11,26 +26,33 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from sdb_core.box import BoxConfig, box_teacher, wrong_key_fn
+from sdb_core.artifact import BoxedModel
+from sdb_core.attacks import (
+    AttackConfig,
+    Oracle,
+    Targets,
+    attack_names,
+    attack_targets,
+    top1_oracle,
+    train_on_targets,
+)
+from sdb_core.box import BoxConfig, box_teacher
 from sdb_core.data import Dataset, load_dataset
 from sdb_core.distill import DistillConfig, distill
 from sdb_core.keys import BoxKey
-from sdb_core.training import TrainConfig, accuracy, model_fn, resolve_device, train_classifier
+from sdb_core.training import TeacherFn, TrainConfig, accuracy, model_fn, resolve_device, train_classifier
 
-METHODS = ("scratch", "normal", "unauthorized", "authorized", "wrong_key")
-METHOD_LABELS = {
-    "scratch": "scratch",
-    "normal": "normal KD",
-    "unauthorized": "unauthorized KD (plain)",
-    "authorized": "authorized KD (keyed)",
-    "wrong_key": "wrong-key KD",
-}
+BASE_METHODS = ("scratch", "normal", "authorized")
 
 
 @dataclass
@@ -40,27 +62,82 @@ class EvalConfig:
     teacher_arch: str = "small_cnn"
     teacher_extra: dict[str, Any] = field(default_factory=lambda: {"width": 32})
     teacher_epochs: int = 30
+    owner_images: int = 0  # > 0: the owner's training images (teacher and box); 0: all but the transfer set
+    transfer: int = 0  # images in the transfer set, disjoint from the owner's; 0: the owner's own images
+    labelled_fraction: float = 0.1  # of the transfer set's images, those whose true label is known
     students: tuple[str, ...] = ("small_cnn:width=8", "mlp:hidden=64")
     student_epochs: int = 30
     alpha: float = 0.9
     temperature: float = 4.0
-    labelled_fraction: float = 0.1  # the API-customer setting; <= 0 skips it
-    train_subset: int = 0  # > 0: use only this many training samples (reduced configurations)
     box: BoxConfig = field(default_factory=BoxConfig)
+    attacks: AttackConfig = field(default_factory=AttackConfig)
+    # Attacks on the stolen weights (run without the key): the raw outputs themselves, re-tempered, and
+    # guessed keys; the network's raw logits are a superset of what any query-based attack gets from them.
+    stolen_attacks: tuple[str, ...] = ("retemper:1", "retemper:4", "retemper:20", "guess:lam=0.5")
     device: str = "auto"
     threads: int = 1  # torch intra-op threads; small models run fastest on one (0 = torch's default)
     progress: bool = True
 
 
-def reduced_config() -> EvalConfig:
-    """A small configuration that checks the same directions quickly (for the test suite)."""
+def digits_config() -> EvalConfig:
+    """The quick check on the bundled digits: the transfer set is the owner's own 1300 images."""
+    return EvalConfig()
+
+
+def fashion_mnist_config() -> EvalConfig:
+    """The documented protocol on Fashion-MNIST (docs/evaluation.md: why these sizes)."""
     return EvalConfig(
+        dataset="fashion-mnist",
+        teacher_arch="cnn",
+        teacher_extra={"width": 32},
+        teacher_epochs=12,
+        owner_images=20_000,
+        transfer=1_000,
+        students=("small_cnn:width=16", "mlp:hidden=512"),
+        student_epochs=120,
+        box=replace(BoxConfig(), train=TrainConfig(epochs=8, lr=0.05)),
+    )
+
+
+PROTOCOLS: dict[str, Callable[[], EvalConfig]] = {
+    "digits": digits_config,
+    "fashion-mnist": fashion_mnist_config,
+}
+
+
+def protocol_for(dataset: str) -> EvalConfig:
+    """The protocol of a named dataset (its kind before ':'), else the digits protocol on that data."""
+    make = PROTOCOLS.get(dataset.partition(":")[0], digits_config)
+    return replace(make(), dataset=dataset)
+
+
+def reduced_config(dataset: str = "digits") -> EvalConfig:
+    """A small configuration that checks the same directions quickly (for the test suite)."""
+    cfg = protocol_for(dataset)
+    reduced = AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,))
+    if dataset.startswith("fashion-mnist"):
+        return replace(
+            cfg,
+            seeds=(0,),
+            owner_images=4_000,
+            transfer=500,
+            teacher_epochs=6,
+            student_epochs=60,
+            students=("mlp:hidden=512",),
+            box=replace(cfg.box, train=replace(cfg.box.train, epochs=4)),
+            attacks=reduced,
+            stolen_attacks=("retemper:4", "guess:lam=0.5"),
+            progress=False,
+        )
+    return replace(
+        cfg,
         seeds=(0,),
         teacher_epochs=20,
         student_epochs=20,
-        students=("small_cnn:width=8",),
-        labelled_fraction=0.0,
-        box=replace(BoxConfig(), train=TrainConfig(epochs=20)),
+        students=("mlp:hidden=64",),
+        box=replace(cfg.box, train=replace(cfg.box.train, epochs=20)),
+        attacks=reduced,
+        stolen_attacks=("retemper:4", "guess:lam=0.5"),
         progress=False,
     )
 
@@ -78,96 +155,207 @@ def parse_student(spec: str) -> tuple[str, dict[str, Any]]:
     return arch, extra
 
 
+def split_owner_transfer(ds: Dataset, cfg: EvalConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """The owner's training set and the transfer set (disjoint, drawn per seed); both test on all of ds's
+    test split."""
+    if cfg.transfer <= 0:
+        return ds, ds
+    n = len(ds.x_train)
+    owner = cfg.owner_images or n - cfg.transfer
+    if owner + cfg.transfer > n:
+        raise ValueError(f"{owner} owner + {cfg.transfer} transfer images > {n} training images")
+    perm = np.random.default_rng(1_000 + seed).permutation(n)
+
+    def part(idx: np.ndarray, name: str) -> Dataset:
+        return Dataset(
+            f"{ds.name}:{name}",
+            ds.x_train[idx],
+            ds.y_train[idx],
+            ds.x_test,
+            ds.y_test,
+            ds.class_names,
+            ds.mean,
+            ds.std,
+        )
+
+    return part(perm[:owner], "owner"), part(perm[owner : owner + cfg.transfer], "transfer")
+
+
+def plain_api_oracle(boxed: BoxedModel) -> Oracle:
+    """What `/predict` gives an anonymous client: log of the plain path's probabilities."""
+    return lambda x: F.log_softmax(boxed.plain_logits(x).float(), dim=1).cpu()
+
+
+def stolen_weights_oracle(boxed: BoxedModel) -> Oracle:
+    """The box's network run on plain inputs by someone who copied its weights but not its key."""
+    return lambda x: F.log_softmax(boxed.raw_plain_logits(x).float(), dim=1).cpu()
+
+
 def _train_cfg(cfg: EvalConfig, epochs: int, seed: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, seed=seed, device=cfg.device, progress=cfg.progress)
 
 
 def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str, Any]:
+    start = time.perf_counter()
     dev = resolve_device(cfg.device)
+    owner, transfer = split_owner_transfer(ds, cfg, seed)
     teacher, kwargs = train_classifier(
-        ds, cfg.teacher_arch, _train_cfg(cfg, cfg.teacher_epochs, seed), arch_extra=cfg.teacher_extra
+        owner, cfg.teacher_arch, _train_cfg(cfg, cfg.teacher_epochs, seed), arch_extra=cfg.teacher_extra
     )
-    teacher_fn = model_fn(teacher, ds)
+    teacher_fn = model_fn(teacher, owner)
     teacher_top1 = accuracy(teacher_fn, ds.x_test, ds.y_test, dev)
     box_cfg = replace(
         cfg.box, train=replace(cfg.box.train, seed=seed, device=cfg.device, progress=cfg.progress)
     )
-    key = BoxKey.from_int_seed(seed, ds.input_shape, box_cfg.lam)
     boxed = box_teacher(
         teacher,
         {"arch": cfg.teacher_arch, "arch_kwargs": kwargs},
-        ds,
+        owner,
         out_dir / f"seed{seed}",
         name=f"eval-seed{seed}",
         cfg=box_cfg,
-        key=key,
+        key=BoxKey.from_int_seed(seed, ds.input_shape, box_cfg.lam),
         teacher_top1=teacher_top1,
     )
-    teachers = {
-        "scratch": None,
-        "normal": teacher_fn,
-        "unauthorized": boxed.plain_logits,
-        "authorized": boxed.keyed_logits,
-        "wrong_key": wrong_key_fn(boxed, box_cfg.lam, seed + 1_000_003),
-    }
+    metrics = boxed.manifest["metrics"]
     result: dict[str, Any] = {
         "seed": seed,
         "teacher": {
             "normal": teacher_top1,
-            "box_plain": boxed.manifest["metrics"]["plain_top1"],
-            "box_keyed": boxed.manifest["metrics"]["keyed_top1"],
-            "box_wrong_key": boxed.manifest["metrics"]["wrong_key_top1"],
+            "box_plain": metrics["plain_top1"],
+            "box_keyed": metrics["keyed_top1"],
+            "box_wrong_key": metrics["wrong_key_top1"],
+            "box_stolen": accuracy(boxed.raw_plain_logits, ds.x_test, ds.y_test, dev),
         },
         "students": {},
     }
-    settings = {"full": 1.0}
-    if cfg.labelled_fraction > 0:
-        settings["transfer"] = cfg.labelled_fraction
-    for setting, frac in settings.items():
-        for spec in cfg.students:
-            arch, extra = parse_student(spec)
-            for method, fn in teachers.items():
-                dcfg = DistillConfig(
-                    alpha=cfg.alpha,
-                    temperature=cfg.temperature,
-                    labelled_fraction=frac,
-                    train=_train_cfg(cfg, cfg.student_epochs, seed),
-                )
-                student = distill(ds, arch, fn, dcfg, arch_extra=extra, desc=f"{spec} {method}")
-                top1 = accuracy(model_fn(student, ds), ds.x_test, ds.y_test, dev)
-                result["students"].setdefault(setting, {}).setdefault(spec, {})[method] = top1
+    # Another box's key, as an attacker who bought a different box would hold it.
+    acfg = replace(cfg.attacks, other_key=BoxKey.from_int_seed(seed + 7_777, ds.input_shape, box_cfg.lam))
+    api, stolen = plain_api_oracle(boxed), stolen_weights_oracle(boxed)
+    dcfg = DistillConfig(
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        labelled_fraction=cfg.labelled_fraction,
+        train=_train_cfg(cfg, cfg.student_epochs, seed),
+    )
+    # Every attack's answers and those of its top-1 twin, queried once and shared by all student families.
+    targets: dict[str, tuple[Targets, Targets]] = {}
+    for access, oracle, names in (
+        ("api", api, attack_names(acfg)),
+        ("stolen", stolen, list(cfg.stolen_attacks)),
+    ):
+        twin = top1_oracle(oracle)
+        for name in names:
+            targets[f"{access}/{name}"] = (
+                attack_targets(name, oracle, transfer, acfg),
+                attack_targets(name, twin, transfer, acfg),
+            )
+    teachers = {"normal": teacher_fn, "authorized": boxed.keyed_logits}
+    result["twins"] = {}
+    for spec in cfg.students:
+        top1, twins = _family(spec, transfer, teachers, targets, dcfg, acfg, dev)
+        result["students"][spec] = top1
+        result["twins"][spec] = twins
+    result["wall_seconds"] = time.perf_counter() - start
     return result
+
+
+def _family(
+    spec: str,
+    transfer: Dataset,
+    teachers: dict[str, TeacherFn],
+    targets: dict[str, tuple[Targets, Targets]],
+    dcfg: DistillConfig,
+    acfg: AttackConfig,
+    dev: torch.device,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Every student of one family: scratch, one per teacher, and one per attack and per top-1 twin."""
+    arch, extra = parse_student(spec)
+    cache: dict[str, float] = {}  # the same answers train the same student (deterministic per seed)
+
+    def score(student: nn.Module) -> float:
+        return accuracy(model_fn(student, transfer), transfer.x_test, transfer.y_test, dev)
+
+    def trained(t: Targets, label: str) -> float:
+        key = t.digest()
+        if key not in cache:
+            desc = f"{spec} {label}"
+            cache[key] = score(train_on_targets(transfer, arch, t, dcfg, acfg, arch_extra=extra, desc=desc))
+        return cache[key]
+
+    top1 = {"scratch": score(distill(transfer, arch, None, dcfg, arch_extra=extra, desc=f"{spec} scratch"))}
+    for method, fn in teachers.items():
+        top1[method] = score(distill(transfer, arch, fn, dcfg, arch_extra=extra, desc=f"{spec} {method}"))
+    twins: dict[str, float] = {}
+    for method, (answers, twin) in targets.items():
+        top1[method] = trained(answers, method)
+        twins[method] = trained(twin, f"{method} (top-1 twin)")
+    return top1, twins
 
 
 def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def attacks_of(per_method: dict[str, Any]) -> list[str]:
+    """The unauthorized methods of one student family: every attack on the plain path or the stolen
+    weights."""
+    return [m for m in per_method if m not in BASE_METHODS]
+
+
+def floor_of(run: dict[str, Any], spec: str) -> tuple[float, str]:
+    """The label-only floor of one seed: the best student any recipe of the suite trains from top-1 answers
+    alone (the top-1 twins), and the recipe that trained it."""
+    twins = run["twins"][spec]
+    best = max(twins, key=lambda m: twins[m])
+    return twins[best], best
+
+
+def measures(runs: list[dict[str, Any]], spec: str) -> dict[str, Any]:
+    """V, delivered and leaked (mean ± std over seeds of per-seed differences to the label-only floor), and
+    what each attack gained over the floor and over its own top-1 twin (beyond the top-1)."""
+
+    def over_floor(method: str) -> dict[str, float]:
+        return _stats([r["students"][spec][method] - floor_of(r, spec)[0] for r in runs])
+
+    attacks = attacks_of(runs[0]["students"][spec])
+    gains = {m: over_floor(m) for m in attacks}
+    beyond = {m: _stats([r["students"][spec][m] - r["twins"][spec][m] for r in runs]) for m in attacks}
+    worst = max(gains, key=lambda m: gains[m]["mean"])
+    return {
+        "floor": _stats([floor_of(r, spec)[0] for r in runs]),
+        "floor_by": [floor_of(r, spec)[1] for r in runs],
+        "V": over_floor("normal"),
+        "delivered": over_floor("authorized"),
+        "leaked": gains[worst],
+        "leaked_by": worst,
+        "gains": gains,
+        "beyond_top1": beyond,
+    }
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"teacher": {}, "students": {}}
+    summary: dict[str, Any] = {"teacher": {}, "students": {}, "measures": {}}
     for k in runs[0]["teacher"]:
         summary["teacher"][k] = _stats([r["teacher"][k] for r in runs])
-    for setting, per_arch in runs[0]["students"].items():
-        for spec, per_method in per_arch.items():
-            for method in per_method:
-                vals = [r["students"][setting][spec][method] for r in runs]
-                summary["students"].setdefault(setting, {}).setdefault(spec, {})[method] = _stats(vals)
+    for spec, per_method in runs[0]["students"].items():
+        summary["students"][spec] = {m: _stats([r["students"][spec][m] for r in runs]) for m in per_method}
+        summary["measures"][spec] = measures(runs, spec)
     return summary
 
 
 def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
-    """The issue's quality targets on means (percent points)."""
+    """The quality targets on means (top-1 points)."""
     t = summary["teacher"]
     checks = {
-        "box_plain >= teacher - 1": t["box_plain"]["mean"] >= t["normal"]["mean"] - 1.0,
-        "box_keyed >= teacher - 1": t["box_keyed"]["mean"] >= t["normal"]["mean"] - 1.0,
+        "box plain >= teacher - 0.5": t["box_plain"]["mean"] >= t["normal"]["mean"] - 0.5,
+        "box keyed >= teacher - 0.5": t["box_keyed"]["mean"] >= t["normal"]["mean"] - 0.5,
     }
-    for spec, m in summary["students"].get("full", {}).items():
-        mean = {k: v["mean"] for k, v in m.items()}
-        checks[f"{spec}: unauthorized <= normal - 5"] = mean["unauthorized"] <= mean["normal"] - 5.0
-        checks[f"{spec}: unauthorized < scratch"] = mean["unauthorized"] < mean["scratch"]
-        checks[f"{spec}: authorized >= normal - 0.5"] = mean["authorized"] >= mean["normal"] - 0.5
-        checks[f"{spec}: wrong_key <= normal - 5"] = mean["wrong_key"] <= mean["normal"] - 5.0
+    for spec, m in summary["measures"].items():
+        v = m["V"]["mean"]
+        checks[f"{spec}: V >= 1"] = v >= 1.0
+        checks[f"{spec}: delivered >= 0.9 V"] = m["delivered"]["mean"] >= 0.9 * v
+        checks[f"{spec}: leaked <= 0.1 V ({m['leaked_by']})"] = m["leaked"]["mean"] <= 0.1 * v
     return checks
 
 
@@ -177,28 +365,53 @@ def _fmt(s: dict[str, float]) -> str:
 
 def to_markdown(report: dict[str, Any]) -> str:
     s, cfg = report["summary"], report["config"]
+    transfer = (
+        f"a transfer set of {cfg['transfer']} images apart from the owner's"
+        if cfg["transfer"] > 0
+        else "the owner's own training images as the transfer set"
+    )
     lines = [
-        f"Dataset `{cfg['dataset']}`, seeds {list(cfg['seeds'])}, top-1 % on the test split, mean ± std.",
+        f"Dataset `{cfg['dataset']}`, seeds {list(cfg['seeds'])}, {transfer}, "
+        f"{cfg['labelled_fraction']:.0%} of its labels known; top-1 % on the whole test split, mean ± std.",
         "",
-        "| teacher | box plain | box keyed | box wrong key |",
-        "|---|---|---|---|",
+        "| teacher | box plain | box keyed | box wrong key | stolen weights (no key) |",
+        "|---|---|---|---|---|",
         "| "
-        + " | ".join(_fmt(s["teacher"][k]) for k in ("normal", "box_plain", "box_keyed", "box_wrong_key"))
+        + " | ".join(
+            _fmt(s["teacher"][k]) for k in ("normal", "box_plain", "box_keyed", "box_wrong_key", "box_stolen")
+        )
         + " |",
+        "",
+        "Knowledge delivered and leaked, in top-1 points over the label-only floor (the best student trained"
+        " from top-1 answers alone; per-seed differences):",
+        "",
+        "| student | label-only floor | V = normal KD - floor | delivered (authorized) "
+        "| leaked (best attack) "
+        "| best attack |",
+        "|---|---|---|---|---|---|",
     ]
-    titles = {
-        "full": "all labels known",
-        "transfer": f"transfer set, {cfg['labelled_fraction']:.0%} labelled",
-    }
-    for setting, per_arch in s["students"].items():
-        lines += ["", f"Students ({titles[setting]}; KD alpha={cfg['alpha']}, T={cfg['temperature']}):", ""]
-        lines += [
-            "| student | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " |",
-            "|---" * (len(METHODS) + 1) + "|",
-        ]
-        for spec, m in per_arch.items():
-            lines.append(f"| {spec} | " + " | ".join(_fmt(m[k]) for k in METHODS) + " |")
-    lines += ["", "Targets (on means, all-labels setting):", ""]
+    for spec, m in s["measures"].items():
+        lines.append(
+            f"| {spec} | {_fmt(m['floor'])} | {_fmt(m['V'])} | {_fmt(m['delivered'])} | {_fmt(m['leaked'])} "
+            f"| `{m['leaked_by']}` |"
+        )
+    specs = list(s["students"])
+    lines += [
+        "",
+        f"Students (KD alpha={cfg['alpha']}, T={cfg['temperature']}), top-1 %; for each attack, "
+        "its gain over "
+        "its own top-1 twin (what the answers gave beyond their top-1):",
+        "",
+        "| method | " + " | ".join(f"{sp} | beyond top-1" for sp in specs) + " |",
+        "|---" * (2 * len(specs) + 1) + "|",
+    ]
+    for method in s["students"][specs[0]]:
+        cells = []
+        for sp in specs:
+            beyond = s["measures"][sp]["beyond_top1"].get(method)
+            cells += [_fmt(s["students"][sp][method]), _fmt(beyond) if beyond else ""]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (on means):", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
     lines += ["", f"Wall time: {report['wall_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -211,42 +424,92 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = report["summary"]
-    settings = list(s["students"])
-    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(5 + 6 * len(settings), 4.2), squeeze=False)
-    ax = axes[0][0]
-    keys = ("normal", "box_plain", "box_keyed", "box_wrong_key")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    keys = ("normal", "box_plain", "box_keyed", "box_wrong_key", "box_stolen")
     ax.bar(
-        range(4),
+        range(len(keys)),
         [s["teacher"][k]["mean"] for k in keys],
         yerr=[s["teacher"][k]["std"] for k in keys],
-        color=["#555", "#c44", "#4a4", "#c84"],
+        color=["#555", "#c44", "#4a4", "#c84", "#848"],
     )
-    ax.set_xticks(range(4), ["teacher", "box plain", "box keyed", "wrong key"], rotation=20)
+    ax.set_xticks(range(len(keys)), ["teacher", "box plain", "box keyed", "wrong key", "stolen"], rotation=20)
+    low = min(s["teacher"][k]["mean"] for k in keys)
+    ax.set_ylim(max(0.0, low - 5.0), 100.0)
     ax.set_ylabel("top-1 %")
-    ax.set_title("teachers")
-    colors = ["#888", "#555", "#c44", "#4a4", "#c84"]
-    for i, setting in enumerate(settings, start=1):
-        ax = axes[0][i]
-        per_arch = s["students"][setting]
-        width = 0.8 / len(METHODS)
-        for j, m in enumerate(METHODS):
-            xs = [a + j * width for a in range(len(per_arch))]
-            ax.bar(
-                xs,
-                [v[m]["mean"] for v in per_arch.values()],
-                width,
-                yerr=[v[m]["std"] for v in per_arch.values()],
-                label=METHOD_LABELS[m],
-                color=colors[j],
-            )
-        ax.set_xticks([a + 0.4 - width / 2 for a in range(len(per_arch))], list(per_arch))
-        low = min(v[m]["mean"] - v[m]["std"] for v in per_arch.values() for m in METHODS)
-        ax.set_ylim(max(0.0, low - 5.0), 100.5)
-        ax.set_title(f"students: {setting}")
-        ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("teacher and box")
+    ax = axes[1]
+    specs = list(s["measures"])
+    width = 0.27
+    for j, (key, label, color) in enumerate(
+        (
+            ("V", "V (normal KD)", "#555"),
+            ("delivered", "delivered (licensee)", "#4a4"),
+            ("leaked", "leaked", "#c44"),
+        )
+    ):
+        xs = [a + j * width for a in range(len(specs))]
+        ax.bar(
+            xs,
+            [s["measures"][sp][key]["mean"] for sp in specs],
+            width,
+            yerr=[s["measures"][sp][key]["std"] for sp in specs],
+            label=label,
+            color=color,
+        )
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks([a + width for a in range(len(specs))], specs)
+    ax.set_ylabel("top-1 points over the label-only floor")
+    ax.set_title("dark knowledge: delivered vs leaked")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(report))
+    plot(report, out / "results.png")
+
+
+def build_report(
+    cfg: EvalConfig | dict[str, Any], runs: list[dict[str, Any]], digest: str, wall: float
+) -> dict[str, Any]:
+    summary = summarize(runs)
+    return {
+        "config": cfg if isinstance(cfg, dict) else _config_record(cfg),
+        "data_digest": digest,
+        "runs": runs,
+        "summary": summary,
+        "checks": check_targets(summary),
+        "wall_seconds": wall,
+    }
+
+
+def _config_record(cfg: EvalConfig) -> dict[str, Any]:
+    rec = asdict(cfg)
+    rec["attacks"].pop("other_key", None)
+    return rec
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report over the seeds of several runs of the same protocol (e.g. one seed per command)."""
+    first = reports[0]
+    strip = ("seeds",)
+    base = {k: v for k, v in first["config"].items() if k not in strip}
+    for r in reports[1:]:
+        if {k: v for k, v in r["config"].items() if k not in strip} != base:
+            raise ValueError("the reports were made with different protocols")
+        if r["data_digest"] != first["data_digest"]:
+            raise ValueError("the reports were made on different data")
+    runs = sorted((run for r in reports for run in r["runs"]), key=lambda run: run["seed"])
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed appears twice: {seeds}")
+    config = {**first["config"], "seeds": seeds}
+    return build_report(config, runs, first["data_digest"], sum(r["wall_seconds"] for r in reports))
 
 
 def evaluate(cfg: EvalConfig, out_dir: str | Path, ds: Dataset | None = None) -> dict[str, Any]:
@@ -255,21 +518,8 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path, ds: Dataset | None = None) ->
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ds = ds or load_dataset(cfg.dataset)
-    if cfg.train_subset > 0:
-        ds = ds.subset_train(cfg.train_subset, seed=0)
     runs = [run_seed(cfg, ds, seed, out / "boxes") for seed in cfg.seeds]
-    summary = summarize(runs)
-    report: dict[str, Any] = {
-        "config": asdict(cfg),
-        "data_digest": ds.digest(),
-        "runs": runs,
-        "summary": summary,
-        "checks": check_targets(summary),
-        "wall_seconds": time.perf_counter() - start,
-    }
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(report))
-    plot(report, out / "results.png")
+    report = build_report(cfg, runs, ds.digest(), time.perf_counter() - start)
+    write_report(report, out)
     return report

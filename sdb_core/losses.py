@@ -67,6 +67,19 @@ def target_disturbance_loss(
     return (temperature**2) * (target * (torch.log(target.clamp_min(CONFIG.eps)) - log_q)).sum(dim=1).mean()
 
 
+def flat_targets(y: Tensor, num_classes: int, eps: float) -> Tensor:
+    """1 - eps on the class y, eps spread evenly over the others: a distribution with no dark knowledge."""
+    off = eps / (num_classes - 1)
+    return torch.full((len(y), num_classes), off, device=y.device).scatter(1, y[:, None], 1.0 - eps)
+
+
+def flat_disturbance_loss(box_logits: Tensor, y: Tensor, eps: float) -> Tensor:
+    """KL(flat_targets(y) || softmax(box)): pulls the wrong classes' logits level with each other, so the
+    box's own outputs on plain inputs carry the top-1 and nothing else. Non-negative, zero at the target."""
+    target = flat_targets(y, box_logits.shape[1], eps)
+    return (target * (torch.log(target) - F.log_softmax(box_logits, dim=1))).sum(dim=1).mean()
+
+
 def disturbance_bound(teacher_logits: Tensor, temperature: float) -> Tensor:
     """The lower bound of `disturbance_loss` for these teacher logits."""
     log_q = F.log_softmax(teacher_logits.detach() / temperature, dim=1)

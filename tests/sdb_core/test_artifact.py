@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdb_core.artifact import ArtifactError, load_box, make_test_box, read_manifest
+from sdb_core.artifact import TOP1_MARGIN, ArtifactError, load_box, make_test_box, read_manifest
 from sdb_core.keys import BoxKey, load_key, save_key
 
 
@@ -23,9 +23,24 @@ def test_round_trip_reproduces_both_paths(test_box: Path) -> None:
     norm = boxed.manifest["normalization"]
     xn = (x - norm["mean"][0]) / norm["std"][0]
     with torch.no_grad():
-        assert torch.allclose(boxed.plain_logits(x), boxed.model(xn), atol=1e-5)
+        raw = boxed.model(xn)
+        assert torch.allclose(boxed.raw_plain_logits(x), raw, atol=1e-5)
         assert torch.allclose(boxed.keyed_logits(x), boxed.model(key.apply(xn)), atol=1e-5)
-    assert not torch.allclose(boxed.plain_logits(x), boxed.keyed_logits(x))
+    # A "top1" box (the default) serves a fixed distribution around the network's top-1 on the plain path.
+    assert boxed.plain_output == "top1"
+    served = boxed.plain_logits(x)
+    assert torch.equal(served.argmax(1), raw.argmax(1))
+    assert torch.equal(served, TOP1_MARGIN * torch.nn.functional.one_hot(raw.argmax(1), 10).float())
+    assert not torch.allclose(boxed.raw_plain_logits(x), boxed.keyed_logits(x))
+
+
+def test_a_soft_box_serves_its_own_logits(tmp_path: Path) -> None:
+    path = make_test_box(tmp_path, seed=2)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["plain_output"] == "top1"
+    old = load_box(path)
+    old.plain_output = "soft"  # what artifacts written before plain_output existed are read as
+    assert torch.equal(old.plain_logits(_raw()), old.raw_plain_logits(_raw()))
 
 
 def test_same_seed_same_box(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from sdb_core.box import BoxConfig, box_arch, box_step_losses, default_temperature, train_box
 from sdb_core.data import Dataset
 from sdb_core.keys import BoxKey
-from sdb_core.losses import target_disturbance_loss
+from sdb_core.losses import flat_disturbance_loss, flat_targets, target_disturbance_loss
 from sdb_core.training import TrainConfig
 from sdb_core.zoo import TopOneGuard, build_model
 
@@ -26,10 +26,10 @@ def test_paper_temperatures() -> None:
     assert BoxConfig().temps(100) == (20.0, 20.0)
 
 
-@pytest.mark.parametrize("form", ["target", "box_first", "teacher_first"])
+@pytest.mark.parametrize("form", ["flat", "target", "box_first", "teacher_first"])
 def test_total_is_the_weighted_sum_and_has_gradients(form: str) -> None:
     box, teacher, key, x, y = _setup()
-    cfg = BoxConfig(disturb_form=form, w_dis=0.7, w_nonkey=0.5, w_align=0.3)
+    cfg = BoxConfig(disturb_form=form, w_ce_plain=1.0, w_dis=0.7, w_nonkey=0.5, w_align=0.3)
     torch.manual_seed(1)
     out = box_step_losses(box, teacher, key, x, y, cfg, 10)
     expected = (
@@ -38,7 +38,7 @@ def test_total_is_the_weighted_sum_and_has_gradients(form: str) -> None:
     )  # fmt: skip
     assert torch.allclose(out["total"], expected)
     assert float(out["preserve"].detach()) >= 0
-    if form == "target":
+    if form in ("target", "flat"):
         assert float(out["disturb"].detach()) >= 0
     elif form == "box_first":
         assert float(out["disturb"].detach()) <= 1e-6
@@ -56,11 +56,28 @@ def test_without_nonkey_term() -> None:
 def test_unknown_form_is_refused() -> None:
     with pytest.raises(ValueError, match="disturb_form"):
         BoxConfig(disturb_form="nope")
+    with pytest.raises(ValueError, match="plain_output"):
+        BoxConfig(plain_output="nope")
+
+
+def test_flat_disturbance_levels_the_wrong_classes() -> None:
+    y = torch.tensor([2, 0])
+    target = flat_targets(y, 4, 0.3)
+    assert torch.allclose(target[0], torch.tensor([0.1, 0.1, 0.7, 0.1]))
+    level = torch.log(target)  # logits of the target itself: the loss is zero there
+    assert float(flat_disturbance_loss(level, y, 0.3)) == pytest.approx(0.0, abs=1e-6)
+    bumpy = level + torch.tensor([[0.5, -0.5, 0.0, 0.0], [0.0, 0.3, -0.3, 0.0]])
+    assert float(flat_disturbance_loss(bumpy, y, 0.3)) > 0.01
+
+
+def test_default_box_is_single_head_with_a_top1_plain_path() -> None:
+    cfg = BoxConfig()
+    assert (cfg.guard, cfg.disturb_form, cfg.plain_output) == (False, "flat", "top1")
 
 
 def test_guarded_box_trains_top1_on_the_decision_head_and_disturbs_the_soft_head() -> None:
     _, teacher, key, x, y = _setup()
-    cfg = BoxConfig(w_dec_pre=0.5)
+    cfg = BoxConfig(w_dec_pre=0.5, guard=True, disturb_form="target", w_ce_plain=1.0)
     name, kwargs = box_arch(
         "small_cnn", {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}, cfg
     )
@@ -87,7 +104,7 @@ def test_guarded_box_trains_top1_on_the_decision_head_and_disturbs_the_soft_head
 def test_frozen_layers_of_a_guarded_box_are_the_base_networks_first_layers(digits: Dataset) -> None:
     kw = {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}
     teacher = build_model("small_cnn", **kw).eval()
-    cfg = BoxConfig(freeze_layers=1, train=TrainConfig(epochs=1, progress=False, device="cpu"))
+    cfg = BoxConfig(guard=True, freeze_layers=1, train=TrainConfig(epochs=1, progress=False, device="cpu"))
     box = train_box(
         teacher, digits, arch="small_cnn", arch_kwargs=kw, key=BoxKey.from_int_seed(0, (1, 8, 8)), cfg=cfg
     )

@@ -51,13 +51,15 @@ def test_train_box_distill_pipeline(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert not (box / "box_key.json").exists() and key.exists()
     assert load_box(box, key_path=key).name == "mini"
-    assert load_box(box, key_path=key).arch == "guarded"  # the default box has a top-1 guard
-    single = tmp_path / "models" / "single"
-    args = ["box", "--teacher", str(teacher), "--out", str(single), "--epochs", "1", "--device", "cpu"]
-    r = runner.invoke(app, [*args, "--box-option", "guard=false", "--box-option", "w_dis=0.5"])
+    default = load_box(box, key_path=key)
+    assert default.arch == "small_cnn" and default.plain_output == "top1"  # single head, top-1 plain path
+    guarded = tmp_path / "models" / "guarded"
+    args = ["box", "--teacher", str(teacher), "--out", str(guarded), "--epochs", "1", "--device", "cpu"]
+    r = runner.invoke(app, [*args, "--box-option", "guard=true", "--box-option", "plain_output=soft"])
     assert r.exit_code == 0, r.output
-    boxed = load_box(single)
-    assert boxed.arch == "small_cnn" and boxed.manifest["extra"]["box_config"]["w_dis"] == 0.5
+    boxed = load_box(guarded)
+    assert boxed.arch == "guarded" and boxed.plain_output == "soft"
+    assert boxed.manifest["extra"]["box_config"]["guard"] is True
     r = runner.invoke(app, [*args, "--box-option", "nope=1"])
     assert r.exit_code != 0 and "nope" in r.output
     student = tmp_path / "student"

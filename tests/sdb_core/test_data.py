@@ -94,3 +94,84 @@ def test_npz_without_arrays_fails_clearly(tmp_path: Path) -> None:
 def test_unknown_dataset_spec() -> None:
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("imagenet")
+
+
+# ---------------------------------------------------------------- IDX (the MNIST format) and Fashion-MNIST
+
+
+def _idx_bytes(a: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    return header + a.astype(np.uint8).tobytes()
+
+
+def _write_idx_dir(d: Path, n_train: int = 12, n_test: int = 5, compress: bool = True) -> None:
+    import gzip
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
+    d.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        raw = _idx_bytes(a)
+        if compress:
+            (d / f"{name}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (d / name).write_bytes(raw)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_directory(tmp_path: Path, compress: bool) -> None:
+    _write_idx_dir(tmp_path, compress=compress)
+    ds = load_dataset(f"idx:{tmp_path}")
+    assert ds.x_train.shape == (12, 1, 28, 28) and ds.x_test.shape == (5, 1, 28, 28)
+    assert ds.x_train.dtype == np.float32 and ds.x_train.min() >= 0.0 and ds.x_train.max() <= 1.0
+    assert list(ds.y_train[:3]) == [0, 1, 2] and ds.num_classes == 10
+    fm = load_dataset(f"fashion-mnist:{tmp_path}")
+    assert fm.name == "fashion-mnist" and fm.class_names[0] == "T-shirt/top" and fm.digest() == ds.digest()
+
+
+def test_idx_errors_are_clear(tmp_path: Path) -> None:
+    from sdb_core.data import read_idx
+
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x01\x02\x08\x01" + (3).to_bytes(4, "big") + b"abc")
+    with pytest.raises(DataError, match="magic"):
+        read_idx(bad)
+    short = tmp_path / "short"
+    short.write_bytes(bytes([0, 0, 0x08, 2]) + (3).to_bytes(4, "big") + (4).to_bytes(4, "big") + b"x" * 5)
+    with pytest.raises(DataError, match=r"\(3, 4\).*12 bytes.*has 5"):
+        read_idx(short)
+    odd = tmp_path / "odd"
+    odd.write_bytes(bytes([0, 0, 0x07, 1]) + (1).to_bytes(4, "big") + b"x")
+    with pytest.raises(DataError, match="data type"):
+        read_idx(odd)
+    # image and label counts must agree
+    d = tmp_path / "mismatch"
+    _write_idx_dir(d)
+    (d / "t10k-labels-idx1-ubyte.gz").unlink()
+    (d / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(4)))
+    with pytest.raises(DataError, match="5 test images but 4 labels"):
+        load_dataset(f"idx:{d}")
+    with pytest.raises(DataError, match="t10k-images"):
+        (d / "t10k-images-idx3-ubyte.gz").unlink()
+        load_dataset(f"idx:{d}")
+
+
+def test_missing_fashion_mnist_says_what_to_install(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset(f"fashion-mnist:{tmp_path / 'nowhere'}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist is not installed"
+)
+def test_installed_fashion_mnist() -> None:
+    ds = load_dataset("fashion-mnist")
+    assert ds.x_train.shape == (60_000, 1, 28, 28) and ds.x_test.shape == (10_000, 1, 28, 28)
+    assert np.bincount(ds.y_test).tolist() == [1000] * 10
+    assert ds.class_names[-1] == "Ankle boot"
