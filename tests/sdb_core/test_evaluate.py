@@ -127,3 +127,26 @@ def test_reduced_digits_evaluation(tmp_path: Path) -> None:
         for method, beyond in m["beyond_top1"].items():
             if method.startswith("api/"):
                 assert beyond["mean"] == 0.0, method
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_reduced_fashion_mnist_evaluation(tmp_path: Path) -> None:
+    """The documented protocol's directions at a fraction of its size (4,000 owner images, 500 transfer
+    images, one student family, seed 0; docs/evaluation.md): soft labels are worth something, licensees get
+    most of it, and the plain path gives nothing beyond its top-1."""
+    report = evaluate(reduced_config("fashion-mnist"), tmp_path)
+    t = report["summary"]["teacher"]
+    assert t["box_plain"]["mean"] >= t["normal"]["mean"] - 1.5
+    assert t["box_keyed"]["mean"] >= t["normal"]["mean"] - 1.5
+    for spec, m in report["summary"]["measures"].items():
+        v, delivered, leaked = m["V"]["mean"], m["delivered"]["mean"], m["leaked"]["mean"]
+        assert v >= 0.5, spec
+        assert delivered >= 0.5 * v, spec
+        assert leaked <= delivered - 0.5, (spec, m["leaked_by"])
+        for method, beyond in m["beyond_top1"].items():
+            if method.startswith("api/"):
+                assert beyond["mean"] == 0.0, method
