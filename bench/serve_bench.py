@@ -233,7 +233,7 @@ class RawModels:
 
     def __init__(self, dirs: dict[str, Path], threads: int, scripted: bool = False) -> None:
         from sdb_core.artifact import load_box
-        from service.inference.registry import resolve_device
+        from service.inference.runtime import resolve_device
 
         torch.set_num_threads(threads)
         device = resolve_device("auto")
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the raw model: plain PyTorch (eager, default) or the TorchScript trace the server runs",
     )
     args = p.parse_args(argv)
-    from service.inference.registry import default_threads
+    from service.inference.runtime import default_threads
 
     threads = args.threads or default_threads()
     from service.db.migrate import upgrade

@@ -106,7 +106,7 @@ def bootstrap(
     database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None,
 ) -> None:
     """Create the first administrator and print its API key once (there is no default password)."""
-    from service import crud
+    from service.crud import accounts
     from service.db.migrate import SchemaError, check_schema
     from service.db.session import Database
     from service.security import new_api_key
@@ -116,8 +116,8 @@ def bootstrap(
         check_schema(db.engine)
         key = new_api_key()
         with db.write() as s:
-            user, created = crud.create_first_admin(s, name, key, via="cli")
-    except (SchemaError, crud.ConflictError) as exc:
+            user, created = accounts.create_first_admin(s, name, key, via="cli")
+    except (SchemaError, accounts.ConflictError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:

@@ -16,46 +16,21 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
 
-from service import crud, metrics
+from service import metrics
+from service.crud import accounts, events
+from service.crud.principals import granted_scopes
 from service.db.models import utcnow
 from service.db.session import Database
-from service.deps import client_id_of, get_db, get_token_config
+from service.schemas import TokenRequestJSON, TokenResponse
 from service.security import issue_token
+from service.state import get_state
 
 router = APIRouter(tags=["auth"])
 
 FORM = "application/x-www-form-urlencoded"
 INVALID_CLIENT = "invalid API key"
 BASIC_HEADERS = {"WWW-Authenticate": 'Basic realm="sdb"'}
-
-
-class TokenResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "access_token": "eyJhbGciOiJIUzI1NiIs...",
-                    "token_type": "bearer",
-                    "expires_in": 900,
-                    "scope": "demo",
-                }
-            ]
-        }
-    )
-
-    access_token: str = Field(description="JWT (HS256) for `Authorization: Bearer`.")
-    token_type: str = Field("bearer")
-    expires_in: int = Field(description="Seconds until the token expires.")
-    scope: str = Field(description="Space-separated model names the token may distill.")
-
-
-class TokenRequestJSON(BaseModel):
-    grant_type: str | None = Field("client_credentials", examples=["client_credentials"])
-    api_key: str | None = Field(None, description="The API key (alias: client_secret).")
-    client_secret: str | None = Field(None, description="The API key.")
-    scope: str | None = Field(None, description="Optional: a space-separated subset of the key's scopes.")
 
 
 _OPENAPI_BODY: dict[str, Any] = {
@@ -145,15 +120,14 @@ async def token(request: Request) -> TokenResponse:
     if not secret:
         raise _bad_request("invalid_request", "client_secret (your API key) is required")
     requested = fields.get("scope")
-    db = get_db(request)
-    client = client_id_of(request)
-    result = await run_in_threadpool(_exchange, db, secret, requested, client)
+    state = get_state(request)
+    client = state.client_ids.anonymous_id(request)
+    result = await run_in_threadpool(_exchange, state.db, secret, requested, client)
     if result is None:
         raise _invalid_client()
     user_id, key_id, scopes, expires_at = result
-    cfg = get_token_config(request)
     access, lifetime = issue_token(
-        cfg,
+        state.tokens,
         user_id=user_id,
         key_id=key_id,
         scopes=scopes,
@@ -168,13 +142,15 @@ def _exchange(
     db: Database, secret: str, requested: str | None, client: str | None
 ) -> tuple[int, int, list[str], datetime | None] | None:
     with db.write() as s:
-        key = crud.find_key_by_secret(s, secret)
+        key = accounts.find_key_by_secret(s, secret)
         if key is None:
-            crud.record_event(s, "token.issue", "denied", client_id=client, detail={"reason": "unknown_key"})
+            events.record_event(
+                s, "token.issue", "denied", client_id=client, detail={"reason": "unknown_key"}
+            )
             return None
-        reason = crud.key_usable(key, key.user, utcnow())
+        reason = accounts.key_usable(key, key.user, utcnow())
         if reason is not None:
-            crud.record_event(
+            events.record_event(
                 s,
                 "token.issue",
                 "denied",
@@ -186,8 +162,8 @@ def _exchange(
             return None
         scopes = sorted(key.scopes)
         if requested is not None:
-            scopes = sorted(crud.granted_scopes(key.scopes, requested.split()))
-        crud.record_event(
+            scopes = sorted(granted_scopes(key.scopes, requested.split()))
+        events.record_event(
             s,
             "token.issue",
             "ok",

@@ -312,7 +312,7 @@ def test_no_secret_anywhere(
     # The search can fail: the one answer that shows a key's secret is found, and so is the key file's seed.
     shown_once = next(body for label, body, _, _ in rec.responses if label == "create key")
     assert _search(shown_once, needles, frozenset()) == ["API key 1"]
-    key_file = (Path(app.state.settings.model_dir) / MODEL / "box_key.json").read_bytes()
+    key_file = (Path(app.state.sdb.settings.model_dir) / MODEL / "box_key.json").read_bytes()
     assert "box seed" in _search(key_file, needles, frozenset())
 
     leaks: list[str] = []

@@ -114,7 +114,7 @@ def test_audits_filters_and_pagination(api: ApiHelper, client: TestClient, app: 
     assert api.distill(h1, n=1, model="beta").status_code == 200
     assert api.distill(h2, n=5).status_code == 200
     _predict(client, 2)
-    app.state.audit_queue.flush()
+    app.state.sdb.audit_queue.flush()
 
     def get(**params: Any) -> dict[str, Any]:
         r = client.get("/admin/audits", params=params, headers=api.admin)
@@ -159,9 +159,9 @@ def test_samples_over_time_per_user_and_per_anonymous_client(make_settings: Any,
         api.distill(h1, n=3)
         _predict(client, 4)
         _predict(client, 3)  # 7 > 5 within the window: flagged
-        app.state.audit_queue.flush()
+        app.state.sdb.audit_queue.flush()
         # an older window, written directly: a second anonymous client below the threshold
-        with app.state.db.write() as s:
+        with app.state.sdb.db.write() as s:
             s.add(
                 QueryAudit(
                     endpoint="/predict",

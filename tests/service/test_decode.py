@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi import HTTPException
 
-from service.inference.decode import decode_b64_npy, json_to_array, parse_npy, validate_batch
+from service.decode import decode_b64_npy, json_to_array, parse_npy, validate_batch
 
 SHAPE = (1, 8, 8)
 

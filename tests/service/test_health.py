@@ -12,9 +12,10 @@ from fastapi.testclient import TestClient
 
 from sdb_core.artifact import make_test_box
 from service.config import Settings
+from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
-from service.middleware import install_middleware
 from service.routes import health
+from tests._support.apps import route_app
 
 
 class FakeDatabase:
@@ -33,20 +34,15 @@ class FakeDatabase:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
     d = tmp_path_factory.mktemp("health-models")
     make_test_box(d, name="test-box")
-    reg = ModelRegistry.from_settings(Settings(demo=True, model_dir=d, torch_threads=1), warm_up=False)
+    reg = load_registry(Settings(demo=True, model_dir=d, torch_threads=1), warm_up=False)
     yield reg
     reg.close()
 
 
 def build(registry: Any, db: Any, **overrides: Any) -> FastAPI:
     settings = Settings(demo=True, **overrides)
-    app = FastAPI()
-    app.state.settings = settings
-    app.state.models = registry
-    app.state.db = db
-    install_middleware(app, settings)
-    app.include_router(health.router)
-    return app
+    models = registry if registry is not None else ModelRegistry.from_boxes([])
+    return route_app(settings, health.router, models=models, db=db)
 
 
 def test_healthz_is_alive_whatever_the_database() -> None:

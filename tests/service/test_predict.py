@@ -16,17 +16,18 @@ from fastapi.testclient import TestClient
 
 from sdb_core.artifact import load_box, make_test_box
 from service.config import Settings
-from service.crud import AuditQueue, AuditQueueConfig
-from service.inference.registry import ModelRegistry
-from service.middleware import install_middleware
+from service.db.audit_queue import AuditQueue, AuditQueueConfig
+from service.inference.loading import load_registry
 from service.routes import health, predict
+from service.state import ServiceState
+from tests._support.apps import route_app
 
 MODEL = "test-box"
 SHAPE = (1, 8, 8)
 
 
 class AuditSpy:
-    """Stands in for the service's audit queue (app.state.audit_queue): keeps the submitted rows."""
+    """Stands in for the service's audit queue: keeps the submitted rows."""
 
     def __init__(self) -> None:
         self.rows: list[Any] = []
@@ -42,23 +43,26 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def build_app(model_dir: Path, **overrides: Any) -> FastAPI:
+def build_app(model_dir: Path, audit_queue: Any = None, **overrides: Any) -> FastAPI:
     settings = Settings(demo=True, model_dir=model_dir, torch_threads=1, **overrides)
-    app = FastAPI()
-    app.state.settings = settings
-    app.state.models = ModelRegistry.from_settings(settings)
-    app.state.audit_queue = AuditSpy()
-    install_middleware(app, settings)
-    app.include_router(predict.router)
-    app.include_router(health.router)
-    return app
+    return route_app(
+        settings,
+        predict.router,
+        health.router,
+        models=load_registry(settings),
+        audit_queue=audit_queue if audit_queue is not None else AuditSpy(),
+    )
+
+
+def state(app: FastAPI) -> ServiceState:
+    return app.state.sdb  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
 def app(model_dir: Path) -> Iterator[FastAPI]:
     app = build_app(model_dir, max_request_samples=8, predict_rate_per_minute=0)
     yield app
-    app.state.models.close()
+    state(app).models.close()
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +206,7 @@ def test_wrong_method_is_405(client: TestClient) -> None:
 
 
 def test_every_call_is_audited_once_with_an_anonymous_client_id(app: FastAPI, client: TestClient) -> None:
-    spy: AuditSpy = app.state.audit_queue
+    spy: AuditSpy = state(app).audit_queue  # type: ignore[assignment]
     before = len(spy.rows)
     client.post("/predict", json={"inputs": inputs(2).tolist()})
     client.post("/predict", json={"inputs": []})
@@ -219,14 +223,6 @@ def test_every_call_is_audited_once_with_an_anonymous_client_id(app: FastAPI, cl
     assert len(ids) == 1 and "testclient" not in next(iter(ids))  # a salted hash, never the address
 
 
-def test_predict_answers_without_any_audit_queue(model_dir: Path) -> None:
-    app = build_app(model_dir)
-    app.state.audit_queue = None  # e.g. the database is down at start: /predict still answers
-    with TestClient(app) as c:
-        assert c.post("/predict", json={"inputs": inputs(1).tolist()}).status_code == 200
-    app.state.models.close()
-
-
 def test_predict_answers_while_the_audit_database_fails(model_dir: Path) -> None:
     class DeadDatabase:
         def write(self) -> Any:
@@ -234,14 +230,13 @@ def test_predict_answers_while_the_audit_database_fails(model_dir: Path) -> None
 
     queue = AuditQueue(DeadDatabase(), AuditQueueConfig(interval_s=0.01, retry_s=0.05, flush_timeout_s=0.1))  # type: ignore[arg-type]
     queue.start()
-    app = build_app(model_dir)
-    app.state.audit_queue = queue
+    app = build_app(model_dir, audit_queue=queue)
     with TestClient(app) as c:
         for _ in range(3):
             assert c.post("/predict", json={"inputs": inputs(1).tolist()}).status_code == 200
     assert queue.pending == 3  # kept for when the database returns
     queue.close()
-    app.state.models.close()
+    state(app).models.close()
 
 
 def test_rate_limit_is_429_with_retry_after_and_ignores_forged_forwarded_for(model_dir: Path) -> None:
@@ -254,7 +249,7 @@ def test_rate_limit_is_429_with_retry_after_and_ignores_forged_forwarded_for(mod
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1 and "rate limit" in r.json()["detail"]
         assert c.get("/healthz").status_code == 200  # other routes are not limited
-    app.state.models.close()
+    state(app).models.close()
 
 
 def test_no_model_loaded_is_503(tmp_path: Path) -> None:
