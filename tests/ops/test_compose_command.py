@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from sqlalchemy.engine import make_url
 
-from ._support import ServerProcess, clean_env, free_port, sdb_executable
+from tests._support.net import free_port
+from tests._support.ops import clean_env, sdb_executable
+from tests._support.server import Server, server_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.slow]
 
@@ -47,7 +49,7 @@ def local_env(service: dict[str, Any], database_url: str) -> dict[str, str]:
 
 
 def test_migrate_then_serve_as_compose_does(
-    compose_json: dict[str, Any], pg_database: str, servers: list[ServerProcess], tmp_path: Path
+    compose_json: dict[str, Any], pg_database: str, servers: list[Server], tmp_path: Path
 ) -> None:
     services = compose_json["services"]
     migrate, api = services["migrate"], services["api"]
@@ -71,9 +73,9 @@ def test_migrate_then_serve_as_compose_does(
     assert r.returncode == 0, r.stdout + r.stderr
 
     port = free_port()
-    server = ServerProcess(local_command(api["command"], port), api_env, port, tmp_path / "api.log")
+    server = server_process(local_command(api["command"], port), api_env, port, tmp_path / "api.log")
     servers.append(server)
-    server.start(path="/readyz")
+    server.start()
     assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200  # the image's HEALTHCHECK
 
     # The mounted models directory is what the service serves.

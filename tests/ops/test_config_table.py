@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 from service.config import Settings
-
-from ._support import REPO
+from tests._support.ops import REPO
 
 
 def test_every_setting_has_a_meaning() -> None:

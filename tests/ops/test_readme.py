@@ -7,8 +7,7 @@ import tomllib
 
 from service.config import Settings
 from service.main import create_app
-
-from ._support import REPO
+from tests._support.ops import REPO
 
 README = (REPO / "README.md").read_text()
 

@@ -27,9 +27,9 @@ from service.db.models import ROLE_ADMIN, ROLE_USER, ApiKey, User
 from service.db.session import Database
 from service.main import create_app
 from service.security import TokenConfig, issue_token, new_api_key
-
-from ._harness import JWT_SECRET, run_migrations
-from .conftest import MODEL
+from tests._support.boxes import MODEL
+from tests._support.db import run_migrations
+from tests._support.server import JWT_SECRET
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.db.models import QueryAudit
-from tests.conftest import TEST_ADMIN_TOKEN, ApiHelper
+from tests._support.api import TEST_ADMIN_TOKEN, ApiHelper
 
 
 def test_users_create_list_get_disable(api: ApiHelper, client: TestClient) -> None:

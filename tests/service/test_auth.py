@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from jose import jwt
 from starlette.routing import Route
 
-from tests.conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
+from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
 from tests.service.test_security import ATTACKS, forge, good_claims
 
 PUBLIC_ROUTES = {

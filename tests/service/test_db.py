@@ -20,7 +20,7 @@ from service.db.audit_queue import AuditQueue, AuditQueueConfig, AuditRecord
 from service.db.models import ROLE_USER, QueryAudit, User, utcnow
 from service.db.session import Database, normalize_url
 from service.security import new_api_key
-from tests.conftest import audit_rows
+from tests._support.db import audit_rows
 
 
 @pytest.fixture

@@ -10,14 +10,9 @@ import pytest
 from fastapi import HTTPException
 
 from service.decode import decode_b64_npy, json_to_array, parse_npy, validate_batch
+from tests._support.bodies import npy_bytes
 
 SHAPE = (1, 8, 8)
-
-
-def npy_bytes(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=allow_pickle)
-    return buf.getvalue()
 
 
 def status_and_detail(exc: pytest.ExceptionInfo[HTTPException]) -> tuple[int, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import io
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,19 +26,14 @@ from service.crud.audits import STATUS_RESERVED
 from service.db.session import Database
 from service.inference.registry import InferenceTimeout
 from service.state import set_state
-from tests.conftest import ApiHelper, audit_rows
-
-from ..reliability._harness import ADMIN_TOKEN, Server, base_env
+from tests._support.api import ApiHelper
+from tests._support.bodies import npy_bytes
+from tests._support.db import audit_rows
+from tests._support.server import ADMIN_TOKEN, Server, base_env
 
 
 def sample(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 1, 8, 8)).astype(np.float32)
-
-
-def npy_bytes(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return buf.getvalue()
 
 
 def key_used(database_url: str, key_id: int) -> int:

@@ -21,9 +21,11 @@ from service.inference.loading import load_registry
 from service.routes import health, predict
 from service.state import ServiceState
 from tests._support.apps import route_app
+from tests._support.bodies import npy_bytes
 
 MODEL = "test-box"
 SHAPE = (1, 8, 8)
+NPY = {"content-type": "application/x-npy"}
 
 
 class AuditSpy:
@@ -71,12 +73,6 @@ def client(app: FastAPI) -> Iterator[TestClient]:
         yield c
 
 
-def npy(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return buf.getvalue()
-
-
 def inputs(n: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, *SHAPE), dtype=np.float32) * 16
 
@@ -85,8 +81,10 @@ def test_the_three_input_forms_give_the_plain_path_probabilities(client: TestCli
     x = inputs()
     answers = [
         client.post("/predict", json={"model": MODEL, "inputs": x.tolist()}),
-        client.post("/predict", json={"inputs_b64": base64.b64encode(npy(x)).decode()}),
-        client.post(f"/predict?model={MODEL}", content=npy(x), headers={"content-type": "application/x-npy"}),
+        client.post("/predict", json={"inputs_b64": base64.b64encode(npy_bytes(x)).decode()}),
+        client.post(
+            f"/predict?model={MODEL}", content=npy_bytes(x), headers={"content-type": "application/x-npy"}
+        ),
     ]
     box = load_box(model_dir / MODEL)
     expected = torch.softmax(box.plain_logits(torch.from_numpy(x)), dim=1).numpy()
@@ -114,7 +112,9 @@ def test_top_k_lists_the_most_probable_classes_in_order(client: TestClient) -> N
 
 
 def test_top_k_on_raw_npy_via_query(client: TestClient) -> None:
-    r = client.post("/predict?top_k=2", content=npy(inputs(1)), headers={"content-type": "application/x-npy"})
+    r = client.post(
+        "/predict?top_k=2", content=npy_bytes(inputs(1)), headers={"content-type": "application/x-npy"}
+    )
     assert r.status_code == 200 and len(r.json()["predictions"][0]["top_k"]) == 2
 
 
@@ -154,23 +154,23 @@ def test_bad_json_bodies_are_4xx_naming_the_problem(
 
 
 def test_bad_npy_bodies(client: TestClient) -> None:
-    good = npy(inputs(2))
+    good = npy_bytes(inputs(2))
     cases = [
         (good[:-5], 422, "truncated"),
-        (npy(inputs(2).astype(np.int32)), 422, "float32"),
+        (npy_bytes(inputs(2).astype(np.int32)), 422, "float32"),
         (b"\x93NUMPY", 422, ".npy"),
-        (npy(np.zeros((9, *SHAPE), np.float32)), 422, "limit"),
-        (npy(np.zeros((2, 3, 8, 8), np.float32)), 422, "shape"),
+        (npy_bytes(np.zeros((9, *SHAPE), np.float32)), 422, "limit"),
+        (npy_bytes(np.zeros((2, 3, 8, 8), np.float32)), 422, "shape"),
     ]
     for body, status, needle in cases:
-        r = client.post("/predict", content=body, headers={"content-type": "application/x-npy"})
+        r = client.post("/predict", content=body, headers=NPY)
         assert r.status_code == status and needle in r.text, r.text
 
 
 def test_pickled_npy_is_refused(client: TestClient) -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"rce": 1}], dtype=object), allow_pickle=True)
-    r = client.post("/predict", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+    r = client.post("/predict", content=buf.getvalue(), headers=NPY)
     assert r.status_code == 422 and "pickle" in r.text
 
 
@@ -192,7 +192,9 @@ def test_wrong_content_type_is_415(client: TestClient, content_type: str) -> Non
     ],
 )
 def test_bad_query_parameters_are_422(client: TestClient, query: str, needle: str) -> None:
-    r = client.post("/predict" + query, content=npy(inputs(1)), headers={"content-type": "application/x-npy"})
+    r = client.post(
+        "/predict" + query, content=npy_bytes(inputs(1)), headers={"content-type": "application/x-npy"}
+    )
     assert r.status_code == 422 and needle in r.text
 
 

@@ -1,3 +1,5 @@
+"""The sdb CLI's model commands: help, train -> box -> distill, remote distillation, box options."""
+
 from __future__ import annotations
 
 import json

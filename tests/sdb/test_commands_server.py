@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from sdb.cli import app as cli
-from tests.conftest import TEST_JWT_SECRET, ApiHelper
+from tests._support.api import TEST_JWT_SECRET, ApiHelper
+from tests._support.net import free_port
 
 runner = CliRunner()
 
@@ -129,16 +130,13 @@ def test_serve_demo_migrates_once_and_shares_one_generated_secret(
 def test_sdb_serve_stops_cleanly_on_sigterm(database_url: str, box_dir: Path, tmp_path: Path) -> None:
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
     env.update(
         SDB_DATABASE_URL=database_url,
