@@ -82,8 +82,10 @@ def parse_npy(data: bytes) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=_MAX_NPY_HEADER)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # numpy's header parser also raises tokenize.TokenError, TypeError...
         raise _unprocessable(f"inputs are not a valid .npy array: {exc}") from None
+    if not all(type(d) is int and d >= 0 for d in shape):  # e.g. (True, 1, 8, 8) passes numpy's own check
+        raise _unprocessable("inputs are not a valid .npy array: its shape must hold non-negative integers")
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise _unprocessable("inputs .npy must hold a float32 array, not objects or records (no pickle)")
     if dtype.kind != "f":

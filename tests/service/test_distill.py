@@ -27,7 +27,7 @@ from service.db.session import Database
 from service.inference.registry import InferenceTimeout
 from service.state import set_state
 from tests._support.api import ApiHelper
-from tests._support.bodies import npy_bytes
+from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
 from tests._support.db import audit_rows
 from tests._support.server import ADMIN_TOKEN, Server, base_env
 
@@ -73,6 +73,26 @@ def test_soft_labels_are_the_keyed_path_at_the_requested_temperature(
         np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
     # the keyed path is not the plain path (the server really applied the box key)
     assert np.abs(keyed - plain).max() > 1e-4
+
+
+@pytest.mark.parametrize("header", MALFORMED_NPY_HEADERS.values(), ids=MALFORMED_NPY_HEADERS.keys())
+def test_a_malformed_npy_header_is_422_and_audited(
+    api: ApiHelper, client: TestClient, database_url: str, header: str
+) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"])
+    body = npy_with_header(header, b"\0" * 256)
+    raw = client.post(
+        "/distill-batch?model=alpha", content=body, headers={**headers, "content-type": "application/x-npy"}
+    )
+    b64 = client.post(
+        "/distill-batch",
+        json={"model": "alpha", "inputs_b64": base64.b64encode(body).decode()},
+        headers=headers,
+    )
+    for r in (raw, b64):
+        assert r.status_code == 422 and ".npy" in r.json()["detail"], r.text
+    rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
+    assert [r.status for r in rows] == [422, 422]
 
 
 def test_npy_and_base64_bodies(api: ApiHelper, client: TestClient) -> None:

@@ -21,7 +21,7 @@ from service.inference.loading import load_registry
 from service.routes import health, predict
 from service.state import ServiceState
 from tests._support.apps import route_app
-from tests._support.bodies import npy_bytes
+from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
 
 MODEL = "test-box"
 SHAPE = (1, 8, 8)
@@ -165,6 +165,15 @@ def test_bad_npy_bodies(client: TestClient) -> None:
     for body, status, needle in cases:
         r = client.post("/predict", content=body, headers=NPY)
         assert r.status_code == status and needle in r.text, r.text
+
+
+@pytest.mark.parametrize("header", MALFORMED_NPY_HEADERS.values(), ids=MALFORMED_NPY_HEADERS.keys())
+def test_a_malformed_npy_header_is_422_raw_and_as_base64(client: TestClient, header: str) -> None:
+    body = npy_with_header(header, b"\0" * 256)
+    raw = client.post("/predict", content=body, headers=NPY)
+    b64 = client.post("/predict", json={"inputs_b64": base64.b64encode(body).decode()})
+    for r in (raw, b64):
+        assert r.status_code == 422 and ".npy" in r.json()["detail"], r.text
 
 
 def test_pickled_npy_is_refused(client: TestClient) -> None:
