@@ -11,6 +11,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.inference.registry import InferenceOverloaded, InferenceTimeout
+from service.outputs import NonFiniteOutputs
 from service.sanitize import clean
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,10 @@ def inference_error(exc: InferenceTimeout | InferenceOverloaded) -> HTTPExceptio
     return HTTPException(
         status_code=503, detail=str(exc), headers={"Retry-After": str(INFERENCE_RETRY_AFTER_S)}
     )
+
+
+def non_finite_error(exc: NonFiniteOutputs) -> HTTPException:
+    return HTTPException(status_code=422, detail=f"{exc}; nothing was charged")
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

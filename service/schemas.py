@@ -17,6 +17,8 @@ import orjson
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE
+
 NPY_MEDIA_TYPE = "application/x-npy"
 _EXAMPLE_ROW: list[Any] = [[0.0, 0.0, 5.0, 13.0, 9.0, 1.0, 0.0, 0.0]]
 
@@ -66,8 +68,8 @@ class DistillRequest(InputsBody):
 
     temperature: float | None = Field(
         None,
-        gt=0,
-        le=1000,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
         description="Softmax temperature; the model's distillation temperature if omitted.",
     )
 

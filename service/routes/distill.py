@@ -25,9 +25,9 @@ from service.crud.quota import DistillDenied, DistillGrant
 from service.db.session import Database
 from service.decode import decode_inputs, query_openapi
 from service.deps import BearerCredentials, unauthorized
-from service.errors import inference_error
+from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout
-from service.outputs import softmax
+from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE, NonFiniteOutputs, softmax
 from service.schemas import (
     ERROR_RESPONSES,
     DistillRequest,
@@ -48,7 +48,7 @@ _OPENAPI = {
     "parameters": query_openapi(
         {
             "model": {"type": "string", "minLength": 1, "maxLength": 128},
-            "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
+            "temperature": {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
         }
     ),
 }
@@ -219,7 +219,11 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
         cancelled = isinstance(exc, asyncio.CancelledError)
         await _finalize(db, grant, audits.STATUS_CANCELLED if cancelled else 500, t0)
         raise
-    labels = softmax(logits, temperature)
+    try:
+        labels = softmax(logits, temperature)
+    except NonFiniteOutputs as exc:
+        await _finalize(db, grant, 422, t0)  # refused: the samples go back
+        raise non_finite_error(exc) from None
     # The answer leaves only once its audit row is confirmed; a database failure here raises (503).
     try:
         await _finalize(db, grant, 200, t0)

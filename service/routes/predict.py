@@ -16,9 +16,9 @@ from fastapi.responses import Response
 from service import metrics
 from service.crud import audits
 from service.decode import decode_inputs, query_openapi
-from service.errors import inference_error
+from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
-from service.outputs import softmax
+from service.outputs import NonFiniteOutputs, softmax
 from service.ratelimit import RateLimiter
 from service.schemas import (
     ERROR_RESPONSES,
@@ -115,7 +115,11 @@ async def predict(request: Request) -> Response:
             logits = await served.infer("plain", x)
         except (InferenceTimeout, InferenceOverloaded) as exc:
             raise inference_error(exc) from None
-        payload = prediction_payload(served, softmax(logits), inputs.params.top_k)
+        try:
+            probs = softmax(logits)
+        except NonFiniteOutputs as exc:
+            raise non_finite_error(exc) from None
+        payload = prediction_payload(served, probs, inputs.params.top_k)
         state.extraction_monitor.add(client, n)
         status = 200
         return FastJSONResponse(payload)

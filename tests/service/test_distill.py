@@ -142,6 +142,32 @@ def test_unlimited_key_reports_unlimited(api: ApiHelper) -> None:
     assert r.status_code == 200 and r.headers["x-quota-remaining"] == "unlimited"
 
 
+def test_answers_are_finite_or_refused_with_422_and_nothing_charged(
+    api: ApiHelper, app: FastAPI, client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=100)
+    model = app.state.sdb.models.get("alpha")
+
+    async def overflowing(path: str, x: Any) -> Any:
+        return np.full((len(x), model.num_classes), np.inf, np.float32)
+
+    with monkeypatch.context() as m:
+        m.setattr(model, "infer", overflowing)
+        r = api.distill(headers, n=2)
+    assert r.status_code == 422 and "finite" in r.json()["detail"], r.text
+    tiny = api.distill(headers, n=2, temperature=5e-324)
+    assert tiny.status_code == 422 and "temperature" in tiny.text, tiny.text
+    assert key_used(database_url, key["id"]) == 0
+    low = api.distill(headers, n=2, temperature=0.01)  # the lowest temperature: still finite soft labels
+    assert low.status_code == 200
+    assert np.isfinite(np.array(low.json()["soft_labels"], dtype=np.float64)).all()
+    assert [r.status for r in audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})] == [
+        422,
+        422,
+        200,
+    ]
+
+
 def test_exactly_one_audit_row_per_call_with_its_outcome(
     api: ApiHelper, client: TestClient, database_url: str
 ) -> None:

@@ -176,6 +176,14 @@ def test_a_malformed_npy_header_is_422_raw_and_as_base64(client: TestClient, hea
         assert r.status_code == 422 and ".npy" in r.json()["detail"], r.text
 
 
+def test_inputs_that_drive_the_outputs_out_of_range_are_422(client: TestClient) -> None:
+    x = np.full((1, *SHAPE), 3e38, np.float32)
+    x[..., ::2] = -3e38  # finite float32 inputs whose plain-path logits are NaN on this box
+    r = client.post("/predict", json={"inputs": x.tolist()})
+    assert r.status_code == 422 and "finite" in r.json()["detail"], r.text
+    assert "null" not in r.text
+
+
 def test_pickled_npy_is_refused(client: TestClient) -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"rce": 1}], dtype=object), allow_pickle=True)
