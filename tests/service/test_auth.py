@@ -16,7 +16,7 @@ from jose import jwt
 from starlette.routing import Route
 
 from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
-from tests.service.test_security import ATTACKS, forge, good_claims
+from tests._support.tokens import ATTACKS, forge, good_claims
 
 PUBLIC_ROUTES = {
     ("POST", "/predict"),
