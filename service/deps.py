@@ -28,12 +28,25 @@ bearer_scheme = HTTPBearer(
 )
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
-UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 MISSING_TOKEN = "missing access token: send `Authorization: Bearer <token>` from POST /auth/token"
 
 
-def unauthorized(detail: str = GENERIC_TOKEN_ERROR) -> HTTPException:
-    return HTTPException(status_code=401, detail=detail, headers=UNAUTHORIZED_HEADERS)
+def unauthorized() -> HTTPException:
+    """401 for a token that is invalid, expired, revoked or of a disabled user (one answer for all)."""
+    return HTTPException(
+        status_code=401,
+        detail={"error": "invalid_token", "message": GENERIC_TOKEN_ERROR},
+        headers={"WWW-Authenticate": 'Bearer realm="sdb", error="invalid_token"'},
+    )
+
+
+def missing_token() -> HTTPException:
+    """401 for a request without a bearer token (RFC 6750 3.1: no error code in the challenge)."""
+    return HTTPException(
+        status_code=401,
+        detail={"error": "invalid_request", "message": MISSING_TOKEN},
+        headers={"WWW-Authenticate": 'Bearer realm="sdb"'},
+    )
 
 
 def get_db(request: Request) -> Database:
@@ -59,7 +72,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def get_principal(request: Request, credentials: BearerCredentials, state: StateDep) -> Principal:
     if credentials is None or not credentials.credentials:
         metrics.record_auth_failure("missing")
-        raise unauthorized(MISSING_TOKEN)
+        raise missing_token()
     try:
         claims = verify_token(state.tokens, credentials.credentials)
     except TokenError as exc:
@@ -106,7 +119,10 @@ def require_admin(request: Request, principal: CurrentPrincipal, db: DatabaseDep
             client_id=client_id_of(request),
             target=request.url.path,
         )
-        raise HTTPException(status_code=403, detail="this route needs an administrator's token")
+        raise HTTPException(
+            status_code=403,
+            detail={"error": "insufficient_scope", "message": "this route needs an administrator's token"},
+        )
     return principal
 
 

@@ -164,7 +164,10 @@ def _reserve(
     if row is None:
         used, quota = conn.execute(_QUOTA, {"key_id": principal.key_id}).one()
         left = max(0, (quota or 0) - used)
-        message = f"sample quota exhausted: {n_samples} requested, {left} of {quota} remaining"
+        message = (
+            f"sample quota exhausted: {n_samples} requested, {left} of {quota} remaining; the quota is a "
+            "total for the key's life and never resets: ask an administrator for a larger quota or a new key"
+        )
         return refuse(owner, DistillDenied("quota", message, quota=quota, used=int(used)))
     audit_id = insert_distill_audit(
         conn,

@@ -289,10 +289,18 @@ def _utc(value: datetime | None) -> datetime | None:
     return out
 
 
-@router.get("/usage", response_model=list[UsageOut], summary="Per-user usage summary")
-def usage(admin: AdminDep, s: SessionDep, since: Since = None, until: Until = None) -> list[UsageOut]:
+@router.get("/usage", response_model=Page[UsageOut], summary="Per-user usage summary")
+def usage(
+    admin: AdminDep,
+    s: SessionDep,
+    since: Since = None,
+    until: Until = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> Page[UsageOut]:
     rows = reports.usage_summary(s, since=_utc(since), until=_utc(until))
-    return [UsageOut(**vars(u)) for u in rows]
+    items = [UsageOut(**vars(u)) for u in rows[offset : offset + limit]]
+    return Page[UsageOut](items=items, total=len(rows), limit=limit, offset=offset)
 
 
 def _range(since: datetime | None, until: datetime | None, default_s: int) -> tuple[datetime, datetime]:

@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Request
@@ -61,7 +61,9 @@ def _bad_request(error: str, detail: str) -> HTTPException:
 
 def _invalid_client() -> HTTPException:
     metrics.record_auth_failure("invalid_api_key")
-    return HTTPException(status_code=401, detail=INVALID_CLIENT, headers=BASIC_HEADERS)
+    return HTTPException(
+        status_code=401, detail={"error": "invalid_client", "message": INVALID_CLIENT}, headers=BASIC_HEADERS
+    )
 
 
 def _fields(content_type: str, body: bytes, authorization: str | None) -> dict[str, str]:
@@ -125,6 +127,8 @@ async def token(request: Request) -> TokenResponse:
     result = await run_in_threadpool(_exchange, state.db, secret, requested, client)
     if result is None:
         raise _invalid_client()
+    if isinstance(result, str):
+        raise _bad_request("invalid_scope", "the key does not hold every requested scope")
     user_id, key_id, scopes, expires_at = result
     access, lifetime = issue_token(
         state.tokens,
@@ -140,7 +144,8 @@ async def token(request: Request) -> TokenResponse:
 
 def _exchange(
     db: Database, secret: str, requested: str | None, client: str | None
-) -> tuple[int, int, list[str], datetime | None] | None:
+) -> tuple[int, int, list[str], datetime | None] | Literal["invalid_scope"] | None:
+    """(user id, key id, scopes, key expiry) for a usable key; "invalid_scope"; None for a bad key."""
     with db.write() as s:
         key = accounts.find_key_by_secret(s, secret)
         if key is None:
@@ -162,7 +167,20 @@ def _exchange(
             return None
         scopes = sorted(key.scopes)
         if requested is not None:
-            scopes = sorted(granted_scopes(key.scopes, requested.split()))
+            asked = frozenset(requested.split())
+            scopes = sorted(granted_scopes(key.scopes, asked))
+            if set(scopes) != asked:  # RFC 6749 5.2 invalid_scope: never a silently narrower token
+                events.record_event(
+                    s,
+                    "token.issue",
+                    "denied",
+                    actor_user_id=key.user_id,
+                    actor_key_id=key.id,
+                    client_id=client,
+                    detail={"reason": "invalid_scope"},
+                )
+                return "invalid_scope"
+        key.last_used_at = utcnow()
         events.record_event(
             s,
             "token.issue",

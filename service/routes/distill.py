@@ -24,7 +24,7 @@ from service.crud import audits, quota
 from service.crud.quota import DistillDenied, DistillGrant
 from service.db.session import Database
 from service.decode import decode_inputs, query_openapi
-from service.deps import BearerCredentials, unauthorized
+from service.deps import BearerCredentials, missing_token, unauthorized
 from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE, NonFiniteOutputs, softmax
@@ -104,6 +104,7 @@ def _denied(d: DistillDenied, model: str) -> HTTPException:
             "quota": d.quota,
             "used": d.used,
             "remaining": remaining,
+            "resets": "never",
         },
         headers=_quota_headers(d.quota, d.used),
     )
@@ -176,7 +177,7 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
     except TokenError as exc:
         metrics.record_auth_failure("missing" if not token else exc.reason)
         await _audit_rejection(db, 401, client, None, None, t0)
-        raise unauthorized() from None
+        raise (unauthorized() if token else missing_token()) from None
 
     try:
         decoded = await decode_inputs(request, DistillRequest, state.models, QUERY_FIELDS)

@@ -141,7 +141,12 @@ def test_usage_summary(api: ApiHelper, client: TestClient) -> None:
     api.distill(h1, n=2)
     api.distill(h1, n=3, model="beta")
     assert api.distill(h1, n=1).status_code == 429
-    rows = {u["user_id"]: u for u in client.get("/admin/usage", headers=api.admin).json()}
+    page = client.get("/admin/usage", headers=api.admin).json()
+    assert set(page) == {"items", "total", "limit", "offset"}  # the shape of every list endpoint
+    rows = {u["user_id"]: u for u in page["items"]}
+    assert page["total"] >= len(page["items"]) >= 2
+    one = client.get("/admin/usage", params={"limit": 1, "offset": 1}, headers=api.admin).json()
+    assert len(one["items"]) == 1 and one["total"] == page["total"]
     me = rows[u1["id"]]
     assert (me["requests"], me["answered"], me["samples"], me["rejected"]) == (3, 2, 5, 1)
     assert me["by_model"] == {"alpha": 2, "beta": 3}

@@ -133,6 +133,9 @@ def test_quota_headers_and_429_once_spent(api: ApiHelper, client: TestClient, da
     detail = r.json()["detail"]
     assert detail["error"] == "quota_exceeded" and detail["remaining"] == 0 and detail["quota"] == 10
     assert "quota" in detail["message"]
+    # the quota is a total for the key's life: the answer says it never resets, and no Retry-After
+    assert detail["resets"] == "never" and "administrator" in detail["message"]
+    assert "retry-after" not in r.headers
     assert key_used(database_url, key["id"]) == 10
 
 
