@@ -66,3 +66,11 @@ def test_every_dependency_is_explained() -> None:
     aliases = {"torch": "pytorch", "sqlalchemy": "sqlalchemy 2.0", "psycopg": "psycopg 3"}
     missing = sorted(n for n in names if aliases.get(n, n) not in table and n not in table)
     assert not missing, f"dependencies missing from the README's library table: {missing}"
+
+
+def test_the_key_revoked_in_the_example_is_not_the_key_alice_distills_with() -> None:
+    keys = _section("Issue API keys")
+    given = re.findall(r'# -> \{"id": (\d+), "api_key": "sdb_\.\.\.".*give it to alice', keys)
+    revoked = re.findall(r"/admin/keys/(\d+)/revoke", keys)
+    assert given and revoked
+    assert not set(given) & set(revoked), "a literal follower would distill with a revoked key"
