@@ -74,3 +74,14 @@ def test_the_key_revoked_in_the_example_is_not_the_key_alice_distills_with() -> 
     revoked = re.findall(r"/admin/keys/(\d+)/revoke", keys)
     assert given and revoked
     assert not set(given) & set(revoked), "a literal follower would distill with a revoked key"
+
+
+def test_readme_python_commands_use_the_projects_environment() -> None:
+    bare = re.findall(r"(?<![\w/.])python3? -c [\"'][^\"']*\b(?:sdb|sdb_core|service|torch)\b", README)
+    assert not bare, f"the system python has no torch or sdb: use .venv/bin/python ({bare})"
+
+
+def test_the_zoo_listing_does_not_offer_the_internal_guarded_architecture() -> None:
+    teacher = README.split("**1. A teacher.**", 1)[1].split("```", 1)[0]
+    assert "list_models()" in teacher
+    assert "guarded" in teacher and "internal" in teacher, "say that `guarded` is not for users to pick"
