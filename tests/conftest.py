@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
             "torch_threads": 1,
             "jwt_secret": TEST_JWT_SECRET,
             "bootstrap_admin_token": TEST_ADMIN_TOKEN,
-            "client_ip_salt": "test-salt",
+            "client_ip_salt": "test-salt-" + uuid.uuid4().hex,
             "max_batch_delay_ms": 1.0,
             "calibrate_forward_batch": False,  # ~0.3 s per model and app; tested in test_inference.py
             "predict_rate_per_minute": 0,

@@ -9,6 +9,7 @@ and the listening address (0.0.0.0:8000 -> a free loopback port) are changed.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,14 @@ def local_command(cmd: list[str], port: int | None = None) -> list[str]:
     return out
 
 
-def local_env(service: dict[str, Any], database_url: str) -> dict[str, str]:
+# .env.example's values are placeholders, which the service refuses (tested below): real secrets instead.
+SECRETS = {"SDB_JWT_SECRET": secrets.token_hex(32), "SDB_CLIENT_IP_SALT": secrets.token_hex(16)}
+
+
+def local_env(service: dict[str, Any], database_url: str, placeholders: bool = False) -> dict[str, str]:
     env = {k: str(v) for k, v in service["environment"].items()}
+    if not placeholders:
+        env.update({k: v for k, v in SECRETS.items() if k in env})
     compose_url, local_url = make_url(env["SDB_DATABASE_URL"]), make_url(database_url)
     assert compose_url.drivername == local_url.drivername  # same driver, only the server differs
     assert compose_url.host == "db"
@@ -55,6 +62,16 @@ def test_migrate_then_serve_as_compose_does(
     migrate, api = services["migrate"], services["api"]
     api_env = local_env(api, pg_database)
     assert Path(api_env["SDB_MODEL_DIR"]).is_dir()
+
+    # Compose run on .env.example's placeholders: the service refuses to start, naming the problem.
+    placeholder = subprocess.run(
+        local_command(api["command"], free_port()),
+        env=local_env(api, pg_database, placeholders=True),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert placeholder.returncode != 0 and "placeholder" in placeholder.stdout + placeholder.stderr
 
     # Before the migrations, the service refuses to start and names the command to run.
     early = subprocess.run(
