@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDB_", env_file=None, extra="ignore")
 
     # Deployment
+    host: str = Field("127.0.0.1", description="Address `sdb serve` binds (0.0.0.0 inside a container).")
+    port: int = Field(8000, gt=0, le=65535, description="TCP port `sdb serve` listens on.")
     demo: bool = Field(False, description="Demo mode: allows a generated JWT secret (printed nowhere).")
     database_url: str = Field("sqlite:///./var/sdb.db", description="SQLAlchemy URL (SQLite or PostgreSQL).")
     model_dir: Path = Field(Path("models"), description="Directory of boxed-model artifact directories.")

@@ -28,6 +28,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "SDB_JWT_SECRET",
         "SDB_MODEL_DIR",
         "SDB_DATABASE_URL",
+        "SDB_HOST",
+        "SDB_PORT",
         "PROMETHEUS_MULTIPROC_DIR",
     }:
         monkeypatch.setenv(key, "")
@@ -77,6 +79,34 @@ def test_bootstrap_prints_a_working_admin_key_once(make_settings: Any, database_
 def test_bootstrap_refuses_an_unmigrated_database(empty_database_url: str) -> None:
     r = runner.invoke(cli, ["admin", "bootstrap", "--database-url", empty_database_url])
     assert r.exit_code == 1 and "sdb db upgrade" in r.output
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_bootstrap_names_the_database_it_used(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SDB_DATABASE_URL", empty_database_url)
+    r = runner.invoke(cli, ["admin", "bootstrap"])
+    assert r.exit_code == 1 and empty_database_url in r.output
+
+
+def test_serve_reads_sdb_host_and_sdb_port_and_says_every_setting_is_a_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvicorn
+
+    started: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append((a, k)))
+    clean_env(monkeypatch)
+    monkeypatch.setenv("SDB_JWT_SECRET", TEST_JWT_SECRET)
+    monkeypatch.setenv("SDB_HOST", "127.0.0.2")
+    monkeypatch.setenv("SDB_PORT", "8124")
+    r = runner.invoke(cli, ["serve"])
+    assert r.exit_code == 0, r.output
+    ((_, kwargs),) = started
+    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.2", 8124)
+    help_text = runner.invoke(cli, ["serve", "--help"]).output
+    assert "SDB_" in help_text and "environment variable" in help_text
 
 
 def test_serve_refuses_a_missing_or_short_jwt_secret(monkeypatch: pytest.MonkeyPatch) -> None:
