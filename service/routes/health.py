@@ -1,11 +1,11 @@
-"""GET /healthz (liveness), GET /readyz (models loaded and database reachable), GET /metrics (Prometheus)."""
+"""GET /healthz (liveness), /readyz (models and database), /metrics (Prometheus), and / (to the docs)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 
 from service.db.session import Database
 from service.metrics import render_metrics
@@ -15,6 +15,12 @@ from service.state import StateDep
 DB_PING_TIMEOUT_S = 2.0
 
 router = APIRouter(tags=["health"])
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    """The root has nothing of its own: send people to the API documentation."""
+    return RedirectResponse("/docs")
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -95,3 +95,13 @@ def test_readiness_route_in_openapi(registry: Any, tmp_path: Path) -> None:
     with TestClient(build(registry, FakeDatabase("ok"))) as c:
         paths = c.get("/openapi.json").json()["paths"]
     assert {"/healthz", "/readyz", "/metrics"} <= set(paths)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_root_sends_people_to_the_docs(settings: Any) -> None:
+    from service.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/", follow_redirects=False)
+        assert r.status_code in (302, 307) and r.headers["location"] == "/docs"
+        assert c.get("/").status_code == 200  # the docs page itself
