@@ -18,6 +18,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.crud import audits, quota
@@ -27,6 +28,7 @@ from service.decode import decode_inputs, query_openapi
 from service.deps import BearerCredentials, missing_token, unauthorized
 from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout
+from service.middleware import disconnect_status
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE, NonFiniteOutputs, softmax
 from service.schemas import (
     ERROR_RESPONSES,
@@ -181,9 +183,10 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
 
     try:
         decoded = await decode_inputs(request, DistillRequest, state.models, QUERY_FIELDS)
-    except HTTPException as exc:
+    except (HTTPException, ClientDisconnect) as exc:
         model_name = request.query_params.get("model") or getattr(request.state, "model_name", None)
-        await _audit_rejection(db, exc.status_code, client, claims, model_name, t0)
+        status = exc.status_code if isinstance(exc, HTTPException) else disconnect_status(request.scope)
+        await _audit_rejection(db, status, client, claims, model_name, t0)
         raise
     model = decoded.model
     x = decoded.x

@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.crud import audits
 from service.decode import decode_inputs, query_openapi
 from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
+from service.middleware import disconnect_status
 from service.outputs import NonFiniteOutputs, softmax
 from service.ratelimit import RateLimiter
 from service.schemas import (
@@ -125,6 +127,9 @@ async def predict(request: Request) -> Response:
         return FastJSONResponse(payload)
     except HTTPException as exc:
         status = exc.status_code
+        raise
+    except ClientDisconnect:
+        status = disconnect_status(request.scope)
         raise
     finally:
         _audit(state, client, model_name, n, status, start, digest)
