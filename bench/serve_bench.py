@@ -18,14 +18,11 @@ and >= 3 x the req/s of batching off; no failed request; peak RSS < 1.5 x idle.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import io
 import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +39,8 @@ import numpy as np
 import torch
 
 from bench.loadgen import write_bodies
+from sdb.client import encode_npy
+from tests._support.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex + uuid.uuid4().hex
@@ -88,18 +87,6 @@ class Result:
         if self.raw_cpu_ms_per_sample is None or not self.server_cpu_ms_per_req:
             return None
         return self.raw_cpu_ms_per_sample * self.scenario.samples_per_request / self.server_cpu_ms_per_req
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def npy_b64(x: np.ndarray) -> str:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -233,7 +220,7 @@ class RawModels:
 
     def __init__(self, dirs: dict[str, Path], threads: int, scripted: bool = False) -> None:
         from sdb_core.artifact import load_box
-        from service.inference.registry import resolve_device
+        from service.inference.runtime import resolve_device
 
         torch.set_num_threads(threads)
         device = resolve_device("auto")
@@ -264,7 +251,7 @@ def run_load(
     bodies = []
     for _ in range(16):
         x = rng.random((scenario.samples_per_request, *input_shape), dtype=np.float32) * 4
-        bodies.append(json.dumps({"model": scenario.model, "inputs_b64": npy_b64(x)}).encode())
+        bodies.append(json.dumps({"model": scenario.model, "inputs_b64": encode_npy(x)}).encode())
     body_file = work / "bodies.bin"
     write_bodies(body_file, bodies)
     cmd = [
@@ -375,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the raw model: plain PyTorch (eager, default) or the TorchScript trace the server runs",
     )
     args = p.parse_args(argv)
-    from service.inference.registry import default_threads
+    from service.inference.runtime import default_threads
 
     threads = args.threads or default_threads()
     from service.db.migrate import upgrade

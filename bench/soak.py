@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import io
 import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,9 +41,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from sdb.client import encode_npy
+from tests._support.net import free_port
+from tests._support.postgres import create_pg_database, drop_pg_database, pg_url
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "soak-box"
-PG_ADMIN_URL = os.environ.get("SDB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @dataclass
@@ -70,12 +70,6 @@ class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {"predict": [], "distill": []})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -83,17 +77,11 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def _npy_b64(x: np.ndarray) -> str:
-    buf = io.BytesIO()
-    np.save(buf, x.astype(np.float32), allow_pickle=False)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 class Soak:
     def __init__(self, cfg: SoakConfig, workdir: Path) -> None:
         self.cfg = cfg
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.admin_secret = "sdb_soak_admin_" + uuid.uuid4().hex + uuid.uuid4().hex
         self.pg_db: str | None = None
@@ -108,25 +96,16 @@ class Soak:
         if self.cfg.database_url:
             return self.cfg.database_url
         if self.cfg.postgres:
-            import psycopg
-
-            self.pg_db = f"sdb_soak_{uuid.uuid4().hex[:12]}"
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
-                c.execute(f'CREATE DATABASE "{self.pg_db}"')
-            u = httpx.URL(PG_ADMIN_URL)
-            return f"postgresql+psycopg://{u.username or 'postgres'}@{u.host}:{u.port or 5432}/{self.pg_db}"
+            self.pg_db = create_pg_database(prefix="sdb_soak")
+            return pg_url(self.pg_db)
         return f"sqlite:///{self.workdir / 'soak.db'}"
 
     def drop_database(self) -> None:
         if self.pg_db is None:
             return
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+        drop_pg_database(self.pg_db)
 
     def start_server(self, db_url: str) -> None:
-        sys.path.insert(0, str(REPO))
         from sdb_core.artifact import make_test_box
         from service.db.migrate import upgrade
 
@@ -210,14 +189,14 @@ class Soak:
             try:
                 if distill:
                     r = await client.post(
-                        "/distill-batch", json={"model": MODEL, "inputs_b64": _npy_b64(x)}, headers=auth
+                        "/distill-batch", json={"model": MODEL, "inputs_b64": encode_npy(x)}, headers=auth
                     )
                     if r.status_code == 401:  # token expired during a long soak: refresh once
                         auth["Authorization"] = "Bearer " + await self._token(client, self.api_key)
                 elif rng.random() < 0.5:
                     r = await client.post("/predict", json={"model": MODEL, "inputs": x.tolist()})
                 else:
-                    r = await client.post("/predict", json={"model": MODEL, "inputs_b64": _npy_b64(x)})
+                    r = await client.post("/predict", json={"model": MODEL, "inputs_b64": encode_npy(x)})
             except httpx.HTTPError as exc:
                 self.tally.errors[f"{kind}:{type(exc).__name__}"] += 1
                 continue

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Quick start 2: install the test dependencies into .venv and run the whole test suite:
-#   lint (ruff check, ruff format --check, mypy), then the quick tests, then slow / e2e / PostgreSQL tests.
+#   lint (ruff check, ruff format --check, mypy), then one pytest run: quick tests, then slow / e2e / PostgreSQL.
 # PostgreSQL tests use SDB_TEST_POSTGRES_URL (default: the server at 127.0.0.1:5432, user postgres).
-# Extra arguments go to every pytest run (`./scripts/test.sh -x -k quota`); paths narrow it (`tests/ops`).
 # SDB_SKIP_SETUP=1 skips the install step; SDB_SKIP_LINT=1 skips the linters.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,52 +25,16 @@ if [ "${SDB_SKIP_LINT:-0}" != 1 ]; then
   step "mypy";               mypy                   || failed+=("mypy")
 fi
 
-# Each top-level test directory runs in its own pytest process: the directories are written by different
-# people, and test modules or conftest helpers with the same basename in two of them would clash in one
-# process (pytest's default import mode). Arguments naming test paths (tests/..., *.py) run just those.
-is_path() { case "$1" in tests | tests/* | *.py | *.py::*) [ -e "${1%%::*}" ] ;; *) return 1 ;; esac; }
-targets=()
-options=()
-for a in "$@"; do
-  if is_path "$a"; then targets+=("$a"); else options+=("$a"); fi
-done
-groups=()
-if [ ${#targets[@]} -gt 0 ]; then
-  groups+=("${targets[*]}")
-else
-  for d in tests/*/; do
-    d=${d%/}
-    [ "$(basename "$d")" = __pycache__ ] && continue
-    find "$d" -name 'test_*.py' -print -quit | grep -q . && groups+=("$d")
-  done
-  root_files=$(find tests -maxdepth 1 -name 'test_*.py' | sort | tr '\n' ' ')
-  [ -n "$root_files" ] && groups+=("$root_files")
-fi
+# One pytest process runs every test: the quick tests first, then the slow, e2e and PostgreSQL tests
+# (tests/conftest.py orders them; --quick-gate skips the slow ones once a quick test has failed).
+# Arguments go to pytest: `./scripts/test.sh -x -k quota`, `./scripts/test.sh tests/ops`.
+step "pytest"
+pytest --quick-gate --durations=10 --junitxml="$REPORTS/pytest.xml" "$@"
+rc=$?
+if [ $rc -eq 5 ]; then echo "test: no test selected"; rc=0; fi
+[ $rc -ne 0 ] && failed+=("pytest")
 
-# pytest exits 5 when it selects no test; that is not a failure.
-run_stage() {
-  local name=$1 marker=$2 extra=$3 rc=0 i=0 group
-  for group in "${groups[@]}"; do
-    i=$((i + 1))
-    step "pytest ($name): $group"
-    # shellcheck disable=SC2086  # a group is a space-separated list of paths
-    pytest -m "$marker" --junitxml="$REPORTS/$name-$i.xml" $extra ${options[@]+"${options[@]}"} $group
-    local r=$?
-    if [ $r -eq 5 ]; then echo "test: no $name test in $group"; r=0; fi
-    if [ $r -ne 0 ]; then rc=$r; failed+=("pytest $name $group"); fi
-  done
-  return $rc
-}
-
-QUICK="not slow and not e2e and not postgres"
-if run_stage quick "$QUICK" ""; then
-  run_stage slow "not ($QUICK)" "--durations=10"
-else
-  echo "test: quick tests failed; the slow, e2e and PostgreSQL tests were not run" >&2
-  failed+=("pytest slow (not run)")
-fi
-
-# One closing line over both stages, so a CI reader sees the totals.
+# One closing line, so a CI reader sees the totals.
 python - "$REPORTS" <<'PY'
 import sys
 import xml.etree.ElementTree as ET

@@ -1,0 +1,1 @@
+"""sdb: the command line (`sdb ...`) and the HTTP client for licensed users."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+from typing import Annotated
+
 import typer
 
 from sdb.commands import core, server
@@ -14,6 +17,21 @@ app = typer.Typer(
 )
 core.register(app)
 server.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdb {version('sdb')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Safe Distillation Box: box a classifier, distill students, serve the box."""
 
 
 def main() -> None:

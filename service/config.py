@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 MIN_JWT_SECRET_BYTES = 32
+# Values shipped in the repository (.env.example, docs): anyone can read them, so none may sign tokens.
+PLACEHOLDER_MARKERS = ("change-me", "changeme", "replace-me", "your-secret")
+GENERATE = "python3 -c 'import secrets; print(secrets.token_hex(32))'"
+MIN_SECRET_BITS = 80  # a rough Shannon estimate; generated secrets (secrets.token_hex) have far more
+
+
+def secret_problem(value: str) -> str | None:
+    """Why `value` cannot be a secret (a repository placeholder, obviously low entropy), or None."""
+    lowered = value.lower()
+    if any(marker in lowered for marker in PLACEHOLDER_MARKERS):
+        return f"is a placeholder from the repository: generate one ({GENERATE})"
+    counts = Counter(value)
+    bits = -sum(n * math.log2(n / len(value)) for n in counts.values())
+    periodic = any(
+        value == value[:p] * (len(value) // p) for p in range(1, len(value) // 2 + 1) if len(value) % p == 0
+    )
+    if len(counts) < 8 or bits < MIN_SECRET_BITS or periodic:
+        return f"has obviously low entropy (few distinct characters or a repeated pattern): use {GENERATE}"
+    return None
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDB_", env_file=None, extra="ignore")
 
     # Deployment
+    host: str = Field("127.0.0.1", description="Address `sdb serve` binds (0.0.0.0 inside a container).")
+    port: int = Field(8000, gt=0, le=65535, description="TCP port `sdb serve` listens on.")
     demo: bool = Field(False, description="Demo mode: allows a generated JWT secret (printed nowhere).")
     database_url: str = Field("sqlite:///./var/sdb.db", description="SQLAlchemy URL (SQLite or PostgreSQL).")
     model_dir: Path = Field(Path("models"), description="Directory of boxed-model artifact directories.")
@@ -33,7 +58,8 @@ class Settings(BaseSettings):
 
     # Auth
     jwt_secret: SecretStr | None = Field(
-        None, description="HS256 secret, >= 32 bytes; required outside demo."
+        None,
+        description="HS256 secret, >= 32 bytes, not a placeholder, not low-entropy; required outside demo.",
     )
     jwt_issuer: str = Field("sdb", description="`iss` claim issued and required.")
     jwt_audience: str = Field("sdb-distill", description="`aud` claim issued and required.")
@@ -83,6 +109,22 @@ class Settings(BaseSettings):
                 raise ValueError("SDB_JWT_SECRET must be set (>= 32 bytes) unless SDB_DEMO=1")
         elif len(self.jwt_secret.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
             raise ValueError(f"SDB_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long")
+        try:
+            password = make_url(self.database_url).password
+        except ArgumentError:
+            password = None  # not a URL: the engine refuses it with its own message
+        for name, secret in (
+            ("SDB_JWT_SECRET", self.jwt_secret.get_secret_value() if self.jwt_secret else None),
+            ("SDB_CLIENT_IP_SALT", self.client_ip_salt.get_secret_value() if self.client_ip_salt else None),
+        ):
+            problem = None if secret is None else secret_problem(secret)
+            if problem is not None:
+                raise ValueError(f"{name} {problem}")
+        if password and any(m in str(password).lower() for m in PLACEHOLDER_MARKERS):
+            raise ValueError(
+                "the password in SDB_DATABASE_URL (POSTGRES_PASSWORD) is a placeholder from the "
+                "repository: generate one"
+            )
         return self
 
 

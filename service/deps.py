@@ -14,11 +14,12 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service import crud, metrics
-from service.config import Settings
-from service.crud import AuthFailure, Principal
+from service import metrics
+from service.crud import events
+from service.crud.principals import AuthFailure, Principal, load_principal
 from service.db.session import Database
-from service.security import GENERIC_TOKEN_ERROR, TokenConfig, TokenError, verify_token
+from service.security import GENERIC_TOKEN_ERROR, TokenError, verify_token
+from service.state import StateDep, get_state
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -27,34 +28,35 @@ bearer_scheme = HTTPBearer(
 )
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
-UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+MISSING_TOKEN = "missing access token: send `Authorization: Bearer <token>` from POST /auth/token"
 
 
-def unauthorized(detail: str = GENERIC_TOKEN_ERROR) -> HTTPException:
-    return HTTPException(status_code=401, detail=detail, headers=UNAUTHORIZED_HEADERS)
+def unauthorized() -> HTTPException:
+    """401 for a token that is invalid, expired, revoked or of a disabled user (one answer for all)."""
+    return HTTPException(
+        status_code=401,
+        detail={"error": "invalid_token", "message": GENERIC_TOKEN_ERROR},
+        headers={"WWW-Authenticate": 'Bearer realm="sdb", error="invalid_token"'},
+    )
 
 
-def get_settings_dep(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def missing_token() -> HTTPException:
+    """401 for a request without a bearer token (RFC 6750 3.1: no error code in the challenge)."""
+    return HTTPException(
+        status_code=401,
+        detail={"error": "invalid_request", "message": MISSING_TOKEN},
+        headers={"WWW-Authenticate": 'Bearer realm="sdb"'},
+    )
 
 
 def get_db(request: Request) -> Database:
-    db: Database = request.app.state.db
-    return db
+    return get_state(request).db
 
 
-def get_token_config(request: Request) -> TokenConfig:
-    cfg: TokenConfig = request.app.state.token_config
-    return cfg
+def client_id_of(request: Request) -> str:
+    return get_state(request).client_ids.anonymous_id(request)
 
 
-def client_id_of(request: Request) -> str | None:
-    ids = getattr(request.app.state, "client_ids", None)
-    return None if ids is None else str(ids.anonymous_id(request))
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DatabaseDep = Annotated[Database, Depends(get_db)]
 
 
@@ -67,17 +69,16 @@ def get_session(db: DatabaseDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_principal(request: Request, credentials: BearerCredentials, db: DatabaseDep) -> Principal:
-    cfg = get_token_config(request)
+def get_principal(request: Request, credentials: BearerCredentials, state: StateDep) -> Principal:
     if credentials is None or not credentials.credentials:
         metrics.record_auth_failure("missing")
-        raise unauthorized("missing access token: send `Authorization: Bearer <token>` from POST /auth/token")
+        raise missing_token()
     try:
-        claims = verify_token(cfg, credentials.credentials)
+        claims = verify_token(state.tokens, credentials.credentials)
     except TokenError as exc:
         metrics.record_auth_failure(exc.reason)
-        crud.record_event_safely(
-            db,
+        events.record_event_safely(
+            state.db,
             "auth.failure",
             "denied",
             client_id=client_id_of(request),
@@ -86,15 +87,17 @@ def get_principal(request: Request, credentials: BearerCredentials, db: Database
         )
         raise unauthorized() from None
     try:
-        with db.session() as s:
-            return crud.load_principal(s, claims)
+        with state.db.session() as s:
+            return load_principal(s, claims)
     except AuthFailure as exc:
         metrics.record_auth_failure(exc.reason)
-        crud.record_event_safely(
-            db,
+        user_id, key_id = exc.attributed_to(claims)
+        events.record_event_safely(
+            state.db,
             "auth.failure",
             "denied",
-            actor_key_id=claims.key_id if exc.reason not in ("unknown_key", "subject") else None,
+            actor_user_id=user_id,
+            actor_key_id=key_id,
             client_id=client_id_of(request),
             target=request.url.path,
             detail={"reason": exc.reason},
@@ -108,7 +111,7 @@ CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 def require_admin(request: Request, principal: CurrentPrincipal, db: DatabaseDep) -> Principal:
     if not principal.is_admin:
         metrics.record_auth_failure("not_admin")
-        crud.record_event_safely(
+        events.record_event_safely(
             db,
             "auth.forbidden",
             "denied",
@@ -116,7 +119,10 @@ def require_admin(request: Request, principal: CurrentPrincipal, db: DatabaseDep
             client_id=client_id_of(request),
             target=request.url.path,
         )
-        raise HTTPException(status_code=403, detail="this route needs an administrator's token")
+        raise HTTPException(
+            status_code=403,
+            detail={"error": "insufficient_scope", "message": "this route needs an administrator's token"},
+        )
     return principal
 
 

@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(settings)`, its lifespan and its error handlers.
+"""The FastAPI application: `create_app(settings)` and its lifespan, which builds the `ServiceState`.
 
 Run it with `sdb serve`, or `uvicorn service.main:create_app --factory --no-proxy-headers` (settings from
 SDB_* variables; without --no-proxy-headers uvicorn itself trusts X-Forwarded-For from 127.0.0.1).
@@ -13,25 +13,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from service import crud
 from service.config import Settings, get_settings
+from service.crud import accounts, catalog, quota
 from service.db import migrate
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
-from service.inference.registry import ModelRegistry, UnknownModelError
+from service.errors import install_error_handlers
+from service.inference.loading import load_registry
+from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
 from service.routes import admin, auth, distill, health, predict
 from service.security import TokenConfig, api_key_from_secret
+from service.state import ServiceState, set_state
 
 logger = logging.getLogger(__name__)
 
@@ -85,35 +86,39 @@ def bootstrap_admin_from_env(db: Database, secret: str) -> bool:
     key = api_key_from_secret(secret)
     try:
         with db.write() as s:
-            crud.create_first_admin(s, BOOTSTRAP_ADMIN_NAME, key, via="env")
-    except (IntegrityError, crud.ConflictError):
+            accounts.create_first_admin(s, BOOTSTRAP_ADMIN_NAME, key, via="env")
+    except (IntegrityError, accounts.ConflictError):
         return False  # an admin exists (another worker created it first), or a user named "admin" exists
     logger.info("created the first administrator from SDB_BOOTSTRAP_ADMIN_TOKEN")
     return True
 
 
-def _start(app: FastAPI, settings: Settings) -> None:
+def _start(settings: Settings, registry: ModelRegistry | None) -> ServiceState:
+    """Everything that needs I/O: database and schema check, first admin, models, the audit writer."""
     db = Database(settings.database_url)
-    app.state.db = db
-    if settings.demo:
-        migrate.upgrade(db.url)
-    migrate.check_schema(db.engine)
-    if settings.bootstrap_admin_token is not None:
-        bootstrap_admin_from_env(db, settings.bootstrap_admin_token.get_secret_value())
-    if getattr(app.state, "models", None) is None:
-        app.state.models = ModelRegistry.from_settings(settings)
-    infos = [m.info() for m in app.state.models]
-    for attempt in range(3):  # workers starting together may insert the same model row: retry
-        try:
-            with db.write() as s:
-                crud.sync_models(s, infos)
-            break
-        except IntegrityError:
-            if attempt == 2:
-                raise
+    try:
+        if settings.demo:
+            migrate.upgrade(db.url)
+        migrate.check_schema(db.engine)
+        if settings.bootstrap_admin_token is not None:
+            bootstrap_admin_from_env(db, settings.bootstrap_admin_token.get_secret_value())
+        models = registry if registry is not None else load_registry(settings)
+        infos = [m.info() for m in models]
+        for attempt in range(3):  # workers starting together may insert the same model row: retry
+            try:
+                with db.write() as s:
+                    catalog.sync_models(s, infos)
+                break
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+    except BaseException:
+        db.dispose()
+        raise
     queue = AuditQueue(db)
     queue.start()
-    app.state.audit_queue = queue
+    tokens = _token_config(settings)
+    return ServiceState.build(settings, db=db, models=models, tokens=tokens, audit_queue=queue)
 
 
 SWEEP_INTERVAL_S = 60.0
@@ -128,61 +133,37 @@ async def _sweep_reservations(db: Database, settings: Settings) -> None:
     """Give back the samples of reservations never confirmed (the database failed at the confirm)."""
     while True:
         try:
-            await anyio.to_thread.run_sync(crud.release_stale_reservations, db, _stale_after_s(settings))
+            await anyio.to_thread.run_sync(quota.release_stale_reservations, db, _stale_after_s(settings))
         except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
             logger.info("reservation sweep skipped, database unavailable: %s", type(exc).__name__)
         await anyio.sleep(SWEEP_INTERVAL_S)
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    app.state.token_config = _token_config(settings)
-    try:
-        await anyio.to_thread.run_sync(_start, app, settings)
-    except migrate.SchemaError as exc:
-        logger.error("refusing to start: %s", exc)
-        _dispose(app)
-        raise
-    except BaseException:
-        _dispose(app)
-        raise
-    sweeper = asyncio.create_task(_sweep_reservations(app.state.db, settings))
-    try:
-        yield
-    finally:
-        sweeper.cancel()
-        with anyio.CancelScope(shield=True):
-            registry = getattr(app.state, "models", None)
-            if registry is not None and hasattr(registry, "aclose"):
-                await registry.aclose()
-            queue: AuditQueue | None = getattr(app.state, "audit_queue", None)
-            if queue is not None:
-                await anyio.to_thread.run_sync(queue.close)
-            _dispose(app)
+def _lifespan(
+    settings: Settings, registry: ModelRegistry | None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            state = await anyio.to_thread.run_sync(_start, settings, registry)
+        except migrate.SchemaError as exc:
+            logger.error("refusing to start: %s", exc)
+            raise
+        set_state(app, state)
+        sweeper = asyncio.create_task(_sweep_reservations(state.db, settings))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with anyio.CancelScope(shield=True):
+                await state.models.aclose()
+                await anyio.to_thread.run_sync(state.audit_queue.close)
+                state.db.dispose()
+
+    return lifespan
 
 
-def _dispose(app: FastAPI) -> None:
-    db: Database | None = getattr(app.state, "db", None)
-    if db is not None:
-        db.dispose()
-
-
-async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.warning("database unavailable on %s: %s", crud.clean(request.url.path), type(exc).__name__)
-    return JSONResponse(
-        status_code=503,
-        content={"detail": "database unavailable, retry later", "error": "database_unavailable"},
-        headers={"Retry-After": "5"},
-    )
-
-
-async def _unknown_model(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, UnknownModelError)
-    return JSONResponse(status_code=404, content={"detail": f"unknown model {exc.name!r}"})
-
-
-def create_app(settings: Settings | None = None, *, registry: Any = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None) -> FastAPI:
     """Build the application. `registry` replaces loading models from SDB_MODEL_DIR (tests)."""
     settings = settings or get_settings()
     _configure_logging(settings.log_level)
@@ -190,15 +171,10 @@ def create_app(settings: Settings | None = None, *, registry: Any = None) -> Fas
         title="Safe Distillation Box",
         version="0.1.0",
         description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, registry),
     )
-    app.state.settings = settings
-    app.state.models = registry
     install_middleware(app, settings)
-    app.add_exception_handler(OperationalError, _database_error)
-    app.add_exception_handler(InterfaceError, _database_error)
-    app.add_exception_handler(PoolTimeoutError, _database_error)
-    app.add_exception_handler(UnknownModelError, _unknown_model)
+    install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(auth.router)

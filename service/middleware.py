@@ -1,5 +1,4 @@
-"""ASGI middleware and error handlers: body-size limit, request deadline, security headers, generic 500,
-request metrics; plus the per-client rate limiter and client identification used by routes.
+"""The ASGI middleware stack: body-size limit, request deadline, generic 500, security headers, metrics.
 
 Order, outermost first: metrics -> security headers -> generic 500 -> deadline -> body limit -> the app.
 All are pure ASGI (no BaseHTTPMiddleware) so that they cost little and never buffer bodies.
@@ -8,23 +7,17 @@ All are pure ASGI (no BaseHTTPMiddleware) so that they cost little and never buf
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import ipaddress
 import logging
-import math
-import secrets
-import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from starlette.requests import ClientDisconnect
 
 from service import metrics
+from service.sanitize import clean
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -36,6 +29,15 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATUS_CLIENT_GONE = 499  # the client went away before an answer (nginx's code); never counted as a 500
+_BODY_STATUS = "sdb_body_status"  # scope["state"] key: 413 once BodyLimitMiddleware refused the body
+
+
+def disconnect_status(scope: Scope) -> int:
+    """The status of a request whose body ended in a disconnect: 413 if the body limit cut it, else 499."""
+    return int((scope.get("state") or {}).get(_BODY_STATUS, STATUS_CLIENT_GONE))
+
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"cache-control", b"no-store"),
@@ -101,6 +103,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     rejected = True
+                    scope.setdefault("state", {})[_BODY_STATUS] = 413
                     if not started:
                         await self._reject(send)
                     return {"type": "http.disconnect"}
@@ -176,8 +179,14 @@ class ServerErrorMiddleware:
         tracked = _StartTracker(send)
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            # Not a server error: the body limit cut the body (413 already sent) or the client went away.
+            status = disconnect_status(scope)
+            scope.setdefault("state", {}).setdefault(_BODY_STATUS, status)
+            reason = "body over the size limit" if status == 413 else "client disconnected"
+            logger.warning("%s on %s %s (status %d)", reason, scope["method"], clean(scope["path"]), status)
         except Exception:
-            logger.exception("unhandled error on %s %s", scope["method"], _clean(scope["path"]))
+            logger.exception("unhandled error on %s %s", scope["method"], clean(scope["path"]))
             if tracked.started:
                 raise
             await send_json(send, 500, {"detail": "internal server error"})
@@ -215,7 +224,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status: int | None = None
 
         async def status_send(message: Message) -> None:
             nonlocal status
@@ -229,127 +238,16 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             state = scope.get("state") or {}
+            if status is None:  # no answer was sent: the client went away, or the app failed
+                status = int(state.get(_BODY_STATUS, 500))
             metrics.record_request(template, state.get("model_name"), status, time.perf_counter() - start)
 
 
-def _clean(value: str) -> str:
-    """Strip CR/LF so that client-controlled text cannot forge log lines."""
-    return value.replace("\r", "\\r").replace("\n", "\\n")
-
-
-async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    # FastAPI's default echoes the offending input, which may be a secret (an API key in /auth/token).
-    assert isinstance(exc, RequestValidationError)
-    detail = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-        for e in exc.errors()
-    ]
-    return JSONResponse(status_code=422, content={"detail": detail})
-
-
 def install_middleware(app: FastAPI, settings: Settings) -> None:
-    """Install the middleware stack and error handlers on `app` (call once, from create_app)."""
-    app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    """Install the middleware stack on `app` (call once, from create_app)."""
     # add_middleware prepends: the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(DeadlineMiddleware, seconds=settings.inference_timeout_s + 5.0)
     app.add_middleware(ServerErrorMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
-    if not hasattr(app.state, "predict_limiter"):
-        app.state.predict_limiter = RateLimiter(settings.predict_rate_per_minute)
-    if not hasattr(app.state, "client_ids"):
-        app.state.client_ids = ClientIdentifier(settings.trusted_proxies, client_id_salt(settings))
-
-
-def client_id_salt(settings: Settings) -> str | None:
-    """SDB_CLIENT_IP_SALT, else one derived from the JWT secret: every worker and every restart must give a
-    client the same anonymous id, or its volume (and the extraction flag) splits across processes."""
-    if settings.client_ip_salt is not None:
-        return settings.client_ip_salt.get_secret_value()
-    if settings.jwt_secret is not None:
-        key = settings.jwt_secret.get_secret_value().encode()
-        return hmac.new(key, b"sdb anonymous client id salt", hashlib.sha256).hexdigest()
-    return None
-
-
-class RateLimiter:
-    """Token buckets per client: `per_minute` requests a minute, bursts up to `per_minute` (0 = off).
-
-    Counts per worker process: with W workers a client can reach W times the rate (documented).
-    """
-
-    def __init__(self, per_minute: int, max_clients: int = 100_000) -> None:
-        self.per_minute = per_minute
-        self.capacity = float(max(per_minute, 1))
-        self.rate = per_minute / 60.0
-        self.max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self.per_minute > 0
-
-    def acquire(self, client: str, cost: float = 1.0) -> float:
-        """0.0 when allowed, else the seconds to wait before a retry can succeed."""
-        if not self.enabled:
-            return 0.0
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(client, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - last) * self.rate)
-            if tokens >= cost:
-                self._buckets[client] = (tokens - cost, now)
-                return 0.0
-            self._buckets[client] = (tokens, now)
-            if len(self._buckets) > self.max_clients:
-                self._prune(now)
-            return (cost - tokens) / self.rate
-
-    def _prune(self, now: float) -> None:
-        full_after = self.capacity / self.rate
-        stale = [k for k, (_, last) in self._buckets.items() if now - last >= full_after]
-        for k in stale:
-            del self._buckets[k]
-
-    @staticmethod
-    def retry_after(seconds: float) -> str:
-        return str(max(1, math.ceil(seconds)))
-
-
-class ClientIdentifier:
-    """The address of the calling client and its anonymous id (a salted hash; addresses are never stored).
-
-    X-Forwarded-For is used only when the direct peer is a trusted proxy; then the right-most address that
-    is not itself a trusted proxy is the client.
-    """
-
-    def __init__(self, trusted_proxies: list[str], salt: str | None = None) -> None:
-        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
-        self._salt = (salt or secrets.token_hex(32)).encode()
-
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._trusted)
-
-    def address(self, request: Request) -> str:
-        peer = request.client.host if request.client else "unknown"
-        if not self._trusted or not self._is_trusted(peer):
-            return peer
-        forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
-        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-        for hop in reversed(hops):
-            if not self._is_trusted(hop):
-                try:
-                    return str(ipaddress.ip_address(hop))
-                except ValueError:
-                    return peer  # garbage in the header: fall back to the proxy itself
-        return peer
-
-    def anonymous_id(self, request: Request) -> str:
-        digest = hmac.new(self._salt, self.address(request).encode(), hashlib.sha256).hexdigest()
-        return "anon-" + digest[:24]

@@ -1,4 +1,4 @@
-"""Request/response models of /predict and /distill-batch, with OpenAPI examples, and a fast JSON response.
+"""Every request and response model of the API (inference, auth, admin), and a fast JSON response.
 
 The routes parse bodies themselves (service.inference.decode) so that `.npy` inputs never become Python
 lists; these models validate the JSON form and document both forms in the OpenAPI schema.
@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+import re
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import orjson
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 NPY_MEDIA_TYPE = "application/x-npy"
 _EXAMPLE_ROW: list[Any] = [[0.0, 0.0, 5.0, 13.0, 9.0, 1.0, 0.0, 0.0]]
@@ -64,8 +68,8 @@ class DistillRequest(InputsBody):
 
     temperature: float | None = Field(
         None,
-        gt=0,
-        le=1000,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
         description="Softmax temperature; the model's distillation temperature if omitted.",
     )
 
@@ -168,3 +172,201 @@ class FastJSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# ------------------------------------------------------------------------------------------------ auth
+
+
+class TokenResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "access_token": "eyJhbGciOiJIUzI1NiIs...",
+                    "token_type": "bearer",
+                    "expires_in": 900,
+                    "scope": "demo",
+                }
+            ]
+        }
+    )
+
+    access_token: str = Field(description="JWT (HS256) for `Authorization: Bearer`.")
+    token_type: str = Field("bearer")
+    expires_in: int = Field(description="Seconds until the token expires.")
+    scope: str = Field(description="Space-separated model names the token may distill.")
+
+
+class TokenRequestJSON(BaseModel):
+    grant_type: str | None = Field("client_credentials", examples=["client_credentials"])
+    api_key: str | None = Field(None, description="The API key (alias: client_secret).")
+    client_secret: str | None = Field(None, description="The API key.")
+    scope: str | None = Field(None, description="Optional: a space-separated subset of the key's scopes.")
+
+
+# ------------------------------------------------------------------------------------------------ admin
+
+T = TypeVar("T")
+SCOPE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$"
+TEXT = r"^[^\x00-\x1f\x7f]*$"  # no control characters (NUL is refused by PostgreSQL)
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "alice", "role": "user"}]}
+    )
+
+    name: str = Field(pattern=NAME_RE, description="Unique user name.")
+    role: Literal["user", "admin"] = "user"
+
+
+class UserOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    role: str
+    disabled: bool
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"scopes": ["demo"], "sample_quota": 100000, "expires_in_s": 2592000, "name": "laptop"}
+            ]
+        },
+    )
+
+    scopes: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Model names this key may distill (`*`: all models).",
+    )
+    sample_quota: int | None = Field(
+        None, ge=0, le=10**15, description="Samples the key may pull in total; none = unlimited."
+    )
+    expires_at: datetime | None = Field(None, description="Expiry (UTC); or use expires_in_s.")
+    expires_in_s: int | None = Field(None, gt=0, le=10 * 365 * 86400, description="Expiry, seconds from now.")
+    name: str | None = Field(None, max_length=100, pattern=TEXT, description="A label for the key.")
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not SCOPE_RE.match(s):
+                raise ValueError("a scope is a model name (letters, digits, . _ -) or `*`")
+        return sorted(set(v))
+
+
+class KeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    user_id: int
+    name: str | None
+    prefix: str = Field(description="The key's first characters, to recognize it (not a secret).")
+    scopes: list[str]
+    sample_quota: int | None
+    samples_used: int
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    api_key: str = Field(
+        description="The secret API key. Shown once: store it now; it cannot be shown again."
+    )
+
+
+class AuditOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: datetime
+    endpoint: str
+    model: str | None
+    user_id: int | None
+    api_key_id: int | None
+    client_id: str | None
+    n_samples: int
+    status: int
+    latency_ms: float | None
+    input_digest: str | None
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: datetime
+    action: str
+    outcome: str
+    actor_user_id: int | None
+    actor_key_id: int | None
+    client_id: str | None
+    target: str | None
+    detail: dict[str, Any]
+
+
+class UsageOut(BaseModel):
+    user_id: int
+    name: str
+    role: str
+    disabled: bool
+    requests: int = Field(description="Audited calls (any status).")
+    answered: int = Field(description="Calls answered with status 200.")
+    samples: int = Field(description="Samples answered (status 200).")
+    rejected: int = Field(description="Calls refused (status >= 400).")
+    last_seen: datetime | None
+    by_model: dict[str, int]
+
+
+class BucketOut(BaseModel):
+    start: datetime
+    requests: int
+    samples: int
+
+
+class ClientVolumeOut(BaseModel):
+    kind: Literal["user", "anonymous"]
+    client: str = Field(description="User id, or the anonymous client id (salted hash of its address).")
+    name: str | None
+    requests: int
+    samples: int
+    max_window_samples: int = Field(description="Most samples pulled within one extraction window.")
+    flagged: bool
+    series: list[BucketOut]
+
+
+class ExtractionOut(BaseModel):
+    rule: str
+    window_s: int
+    threshold_samples: int
+    since: datetime
+    until: datetime
+    flagged: list[ClientVolumeOut]
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    loaded: bool
+    info: dict[str, Any] = Field(
+        description="Public metadata: shapes, classes, temperature (no key material)."
+    )
+    first_seen_at: datetime | None
+    last_loaded_at: datetime | None

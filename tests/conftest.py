@@ -8,8 +8,8 @@ template migrated once per session (a file copy for SQLite, `CREATE DATABASE ...
 
 from __future__ import annotations
 
-import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,52 +19,50 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-PG_ADMIN_URL = os.environ.get("SDB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TEST_JWT_SECRET = "test-jwt-secret-" + "x" * 40
-TEST_ADMIN_TOKEN = "sdb_test-bootstrap-admin-" + uuid.uuid4().hex
+from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
+from tests._support.postgres import PG_ADMIN_URL, create_pg_database, drop_pg_database, pg_available, pg_url
+
 MODELS = ("alpha", "beta")
 
-_pg_ok: bool | None = None
+
+# ---------------------------------------------------------------------------- order of one pytest run
+
+SLOW_MARKERS = ("slow", "e2e", "postgres")
+_QUICK_FAILED = pytest.StashKey[bool]()
 
 
-def pg_available() -> bool:
-    global _pg_ok
-    if _pg_ok is None:
-        try:
-            import psycopg
-
-            with psycopg.connect(PG_ADMIN_URL, connect_timeout=2) as c:
-                c.execute("SELECT 1")
-            _pg_ok = True
-        except Exception:
-            _pg_ok = False
-    return _pg_ok
+def _is_quick(item: pytest.Item) -> bool:
+    return not any(item.get_closest_marker(m) for m in SLOW_MARKERS)
 
 
-def _pg_exec(sql: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
-        c.execute(sql)
-
-
-def pg_url_for(dbname: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return (
-        make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=dbname).render_as_string(False)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--quick-gate",
+        action="store_true",
+        help="skip the slow, e2e and PostgreSQL tests once a quick test has failed (scripts/test.sh)",
     )
 
 
-def create_pg_database(template: str | None = None) -> str:
-    name = f"sdb_t_{uuid.uuid4().hex[:16]}"
-    _pg_exec(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
-    return name
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Quick tests first, then slow / e2e / PostgreSQL tests (a stable sort keeps each group's order)."""
+    items.sort(key=lambda item: not _is_quick(item))
 
 
-def drop_pg_database(name: str) -> None:
-    _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and _is_quick(item):
+        item.config.stash[_QUICK_FAILED] = True
+    return report
 
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    config = item.config
+    if config.getoption("--quick-gate") and config.stash.get(_QUICK_FAILED, False) and not _is_quick(item):
+        pytest.skip("a quick test failed: the slow, e2e and PostgreSQL tests are not run")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -72,6 +70,14 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 def _require(backend: str) -> None:
     if backend == "postgres" and not pg_available():
         pytest.skip(f"no PostgreSQL server at {PG_ADMIN_URL}")
+
+
+@pytest.fixture(autouse=True)
+def _few_torch_threads() -> None:
+    """One intra-op thread in the test process: other test processes and servers share the 2 cores."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +97,7 @@ def _pg_template() -> Iterator[str]:
 
     name = create_pg_database()
     try:
-        upgrade(pg_url_for(name))
+        upgrade(pg_url(name))
         yield name
     finally:
         drop_pg_database(name)
@@ -114,7 +120,7 @@ def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         return
     name = create_pg_database(template=request.getfixturevalue("_pg_template"))
     try:
-        yield pg_url_for(name)
+        yield pg_url(name)
     finally:
         drop_pg_database(name)
 
@@ -127,7 +133,7 @@ def empty_database_url(backend: str, tmp_path: Path) -> Iterator[str]:
         return
     name = create_pg_database()
     try:
-        yield pg_url_for(name)
+        yield pg_url(name)
     finally:
         drop_pg_database(name)
 
@@ -157,7 +163,7 @@ def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
             "torch_threads": 1,
             "jwt_secret": TEST_JWT_SECRET,
             "bootstrap_admin_token": TEST_ADMIN_TOKEN,
-            "client_ip_salt": "test-salt",
+            "client_ip_salt": "test-salt-" + uuid.uuid4().hex,
             "max_batch_delay_ms": 1.0,
             "calibrate_forward_batch": False,  # ~0.3 s per model and app; tested in test_inference.py
             "predict_rate_per_minute": 0,
@@ -189,72 +195,6 @@ def client(app: FastAPI) -> Iterator[TestClient]:
         yield c
 
 
-class ApiHelper:
-    """Admin and user flows over a TestClient: bootstrap admin token, users, keys, tokens, distill calls."""
-
-    def __init__(self, client: TestClient) -> None:
-        self.client = client
-        self._admin: dict[str, str] | None = None
-
-    def token(self, api_key: str, **extra: str) -> str:
-        r = self.client.post(
-            "/auth/token", data={"grant_type": "client_credentials", "client_secret": api_key, **extra}
-        )
-        assert r.status_code == 200, r.text
-        return str(r.json()["access_token"])
-
-    @property
-    def admin(self) -> dict[str, str]:
-        if self._admin is None:
-            self._admin = {"Authorization": f"Bearer {self.token(TEST_ADMIN_TOKEN)}"}
-        return self._admin
-
-    def create_user(self, name: str | None = None, role: str = "user") -> dict[str, Any]:
-        r = self.client.post(
-            "/admin/users",
-            json={"name": name or f"u{uuid.uuid4().hex[:10]}", "role": role},
-            headers=self.admin,
-        )
-        assert r.status_code == 201, r.text
-        return dict(r.json())
-
-    def issue_key(self, user_id: int, **body: Any) -> dict[str, Any]:
-        body.setdefault("scopes", ["alpha"])
-        r = self.client.post(f"/admin/users/{user_id}/keys", json=body, headers=self.admin)
-        assert r.status_code == 201, r.text
-        return dict(r.json())
-
-    def user_with_key(self, **key: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
-        """(user, key incl. its secret, Authorization headers of a fresh token)."""
-        user = self.create_user()
-        k = self.issue_key(user["id"], **key)
-        return user, k, {"Authorization": f"Bearer {self.token(k['api_key'])}"}
-
-    def distill(self, headers: dict[str, str], n: int = 2, model: str = "alpha", **body: Any) -> Any:
-        import numpy as np
-
-        x = np.random.default_rng(n).normal(size=(n, 1, 8, 8)).astype("float32")
-        return self.client.post(
-            "/distill-batch", json={"model": model, "inputs": x.tolist(), **body}, headers=headers
-        )
-
-
 @pytest.fixture
 def api(client: TestClient) -> ApiHelper:
     return ApiHelper(client)
-
-
-def audit_rows(database_url: str, where: str = "1=1", params: dict[str, Any] | None = None) -> list[Any]:
-    """Rows of query_audits read straight from the database (a separate engine)."""
-    from sqlalchemy import text
-
-    from service.db.session import make_engine
-
-    eng = make_engine(database_url)
-    try:
-        with eng.connect() as c:
-            return list(
-                c.execute(text(f"SELECT * FROM query_audits WHERE {where} ORDER BY id"), params or {})
-            )
-    finally:
-        eng.dispose()

@@ -37,8 +37,8 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(
-    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 inside a container).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[str | None, typer.Option(help="Sets SDB_HOST (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Sets SDB_PORT (default 8000).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads its own models).")] = 1,
     graceful_timeout: Annotated[
         int, typer.Option(min=0, help="Seconds to finish in-flight requests after SIGTERM.")
@@ -49,7 +49,11 @@ def serve(
     model_dir: Annotated[str | None, typer.Option(help="Sets SDB_MODEL_DIR.")] = None,
     database_url: Annotated[str | None, typer.Option(help="Sets SDB_DATABASE_URL.")] = None,
 ) -> None:
-    """Run the HTTP service with uvicorn (graceful shutdown on SIGTERM)."""
+    """Run the HTTP service with uvicorn (graceful shutdown on SIGTERM).
+
+    Every setting is an SDB_* environment variable (the README's configuration table, e.g. SDB_PORT,
+    SDB_DATABASE_URL, SDB_JWT_SECRET); the options below set the matching variables for this run.
+    """
     import uvicorn
     from pydantic import ValidationError
 
@@ -61,6 +65,10 @@ def serve(
         os.environ["SDB_MODEL_DIR"] = model_dir
     if database_url is not None:
         os.environ["SDB_DATABASE_URL"] = database_url
+    if host is not None:
+        os.environ["SDB_HOST"] = host
+    if port is not None:
+        os.environ["SDB_PORT"] = str(port)
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -86,8 +94,8 @@ def serve(
     uvicorn.run(
         "service.main:create_app",
         factory=True,
-        host=host,
-        port=port,
+        host=settings.host,
+        port=settings.port,
         workers=workers,
         timeout_graceful_shutdown=graceful_timeout,
         log_level=settings.log_level.lower(),
@@ -106,7 +114,9 @@ def bootstrap(
     database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None,
 ) -> None:
     """Create the first administrator and print its API key once (there is no default password)."""
-    from service import crud
+    from sqlalchemy.engine import make_url
+
+    from service.crud import accounts
     from service.db.migrate import SchemaError, check_schema
     from service.db.session import Database
     from service.security import new_api_key
@@ -116,8 +126,12 @@ def bootstrap(
         check_schema(db.engine)
         key = new_api_key()
         with db.write() as s:
-            user, created = crud.create_first_admin(s, name, key, via="cli")
-    except (SchemaError, crud.ConflictError) as exc:
+            user, created = accounts.create_first_admin(s, name, key, via="cli")
+    except SchemaError as exc:
+        url = make_url(db.url).render_as_string(hide_password=True)
+        typer.echo(f"error: {exc} (database used: {url}; set SDB_DATABASE_URL or --database-url)", err=True)
+        raise typer.Exit(1) from None
+    except accounts.ConflictError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:

@@ -35,11 +35,6 @@ NAMING_CONVENTION = {
 
 ROLE_ADMIN = "admin"
 ROLE_USER = "user"
-ROLES = (ROLE_ADMIN, ROLE_USER)
-
-# Audit status of a /distill-batch call whose quota is reserved but whose answer is not yet confirmed; a row
-# left in this state (process killed mid-inference) means "charged, answer possibly not delivered".
-STATUS_RESERVED = 102
 
 # BIGINT primary keys autoincrement on PostgreSQL; SQLite only autoincrements INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")

@@ -40,10 +40,6 @@ def normalize_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
-def is_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
-
-
 def make_engine(url: str, config: DatabaseConfig | None = None) -> Engine:
     cfg = config or DatabaseConfig()
     url = normalize_url(url)
@@ -97,10 +93,6 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url, config)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -1,11 +1,1 @@
-"""Model serving: the registry of loaded boxes, the dynamic batcher and request-body decoding."""
-
-from service.inference.registry import (
-    InferenceOverloaded,
-    InferenceTimeout,
-    ModelRegistry,
-    ServedModel,
-    UnknownModelError,
-)
-
-__all__ = ["InferenceOverloaded", "InferenceTimeout", "ModelRegistry", "ServedModel", "UnknownModelError"]
+"""Model serving: the registry of loaded boxes and the dynamic batcher, runtime tuning and model loading."""

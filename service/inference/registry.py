@@ -1,4 +1,4 @@
-"""The loaded boxed models: name -> ServedModel, each (model, path) with its own dynamic batcher.
+"""The registry of served boxes: name -> ServedModel, each (model, path) with its own dynamic batcher.
 
 All forward passes of a worker run on one dedicated inference thread: on CPU, torch's intra-op threads
 already use every core, and one thread keeps batches whole instead of splitting cores between them.
@@ -7,15 +7,9 @@ already use every core, and one thread keeps batches whole instead of splitting 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
-import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -29,9 +23,7 @@ from service.inference.batcher import (
     InferFn,
     fastest_forward_batch,
 )
-
-if TYPE_CHECKING:
-    from service.config import Settings
+from service.inference.runtime import MemoryTrimmer
 
 logger = logging.getLogger(__name__)
 
@@ -184,78 +176,6 @@ class ServedModel:
             await batcher.aclose()
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("SDB_DEVICE=cuda but no CUDA device is available")
-    return torch.device(device)
-
-
-def default_threads() -> int:
-    """CPU cores available minus one (at least 1): the event loop keeps a core for HTTP work.
-
-    On a busy CPU, intra-op threads that wait for each other at every operator are much slower than one
-    thread when any of them is preempted, and the event loop of the same process preempts them constantly.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
-class MemoryTrimmer:
-    """glibc only: give the freed activations of big batches back to the OS after the forward pass.
-
-    glibc keeps freed heap memory for reuse (and raises its mmap threshold after large frees), so one big
-    batch would pin its peak activation memory in the resident set for good. Trimming after large batches
-    (rate-limited) costs a few page faults on the next big batch and keeps RSS close to live memory.
-    Smaller batches reuse what is cached, untouched.
-    """
-
-    def __init__(self, min_input_bytes: int = 512 << 10, min_interval_s: float = 0.25) -> None:
-        self.min_input_bytes = min_input_bytes
-        self.min_interval_s = min_interval_s
-        self._last = 0.0
-        self._trim: Any = None
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                self._trim = libc.malloc_trim
-                libc.mallopt(-8, 4)  # M_ARENA_MAX: no arena per short-lived helper thread
-            except (OSError, AttributeError):  # pragma: no cover - musl and others
-                self._trim = None
-
-    def after_forward(self, input_bytes: int) -> None:
-        if self._trim is None or input_bytes < self.min_input_bytes:
-            return
-        now = time.monotonic()
-        if now - self._last >= self.min_interval_s:
-            self._last = now
-            self._trim(0)
-
-
-def configure_torch(threads: int) -> int:
-    """Set torch's intra-op threads once per process (0 = default_threads())."""
-    if threads <= 0:
-        threads = default_threads()
-    torch.set_num_threads(threads)
-    # Raises when already set, or once inter-op work has started in this process.
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-    return threads
-
-
-def batcher_config(settings: Settings) -> BatcherConfig:
-    return BatcherConfig(
-        max_batch_size=settings.max_batch_size,
-        max_delay_s=settings.max_batch_delay_ms / 1000.0,
-        enabled=settings.batching,
-        max_pending_samples=max(settings.max_batch_size, settings.max_request_samples) * 64,
-    )
-
-
 class ModelRegistry:
     """Name -> ServedModel, plus the default model used when a request names none."""
 
@@ -296,63 +216,6 @@ class ModelRegistry:
         models = [ServedModel(b, executor, config, timeout_s, trimmer) for b in boxes]
         return cls(models, executor, default, max_request_samples)
 
-    @classmethod
-    def from_settings(cls, settings: Settings, *, warm_up: bool = True) -> ModelRegistry:
-        """Load every artifact directory (one holding a manifest.json) under SDB_MODEL_DIR."""
-        from sdb_core.artifact import load_box
-
-        threads = configure_torch(settings.torch_threads)
-        device = resolve_device(settings.device)
-        model_dir = Path(settings.model_dir)
-        boxes: list[Box] = []
-        if model_dir.is_dir():
-            for entry in sorted(model_dir.iterdir()):
-                if not (entry / "manifest.json").is_file():
-                    continue
-                key_path = (
-                    None
-                    if settings.box_key_dir is None
-                    else Path(settings.box_key_dir) / f"{entry.name}.json"
-                )
-                try:
-                    box = load_box(entry, key_path=key_path, device=str(device))
-                except Exception as exc:
-                    raise RuntimeError(f"cannot load the boxed model in {entry}: {exc}") from exc
-                if hasattr(box, "eval"):
-                    box.eval()
-                if settings.torchscript:
-                    try:
-                        box.script()
-                    except Exception as exc:  # an architecture that does not trace still serves, eagerly
-                        logger.warning("serving %s eagerly, TorchScript trace failed: %s", entry.name, exc)
-                boxes.append(box)
-        else:
-            logger.warning("model directory %s does not exist: no model loaded", model_dir)
-        names = [b.name for b in boxes]
-        if len(set(names)) != len(names):
-            raise RuntimeError(f"two artifacts under {model_dir} have the same model name: {names}")
-        registry = cls.from_boxes(
-            boxes,
-            batching=batcher_config(settings),
-            timeout_s=settings.inference_timeout_s,
-            default=settings.default_model,
-            max_request_samples=settings.max_request_samples,
-        )
-        if warm_up:
-            for model in registry:
-                model.warm_up()
-                if settings.calibrate_forward_batch:
-                    model.calibrate_forward_batch()
-        logger.info(
-            "loaded %d model(s) %s on %s (torch threads %d, batching %s)",
-            len(names),
-            names,
-            device,
-            threads,
-            "on" if settings.batching else "off",
-        )
-        return registry
-
     def get(self, name: str | None = None) -> ServedModel:
         key = name if name is not None else self.default_name
         if key is None or key not in self._models:
@@ -361,9 +224,6 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._models)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._models
 
     def __iter__(self) -> Any:
         return iter(self._models.values())

@@ -1,0 +1,1 @@
+"""Thin HTTP routes: predict, distill, auth, admin, health."""

@@ -6,19 +6,35 @@ stored. Every change is recorded in `security_events` with the acting admin.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service import crud
-from service.crud import AuditFilter, ConflictError, NotFoundError
+from service.crud import accounts, catalog, events, reports
+from service.crud.accounts import ConflictError, NotFoundError
+from service.crud.principals import Principal
+from service.crud.reports import AuditFilter
 from service.db.models import ApiKey, User, utcnow
 from service.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
-from service.schemas import ErrorResponse
+from service.schemas import (
+    TEXT,
+    AuditOut,
+    ClientVolumeOut,
+    ErrorResponse,
+    EventOut,
+    ExtractionOut,
+    KeyCreate,
+    KeyCreated,
+    KeyOut,
+    ModelOut,
+    Page,
+    UsageOut,
+    UserCreate,
+    UserOut,
+)
 from service.security import new_api_key
+from service.state import StateDep
 
 # Errors raised by the routes themselves carry a string `detail`: document 422 with the generic error model.
 router = APIRouter(
@@ -27,12 +43,7 @@ router = APIRouter(
     responses={422: {"model": ErrorResponse, "description": "Invalid parameters or body."}},
 )
 
-T = TypeVar("T")
-SCOPE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$"
 MAX_BUCKETS = 10_000
-
-TEXT = r"^[^\x00-\x1f\x7f]*$"  # no control characters (NUL is refused by PostgreSQL)
 
 Since = Annotated[datetime | None, Query(description="From this time (inclusive, ISO 8601).")]
 Until = Annotated[datetime | None, Query(description="Until this time (exclusive, ISO 8601).")]
@@ -42,166 +53,6 @@ Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip.")]
 MAX_ID = 2**63 - 1
 PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
 QueryId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
-
-
-class Page(BaseModel, Generic[T]):
-    items: list[T]
-    total: int
-    limit: int
-    offset: int
-
-
-class UserCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"name": "alice", "role": "user"}]}
-    )
-
-    name: str = Field(pattern=NAME_RE, description="Unique user name.")
-    role: Literal["user", "admin"] = "user"
-
-
-class UserOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    name: str
-    role: str
-    disabled: bool
-    created_at: datetime
-    disabled_at: datetime | None
-
-
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"scopes": ["demo"], "sample_quota": 100000, "expires_in_s": 2592000, "name": "laptop"}
-            ]
-        },
-    )
-
-    scopes: list[str] = Field(
-        default_factory=list,
-        max_length=100,
-        description="Model names this key may distill (`*`: all models).",
-    )
-    sample_quota: int | None = Field(
-        None, ge=0, le=10**15, description="Samples the key may pull in total; none = unlimited."
-    )
-    expires_at: datetime | None = Field(None, description="Expiry (UTC); or use expires_in_s.")
-    expires_in_s: int | None = Field(None, gt=0, le=10 * 365 * 86400, description="Expiry, seconds from now.")
-    name: str | None = Field(None, max_length=100, pattern=TEXT, description="A label for the key.")
-
-    @field_validator("scopes")
-    @classmethod
-    def _scopes(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if not SCOPE_RE.match(s):
-                raise ValueError("a scope is a model name (letters, digits, . _ -) or `*`")
-        return sorted(set(v))
-
-
-class KeyOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    user_id: int
-    name: str | None
-    prefix: str = Field(description="The key's first characters, to recognize it (not a secret).")
-    scopes: list[str]
-    sample_quota: int | None
-    samples_used: int
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-
-
-class KeyCreated(KeyOut):
-    api_key: str = Field(
-        description="The secret API key. Shown once: store it now; it cannot be shown again."
-    )
-
-
-class AuditOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    created_at: datetime
-    endpoint: str
-    model: str | None
-    user_id: int | None
-    api_key_id: int | None
-    client_id: str | None
-    n_samples: int
-    status: int
-    latency_ms: float | None
-    input_digest: str | None
-
-
-class EventOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    created_at: datetime
-    action: str
-    outcome: str
-    actor_user_id: int | None
-    actor_key_id: int | None
-    client_id: str | None
-    target: str | None
-    detail: dict[str, Any]
-
-
-class UsageOut(BaseModel):
-    user_id: int
-    name: str
-    role: str
-    disabled: bool
-    requests: int = Field(description="Audited calls (any status).")
-    answered: int = Field(description="Calls answered with status 200.")
-    samples: int = Field(description="Samples answered (status 200).")
-    rejected: int = Field(description="Calls refused (status >= 400).")
-    last_seen: datetime | None
-    by_model: dict[str, int]
-
-
-class BucketOut(BaseModel):
-    start: datetime
-    requests: int
-    samples: int
-
-
-class ClientVolumeOut(BaseModel):
-    kind: Literal["user", "anonymous"]
-    client: str = Field(description="User id, or the anonymous client id (salted hash of its address).")
-    name: str | None
-    requests: int
-    samples: int
-    max_window_samples: int = Field(description="Most samples pulled within one extraction window.")
-    flagged: bool
-    series: list[BucketOut]
-
-
-class ExtractionOut(BaseModel):
-    rule: str
-    window_s: int
-    threshold_samples: int
-    since: datetime
-    until: datetime
-    flagged: list[ClientVolumeOut]
-
-
-class ModelOut(BaseModel):
-    name: str
-    version: str
-    loaded: bool
-    info: dict[str, Any] = Field(
-        description="Public metadata: shapes, classes, temperature (no key material)."
-    )
-    first_seen_at: datetime | None
-    last_loaded_at: datetime | None
 
 
 def _not_found(exc: NotFoundError) -> HTTPException:
@@ -223,8 +74,8 @@ def _key(k: ApiKey) -> KeyOut:
 def create_user(body: UserCreate, admin: AdminDep, db: DatabaseDep, request: Request) -> UserOut:
     try:
         with db.write() as s:
-            user = crud.create_user(s, body.name, body.role)
-            crud.record_event(
+            user = accounts.create_user(s, body.name, body.role)
+            events.record_event(
                 s,
                 "user.create",
                 "ok",
@@ -241,25 +92,25 @@ def create_user(body: UserCreate, admin: AdminDep, db: DatabaseDep, request: Req
 
 @router.get("/users", response_model=Page[UserOut], summary="List users")
 def list_users(admin: AdminDep, s: SessionDep, limit: Limit = 100, offset: Offset = 0) -> Page[UserOut]:
-    rows, total = crud.list_users(s, limit=limit, offset=offset)
+    rows, total = accounts.list_users(s, limit=limit, offset=offset)
     return Page[UserOut](items=[_user(u) for u in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/users/{user_id}", response_model=UserOut, summary="One user")
 def get_user(user_id: PathId, admin: AdminDep, s: SessionDep) -> UserOut:
     try:
-        return _user(crud.get_user(s, user_id))
+        return _user(accounts.get_user(s, user_id))
     except NotFoundError as exc:
         raise _not_found(exc) from None
 
 
-def _set_disabled(user_id: int, disabled: bool, admin: crud.Principal, db: Any, request: Request) -> UserOut:
+def _set_disabled(user_id: int, disabled: bool, admin: Principal, db: Any, request: Request) -> UserOut:
     if disabled and user_id == admin.user_id:
         raise HTTPException(status_code=409, detail="an administrator cannot disable their own account")
     try:
         with db.write() as s:
-            user = crud.set_user_disabled(s, crud.get_user(s, user_id), disabled)
-            crud.record_event(
+            user = accounts.set_user_disabled(s, accounts.get_user(s, user_id), disabled)
+            events.record_event(
                 s,
                 "user.disable" if disabled else "user.enable",
                 "ok",
@@ -309,10 +160,10 @@ def issue_key(
     new = new_api_key()
     try:
         with db.write() as s:
-            user = crud.get_user(s, user_id)
+            user = accounts.get_user(s, user_id)
             if user.disabled:
                 raise HTTPException(status_code=409, detail="the user is disabled")
-            key = crud.create_api_key(
+            key = accounts.create_api_key(
                 s,
                 user,
                 prefix=new.prefix,
@@ -322,7 +173,7 @@ def issue_key(
                 expires_at=expires_at,
                 name=body.name,
             )
-            crud.record_event(
+            events.record_event(
                 s,
                 "key.issue",
                 "ok",
@@ -345,7 +196,7 @@ def list_keys(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> Page[KeyOut]:
-    rows, total = crud.list_keys(s, user_id=user_id, limit=limit, offset=offset)
+    rows, total = accounts.list_keys(s, user_id=user_id, limit=limit, offset=offset)
     return Page[KeyOut](items=[_key(k) for k in rows], total=total, limit=limit, offset=offset)
 
 
@@ -354,10 +205,10 @@ def list_user_keys(
     user_id: PathId, admin: AdminDep, s: SessionDep, limit: Limit = 100, offset: Offset = 0
 ) -> Page[KeyOut]:
     try:
-        crud.get_user(s, user_id)
+        accounts.get_user(s, user_id)
     except NotFoundError as exc:
         raise _not_found(exc) from None
-    rows, total = crud.list_keys(s, user_id=user_id, limit=limit, offset=offset)
+    rows, total = accounts.list_keys(s, user_id=user_id, limit=limit, offset=offset)
     return Page[KeyOut](items=[_key(k) for k in rows], total=total, limit=limit, offset=offset)
 
 
@@ -367,8 +218,8 @@ def list_user_keys(
 def revoke_key(key_id: PathId, admin: AdminDep, db: DatabaseDep, request: Request) -> KeyOut:
     try:
         with db.write() as s:
-            key = crud.revoke_key(s, crud.get_key(s, key_id))
-            crud.record_event(
+            key = accounts.revoke_key(s, accounts.get_key(s, key_id))
+            events.record_event(
                 s, "key.revoke", "ok", actor=admin, client_id=client_id_of(request), target=f"key:{key_id}"
             )
             return _key(key)
@@ -404,7 +255,7 @@ def list_audits(
         since=_utc(since),
         until=_utc(until),
     )
-    rows, total = crud.list_audits(s, f, limit=limit, offset=offset)
+    rows, total = reports.list_audits(s, f, limit=limit, offset=offset)
     return Page[AuditOut](
         items=[AuditOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset
     )
@@ -421,7 +272,7 @@ def list_events(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> Page[EventOut]:
-    rows, total = crud.list_events(s, action=action, user_id=user_id, limit=limit, offset=offset)
+    rows, total = events.list_events(s, action=action, user_id=user_id, limit=limit, offset=offset)
     return Page[EventOut](
         items=[EventOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset
     )
@@ -438,10 +289,18 @@ def _utc(value: datetime | None) -> datetime | None:
     return out
 
 
-@router.get("/usage", response_model=list[UsageOut], summary="Per-user usage summary")
-def usage(admin: AdminDep, s: SessionDep, since: Since = None, until: Until = None) -> list[UsageOut]:
-    rows = crud.usage_summary(s, since=_utc(since), until=_utc(until))
-    return [UsageOut(**vars(u)) for u in rows]
+@router.get("/usage", response_model=Page[UsageOut], summary="Per-user usage summary")
+def usage(
+    admin: AdminDep,
+    s: SessionDep,
+    since: Since = None,
+    until: Until = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> Page[UsageOut]:
+    rows = reports.usage_summary(s, since=_utc(since), until=_utc(until))
+    items = [UsageOut(**vars(u)) for u in rows[offset : offset + limit]]
+    return Page[UsageOut](items=items, total=len(rows), limit=limit, offset=offset)
 
 
 def _range(since: datetime | None, until: datetime | None, default_s: int) -> tuple[datetime, datetime]:
@@ -461,7 +320,7 @@ def _range(since: datetime | None, until: datetime | None, default_s: int) -> tu
     summary="Samples pulled over time, per user or per anonymous client, with the extraction flag",
 )
 def client_usage(
-    request: Request,
+    state: StateDep,
     admin: AdminDep,
     s: SessionDep,
     kind: Literal["user", "anonymous"] = "anonymous",
@@ -471,11 +330,11 @@ def client_usage(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> Page[ClientVolumeOut]:
-    settings = request.app.state.settings
+    settings = state.settings
     start, end = _range(since, until, 86400)
     if (end - start).total_seconds() / bucket_s > MAX_BUCKETS:
         raise HTTPException(status_code=422, detail=f"more than {MAX_BUCKETS} buckets: widen bucket_s")
-    rows, total = crud.client_volumes(
+    rows, total = reports.client_volumes(
         s,
         kind=kind,
         since=start,
@@ -494,18 +353,18 @@ def client_usage(
     "/extraction", response_model=ExtractionOut, summary="Anonymous clients flagged as possible extraction"
 )
 def extraction(
-    request: Request,
+    state: StateDep,
     admin: AdminDep,
     s: SessionDep,
     since: Since = None,
     until: Until = None,
     limit: Limit = 100,
 ) -> ExtractionOut:
-    settings = request.app.state.settings
+    settings = state.settings
     window = settings.extraction_window_s
     threshold = settings.extraction_sample_threshold
     start, end = _range(since, until, 7 * 86400)
-    rows, _ = crud.client_volumes(
+    rows, _ = reports.client_volumes(
         s,
         kind="anonymous",
         since=start,
@@ -536,13 +395,10 @@ def extraction(
 @router.get(
     "/models", response_model=list[ModelOut], summary="Models with their metadata (never the box key)"
 )
-def list_models(request: Request, admin: AdminDep, s: SessionDep) -> list[ModelOut]:
-    registry = getattr(request.app.state, "models", None)
-    live: dict[str, dict[str, Any]] = {}
-    if registry is not None:
-        live = {m.name: m.info() for m in registry}
+def list_models(state: StateDep, admin: AdminDep, s: SessionDep) -> list[ModelOut]:
+    live: dict[str, dict[str, Any]] = {m.name: m.info() for m in state.models}
     out: dict[str, ModelOut] = {}
-    for rec in crud.list_model_records(s):
+    for rec in catalog.list_model_records(s):
         out[rec.name] = ModelOut(
             name=rec.name,
             version=rec.version,

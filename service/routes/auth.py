@@ -11,51 +11,26 @@ import base64
 import binascii
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
 
-from service import crud, metrics
+from service import metrics
+from service.crud import accounts, events
+from service.crud.principals import granted_scopes
 from service.db.models import utcnow
 from service.db.session import Database
-from service.deps import client_id_of, get_db, get_token_config
+from service.schemas import TokenRequestJSON, TokenResponse
 from service.security import issue_token
+from service.state import get_state
 
 router = APIRouter(tags=["auth"])
 
 FORM = "application/x-www-form-urlencoded"
 INVALID_CLIENT = "invalid API key"
 BASIC_HEADERS = {"WWW-Authenticate": 'Basic realm="sdb"'}
-
-
-class TokenResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "access_token": "eyJhbGciOiJIUzI1NiIs...",
-                    "token_type": "bearer",
-                    "expires_in": 900,
-                    "scope": "demo",
-                }
-            ]
-        }
-    )
-
-    access_token: str = Field(description="JWT (HS256) for `Authorization: Bearer`.")
-    token_type: str = Field("bearer")
-    expires_in: int = Field(description="Seconds until the token expires.")
-    scope: str = Field(description="Space-separated model names the token may distill.")
-
-
-class TokenRequestJSON(BaseModel):
-    grant_type: str | None = Field("client_credentials", examples=["client_credentials"])
-    api_key: str | None = Field(None, description="The API key (alias: client_secret).")
-    client_secret: str | None = Field(None, description="The API key.")
-    scope: str | None = Field(None, description="Optional: a space-separated subset of the key's scopes.")
 
 
 _OPENAPI_BODY: dict[str, Any] = {
@@ -86,7 +61,9 @@ def _bad_request(error: str, detail: str) -> HTTPException:
 
 def _invalid_client() -> HTTPException:
     metrics.record_auth_failure("invalid_api_key")
-    return HTTPException(status_code=401, detail=INVALID_CLIENT, headers=BASIC_HEADERS)
+    return HTTPException(
+        status_code=401, detail={"error": "invalid_client", "message": INVALID_CLIENT}, headers=BASIC_HEADERS
+    )
 
 
 def _fields(content_type: str, body: bytes, authorization: str | None) -> dict[str, str]:
@@ -145,15 +122,16 @@ async def token(request: Request) -> TokenResponse:
     if not secret:
         raise _bad_request("invalid_request", "client_secret (your API key) is required")
     requested = fields.get("scope")
-    db = get_db(request)
-    client = client_id_of(request)
-    result = await run_in_threadpool(_exchange, db, secret, requested, client)
+    state = get_state(request)
+    client = state.client_ids.anonymous_id(request)
+    result = await run_in_threadpool(_exchange, state.db, secret, requested, client)
     if result is None:
         raise _invalid_client()
+    if isinstance(result, str):
+        raise _bad_request("invalid_scope", "the key does not hold every requested scope")
     user_id, key_id, scopes, expires_at = result
-    cfg = get_token_config(request)
     access, lifetime = issue_token(
-        cfg,
+        state.tokens,
         user_id=user_id,
         key_id=key_id,
         scopes=scopes,
@@ -166,15 +144,18 @@ async def token(request: Request) -> TokenResponse:
 
 def _exchange(
     db: Database, secret: str, requested: str | None, client: str | None
-) -> tuple[int, int, list[str], datetime | None] | None:
+) -> tuple[int, int, list[str], datetime | None] | Literal["invalid_scope"] | None:
+    """(user id, key id, scopes, key expiry) for a usable key; "invalid_scope"; None for a bad key."""
     with db.write() as s:
-        key = crud.find_key_by_secret(s, secret)
+        key = accounts.find_key_by_secret(s, secret)
         if key is None:
-            crud.record_event(s, "token.issue", "denied", client_id=client, detail={"reason": "unknown_key"})
+            events.record_event(
+                s, "token.issue", "denied", client_id=client, detail={"reason": "unknown_key"}
+            )
             return None
-        reason = crud.key_usable(key, key.user, utcnow())
+        reason = accounts.key_usable(key, key.user, utcnow())
         if reason is not None:
-            crud.record_event(
+            events.record_event(
                 s,
                 "token.issue",
                 "denied",
@@ -186,8 +167,21 @@ def _exchange(
             return None
         scopes = sorted(key.scopes)
         if requested is not None:
-            scopes = sorted(crud.granted_scopes(key.scopes, requested.split()))
-        crud.record_event(
+            asked = frozenset(requested.split())
+            scopes = sorted(granted_scopes(key.scopes, asked))
+            if set(scopes) != asked:  # RFC 6749 5.2 invalid_scope: never a silently narrower token
+                events.record_event(
+                    s,
+                    "token.issue",
+                    "denied",
+                    actor_user_id=key.user_id,
+                    actor_key_id=key.id,
+                    client_id=client,
+                    detail={"reason": "invalid_scope"},
+                )
+                return "invalid_scope"
+        key.last_used_at = utcnow()
+        events.record_event(
             s,
             "token.issue",
             "ok",

@@ -10,7 +10,6 @@ labels are sent without a committed audit row. Refused calls are audited too.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,13 +18,18 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
-from service import crud, metrics
-from service.crud import DistillDenied, DistillGrant
+from service import metrics
+from service.crud import audits, quota
+from service.crud.quota import DistillDenied, DistillGrant
 from service.db.session import Database
-from service.deps import BearerCredentials, client_id_of, get_db, get_token_config, unauthorized
-from service.inference.decode import decode_inputs
+from service.decode import decode_inputs, query_openapi
+from service.deps import BearerCredentials, missing_token, unauthorized
+from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout
+from service.middleware import disconnect_status
+from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE, NonFiniteOutputs, softmax
 from service.schemas import (
     ERROR_RESPONSES,
     DistillRequest,
@@ -34,29 +38,22 @@ from service.schemas import (
     request_body_openapi,
 )
 from service.security import TokenClaims, TokenError, verify_token
+from service.state import get_state
 
 router = APIRouter(tags=["distill"])
 
-ENDPOINT = crud.DISTILL_ENDPOINT
-MAX_TEMPERATURE = 1000.0
+ENDPOINT = audits.DISTILL_ENDPOINT
+QUERY_FIELDS = ("model", "temperature")
 
-_OPENAPI = request_body_openapi(DistillRequest)
-_OPENAPI["parameters"] = [
-    {
-        "name": "model",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
-        "description": "Model, for application/x-npy bodies.",
-    },
-    {
-        "name": "temperature",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TEMPERATURE},
-        "description": "Softmax temperature, for application/x-npy bodies.",
-    },
-]
+_OPENAPI = {
+    **request_body_openapi(DistillRequest),
+    "parameters": query_openapi(
+        {
+            "model": {"type": "string", "minLength": 1, "maxLength": 128},
+            "temperature": {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
+        }
+    ),
+}
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
@@ -67,43 +64,6 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"description": "Per-key rate limit (Retry-After) or sample quota exhausted."},
     503: {"description": "Database unavailable (fails closed), overloaded, or no model loaded."},
 }
-
-
-def soft_labels(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-    return out
-
-
-def _query(request: Request) -> dict[str, Any]:
-    q: dict[str, Any] = {}
-    allowed = {"model", "temperature"}
-    for k in request.query_params:
-        if k not in allowed:
-            raise HTTPException(status_code=422, detail=f"unknown query parameter {k[:40]!r}")
-        if len(request.query_params.getlist(k)) != 1:
-            raise HTTPException(status_code=422, detail=f"query parameter {k!r} given more than once")
-    model = request.query_params.get("model")
-    if model is not None:
-        if not 1 <= len(model) <= 128:
-            raise HTTPException(status_code=422, detail="query parameter `model` must be 1..128 characters")
-        q["model"] = model
-    temperature = request.query_params.get("temperature")
-    if temperature is not None:
-        q["temperature"] = _temperature(temperature)
-    return q
-
-
-def _temperature(value: Any) -> float:
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise HTTPException(status_code=422, detail="temperature must be a number") from None
-    if not math.isfinite(t) or not 0 < t <= MAX_TEMPERATURE:
-        raise HTTPException(status_code=422, detail=f"temperature must be in (0, {MAX_TEMPERATURE:g}]")
-    return t
 
 
 def _quota_headers(quota: int | None, used: int | None) -> dict[str, str]:
@@ -122,44 +82,44 @@ def _quota_headers(quota: int | None, used: int | None) -> dict[str, str]:
 
 
 def _denied(d: DistillDenied, model: str) -> HTTPException:
-    if d.status == 401:
-        metrics.record_auth_failure(d.reason)
+    """The answer to a refusal of the quota transaction (the audit row holds the same status)."""
+    if d.reason == "token":
+        metrics.record_auth_failure(d.auth_reason or "invalid_token")
         return unauthorized()
+    if d.reason == "scope":
+        metrics.record_auth_failure("scope")
+        return HTTPException(status_code=403, detail={"error": "insufficient_scope", "message": d.message})
     if d.reason == "rate":
         metrics.record_rate_limited(ENDPOINT)
         return HTTPException(
             status_code=429,
-            detail={"error": d.error, "message": d.message},
+            detail={"error": "rate_limited", "message": d.message},
             headers={"Retry-After": str(d.retry_after or 60)},
         )
-    if d.reason == "quota":
-        metrics.record_quota_rejection(model)
-        remaining = max(0, (d.quota or 0) - (d.used or 0))
-        return HTTPException(
-            status_code=429,
-            detail={
-                "error": d.error,
-                "message": d.message,
-                "quota": d.quota,
-                "used": d.used,
-                "remaining": remaining,
-            },
-            headers=_quota_headers(d.quota, d.used),
-        )
-    if d.status == 403:
-        metrics.record_auth_failure("scope")
-    return HTTPException(status_code=d.status, detail={"error": d.error, "message": d.message})
+    metrics.record_quota_rejection(model)
+    remaining = max(0, (d.quota or 0) - (d.used or 0))
+    return HTTPException(
+        status_code=429,
+        detail={
+            "error": "quota_exceeded",
+            "message": d.message,
+            "quota": d.quota,
+            "used": d.used,
+            "remaining": remaining,
+            "resets": "never",
+        },
+        headers=_quota_headers(d.quota, d.used),
+    )
 
 
 async def _audit_rejection(
     db: Database, status: int, client: str | None, claims: TokenClaims | None, model: str | None, t0: float
 ) -> None:
     await run_in_threadpool(
-        lambda: crud.audit_distill_rejection(
+        lambda: audits.audit_distill_rejection(
             db,
             status=status,
             model=model,
-            n_samples=0,
             client_id=client,
             user_id=claims.user_id if claims else None,
             key_id=claims.key_id if claims else None,
@@ -168,13 +128,10 @@ async def _audit_rejection(
     )
 
 
-STATUS_CANCELLED = 499  # the call was abandoned (client gone, deadline, shutdown) after its reservation
-
-
 async def _finalize(db: Database, grant: DistillGrant, status: int, t0: float) -> None:
     # The transaction runs in a worker thread, which completes even if this coroutine is cancelled.
     latency_ms = (time.perf_counter() - t0) * 1000
-    await run_in_threadpool(lambda: crud.finalize_distill(db, grant, status=status, latency_ms=latency_ms))
+    await run_in_threadpool(lambda: quota.finalize_distill(db, grant, status=status, latency_ms=latency_ms))
 
 
 def _release_abandoned(db: Database, t0: float) -> Callable[[asyncio.Future[DistillGrant]], None]:
@@ -186,7 +143,8 @@ def _release_abandoned(db: Database, t0: float) -> Callable[[asyncio.Future[Dist
         grant = task.result()
         latency_ms = (time.perf_counter() - t0) * 1000
         asyncio.get_running_loop().run_in_executor(
-            None, lambda: crud.finalize_distill(db, grant, status=STATUS_CANCELLED, latency_ms=latency_ms)
+            None,
+            lambda: quota.finalize_distill(db, grant, status=audits.STATUS_CANCELLED, latency_ms=latency_ms),
         )
 
     return done
@@ -211,42 +169,44 @@ async def _reserve(db: Database, t0: float, fn: Callable[[], DistillGrant]) -> D
 )
 async def distill_batch(request: Request, credentials: BearerCredentials) -> Response:
     t0 = time.perf_counter()
-    db = get_db(request)
-    settings = request.app.state.settings
-    client = client_id_of(request)
+    state = get_state(request)
+    db = state.db
+    client = state.client_ids.anonymous_id(request)
 
     token = credentials.credentials if credentials is not None else ""
     try:
-        claims = verify_token(get_token_config(request), token)
+        claims = verify_token(state.tokens, token)
     except TokenError as exc:
         metrics.record_auth_failure("missing" if not token else exc.reason)
         await _audit_rejection(db, 401, client, None, None, t0)
-        raise unauthorized() from None
+        raise (unauthorized() if token else missing_token()) from None
 
     try:
-        decoded = await decode_inputs(request, DistillRequest, _query(request))
-    except HTTPException as exc:
+        decoded = await decode_inputs(request, DistillRequest, state.models, QUERY_FIELDS)
+    except (HTTPException, ClientDisconnect) as exc:
         model_name = request.query_params.get("model") or getattr(request.state, "model_name", None)
-        await _audit_rejection(db, exc.status_code, client, claims, model_name, t0)
+        status = exc.status_code if isinstance(exc, HTTPException) else disconnect_status(request.scope)
+        await _audit_rejection(db, status, client, claims, model_name, t0)
         raise
     model = decoded.model
     x = decoded.x
     temperature = decoded.params.temperature
-    temperature = model.temperature if temperature is None else _temperature(temperature)
-    digest = crud.input_digest(x)
+    if temperature is None:
+        temperature = model.temperature
+    digest = audits.input_digest(x)
 
     try:
         grant = await _reserve(
             db,
             t0,
-            lambda: crud.reserve_distill(
+            lambda: quota.reserve_distill(
                 db,
                 claims,
                 model=model.name,
                 n_samples=int(x.shape[0]),
                 client_id=client,
                 digest=digest,
-                rate_per_minute=settings.distill_rate_per_minute,
+                rate_per_minute=state.settings.distill_rate_per_minute,
                 started=t0,
             ),
         )
@@ -256,25 +216,22 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
     try:
         logits = await model.infer("keyed", x)
     except BaseException as exc:
-        if isinstance(exc, InferenceTimeout):
-            status = 504
-        elif isinstance(exc, InferenceOverloaded):
-            status = 503
-        elif isinstance(exc, asyncio.CancelledError):
-            status = STATUS_CANCELLED
-        else:
-            status = 500
-        await _finalize(db, grant, status, t0)
-        if isinstance(exc, InferenceTimeout):
-            raise HTTPException(status_code=504, detail=str(exc)) from None
-        if isinstance(exc, InferenceOverloaded):
-            raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "1"}) from None
+        if isinstance(exc, InferenceTimeout | InferenceOverloaded):
+            http = inference_error(exc)
+            await _finalize(db, grant, http.status_code, t0)
+            raise http from None
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        await _finalize(db, grant, audits.STATUS_CANCELLED if cancelled else 500, t0)
         raise
-    labels = soft_labels(logits, temperature)
+    try:
+        labels = softmax(logits, temperature)
+    except NonFiniteOutputs as exc:
+        await _finalize(db, grant, 422, t0)  # refused: the samples go back
+        raise non_finite_error(exc) from None
     # The answer leaves only once its audit row is confirmed; a database failure here raises (503).
     try:
         await _finalize(db, grant, 200, t0)
-    except crud.ReservationReleased:
+    except quota.ReservationReleased:
         raise HTTPException(
             status_code=503, detail="the call outlived its reservation; nothing was charged, retry"
         ) from None

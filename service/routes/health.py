@@ -1,19 +1,26 @@
-"""GET /healthz (liveness), GET /readyz (models loaded and database reachable), GET /metrics (Prometheus)."""
+"""GET /healthz (liveness), /readyz (models and database), /metrics (Prometheus), and / (to the docs)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi import APIRouter
+from fastapi.responses import RedirectResponse, Response
 
+from service.db.session import Database
 from service.metrics import render_metrics
 from service.schemas import FastJSONResponse
+from service.state import StateDep
 
 DB_PING_TIMEOUT_S = 2.0
 
 router = APIRouter(tags=["health"])
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    """The root has nothing of its own: send people to the API documentation."""
+    return RedirectResponse("/docs")
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -21,10 +28,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _database_ok(request: Request) -> bool:
-    db: Any = getattr(request.app.state, "db", None)
-    if db is None:
-        return False
+async def _database_ok(db: Database) -> bool:
     try:
         # The ping runs in a thread: a hung database costs this request its timeout, never the event loop.
         return bool(await asyncio.wait_for(asyncio.to_thread(db.ping), DB_PING_TIMEOUT_S))
@@ -37,10 +41,9 @@ async def _database_ok(request: Request) -> bool:
     summary="Readiness: models loaded and database reachable (503 otherwise)",
     responses={503: {"description": "Not ready: no model loaded, or the database is unreachable."}},
 )
-async def readyz(request: Request) -> Response:
-    registry = getattr(request.app.state, "models", None)
-    models = registry.names() if registry is not None else []
-    database = await _database_ok(request)
+async def readyz(state: StateDep) -> Response:
+    models = state.models.names()
+    database = await _database_ok(state.db)
     ready = bool(models) and database
     body = {
         "status": "ready" if ready else "not ready",
@@ -51,9 +54,8 @@ async def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def prometheus_metrics(request: Request) -> Response:
-    settings = getattr(request.app.state, "settings", None)
-    if settings is not None and not settings.expose_metrics:
+async def prometheus_metrics(state: StateDep) -> Response:
+    if not state.settings.expose_metrics:
         return FastJSONResponse({"detail": "Not Found"}, status_code=404)
     data, content_type = await asyncio.to_thread(render_metrics)
     return Response(content=data, media_type=content_type)

@@ -1,25 +1,27 @@
 """POST /predict: anyone, no token; the plain path's class probabilities.
 
-Every call that reaches the route is audited through `crud.record_predict_audit`, which only queues the row
-(a writer thread stores it), so a slow or stopped database never blocks or fails /predict.
+Every call that reaches the route is audited: the row is queued (a writer thread stores it), so a slow or
+stopped database never blocks or fails /predict.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
-from service import crud, metrics
-from service.inference.decode import decode_inputs, query_fields, query_openapi
+from service import metrics
+from service.crud import audits
+from service.decode import decode_inputs, query_openapi
+from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
-from service.middleware import ClientIdentifier, RateLimiter, client_id_salt
+from service.middleware import disconnect_status
+from service.outputs import NonFiniteOutputs, softmax
+from service.ratelimit import RateLimiter
 from service.schemas import (
     ERROR_RESPONSES,
     FastJSONResponse,
@@ -27,78 +29,14 @@ from service.schemas import (
     PredictResponse,
     request_body_openapi,
 )
+from service.state import ServiceState, get_state
 
-logger = logging.getLogger(__name__)
-
-ENDPOINT = "/predict"
+ENDPOINT = audits.PREDICT_ENDPOINT
 QUERY_FIELDS = ("model", "top_k")
 
 
-class ExtractionMonitor:
-    """Flags anonymous clients whose /predict volume passes `threshold` samples in a fixed window.
-
-    The flag is exported as a metric (no client id in labels) and logged with the client's anonymous id;
-    the admin API computes the same rule from the audit table over any time range.
-    """
-
-    def __init__(self, window_s: float, threshold: int, max_clients: int = 100_000) -> None:
-        self.window_s = window_s
-        self.threshold = threshold
-        self.max_clients = max_clients
-        self._counts: dict[str, tuple[float, int, bool]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, client: str, n: int) -> bool:
-        """Count `n` samples; True when this call newly flags the client."""
-        now = time.monotonic()
-        with self._lock:
-            start, total, flagged = self._counts.get(client, (now, 0, False))
-            if now - start >= self.window_s:
-                start, total, flagged = now, 0, False
-            total += n
-            newly = total > self.threshold and not flagged
-            self._counts[client] = (start, total, flagged or newly)
-            if len(self._counts) > self.max_clients:
-                self._counts = {k: v for k, v in self._counts.items() if now - v[0] < self.window_s}
-        if newly:
-            metrics.record_extraction_flag("anonymous")
-            logger.warning(
-                "client %s passed %d /predict samples in %.0f s", client, self.threshold, self.window_s
-            )
-        return newly
-
-
-def _state(request: Request, name: str, factory: Callable[[], Any]) -> Any:
-    value = getattr(request.app.state, name, None)
-    if value is None:
-        value = factory()
-        setattr(request.app.state, name, value)
-    return value
-
-
-def _settings(request: Request) -> Any:
-    settings = getattr(request.app.state, "settings", None)
-    if settings is None:
-        from service.config import get_settings
-
-        settings = get_settings()
-    return settings
-
-
-def client_id(request: Request) -> str:
-    ids: ClientIdentifier = _state(
-        request,
-        "client_ids",
-        lambda: ClientIdentifier(_settings(request).trusted_proxies, client_id_salt(_settings(request))),
-    )
-    return ids.anonymous_id(request)
-
-
-def enforce_predict_rate(request: Request, client: str) -> None:
+def enforce_predict_rate(limiter: RateLimiter, client: str) -> None:
     """Per-client rate limit of /predict: 429 with Retry-After."""
-    limiter: RateLimiter = _state(
-        request, "predict_limiter", lambda: RateLimiter(_settings(request).predict_rate_per_minute)
-    )
     wait = limiter.acquire(client)
     if wait > 0:
         metrics.record_rate_limited(ENDPOINT)
@@ -109,24 +47,6 @@ def enforce_predict_rate(request: Request, client: str) -> None:
             f"retry in {retry} s",
             headers={"Retry-After": retry},
         )
-
-
-def _monitor(request: Request) -> ExtractionMonitor:
-    monitor: ExtractionMonitor = _state(
-        request,
-        "extraction_monitor",
-        lambda: ExtractionMonitor(
-            _settings(request).extraction_window_s, _settings(request).extraction_sample_threshold
-        ),
-    )
-    return monitor
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return out
 
 
 def prediction_payload(model: ServedModel, probs: np.ndarray, top_k: int | None) -> dict[str, Any]:
@@ -145,16 +65,17 @@ def prediction_payload(model: ServedModel, probs: np.ndarray, top_k: int | None)
 
 
 def _audit(
-    request: Request, client: str, model: str | None, n: int, status: int, start: float, digest: str | None
+    state: ServiceState, client: str, model: str | None, n: int, status: int, start: float, digest: str | None
 ) -> None:
-    crud.record_predict_audit(
-        request.app.state,
-        model=model,
-        client_id=client,
-        n_samples=n,
-        status=status,
-        latency_ms=(time.perf_counter() - start) * 1000.0,
-        input_digest=digest,
+    state.audit_queue.submit(
+        audits.predict_audit(
+            model=model,
+            client_id=client,
+            n_samples=n,
+            status=status,
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+            input_digest=digest,
+        )
     )
 
 
@@ -180,27 +101,35 @@ async def predict(request: Request) -> Response:
     """Top-1 label, class name and full probability vector for each input (JSON list, base64 `.npy` or a
     raw `application/x-npy` body with `?model=`)."""
     start = time.perf_counter()
-    client = client_id(request)
+    state = get_state(request)
+    client = state.client_ids.anonymous_id(request)
     status = 500
     model_name: str | None = None
     n = 0
     digest: str | None = None
     try:
-        enforce_predict_rate(request, client)
-        inputs = await decode_inputs(request, PredictRequest, query_fields(request, QUERY_FIELDS))
+        enforce_predict_rate(state.predict_limiter, client)
+        inputs = await decode_inputs(request, PredictRequest, state.models, QUERY_FIELDS)
         served, x = inputs.model, inputs.x
         model_name, n = served.name, len(x)
-        digest = crud.input_digest(x)
+        digest = audits.input_digest(x)
         try:
             logits = await served.infer("plain", x)
         except (InferenceTimeout, InferenceOverloaded) as exc:
-            raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "1"}) from None
-        payload = prediction_payload(served, softmax(logits), inputs.params.top_k)
-        _monitor(request).add(client, n)
+            raise inference_error(exc) from None
+        try:
+            probs = softmax(logits)
+        except NonFiniteOutputs as exc:
+            raise non_finite_error(exc) from None
+        payload = prediction_payload(served, probs, inputs.params.top_k)
+        state.extraction_monitor.add(client, n)
         status = 200
         return FastJSONResponse(payload)
     except HTTPException as exc:
         status = exc.status_code
         raise
+    except ClientDisconnect:
+        status = disconnect_status(request.scope)
+        raise
     finally:
-        _audit(request, client, model_name, n, status, start, digest)
+        _audit(state, client, model_name, n, status, start, digest)

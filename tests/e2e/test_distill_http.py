@@ -23,8 +23,8 @@ from sdb_core.artifact import load_box, make_test_box, read_manifest
 from sdb_core.data import load_dataset
 from sdb_core.distill import DistillConfig, distill, query_teacher
 from sdb_core.training import TrainConfig, accuracy, model_fn
-
-from ..reliability._harness import ADMIN_TOKEN, REPO, Server, base_env, run_migrations
+from tests._support.db import run_migrations
+from tests._support.server import ADMIN_TOKEN, REPO, Server, base_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

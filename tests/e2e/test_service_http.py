@@ -24,18 +24,9 @@ from sqlalchemy import text
 
 from sdb_core.artifact import make_test_box
 from service.db.session import make_engine
-
-from ..reliability._harness import (
-    JWT_SECRET,
-    PYTHON,
-    REPO,
-    Server,
-    base_env,
-    pg_available,
-    pg_database,
-    pg_url,
-    run_migrations,
-)
+from tests._support.db import run_migrations
+from tests._support.postgres import pg_available, pg_database, pg_url
+from tests._support.server import JWT_SECRET, PYTHON, REPO, Server, base_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -1,0 +1,1 @@
+"""Operations tests: scripts, README commands, compose and Docker files."""

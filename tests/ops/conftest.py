@@ -11,15 +11,10 @@ from typing import Any
 
 import pytest
 
-from ._support import (
-    PG_ADMIN_URL,
-    REPO,
-    ServerProcess,
-    compose_binary,
-    compose_config,
-    fresh_pg_database,
-    pg_available,
-)
+from tests._support.ops import REPO, compose_binary, compose_config
+from tests._support.postgres import PG_ADMIN_URL, pg_available, pg_url
+from tests._support.postgres import pg_database as fresh_pg_database
+from tests._support.server import Server
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +49,14 @@ def pg_database() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} (required on CI)")
         pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
-    with fresh_pg_database() as url:
-        yield url
+    with fresh_pg_database("sdb_ops") as name:
+        yield pg_url(name)
 
 
 @pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
+def servers() -> Iterator[list[Server]]:
     """Collects the server processes a test starts and stops them all afterwards."""
-    started: list[ServerProcess] = []
+    started: list[Server] = []
     try:
         yield started
     finally:

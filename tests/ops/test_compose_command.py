@@ -9,6 +9,7 @@ and the listening address (0.0.0.0:8000 -> a free loopback port) are changed.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import numpy as np
 import pytest
 from sqlalchemy.engine import make_url
 
-from ._support import ServerProcess, clean_env, free_port, sdb_executable
+from tests._support.net import free_port
+from tests._support.ops import clean_env, sdb_executable
+from tests._support.server import Server, server_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.slow]
 
@@ -33,8 +36,14 @@ def local_command(cmd: list[str], port: int | None = None) -> list[str]:
     return out
 
 
-def local_env(service: dict[str, Any], database_url: str) -> dict[str, str]:
+# .env.example's values are placeholders, which the service refuses (tested below): real secrets instead.
+SECRETS = {"SDB_JWT_SECRET": secrets.token_hex(32), "SDB_CLIENT_IP_SALT": secrets.token_hex(16)}
+
+
+def local_env(service: dict[str, Any], database_url: str, placeholders: bool = False) -> dict[str, str]:
     env = {k: str(v) for k, v in service["environment"].items()}
+    if not placeholders:
+        env.update({k: v for k, v in SECRETS.items() if k in env})
     compose_url, local_url = make_url(env["SDB_DATABASE_URL"]), make_url(database_url)
     assert compose_url.drivername == local_url.drivername  # same driver, only the server differs
     assert compose_url.host == "db"
@@ -47,12 +56,22 @@ def local_env(service: dict[str, Any], database_url: str) -> dict[str, str]:
 
 
 def test_migrate_then_serve_as_compose_does(
-    compose_json: dict[str, Any], pg_database: str, servers: list[ServerProcess], tmp_path: Path
+    compose_json: dict[str, Any], pg_database: str, servers: list[Server], tmp_path: Path
 ) -> None:
     services = compose_json["services"]
     migrate, api = services["migrate"], services["api"]
     api_env = local_env(api, pg_database)
     assert Path(api_env["SDB_MODEL_DIR"]).is_dir()
+
+    # Compose run on .env.example's placeholders: the service refuses to start, naming the problem.
+    placeholder = subprocess.run(
+        local_command(api["command"], free_port()),
+        env=local_env(api, pg_database, placeholders=True),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert placeholder.returncode != 0 and "placeholder" in placeholder.stdout + placeholder.stderr
 
     # Before the migrations, the service refuses to start and names the command to run.
     early = subprocess.run(
@@ -71,9 +90,9 @@ def test_migrate_then_serve_as_compose_does(
     assert r.returncode == 0, r.stdout + r.stderr
 
     port = free_port()
-    server = ServerProcess(local_command(api["command"], port), api_env, port, tmp_path / "api.log")
+    server = server_process(local_command(api["command"], port), api_env, port, tmp_path / "api.log")
     servers.append(server)
-    server.start(path="/readyz")
+    server.start()
     assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200  # the image's HEALTHCHECK
 
     # The mounted models directory is what the service serves.

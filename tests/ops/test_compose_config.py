@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._support import REPO, compose_config
+from tests._support.ops import REPO, compose_config
 
 SECRETS = ("POSTGRES_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT")
 

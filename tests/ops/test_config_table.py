@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 from service.config import Settings
-
-from ._support import REPO
+from tests._support.ops import REPO
 
 
 def test_every_setting_has_a_meaning() -> None:
@@ -32,3 +31,12 @@ def test_readme_table_names_exactly_the_settings() -> None:
     in_table = set(re.findall(r"^\| `(SDB_[A-Z0-9_]+)`", block, flags=re.MULTILINE))
     expected = {f"SDB_{name.upper()}" for name in Settings.model_fields}
     assert in_table == expected
+
+
+def test_every_variable_of_env_example_is_in_the_configuration_table() -> None:
+    section = (REPO / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    names = re.findall(r"^#?\s*(SDB_[A-Z_]+)=", (REPO / ".env.example").read_text(), flags=re.MULTILINE)
+    assert names
+    missing = [n for n in names if f"`{n}`" not in table]
+    assert not missing, f".env.example offers settings that the configuration table lacks: {missing}"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ._support import REPO, VENV_BIN
+from tests._support.ops import REPO, VENV_BIN
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 BUILD_TOOLS = ("gcc", "g++", "build-essential", "make", "clang", "cargo", "rustc")

@@ -13,20 +13,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ._support import REPO, ServerProcess, clean_env, free_port, sdb_executable
+from tests._support.net import free_port
+from tests._support.ops import REPO, clean_env, sdb_executable
+from tests._support.server import Server, server_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_run_script_serves_the_demo_box_and_explains_admin_bootstrap(
-    servers: list[ServerProcess], tmp_path: Path
+    servers: list[Server], tmp_path: Path
 ) -> None:
     port = free_port()
     db_url = f"sqlite:///{tmp_path / 'quickstart.db'}"
     env = clean_env(SDB_SKIP_SETUP="1", SDB_PORT=str(port), SDB_DATABASE_URL=db_url, SDB_TORCH_THREADS="1")
-    server = ServerProcess(["bash", str(REPO / "scripts" / "run.sh")], env, port, tmp_path / "run.log")
+    server = server_process(["bash", str(REPO / "scripts" / "run.sh")], env, port, tmp_path / "run.log")
     servers.append(server)
-    server.start(path="/readyz")
+    server.start()
 
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

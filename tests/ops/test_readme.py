@@ -7,8 +7,7 @@ import tomllib
 
 from service.config import Settings
 from service.main import create_app
-
-from ._support import REPO
+from tests._support.ops import REPO
 
 README = (REPO / "README.md").read_text()
 
@@ -67,3 +66,22 @@ def test_every_dependency_is_explained() -> None:
     aliases = {"torch": "pytorch", "sqlalchemy": "sqlalchemy 2.0", "psycopg": "psycopg 3"}
     missing = sorted(n for n in names if aliases.get(n, n) not in table and n not in table)
     assert not missing, f"dependencies missing from the README's library table: {missing}"
+
+
+def test_the_key_revoked_in_the_example_is_not_the_key_alice_distills_with() -> None:
+    keys = _section("Issue API keys")
+    given = re.findall(r'# -> \{"id": (\d+), "api_key": "sdb_\.\.\.".*give it to alice', keys)
+    revoked = re.findall(r"/admin/keys/(\d+)/revoke", keys)
+    assert given and revoked
+    assert not set(given) & set(revoked), "a literal follower would distill with a revoked key"
+
+
+def test_readme_python_commands_use_the_projects_environment() -> None:
+    bare = re.findall(r"(?<![\w/.])python3? -c [\"'][^\"']*\b(?:sdb|sdb_core|service|torch)\b", README)
+    assert not bare, f"the system python has no torch or sdb: use .venv/bin/python ({bare})"
+
+
+def test_the_zoo_listing_does_not_offer_the_internal_guarded_architecture() -> None:
+    teacher = README.split("**1. A teacher.**", 1)[1].split("```", 1)[0]
+    assert "list_models()" in teacher
+    assert "guarded" in teacher and "internal" in teacher, "say that `guarded` is not for users to pick"

@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from sdb_core.artifact import make_test_box
-
-from ._support import ServerProcess, clean_env, free_port, sdb_executable
+from tests._support.net import free_port
+from tests._support.ops import clean_env, sdb_executable
+from tests._support.server import Server, server_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.slow]
 
@@ -30,13 +31,13 @@ def _sdb(env: dict[str, str], *args: str) -> str:
     return r.stdout
 
 
-def _token(client: httpx.Client, server: ServerProcess, api_key: str) -> dict[str, str]:
+def _token(client: httpx.Client, server: Server, api_key: str) -> dict[str, str]:
     r = client.post(server.url + "/auth/token", json={"api_key": api_key})
     assert r.status_code == 200, r.text
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
-def _distill(client: httpx.Client, server: ServerProcess, headers: dict[str, str]) -> httpx.Response:
+def _distill(client: httpx.Client, server: Server, headers: dict[str, str]) -> httpx.Response:
     inputs: list[Any] = [[[[0.1 * i] * INPUT_SHAPE[2]] * INPUT_SHAPE[1]] for i in range(BATCH)]
     return client.post(
         server.url + "/distill-batch", json={"model": MODEL, "inputs": inputs}, headers=headers
@@ -44,7 +45,7 @@ def _distill(client: httpx.Client, server: ServerProcess, headers: dict[str, str
 
 
 def _issue_key(
-    client: httpx.Client, server: ServerProcess, admin: dict[str, str], user_id: int, **body: Any
+    client: httpx.Client, server: Server, admin: dict[str, str], user_id: int, **body: Any
 ) -> dict[str, Any]:
     r = client.post(
         server.url + f"/admin/users/{user_id}/keys", json={"scopes": [MODEL], **body}, headers=admin
@@ -54,7 +55,7 @@ def _issue_key(
 
 
 def test_two_servers_enforce_one_quota_and_one_revocation_list(
-    pg_database: str, servers: list[ServerProcess], tmp_path: Path
+    pg_database: str, servers: list[Server], tmp_path: Path
 ) -> None:
     make_test_box(tmp_path / "models", name=MODEL, input_shape=INPUT_SHAPE)
     env = clean_env(
@@ -69,7 +70,7 @@ def test_two_servers_enforce_one_quota_and_one_revocation_list(
     admin_key = _sdb(env, "admin", "bootstrap").strip().splitlines()[-1]
 
     a, b = (
-        ServerProcess(
+        server_process(
             [sdb_executable(), "serve", "--host", "127.0.0.1", "--port", str(port)],
             env,
             port,

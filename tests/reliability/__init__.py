@@ -1,0 +1,1 @@
+"""Reliability tests: faults, hostile inputs, secrets, limits and load against real servers."""

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sdb_core.artifact import make_test_box
-from sdb_core.keys import load_key
-
-from ._harness import (
-    PG_ADMIN_URL,
-    Server,
-    base_env,
-    pg_available,
-    pg_database,
-    run_migrations,
-)
-from ._pgproxy import PgProxy
-
-MODEL = "test-box"
-
-
-@dataclass(frozen=True)
-class BoxSecrets:
-    """Forms in which the box key could leak: its seed (hex, bytes) and its pattern's values."""
-
-    seed_hex: str
-    seed: bytes
-    pattern_values: tuple[float, ...]
+from tests._support.boxes import MODEL, BoxSecrets
+from tests._support.db import run_migrations
+from tests._support.pgproxy import PgProxy
+from tests._support.postgres import PG_ADMIN_URL, pg_available, pg_database
+from tests._support.server import Server, ServerFactory, base_env
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +25,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def box_secrets(model_dir: Path) -> BoxSecrets:
-    key = load_key(model_dir / MODEL / "box_key.json")
-    return BoxSecrets(
-        seed_hex=key.seed.hex(),
-        seed=key.seed,
-        pattern_values=tuple(float(v) for v in key.pattern().flatten().tolist()),
-    )
+    return BoxSecrets.of(model_dir / MODEL / "box_key.json")
 
 
 @pytest.fixture
@@ -57,7 +34,7 @@ def pg_db() -> Iterator[str]:
     PostgreSQL tests, when no server answers at SDB_TEST_POSTGRES_URL."""
     if not pg_available():
         pytest.skip(f"no PostgreSQL server answers at {PG_ADMIN_URL}")
-    with pg_database() as name:
+    with pg_database("sdb_rel") as name:
         yield name
 
 
@@ -68,9 +45,6 @@ def pg_proxy() -> Iterator[PgProxy]:
         yield proxy
     finally:
         proxy.stop()
-
-
-ServerFactory = Callable[..., Server]
 
 
 @pytest.fixture

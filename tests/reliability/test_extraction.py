@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from ._harness import admin_headers
-from .conftest import MODEL, ServerFactory
+from tests._support.admin import admin_headers
+from tests._support.boxes import MODEL
+from tests._support.server import ServerFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

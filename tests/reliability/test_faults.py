@@ -15,9 +15,12 @@ import httpx
 import numpy as np
 import pytest
 
-from ._harness import Server, count_audits, create_user_and_key, get_token, pg_url, run_migrations
-from ._pgproxy import PgProxy
-from .conftest import MODEL, ServerFactory
+from tests._support.admin import create_user_and_key, get_token
+from tests._support.boxes import MODEL
+from tests._support.db import count_audits, run_migrations
+from tests._support.pgproxy import PgProxy
+from tests._support.postgres import pg_url
+from tests._support.server import Server, ServerFactory
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,15 +21,15 @@ from schemathesis.checks import ignored_auth, not_a_server_error, response_schem
 from schemathesis.generation import GenerationMode
 from sqlalchemy import Engine, update
 
-from service import crud
 from service.config import Settings
+from service.crud import accounts
 from service.db.models import ROLE_ADMIN, ROLE_USER, ApiKey, User
 from service.db.session import Database
 from service.main import create_app
 from service.security import TokenConfig, issue_token, new_api_key
-
-from ._harness import JWT_SECRET, run_migrations
-from .conftest import MODEL
+from tests._support.boxes import MODEL
+from tests._support.db import run_migrations
+from tests._support.server import JWT_SECRET
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +60,8 @@ class FuzzContext:
 def _principal(db: Database, cfg: TokenConfig, name: str, role: str, scopes: list[str]) -> dict[str, str]:
     key = new_api_key()
     with db.write() as s:
-        user = crud.create_user(s, name, role)
-        row = crud.create_api_key(
+        user = accounts.create_user(s, name, role)
+        row = accounts.create_api_key(
             s, user, prefix=key.prefix, digest=key.digest, scopes=scopes, sample_quota=None, expires_at=None
         )
         user_id, key_id = user.id, row.id

@@ -8,7 +8,6 @@ Issued access tokens are also searched for outside the /auth/token answers that 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import time
@@ -28,9 +27,10 @@ from sqlalchemy import create_engine, inspect, text
 from service.config import Settings
 from service.main import create_app
 from service.metrics import render_metrics
-
-from ._harness import ADMIN_TOKEN, JWT_SECRET, run_migrations
-from .conftest import MODEL, BoxSecrets
+from tests._support.bodies import npy_bytes
+from tests._support.boxes import MODEL, BoxSecrets
+from tests._support.db import run_migrations
+from tests._support.server import ADMIN_TOKEN, JWT_SECRET
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +47,6 @@ class Recorder:
         self.responses.append((label, r.content, headers, allowed))
         self.statuses[label] = r.status_code
         return r
-
-
-def _npy(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _sample(n: int = 2, seed: int = 0) -> np.ndarray:
@@ -198,8 +192,8 @@ def _exercise(c: TestClient, rec: Recorder, box: BoxSecrets) -> tuple[list[str],
     x = _sample()
     good_predicts: dict[str, dict[str, Any]] = {
         "predict json": {"json": {"model": MODEL, "inputs": x.tolist(), "top_k": 3}},
-        "predict b64": {"json": {"inputs_b64": base64.b64encode(_npy(x)).decode()}},
-        "predict npy": {"content": _npy(x), "headers": {"content-type": "application/x-npy"}},
+        "predict b64": {"json": {"inputs_b64": base64.b64encode(npy_bytes(x)).decode()}},
+        "predict npy": {"content": npy_bytes(x), "headers": {"content-type": "application/x-npy"}},
     }
     for label, kw in good_predicts.items():
         r = rec.add(label, c.post("/predict", params={"model": MODEL} if "npy" in label else None, **kw))
@@ -224,7 +218,7 @@ def _exercise(c: TestClient, rec: Recorder, box: BoxSecrets) -> tuple[list[str],
     assert r.status_code == 200, r.text
     r = rec.add("distill T", c.post("/distill-batch", json={**body, "temperature": 2.5}, headers=bearer))
     assert r.status_code == 200, r.text
-    r = rec.add("distill npy", c.post("/distill-batch", params={"model": MODEL}, content=_npy(x),
+    r = rec.add("distill npy", c.post("/distill-batch", params={"model": MODEL}, content=npy_bytes(x),
                                       headers={**bearer, "content-type": "application/x-npy"}))  # fmt: skip
     assert r.status_code == 200, r.text
     r = rec.add("distill over quota", c.post("/distill-batch", json=body, headers=bearer))
@@ -312,7 +306,7 @@ def test_no_secret_anywhere(
     # The search can fail: the one answer that shows a key's secret is found, and so is the key file's seed.
     shown_once = next(body for label, body, _, _ in rec.responses if label == "create key")
     assert _search(shown_once, needles, frozenset()) == ["API key 1"]
-    key_file = (Path(app.state.settings.model_dir) / MODEL / "box_key.json").read_bytes()
+    key_file = (Path(app.state.sdb.settings.model_dir) / MODEL / "box_key.json").read_bytes()
     assert "box seed" in _search(key_file, needles, frozenset())
 
     leaks: list[str] = []

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ._harness import REPO
+from tests._support.server import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -17,7 +17,7 @@ SECONDS = 15
 
 def test_short_soak_has_no_5xx_and_loses_no_audit_row() -> None:
     r = subprocess.run(
-        [sys.executable, "bench/soak.py", "--seconds", str(SECONDS), "--concurrency", "8"],
+        [sys.executable, "-m", "bench.soak", "--seconds", str(SECONDS), "--concurrency", "8"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -10,8 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from ._harness import count_audits, create_user_and_key, get_token
-from .conftest import MODEL, ServerFactory
+from tests._support.admin import create_user_and_key, get_token
+from tests._support.boxes import MODEL
+from tests._support.db import count_audits
+from tests._support.server import ServerFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

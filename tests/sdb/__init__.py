@@ -1,0 +1,1 @@
+"""Tests of the sdb command line and client."""

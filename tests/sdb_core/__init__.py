@@ -1,0 +1,1 @@
+"""Tests of the sdb_core ML library."""

@@ -5,15 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from sdb_core.artifact import make_test_box
 from sdb_core.data import Dataset, load_digits
-
-
-@pytest.fixture(autouse=True)
-def _few_threads() -> None:
-    torch.set_num_threads(1)  # other test suites share the 2 cores
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,5 @@
+"""Artifacts: round trips, manifests without key material, separate key files, tamper checks."""
+
 from __future__ import annotations
 
 import json

@@ -1,3 +1,5 @@
+"""Box training: paper temperatures, the combined loss, guarded boxes and frozen layers."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,3 +1,5 @@
+"""Datasets: the digits split, CIFAR pickle directories (no code in pickles), npz files, dataset specs."""
+
 from __future__ import annotations
 
 import pickle

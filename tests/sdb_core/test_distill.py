@@ -1,3 +1,5 @@
+"""Distillation: the labelled mask, querying teachers, and students steered by the teacher."""
+
 from __future__ import annotations
 
 import numpy as np

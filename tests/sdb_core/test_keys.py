@@ -1,3 +1,5 @@
+"""Box keys: reproducible patterns from the seed, application with lambda, secrecy, invalid keys."""
+
 from __future__ import annotations
 
 import os

@@ -1,3 +1,5 @@
+"""The losses: KL, the disturbance terms and their gradients, adversarial targets, preservation."""
+
 from __future__ import annotations
 
 import torch

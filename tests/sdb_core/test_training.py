@@ -1,3 +1,5 @@
+"""Training: determinism, resuming from checkpoints, model checkpoint round trips."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -1,3 +1,5 @@
+"""The model zoo: registered architectures, forward shapes, and the top-1 guard."""
+
 from __future__ import annotations
 
 import pytest

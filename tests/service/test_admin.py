@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.db.models import QueryAudit
-from tests.conftest import TEST_ADMIN_TOKEN, ApiHelper
+from tests._support.api import TEST_ADMIN_TOKEN, ApiHelper
 
 
 def test_users_create_list_get_disable(api: ApiHelper, client: TestClient) -> None:
@@ -114,7 +114,7 @@ def test_audits_filters_and_pagination(api: ApiHelper, client: TestClient, app: 
     assert api.distill(h1, n=1, model="beta").status_code == 200
     assert api.distill(h2, n=5).status_code == 200
     _predict(client, 2)
-    app.state.audit_queue.flush()
+    app.state.sdb.audit_queue.flush()
 
     def get(**params: Any) -> dict[str, Any]:
         r = client.get("/admin/audits", params=params, headers=api.admin)
@@ -141,7 +141,12 @@ def test_usage_summary(api: ApiHelper, client: TestClient) -> None:
     api.distill(h1, n=2)
     api.distill(h1, n=3, model="beta")
     assert api.distill(h1, n=1).status_code == 429
-    rows = {u["user_id"]: u for u in client.get("/admin/usage", headers=api.admin).json()}
+    page = client.get("/admin/usage", headers=api.admin).json()
+    assert set(page) == {"items", "total", "limit", "offset"}  # the shape of every list endpoint
+    rows = {u["user_id"]: u for u in page["items"]}
+    assert page["total"] >= len(page["items"]) >= 2
+    one = client.get("/admin/usage", params={"limit": 1, "offset": 1}, headers=api.admin).json()
+    assert len(one["items"]) == 1 and one["total"] == page["total"]
     me = rows[u1["id"]]
     assert (me["requests"], me["answered"], me["samples"], me["rejected"]) == (3, 2, 5, 1)
     assert me["by_model"] == {"alpha": 2, "beta": 3}
@@ -159,9 +164,9 @@ def test_samples_over_time_per_user_and_per_anonymous_client(make_settings: Any,
         api.distill(h1, n=3)
         _predict(client, 4)
         _predict(client, 3)  # 7 > 5 within the window: flagged
-        app.state.audit_queue.flush()
+        app.state.sdb.audit_queue.flush()
         # an older window, written directly: a second anonymous client below the threshold
-        with app.state.db.write() as s:
+        with app.state.sdb.db.write() as s:
             s.add(
                 QueryAudit(
                     endpoint="/predict",

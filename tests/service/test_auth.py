@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from jose import jwt
 from starlette.routing import Route
 
-from tests.conftest import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
-from tests.service.test_security import ATTACKS, forge, good_claims
+from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
+from tests._support.tokens import ATTACKS, forge, good_claims
 
 PUBLIC_ROUTES = {
     ("POST", "/predict"),
@@ -65,7 +65,9 @@ def test_token_scope_can_be_narrowed_but_never_widened(api: ApiHelper, client: T
         "/auth/token",
         data={"grant_type": "client_credentials", "client_secret": key["api_key"], "scope": "alpha beta"},
     )
-    assert r.status_code == 200 and r.json()["scope"] == "alpha"
+    # RFC 6749 5.2: a scope the key does not hold is an error, not a silently narrower token
+    assert r.status_code == 400 and r.json()["detail"]["error"] == "invalid_scope", r.text
+    assert api.token(key["api_key"], scope="alpha")
     # a wildcard key can be narrowed to one model; the narrowed token cannot use the others
     _, wild, _ = api.user_with_key(scopes=["*"])
     narrow = api.token(wild["api_key"], scope="beta")
@@ -114,6 +116,32 @@ def test_revoked_or_expired_key_and_disabled_user_cannot_get_tokens(
     _, key3, _ = api.user_with_key(expires_in_s=1)
     time.sleep(1.1)
     assert client.post("/auth/token", json={"api_key": key3["api_key"]}).status_code == 401
+
+
+def test_a_missing_or_bad_token_gets_one_oauth_answer_everywhere(api: ApiHelper, client: TestClient) -> None:
+    answers = {
+        "missing": [api.distill({}), client.get("/admin/users")],
+        "invalid": [api.distill(bearer("not.a.token")), client.get("/admin/users", headers=bearer("x.y.z"))],
+    }
+    for kind, responses in answers.items():
+        bodies = [r.json()["detail"] for r in responses]
+        assert all(r.status_code == 401 for r in responses), kind
+        assert bodies[0] == bodies[1], (kind, bodies)  # the same wording on /distill-batch and /admin
+        assert set(bodies[0]) == {"error", "message"}
+    assert answers["missing"][0].json()["detail"]["error"] == "invalid_request"
+    assert "missing access token" in answers["missing"][0].json()["detail"]["message"]
+    assert answers["invalid"][0].json()["detail"]["error"] == "invalid_token"
+    bad_key = client.post(
+        "/auth/token", data={"grant_type": "client_credentials", "client_secret": "sdb_x" * 9}
+    )
+    assert bad_key.status_code == 401 and bad_key.json()["detail"]["error"] == "invalid_client"
+
+
+def test_token_exchange_records_the_keys_last_use(api: ApiHelper, client: TestClient) -> None:
+    api.token(TEST_ADMIN_TOKEN)
+    keys = client.get("/admin/keys", headers=api.admin).json()["items"]
+    bootstrap = next(k for k in keys if k["name"] == "bootstrap")
+    assert bootstrap["last_used_at"] is not None
 
 
 def test_hostile_tokens_are_401_on_distill_and_admin(api: ApiHelper, client: TestClient) -> None:

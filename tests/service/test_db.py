@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from service import crud
+from service.crud import accounts
 from service.db.audit_queue import AuditQueue, AuditQueueConfig, AuditRecord
-from service.db.models import ROLE_USER, QueryAudit, User
+from service.db.models import ROLE_USER, QueryAudit, User, utcnow
 from service.db.session import Database, normalize_url
 from service.security import new_api_key
-from tests.conftest import audit_rows
+from tests._support.db import audit_rows
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_sqlite_runs_in_wal_with_a_busy_timeout_and_immediate_writes(db: Databas
 
 def test_times_are_utc_aware_on_every_backend(db: Database) -> None:
     with db.write() as s:
-        user = crud.create_user(s, "tz", ROLE_USER)
+        user = accounts.create_user(s, "tz", ROLE_USER)
         uid = user.id
     with db.session() as s:
         created = s.get(User, uid).created_at  # type: ignore[union-attr]
@@ -79,18 +79,18 @@ def test_times_are_utc_aware_on_every_backend(db: Database) -> None:
 
 def test_find_key_by_secret(db: Database) -> None:
     with db.write() as s:
-        user = crud.create_user(s, "k", ROLE_USER)
+        user = accounts.create_user(s, "k", ROLE_USER)
         keys = [new_api_key() for _ in range(3)]
         for k in keys:
-            crud.create_api_key(
+            accounts.create_api_key(
                 s, user, prefix=k.prefix, digest=k.digest, scopes=["a"], sample_quota=None, expires_at=None
             )
     with db.session() as s:
         for k in keys:
-            found = crud.find_key_by_secret(s, k.secret)
+            found = accounts.find_key_by_secret(s, k.secret)
             assert found is not None and found.key_hash == k.digest
-        assert crud.find_key_by_secret(s, keys[0].secret[:-1] + "!") is None
-        assert crud.find_key_by_secret(s, "short") is None
+        assert accounts.find_key_by_secret(s, keys[0].secret[:-1] + "!") is None
+        assert accounts.find_key_by_secret(s, "short") is None
 
 
 def _record(i: int) -> AuditRecord:
@@ -102,7 +102,7 @@ def _record(i: int) -> AuditRecord:
         status=200,
         latency_ms=1.0,
         input_digest=None,
-        created_at=crud.utcnow(),
+        created_at=utcnow(),
     )
 
 
@@ -158,7 +158,7 @@ def test_audit_queue_bounds_memory_and_counts_drops(db: Database) -> None:
 def test_predict_audit_rows_are_written_by_shutdown(app: FastAPI, database_url: str) -> None:
     n = 30
     with TestClient(app) as client:
-        app.state.audit_queue.cfg = AuditQueueConfig(interval_s=60)  # nothing written before shutdown
+        app.state.sdb.audit_queue.cfg = AuditQueueConfig(interval_s=60)  # nothing written before shutdown
         for _ in range(n):
             r = client.post("/predict", json={"model": "alpha", "inputs": [[[[0.1] * 8] * 8]]})
             assert r.status_code == 200

@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 from fastapi import HTTPException
 
-from service.inference.decode import decode_b64_npy, json_to_array, parse_npy, validate_batch
+from service.decode import decode_b64_npy, json_to_array, parse_npy, validate_batch
+from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
 
 SHAPE = (1, 8, 8)
-
-
-def npy_bytes(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=allow_pickle)
-    return buf.getvalue()
 
 
 def status_and_detail(exc: pytest.ExceptionInfo[HTTPException]) -> tuple[int, str]:
@@ -142,3 +137,11 @@ def test_npy_format_2_and_unusual_headers_use_numpys_parser() -> None:
     header += b" " * (64 - 10 - len(header) - 1) + b"\n"
     data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + arr.tobytes()
     np.testing.assert_array_equal(parse_npy(data), arr)
+
+
+@pytest.mark.parametrize("header", MALFORMED_NPY_HEADERS.values(), ids=MALFORMED_NPY_HEADERS.keys())
+def test_a_malformed_npy_header_is_422(header: str) -> None:
+    with pytest.raises(HTTPException) as exc:
+        parse_npy(npy_with_header(header, b"\0" * 256))
+    status, detail = status_and_detail(exc)
+    assert status == 422 and ".npy" in detail

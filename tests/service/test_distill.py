@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,22 +21,19 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from sdb_core.artifact import load_box
-from service import crud
-from service.db.models import STATUS_RESERVED
+from service.crud import audits, quota
+from service.crud.audits import STATUS_RESERVED
 from service.db.session import Database
-from tests.conftest import ApiHelper, audit_rows
-
-from ..reliability._harness import ADMIN_TOKEN, Server, base_env
+from service.inference.registry import InferenceTimeout
+from service.state import set_state
+from tests._support.api import ApiHelper
+from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
+from tests._support.db import audit_rows
+from tests._support.server import ADMIN_TOKEN, Server, base_env
 
 
 def sample(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 1, 8, 8)).astype(np.float32)
-
-
-def npy_bytes(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return buf.getvalue()
 
 
 def key_used(database_url: str, key_id: int) -> int:
@@ -78,6 +75,26 @@ def test_soft_labels_are_the_keyed_path_at_the_requested_temperature(
     assert np.abs(keyed - plain).max() > 1e-4
 
 
+@pytest.mark.parametrize("header", MALFORMED_NPY_HEADERS.values(), ids=MALFORMED_NPY_HEADERS.keys())
+def test_a_malformed_npy_header_is_422_and_audited(
+    api: ApiHelper, client: TestClient, database_url: str, header: str
+) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"])
+    body = npy_with_header(header, b"\0" * 256)
+    raw = client.post(
+        "/distill-batch?model=alpha", content=body, headers={**headers, "content-type": "application/x-npy"}
+    )
+    b64 = client.post(
+        "/distill-batch",
+        json={"model": "alpha", "inputs_b64": base64.b64encode(body).decode()},
+        headers=headers,
+    )
+    for r in (raw, b64):
+        assert r.status_code == 422 and ".npy" in r.json()["detail"], r.text
+    rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
+    assert [r.status for r in rows] == [422, 422]
+
+
 def test_npy_and_base64_bodies(api: ApiHelper, client: TestClient) -> None:
     _, _, headers = api.user_with_key(scopes=["alpha"])
     x = sample(3)
@@ -116,6 +133,9 @@ def test_quota_headers_and_429_once_spent(api: ApiHelper, client: TestClient, da
     detail = r.json()["detail"]
     assert detail["error"] == "quota_exceeded" and detail["remaining"] == 0 and detail["quota"] == 10
     assert "quota" in detail["message"]
+    # the quota is a total for the key's life: the answer says it never resets, and no Retry-After
+    assert detail["resets"] == "never" and "administrator" in detail["message"]
+    assert "retry-after" not in r.headers
     assert key_used(database_url, key["id"]) == 10
 
 
@@ -123,6 +143,32 @@ def test_unlimited_key_reports_unlimited(api: ApiHelper) -> None:
     _, _, headers = api.user_with_key(scopes=["*"])
     r = api.distill(headers, model="beta")
     assert r.status_code == 200 and r.headers["x-quota-remaining"] == "unlimited"
+
+
+def test_answers_are_finite_or_refused_with_422_and_nothing_charged(
+    api: ApiHelper, app: FastAPI, client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=100)
+    model = app.state.sdb.models.get("alpha")
+
+    async def overflowing(path: str, x: Any) -> Any:
+        return np.full((len(x), model.num_classes), np.inf, np.float32)
+
+    with monkeypatch.context() as m:
+        m.setattr(model, "infer", overflowing)
+        r = api.distill(headers, n=2)
+    assert r.status_code == 422 and "finite" in r.json()["detail"], r.text
+    tiny = api.distill(headers, n=2, temperature=5e-324)
+    assert tiny.status_code == 422 and "temperature" in tiny.text, tiny.text
+    assert key_used(database_url, key["id"]) == 0
+    low = api.distill(headers, n=2, temperature=0.01)  # the lowest temperature: still finite soft labels
+    assert low.status_code == 200
+    assert np.isfinite(np.array(low.json()["soft_labels"], dtype=np.float64)).all()
+    assert [r.status for r in audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})] == [
+        422,
+        422,
+        200,
+    ]
 
 
 def test_exactly_one_audit_row_per_call_with_its_outcome(
@@ -157,7 +203,7 @@ def test_rate_limit_per_key_answers_429_with_retry_after(
     from service.main import create_app
 
     now = [1_000_000 * 60 + 5.0]  # fixed inside one minute window
-    monkeypatch.setattr(crud, "_clock", lambda: now[0])
+    monkeypatch.setattr(quota, "_clock", lambda: now[0])
     with TestClient(create_app(make_settings(distill_rate_per_minute=3))) as client:
         api = ApiHelper(client)
         _, key, headers = api.user_with_key(scopes=["alpha"])
@@ -212,7 +258,7 @@ def test_inference_failure_gives_the_samples_back(
     api: ApiHelper, app: FastAPI, client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
-    model = app.state.models.get("alpha")
+    model = app.state.sdb.models.get("alpha")
 
     async def boom(path: str, x: Any) -> Any:
         raise RuntimeError("forward pass failed")
@@ -225,14 +271,32 @@ def test_inference_failure_gives_the_samples_back(
     assert audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})[-1].status == 500
 
 
+def test_a_missed_inference_deadline_is_503_on_both_routes(
+    api: ApiHelper, app: FastAPI, client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
+    model = app.state.sdb.models.get("alpha")
+
+    async def late(path: str, x: Any) -> Any:
+        raise InferenceTimeout("inference on 'alpha' missed its 30 s deadline")
+
+    monkeypatch.setattr(model, "infer", late)
+    distilled = api.distill(headers, n=4)
+    predicted = client.post("/predict", json={"model": "alpha", "inputs": sample(1).tolist()})
+    for r in (distilled, predicted):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "deadline" in r.text
+    assert audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})[-1].status == 503
+    assert key_used(database_url, key["id"]) == 0
+
+
 def test_database_down_fails_closed_and_predict_keeps_answering(
     api: ApiHelper, app: FastAPI, client: TestClient, database_url: str
 ) -> None:
     _, _key, headers = api.user_with_key(scopes=["alpha"])
     assert api.distill(headers).status_code == 200
-    real_db = app.state.db
+    real = app.state.sdb
     # a database that refuses connections at once (nothing listens on port 1)
-    app.state.db = Database("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    set_state(app, dataclasses.replace(real, db=Database("postgresql+psycopg://postgres@127.0.0.1:1/none")))
     try:
         r = api.distill(headers)
         assert r.status_code == 503
@@ -242,8 +306,8 @@ def test_database_down_fails_closed_and_predict_keeps_answering(
         )
         assert client.get("/admin/users", headers=api.admin).status_code == 503
     finally:
-        app.state.db.dispose()
-        app.state.db = real_db
+        app.state.sdb.db.dispose()
+        set_state(app, real)
     assert api.distill(headers).status_code == 200
 
 
@@ -298,7 +362,7 @@ def test_abandoned_call_releases_its_reservation(
     with TestClient(app) as client:
         api = ApiHelper(client)
         _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
-        real_reserve = crud.reserve_distill
+        real_reserve = quota.reserve_distill
         release = threading.Event()
 
         def slow_reserve(*a: Any, **k: Any) -> Any:
@@ -306,9 +370,9 @@ def test_abandoned_call_releases_its_reservation(
             return real_reserve(*a, **k)
 
         if stage == "reserve":
-            monkeypatch.setattr(crud, "reserve_distill", slow_reserve)
+            monkeypatch.setattr(quota, "reserve_distill", slow_reserve)
         else:
-            model = app.state.models.get("alpha")
+            model = app.state.sdb.models.get("alpha")
 
             async def hang(path: str, x: Any) -> Any:
                 await asyncio.sleep(30)
@@ -400,24 +464,24 @@ def test_stale_reservations_are_released_once_and_never_confirmed_after(
 
     _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
     token = headers["Authorization"].removeprefix("Bearer ")
-    claims = verify_token(api.client.app.state.token_config, token)  # type: ignore[attr-defined]
+    claims = verify_token(api.client.app.state.sdb.tokens, token)  # type: ignore[attr-defined]
     db = Database(database_url)
     try:
-        grant = crud.reserve_distill(
+        grant = quota.reserve_distill(
             db, claims, model="alpha", n_samples=4, client_id=None, digest=None, rate_per_minute=0
         )
         assert key_used(database_url, key["id"]) == 4
-        assert crud.release_stale_reservations(db, older_than_s=60) == 0  # still fresh
+        assert quota.release_stale_reservations(db, older_than_s=60) == 0  # still fresh
         later = time.time() + 120
-        assert crud.release_stale_reservations(db, older_than_s=60, now=later) == 1
-        assert crud.release_stale_reservations(db, older_than_s=60, now=later) == 0
+        assert quota.release_stale_reservations(db, older_than_s=60, now=later) == 1
+        assert quota.release_stale_reservations(db, older_than_s=60, now=later) == 0
         assert key_used(database_url, key["id"]) == 0
-        with pytest.raises(crud.ReservationReleased):
-            crud.finalize_distill(db, grant, status=200, latency_ms=1.0)
-        crud.finalize_distill(db, grant, status=503, latency_ms=1.0)  # no second refund
+        with pytest.raises(quota.ReservationReleased):
+            quota.finalize_distill(db, grant, status=200, latency_ms=1.0)
+        quota.finalize_distill(db, grant, status=503, latency_ms=1.0)  # no second refund
         assert key_used(database_url, key["id"]) == 0
     finally:
         db.dispose()
     rows = audit_rows(database_url, "api_key_id = :k", {"k": key["id"]})
-    assert [r.status for r in rows] == [crud.STATUS_RELEASED]
+    assert [r.status for r in rows] == [audits.STATUS_RELEASED]
     assert api.distill(headers, n=10).status_code == 200  # the whole quota is there again

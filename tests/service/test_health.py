@@ -12,9 +12,10 @@ from fastapi.testclient import TestClient
 
 from sdb_core.artifact import make_test_box
 from service.config import Settings
+from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
-from service.middleware import install_middleware
 from service.routes import health
+from tests._support.apps import route_app
 
 
 class FakeDatabase:
@@ -33,20 +34,15 @@ class FakeDatabase:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
     d = tmp_path_factory.mktemp("health-models")
     make_test_box(d, name="test-box")
-    reg = ModelRegistry.from_settings(Settings(demo=True, model_dir=d, torch_threads=1), warm_up=False)
+    reg = load_registry(Settings(demo=True, model_dir=d, torch_threads=1), warm_up=False)
     yield reg
     reg.close()
 
 
 def build(registry: Any, db: Any, **overrides: Any) -> FastAPI:
     settings = Settings(demo=True, **overrides)
-    app = FastAPI()
-    app.state.settings = settings
-    app.state.models = registry
-    app.state.db = db
-    install_middleware(app, settings)
-    app.include_router(health.router)
-    return app
+    models = registry if registry is not None else ModelRegistry.from_boxes([])
+    return route_app(settings, health.router, models=models, db=db)
 
 
 def test_healthz_is_alive_whatever_the_database() -> None:
@@ -99,3 +95,13 @@ def test_readiness_route_in_openapi(registry: Any, tmp_path: Path) -> None:
     with TestClient(build(registry, FakeDatabase("ok"))) as c:
         paths = c.get("/openapi.json").json()["paths"]
     assert {"/healthz", "/readyz", "/metrics"} <= set(paths)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_root_sends_people_to_the_docs(settings: Any) -> None:
+    from service.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/", follow_redirects=False)
+        assert r.status_code in (302, 307) and r.headers["location"] == "/docs"
+        assert c.get("/").status_code == 200  # the docs page itself

@@ -16,12 +16,13 @@ from sdb_core.artifact import load_box, make_test_box
 from sdb_core.keys import load_key
 from service.config import Settings
 from service.inference.batcher import BatcherConfig
+from service.inference.loading import load_registry
 from service.inference.registry import (
     InferenceTimeout,
     ModelRegistry,
     UnknownModelError,
-    resolve_device,
 )
+from service.inference.runtime import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def settings(model_dir: Path, **kw: object) -> Settings:
 
 
 def test_registry_loads_every_artifact_with_a_default(model_dir: Path) -> None:
-    reg = ModelRegistry.from_settings(settings(model_dir))
+    reg = load_registry(settings(model_dir))
     try:
         assert reg.names() == ["alpha", "beta"]
         assert reg.get().name == "alpha"  # the first by name when SDB_DEFAULT_MODEL is unset
@@ -53,9 +54,7 @@ def test_registry_loads_every_artifact_with_a_default(model_dir: Path) -> None:
 
 @pytest.mark.parametrize("calibrate", [True, False])
 def test_forward_batch_calibration_caps_both_paths(model_dir: Path, calibrate: bool) -> None:
-    reg = ModelRegistry.from_settings(
-        settings(model_dir, calibrate_forward_batch=calibrate, max_batch_size=64)
-    )
+    reg = load_registry(settings(model_dir, calibrate_forward_batch=calibrate, max_batch_size=64))
     try:
         for model in reg:
             caps = {b.forward_cap for b in model._batchers.values()}
@@ -69,15 +68,15 @@ def test_forward_batch_calibration_caps_both_paths(model_dir: Path, calibrate: b
 
 
 def test_default_model_setting_is_honoured_and_checked(model_dir: Path) -> None:
-    reg = ModelRegistry.from_settings(settings(model_dir, default_model="beta"))
+    reg = load_registry(settings(model_dir, default_model="beta"))
     assert reg.get().name == "beta"
     reg.close()
     with pytest.raises(RuntimeError, match="SDB_DEFAULT_MODEL"):
-        ModelRegistry.from_settings(settings(model_dir, default_model="gamma"))
+        load_registry(settings(model_dir, default_model="gamma"))
 
 
 def test_empty_model_dir_gives_a_registry_that_is_not_ready(tmp_path: Path) -> None:
-    reg = ModelRegistry.from_settings(settings(tmp_path / "missing"))
+    reg = load_registry(settings(tmp_path / "missing"))
     assert not reg.ready
     with pytest.raises(UnknownModelError):
         reg.get()
@@ -87,7 +86,7 @@ def test_a_broken_artifact_refuses_start_with_its_path(tmp_path: Path) -> None:
     box = make_test_box(tmp_path, name="broken")
     (box / "weights.safetensors").write_bytes(b"tampered")
     with pytest.raises(RuntimeError, match="broken"):
-        ModelRegistry.from_settings(settings(tmp_path))
+        load_registry(settings(tmp_path))
 
 
 def test_box_keys_can_live_in_their_own_directory(tmp_path: Path) -> None:
@@ -98,8 +97,8 @@ def test_box_keys_can_live_in_their_own_directory(tmp_path: Path) -> None:
     reference = load_box(box)
     (box / "box_key.json").rename(keys / "alpha.json")
     with pytest.raises(RuntimeError, match="alpha"):
-        ModelRegistry.from_settings(settings(models), warm_up=False)  # no key beside the weights
-    registry = ModelRegistry.from_settings(settings(models, box_key_dir=keys), warm_up=False)
+        load_registry(settings(models), warm_up=False)  # no key beside the weights
+    registry = load_registry(settings(models, box_key_dir=keys), warm_up=False)
     x = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
     try:
         got = asyncio.run(registry.get("alpha").infer("keyed", x))
@@ -110,7 +109,7 @@ def test_box_keys_can_live_in_their_own_directory(tmp_path: Path) -> None:
 
 
 def test_info_holds_no_key_material(model_dir: Path) -> None:
-    reg = ModelRegistry.from_settings(settings(model_dir), warm_up=False)
+    reg = load_registry(settings(model_dir), warm_up=False)
     key = load_key(model_dir / "alpha" / "box_key.json")
     text = json.dumps(reg.get("alpha").info())
     assert key.seed.hex() not in text and "seed" not in text
@@ -118,7 +117,7 @@ def test_info_holds_no_key_material(model_dir: Path) -> None:
 
 
 def test_infer_matches_the_box_on_both_paths(model_dir: Path) -> None:
-    reg = ModelRegistry.from_settings(settings(model_dir))
+    reg = load_registry(settings(model_dir))
     box = load_box(model_dir / "alpha")
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
 

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from sdb_core.artifact import make_test_box
 from service import metrics
 from service.config import Settings
-from service.inference.registry import ModelRegistry
-from service.middleware import install_middleware
+from service.inference.loading import load_registry
 from service.routes import health, predict
+from tests._support.apps import route_app
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -38,15 +37,11 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     d = tmp_path_factory.mktemp("metrics-models")
     make_test_box(d, name="metric-box")
     settings = Settings(demo=True, model_dir=d, torch_threads=1, predict_rate_per_minute=0)
-    app = FastAPI()
-    app.state.settings = settings
-    app.state.models = ModelRegistry.from_settings(settings)
-    install_middleware(app, settings)
-    app.include_router(predict.router)
-    app.include_router(health.router)
+    models = load_registry(settings)
+    app = route_app(settings, predict.router, health.router, models=models)
     with TestClient(app) as c:
         yield c
-    app.state.models.close()
+    models.close()
 
 
 def test_predict_is_counted_by_route_model_and_status(client: TestClient) -> None:

@@ -1,9 +1,11 @@
 """Middleware: body limit (Content-Length, chunked, lying length), deadline, generic 500, headers,
-validation errors without echoed input, the rate limiter and client identification."""
+validation errors without echoed input."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,10 +13,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from starlette.requests import Request as StarletteRequest
 
 from service.config import Settings
-from service.middleware import BodyLimitMiddleware, ClientIdentifier, RateLimiter, install_middleware
+from service.errors import install_error_handlers
+from service.middleware import BodyLimitMiddleware, install_middleware
 
 LIMIT = 1024
 
@@ -29,6 +31,7 @@ def make_app() -> FastAPI:
     app = FastAPI()
     app.state.seen_bytes = 0
     install_middleware(app, settings)
+    install_error_handlers(app)
 
     @app.post("/echo")
     async def echo(request: Request) -> dict[str, int]:
@@ -177,34 +180,100 @@ def test_validation_errors_do_not_echo_the_input(client: TestClient) -> None:
     assert r.json()["detail"][0]["loc"] == ["body", "n"]
 
 
-def test_rate_limiter_buckets() -> None:
-    limiter = RateLimiter(per_minute=3)
-    assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
-    wait = limiter.acquire("a")
-    assert 0 < wait <= 20.0  # one token comes back every 20 s
-    assert RateLimiter.retry_after(wait) == str(int(-(-wait // 1)))
-    assert limiter.acquire("b") == 0.0  # buckets are per client
-    assert RateLimiter(per_minute=0).acquire("a") == 0.0  # 0 turns the limit off
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("path", ["/predict", "/distill-batch"])
+def test_an_oversized_chunked_body_is_413_in_the_answer_the_log_the_audit_and_the_metrics(
+    make_settings: Any, database_url: str, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.main import create_app
+    from tests._support.api import ApiHelper
+    from tests._support.db import audit_rows
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield b" " * 1024
+
+    def counted(text: str, status: str) -> float:
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "sdb_http_requests_total"
+            and (s.labels["route"], s.labels["status"]) == (path, status)
+        )
+
+    app = create_app(make_settings(max_body_bytes=4096))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        headers = {"content-type": "application/json"}
+        if path == "/distill-batch":
+            api = ApiHelper(c)
+            headers.update(api.user_with_key(scopes=["alpha"])[2])
+        before = c.get("/metrics").text
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            r = c.post(path, content=chunks(), headers=headers)
+        app.state.sdb.audit_queue.flush()
+        after = c.get("/metrics").text
+    assert r.status_code == 413
+    records = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert [rec.levelno for rec in records] == [logging.WARNING], [rec.getMessage() for rec in records]
+    assert [row.status for row in audit_rows(database_url, "endpoint = :p", {"p": path})] == [413]
+    assert counted(after, "413") - counted(before, "413") == 1
+    assert counted(after, "500") == counted(before, "500")
 
 
-def _request(peer: str, forwarded: str | None = None) -> StarletteRequest:
-    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
-    return StarletteRequest({"type": "http", "client": (peer, 1234), "headers": headers})
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_client_that_goes_away_mid_body_is_499_not_500(
+    make_settings: Any, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.main import create_app
+    from tests._support.db import audit_rows
 
+    app = create_app(make_settings())
+    sent: list[dict[str, Any]] = []
+    messages = [
+        {"type": "http.request", "body": b'{"inputs": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
 
-def test_forwarded_for_is_used_only_from_trusted_proxies() -> None:
-    ids = ClientIdentifier(["10.0.0.0/8"], salt="s")
-    assert ids.address(_request("203.0.113.5", "198.51.100.1")) == "203.0.113.5"  # untrusted peer: ignored
-    assert ids.address(_request("10.1.2.3", "198.51.100.1")) == "198.51.100.1"
-    # The right-most untrusted hop is the client; what it put in front could be forged.
-    assert ids.address(_request("10.1.2.3", "1.1.1.1, 198.51.100.1, 10.9.9.9")) == "198.51.100.1"
-    assert ids.address(_request("10.1.2.3", "garbage")) == "10.1.2.3"
-    assert ids.address(_request("10.1.2.3")) == "10.1.2.3"
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
 
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
 
-def test_anonymous_ids_are_salted_hashes() -> None:
-    a, b = ClientIdentifier([], salt="one"), ClientIdentifier([], salt="two")
-    req = _request("198.51.100.1")
-    assert a.anonymous_id(req) == a.anonymous_id(req)
-    assert a.anonymous_id(req) != b.anonymous_id(req)
-    assert "198.51.100.1" not in a.anonymous_id(req)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+
+    def count(text: str, status: str) -> float:
+        label = f'route="/predict",status="{status}"'
+        m = re.search(r"sdb_http_requests_total\{[^}]*" + re.escape(label) + r"\} (\S+)", text)
+        return float(m.group(1)) if m else 0.0
+
+    with TestClient(app) as c:
+        before = c.get("/metrics").text
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert c.portal is not None
+            c.portal.call(app, scope, receive, send)
+        app.state.sdb.audit_queue.flush()
+        metrics_text = c.get("/metrics").text
+    assert not [m for m in sent if m["type"] == "http.response.start"]  # nobody to answer
+    assert [rec.levelno for rec in caplog.records if rec.levelno >= logging.WARNING] == [logging.WARNING]
+    assert [row.status for row in audit_rows(database_url, "endpoint = '/predict'")] == [499]
+    assert count(metrics_text, "499") - count(before, "499") == 1
+    assert count(metrics_text, "500") == count(before, "500")

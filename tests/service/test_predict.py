@@ -16,17 +16,20 @@ from fastapi.testclient import TestClient
 
 from sdb_core.artifact import load_box, make_test_box
 from service.config import Settings
-from service.crud import AuditQueue, AuditQueueConfig
-from service.inference.registry import ModelRegistry
-from service.middleware import install_middleware
+from service.db.audit_queue import AuditQueue, AuditQueueConfig
+from service.inference.loading import load_registry
 from service.routes import health, predict
+from service.state import ServiceState
+from tests._support.apps import route_app
+from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
 
 MODEL = "test-box"
 SHAPE = (1, 8, 8)
+NPY = {"content-type": "application/x-npy"}
 
 
 class AuditSpy:
-    """Stands in for the service's audit queue (app.state.audit_queue): keeps the submitted rows."""
+    """Stands in for the service's audit queue: keeps the submitted rows."""
 
     def __init__(self) -> None:
         self.rows: list[Any] = []
@@ -42,35 +45,32 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def build_app(model_dir: Path, **overrides: Any) -> FastAPI:
+def build_app(model_dir: Path, audit_queue: Any = None, **overrides: Any) -> FastAPI:
     settings = Settings(demo=True, model_dir=model_dir, torch_threads=1, **overrides)
-    app = FastAPI()
-    app.state.settings = settings
-    app.state.models = ModelRegistry.from_settings(settings)
-    app.state.audit_queue = AuditSpy()
-    install_middleware(app, settings)
-    app.include_router(predict.router)
-    app.include_router(health.router)
-    return app
+    return route_app(
+        settings,
+        predict.router,
+        health.router,
+        models=load_registry(settings),
+        audit_queue=audit_queue if audit_queue is not None else AuditSpy(),
+    )
+
+
+def state(app: FastAPI) -> ServiceState:
+    return app.state.sdb  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
 def app(model_dir: Path) -> Iterator[FastAPI]:
     app = build_app(model_dir, max_request_samples=8, predict_rate_per_minute=0)
     yield app
-    app.state.models.close()
+    state(app).models.close()
 
 
 @pytest.fixture(scope="module")
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as c:
         yield c
-
-
-def npy(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return buf.getvalue()
 
 
 def inputs(n: int = 3, seed: int = 0) -> np.ndarray:
@@ -81,8 +81,10 @@ def test_the_three_input_forms_give_the_plain_path_probabilities(client: TestCli
     x = inputs()
     answers = [
         client.post("/predict", json={"model": MODEL, "inputs": x.tolist()}),
-        client.post("/predict", json={"inputs_b64": base64.b64encode(npy(x)).decode()}),
-        client.post(f"/predict?model={MODEL}", content=npy(x), headers={"content-type": "application/x-npy"}),
+        client.post("/predict", json={"inputs_b64": base64.b64encode(npy_bytes(x)).decode()}),
+        client.post(
+            f"/predict?model={MODEL}", content=npy_bytes(x), headers={"content-type": "application/x-npy"}
+        ),
     ]
     box = load_box(model_dir / MODEL)
     expected = torch.softmax(box.plain_logits(torch.from_numpy(x)), dim=1).numpy()
@@ -110,7 +112,9 @@ def test_top_k_lists_the_most_probable_classes_in_order(client: TestClient) -> N
 
 
 def test_top_k_on_raw_npy_via_query(client: TestClient) -> None:
-    r = client.post("/predict?top_k=2", content=npy(inputs(1)), headers={"content-type": "application/x-npy"})
+    r = client.post(
+        "/predict?top_k=2", content=npy_bytes(inputs(1)), headers={"content-type": "application/x-npy"}
+    )
     assert r.status_code == 200 and len(r.json()["predictions"][0]["top_k"]) == 2
 
 
@@ -150,23 +154,40 @@ def test_bad_json_bodies_are_4xx_naming_the_problem(
 
 
 def test_bad_npy_bodies(client: TestClient) -> None:
-    good = npy(inputs(2))
+    good = npy_bytes(inputs(2))
     cases = [
         (good[:-5], 422, "truncated"),
-        (npy(inputs(2).astype(np.int32)), 422, "float32"),
+        (npy_bytes(inputs(2).astype(np.int32)), 422, "float32"),
         (b"\x93NUMPY", 422, ".npy"),
-        (npy(np.zeros((9, *SHAPE), np.float32)), 422, "limit"),
-        (npy(np.zeros((2, 3, 8, 8), np.float32)), 422, "shape"),
+        (npy_bytes(np.zeros((9, *SHAPE), np.float32)), 422, "limit"),
+        (npy_bytes(np.zeros((2, 3, 8, 8), np.float32)), 422, "shape"),
     ]
     for body, status, needle in cases:
-        r = client.post("/predict", content=body, headers={"content-type": "application/x-npy"})
+        r = client.post("/predict", content=body, headers=NPY)
         assert r.status_code == status and needle in r.text, r.text
+
+
+@pytest.mark.parametrize("header", MALFORMED_NPY_HEADERS.values(), ids=MALFORMED_NPY_HEADERS.keys())
+def test_a_malformed_npy_header_is_422_raw_and_as_base64(client: TestClient, header: str) -> None:
+    body = npy_with_header(header, b"\0" * 256)
+    raw = client.post("/predict", content=body, headers=NPY)
+    b64 = client.post("/predict", json={"inputs_b64": base64.b64encode(body).decode()})
+    for r in (raw, b64):
+        assert r.status_code == 422 and ".npy" in r.json()["detail"], r.text
+
+
+def test_inputs_that_drive_the_outputs_out_of_range_are_422(client: TestClient) -> None:
+    x = np.full((1, *SHAPE), 3e38, np.float32)
+    x[..., ::2] = -3e38  # finite float32 inputs whose plain-path logits are NaN on this box
+    r = client.post("/predict", json={"inputs": x.tolist()})
+    assert r.status_code == 422 and "finite" in r.json()["detail"], r.text
+    assert "null" not in r.text
 
 
 def test_pickled_npy_is_refused(client: TestClient) -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"rce": 1}], dtype=object), allow_pickle=True)
-    r = client.post("/predict", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+    r = client.post("/predict", content=buf.getvalue(), headers=NPY)
     assert r.status_code == 422 and "pickle" in r.text
 
 
@@ -188,7 +209,9 @@ def test_wrong_content_type_is_415(client: TestClient, content_type: str) -> Non
     ],
 )
 def test_bad_query_parameters_are_422(client: TestClient, query: str, needle: str) -> None:
-    r = client.post("/predict" + query, content=npy(inputs(1)), headers={"content-type": "application/x-npy"})
+    r = client.post(
+        "/predict" + query, content=npy_bytes(inputs(1)), headers={"content-type": "application/x-npy"}
+    )
     assert r.status_code == 422 and needle in r.text
 
 
@@ -202,7 +225,7 @@ def test_wrong_method_is_405(client: TestClient) -> None:
 
 
 def test_every_call_is_audited_once_with_an_anonymous_client_id(app: FastAPI, client: TestClient) -> None:
-    spy: AuditSpy = app.state.audit_queue
+    spy: AuditSpy = state(app).audit_queue  # type: ignore[assignment]
     before = len(spy.rows)
     client.post("/predict", json={"inputs": inputs(2).tolist()})
     client.post("/predict", json={"inputs": []})
@@ -219,14 +242,6 @@ def test_every_call_is_audited_once_with_an_anonymous_client_id(app: FastAPI, cl
     assert len(ids) == 1 and "testclient" not in next(iter(ids))  # a salted hash, never the address
 
 
-def test_predict_answers_without_any_audit_queue(model_dir: Path) -> None:
-    app = build_app(model_dir)
-    app.state.audit_queue = None  # e.g. the database is down at start: /predict still answers
-    with TestClient(app) as c:
-        assert c.post("/predict", json={"inputs": inputs(1).tolist()}).status_code == 200
-    app.state.models.close()
-
-
 def test_predict_answers_while_the_audit_database_fails(model_dir: Path) -> None:
     class DeadDatabase:
         def write(self) -> Any:
@@ -234,14 +249,13 @@ def test_predict_answers_while_the_audit_database_fails(model_dir: Path) -> None
 
     queue = AuditQueue(DeadDatabase(), AuditQueueConfig(interval_s=0.01, retry_s=0.05, flush_timeout_s=0.1))  # type: ignore[arg-type]
     queue.start()
-    app = build_app(model_dir)
-    app.state.audit_queue = queue
+    app = build_app(model_dir, audit_queue=queue)
     with TestClient(app) as c:
         for _ in range(3):
             assert c.post("/predict", json={"inputs": inputs(1).tolist()}).status_code == 200
     assert queue.pending == 3  # kept for when the database returns
     queue.close()
-    app.state.models.close()
+    state(app).models.close()
 
 
 def test_rate_limit_is_429_with_retry_after_and_ignores_forged_forwarded_for(model_dir: Path) -> None:
@@ -254,7 +268,7 @@ def test_rate_limit_is_429_with_retry_after_and_ignores_forged_forwarded_for(mod
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1 and "rate limit" in r.json()["detail"]
         assert c.get("/healthz").status_code == 200  # other routes are not limited
-    app.state.models.close()
+    state(app).models.close()
 
 
 def test_no_model_loaded_is_503(tmp_path: Path) -> None:

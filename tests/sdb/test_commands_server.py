@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from sdb.cli import app as cli
-from tests.conftest import TEST_JWT_SECRET, ApiHelper
+from tests._support.api import TEST_JWT_SECRET, ApiHelper
+from tests._support.net import free_port
 
 runner = CliRunner()
 
@@ -27,6 +28,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "SDB_JWT_SECRET",
         "SDB_MODEL_DIR",
         "SDB_DATABASE_URL",
+        "SDB_HOST",
+        "SDB_PORT",
         "PROMETHEUS_MULTIPROC_DIR",
     }:
         monkeypatch.setenv(key, "")
@@ -76,6 +79,34 @@ def test_bootstrap_prints_a_working_admin_key_once(make_settings: Any, database_
 def test_bootstrap_refuses_an_unmigrated_database(empty_database_url: str) -> None:
     r = runner.invoke(cli, ["admin", "bootstrap", "--database-url", empty_database_url])
     assert r.exit_code == 1 and "sdb db upgrade" in r.output
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_bootstrap_names_the_database_it_used(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SDB_DATABASE_URL", empty_database_url)
+    r = runner.invoke(cli, ["admin", "bootstrap"])
+    assert r.exit_code == 1 and empty_database_url in r.output
+
+
+def test_serve_reads_sdb_host_and_sdb_port_and_says_every_setting_is_a_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvicorn
+
+    started: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append((a, k)))
+    clean_env(monkeypatch)
+    monkeypatch.setenv("SDB_JWT_SECRET", TEST_JWT_SECRET)
+    monkeypatch.setenv("SDB_HOST", "127.0.0.2")
+    monkeypatch.setenv("SDB_PORT", "8124")
+    r = runner.invoke(cli, ["serve"])
+    assert r.exit_code == 0, r.output
+    ((_, kwargs),) = started
+    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.2", 8124)
+    help_text = runner.invoke(cli, ["serve", "--help"]).output
+    assert "SDB_" in help_text and "environment variable" in help_text
 
 
 def test_serve_refuses_a_missing_or_short_jwt_secret(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,16 +160,13 @@ def test_serve_demo_migrates_once_and_shares_one_generated_secret(
 def test_sdb_serve_stops_cleanly_on_sigterm(database_url: str, box_dir: Path, tmp_path: Path) -> None:
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
     env.update(
         SDB_DATABASE_URL=database_url,

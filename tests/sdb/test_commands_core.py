@@ -1,3 +1,5 @@
+"""The sdb CLI's model commands: help, train -> box -> distill, remote distillation, box options."""
+
 from __future__ import annotations
 
 import json
@@ -140,3 +142,10 @@ def test_box_options_are_parsed_by_the_fields_type() -> None:
     for bad in (["guard=maybe"], ["nope=1"], ["w_dis"]):
         with pytest.raises(typer.BadParameter):
             _override(BoxConfig(), bad)
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"sdb {version('sdb')}"

@@ -1,4 +1,4 @@
-"""Request bodies -> validated float32 arrays [N, *input_shape] for one served model.
+"""The one decoder of /predict and /distill-batch bodies: validated float32 arrays [N, *input_shape].
 
 Three forms: JSON `{"inputs": [...]}` (small requests), JSON `{"inputs_b64": "<base64 .npy>"}` and a raw
 `application/x-npy` body with the other fields as query parameters. `.npy` data is parsed by reading the
@@ -15,15 +15,15 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import numpy as np
-from fastapi import Depends, HTTPException, Request
+from fastapi import HTTPException, Request
 from pydantic import ValidationError
 
 from service.inference.registry import ModelRegistry, ServedModel, UnknownModelError
-from service.schemas import NPY_MEDIA_TYPE, DistillRequest, InputsBody, PredictRequest
+from service.schemas import NPY_MEDIA_TYPE, InputsBody
 
 M = TypeVar("M", bound=InputsBody)
 
@@ -82,8 +82,10 @@ def parse_npy(data: bytes) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=_MAX_NPY_HEADER)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # numpy's header parser also raises tokenize.TokenError, TypeError...
         raise _unprocessable(f"inputs are not a valid .npy array: {exc}") from None
+    if not all(type(d) is int and d >= 0 for d in shape):  # e.g. (True, 1, 8, 8) passes numpy's own check
+        raise _unprocessable("inputs are not a valid .npy array: its shape must hold non-negative integers")
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise _unprocessable("inputs .npy must hold a float32 array, not objects or records (no pickle)")
     if dtype.kind != "f":
@@ -155,16 +157,10 @@ def validate_batch(arr: np.ndarray, input_shape: tuple[int, ...], max_samples: i
     return x
 
 
-def _registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry | None = getattr(request.app.state, "models", None)
-    if registry is None or not registry.ready:
+def resolve_model(request: Request, name: str | None, registry: ModelRegistry) -> ServedModel:
+    """The served model `name` (the default when None); 404 naming the loaded ones if unknown."""
+    if not registry.ready:
         raise HTTPException(status_code=503, detail="no model is loaded", headers={"Retry-After": "5"})
-    return registry
-
-
-def resolve_model(request: Request, name: str | None, registry: ModelRegistry | None = None) -> ServedModel:
-    if registry is None:
-        registry = _registry(request)
     try:
         model = registry.get(name)
     except UnknownModelError:
@@ -194,14 +190,16 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def decode_inputs(request: Request, schema: type[M], query: dict[str, Any]) -> DecodedRequest[M]:
-    """Read, parse and validate the request's inputs for `schema` (PredictRequest, DistillRequest, ...).
+async def decode_inputs(
+    request: Request, schema: type[M], registry: ModelRegistry, allowed_query: tuple[str, ...]
+) -> DecodedRequest[M]:
+    """Read, parse and validate the request's inputs for `schema` (PredictRequest or DistillRequest).
 
-    `query` holds the query parameters: the fields of a raw `.npy` request, and a fallback `model` for JSON.
+    The query parameters (only `allowed_query` names) hold the fields of a raw `.npy` request and a fallback
+    `model` for JSON; they are validated by the same schema as the body fields.
     """
     media_type = _media_type(request)
-    query = {k: v for k, v in query.items() if v is not None}
-    registry = _registry(request)
+    query: dict[str, Any] = dict(query_fields(request, allowed_query))
     max_samples = registry.max_request_samples
     if query:  # validated (and typed) by the same schema as the body fields
         try:
@@ -266,15 +264,3 @@ def query_openapi(fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         {"name": name, "in": "query", "required": False, "schema": schema, "description": "For x-npy bodies."}
         for name, schema in fields.items()
     ]
-
-
-async def decode_predict_request(request: Request) -> DecodedRequest[PredictRequest]:
-    return await decode_inputs(request, PredictRequest, query_fields(request, ("model", "top_k")))
-
-
-async def decode_distill_request(request: Request) -> DecodedRequest[DistillRequest]:
-    return await decode_inputs(request, DistillRequest, query_fields(request, ("model", "temperature")))
-
-
-PredictInputs = Annotated[DecodedRequest[PredictRequest], Depends(decode_predict_request)]
-DistillInputs = Annotated[DecodedRequest[DistillRequest], Depends(decode_distill_request)]

@@ -1,0 +1,1 @@
+"""Test support shared by every test directory (and bench/): apps, PostgreSQL, servers, ports, bodies."""

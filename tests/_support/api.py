@@ -1,0 +1,61 @@
+"""In-process API flows over a TestClient: the bootstrap admin, users, keys, tokens, distill calls."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+TEST_JWT_SECRET = "test-jwt-secret-" + "x" * 40
+TEST_ADMIN_TOKEN = "sdb_test-bootstrap-admin-" + uuid.uuid4().hex
+
+
+class ApiHelper:
+    """Admin and user flows over a TestClient: bootstrap admin token, users, keys, tokens, distill calls."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+        self._admin: dict[str, str] | None = None
+
+    def token(self, api_key: str, **extra: str) -> str:
+        r = self.client.post(
+            "/auth/token", data={"grant_type": "client_credentials", "client_secret": api_key, **extra}
+        )
+        assert r.status_code == 200, r.text
+        return str(r.json()["access_token"])
+
+    @property
+    def admin(self) -> dict[str, str]:
+        if self._admin is None:
+            self._admin = {"Authorization": f"Bearer {self.token(TEST_ADMIN_TOKEN)}"}
+        return self._admin
+
+    def create_user(self, name: str | None = None, role: str = "user") -> dict[str, Any]:
+        r = self.client.post(
+            "/admin/users",
+            json={"name": name or f"u{uuid.uuid4().hex[:10]}", "role": role},
+            headers=self.admin,
+        )
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def issue_key(self, user_id: int, **body: Any) -> dict[str, Any]:
+        body.setdefault("scopes", ["alpha"])
+        r = self.client.post(f"/admin/users/{user_id}/keys", json=body, headers=self.admin)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def user_with_key(self, **key: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+        """(user, key incl. its secret, Authorization headers of a fresh token)."""
+        user = self.create_user()
+        k = self.issue_key(user["id"], **key)
+        return user, k, {"Authorization": f"Bearer {self.token(k['api_key'])}"}
+
+    def distill(self, headers: dict[str, str], n: int = 2, model: str = "alpha", **body: Any) -> Any:
+        import numpy as np
+
+        x = np.random.default_rng(n).normal(size=(n, 1, 8, 8)).astype("float32")
+        return self.client.post(
+            "/distill-batch", json={"model": model, "inputs": x.tolist(), **body}, headers=headers
+        )
