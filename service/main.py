@@ -30,7 +30,7 @@ from service.db.audit_queue import AuditQueue
 from service.db.session import Database
 from service.inference.registry import ModelRegistry, UnknownModelError
 from service.middleware import install_middleware
-from service.routes import admin, auth, distill, health, predict
+from service.routes import admin, admin_reports, auth, console, distill, health, predict
 from service.security import TokenConfig, api_key_from_secret
 
 logger = logging.getLogger(__name__)
@@ -204,4 +204,7 @@ def create_app(settings: Settings | None = None, *, registry: Any = None) -> Fas
     app.include_router(auth.router)
     app.include_router(distill.router)
     app.include_router(admin.router)
+    app.include_router(admin_reports.router)
+    if settings.console:
+        app.include_router(console.router)
     return app

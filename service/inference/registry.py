@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import sys
@@ -54,6 +55,27 @@ class Box(Protocol):
     def keyed_logits(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+EVALUATION_FILE = "evaluation.json"
+
+
+def read_evaluation(path: Path) -> dict[str, Any] | None:
+    """The figures of an `sdb evaluate` report (its results.json, copied into the artifact directory as
+    evaluation.json): seeds, summary (mean and std of each top-1) and checks. None if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        out = {
+            "seeds": list(report.get("config", {}).get("seeds", [])),
+            "summary": dict(report["summary"]),
+            "checks": dict(report.get("checks", {})),
+        }
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning("ignoring %s: not an `sdb evaluate` report (%s)", path, type(exc).__name__)
+        return None
+    return out
+
+
 class UnknownModelError(LookupError):
     def __init__(self, name: str | None) -> None:
         super().__init__(name)
@@ -87,6 +109,11 @@ class ServedModel:
         self.class_names = list(box.class_names)
         self.temperature = float(box.temperature)
         self.device = box.device
+        manifest: dict[str, Any] = getattr(box, "manifest", None) or {}
+        self.metrics = {
+            k: float(v) for k, v in (manifest.get("metrics") or {}).items() if isinstance(v, int | float)
+        }
+        self.evaluation: dict[str, Any] | None = None  # from the artifact's evaluation.json, if any
         self.timeout_s = timeout_s
         self._trimmer = trimmer or MemoryTrimmer()
         self._batchers: dict[str, DynamicBatcher] = {
@@ -131,6 +158,8 @@ class ServedModel:
             "class_names": self.class_names,
             "temperature": self.temperature,
             "device": str(self.device),
+            "metrics": self.metrics,
+            "evaluation": self.evaluation,
         }
 
     def warm_up(self) -> None:
@@ -305,6 +334,7 @@ class ModelRegistry:
         device = resolve_device(settings.device)
         model_dir = Path(settings.model_dir)
         boxes: list[Box] = []
+        evaluations: dict[str, dict[str, Any] | None] = {}
         if model_dir.is_dir():
             for entry in sorted(model_dir.iterdir()):
                 if not (entry / "manifest.json").is_file():
@@ -326,6 +356,7 @@ class ModelRegistry:
                     except Exception as exc:  # an architecture that does not trace still serves, eagerly
                         logger.warning("serving %s eagerly, TorchScript trace failed: %s", entry.name, exc)
                 boxes.append(box)
+                evaluations[box.name] = read_evaluation(entry / EVALUATION_FILE)
         else:
             logger.warning("model directory %s does not exist: no model loaded", model_dir)
         names = [b.name for b in boxes]
@@ -338,6 +369,8 @@ class ModelRegistry:
             default=settings.default_model,
             max_request_samples=settings.max_request_samples,
         )
+        for model in registry:
+            model.evaluation = evaluations.get(model.name)
         if warm_up:
             for model in registry:
                 model.warm_up()

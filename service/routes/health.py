@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.metrics import render_metrics
+from service.quota_metrics import render_database_metrics
 from service.schemas import FastJSONResponse
 
 DB_PING_TIMEOUT_S = 2.0
@@ -56,4 +57,5 @@ async def prometheus_metrics(request: Request) -> Response:
     if settings is not None and not settings.expose_metrics:
         return FastJSONResponse({"detail": "Not Found"}, status_code=404)
     data, content_type = await asyncio.to_thread(render_metrics)
+    data += await render_database_metrics(getattr(request.app.state, "db", None))
     return Response(content=data, media_type=content_type)

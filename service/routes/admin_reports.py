@@ -1,0 +1,95 @@
+"""Admin reports that are files rather than JSON pages: GET /admin/audits/export (CSV).
+
+Same administrator-only access and the same filters as GET /admin/audits. Each export is recorded in
+`security_events` (`audit.export`) with the acting admin and the number of rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from service import crud
+from service.db.models import QueryAudit
+from service.deps import AdminDep, DatabaseDep, client_id_of
+from service.routes.admin import AuditFilterDep
+from service.schemas import ErrorResponse
+
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    responses={422: {"model": ErrorResponse, "description": "Invalid parameters."}},
+)
+
+MAX_EXPORT_ROWS = 100_000
+CSV_COLUMNS = (
+    "id",
+    "created_at",
+    "endpoint",
+    "model",
+    "user_id",
+    "api_key_id",
+    "client_id",
+    "n_samples",
+    "status",
+    "latency_ms",
+    "input_digest",
+)
+# A cell starting with one of these is a formula in a spreadsheet (CSV injection): it gets a leading quote.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    text = value.isoformat() if hasattr(value, "isoformat") else str(value)
+    if isinstance(value, str) and text.startswith(FORMULA_START):
+        return "'" + text
+    return text
+
+
+def audits_csv(rows: list[QueryAudit]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([_cell(getattr(r, c)) for c in CSV_COLUMNS])
+    return out.getvalue()
+
+
+@router.get(
+    "/audits/export",
+    response_class=Response,
+    summary="Export audits as CSV, newest first (same filters as GET /admin/audits)",
+    responses={200: {"content": {"text/csv": {}}, "description": "RFC 4180 CSV with a header row."}},
+)
+def export_audits(
+    request: Request,
+    admin: AdminDep,
+    db: DatabaseDep,
+    f: AuditFilterDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_EXPORT_ROWS, description="Most rows exported.")] = 10_000,
+) -> Response:
+    with db.write() as s:
+        rows, total = crud.list_audits(s, f, limit=limit, offset=0)
+        body = audits_csv(rows)
+        crud.record_event(
+            s,
+            "audit.export",
+            "ok",
+            actor=admin,
+            client_id=client_id_of(request),
+            detail={"rows": len(rows), "total": total},
+        )
+    return Response(
+        content=body,
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": 'attachment; filename="sdb-audits.csv"',
+            "X-Total-Count": str(total),
+        },
+    )
