@@ -1,6 +1,6 @@
 // sdb admin console: a client of the public admin API (/auth/token, /admin/*), nothing else.
 // The access token lives in this closure only (no cookie, no storage). Text reaches the page through
-// textContent and DOM properties, never innerHTML, so user-controlled strings (user, key and model names)
+// textContent and DOM properties, never parsed as HTML, so user-controlled strings (user, key and model names)
 // are always shown as text.
 "use strict";
 
@@ -194,7 +194,7 @@
   }
 
   async function setDisabled(user, disabled) {
-    await api("POST", `admin/users/${user.id}/${disabled ? "disable" : "enable"}`);
+    await api("POST", disabled ? `admin/users/${user.id}/disable` : `admin/users/${user.id}/enable`);
     setStatus(`User ${user.name} ${disabled ? "disabled" : "enabled"}.`, true);
     await loadUsers();
   }
