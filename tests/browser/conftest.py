@@ -28,6 +28,7 @@ MODEL = "alpha"
 HOSTILE_MODEL = "<img src=x onerror=alert(2)>"
 HOSTILE_USER = "<script>alert(1)</script>"
 DEMO_BOX = REPO / "models" / "digits-demo"
+EXTRACTION_THRESHOLD = 100  # samples per window: low, so that one test client gets flagged
 
 
 def _missing(reason: str) -> None:
@@ -73,6 +74,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         calibrate_forward_batch="false",
         default_model=MODEL,
         token_ttl_seconds=600,
+        extraction_sample_threshold=EXTRACTION_THRESHOLD,
     )
     srv = Server(env, work / "server.log", ready_path="/readyz")
     shots = Path(os.environ.get("SDB_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))

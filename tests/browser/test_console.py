@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import DEMO_BOX, HOSTILE_MODEL, HOSTILE_USER, MODEL, Console, Tab
+from .conftest import DEMO_BOX, EXTRACTION_THRESHOLD, HOSTILE_MODEL, HOSTILE_USER, MODEL, Console, Tab
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
@@ -213,15 +214,20 @@ def test_hostile_names_render_as_text(tab: Tab, console: Console) -> None:
 
 
 def test_models_and_extraction_views(tab: Tab, console: Console) -> None:
-    # Anonymous /predict traffic: one client (this test's address) pulls samples.
-    x = np.zeros((32, 1, 8, 8), dtype="float32").tolist()
-    for _ in range(2):
+    # Anonymous /predict traffic: one client (this test's address) pulls 3 x 48 samples, above the threshold.
+    x = np.zeros((48, 1, 8, 8), dtype="float32").tolist()
+    for _ in range(3):
         assert httpx.post(console.url + "/predict", json={"model": MODEL, "inputs": x}).status_code == 200
     page = sign_in(tab, console)
-    view(page, "extraction", "#extraction-table tbody tr")
-    text = page.inner_text("#extraction-table tbody")
-    assert "64" in text  # the client's samples
-    assert "flagged" in page.inner_text("#extraction-rule")
+    deadline = time.monotonic() + 10  # /predict audits are written in the background
+    while True:
+        view(page, "extraction", "#extraction-table tbody tr")
+        if page.query_selector("#extraction-table tbody tr.flagged") or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(300)
+    row = page.inner_text("#extraction-table tbody tr.flagged")
+    assert "FLAGGED" in row and f"144 / {EXTRACTION_THRESHOLD}" in row
+    assert "1 flagged" in page.inner_text("#extraction-rule")
     shot(page, console, "extraction")
     view(page, "models", f'.card[data-model="{MODEL}"]')
     card = page.inner_text(f'.card[data-model="{MODEL}"]')
