@@ -363,6 +363,9 @@
     const p = sumSeries(predict.items, since, until, bucket);
     chart($("chart-requests"), "answered requests per bucket", d.xs, [["/distill-batch (users)", "#2f5bd3", d.requests], ["/predict (anonymous)", "#d97a00", p.requests]]);
     chart($("chart-samples"), "samples answered per bucket", d.xs, [["/distill-batch (users)", "#2f5bd3", d.samples], ["/predict (anonymous)", "#d97a00", p.samples]]);
+    const total = (xs) => fmtNum(xs.reduce((a, b) => a + b, 0));
+    $("chart-requests").append(el("p", { class: "muted total" }, `In the period: ${total(d.requests)} /distill-batch and ${total(p.requests)} /predict requests answered.`));
+    $("chart-samples").append(el("p", { class: "muted total" }, `In the period: ${total(d.samples)} /distill-batch and ${total(p.samples)} /predict samples answered.`));
     const bars = keys.items.filter((k) => !k.revoked_at);
     $("quota-bars").replaceChildren(
       ...(bars.length ? bars.flatMap((k) => [

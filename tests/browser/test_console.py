@@ -85,13 +85,13 @@ def test_wrong_admin_key_gives_a_clear_message(tab: Tab, console: Console) -> No
     assert tab.csp_violations() == [] and tab.errors == []
 
 
-def admin_post(console: Console, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def admin_post(console: Console, path: str, body: dict[str, Any], status: int = 201) -> dict[str, Any]:
     """A call of the admin API outside the browser (setup), with the bootstrap admin's key."""
     r = httpx.post(console.url + "/auth/token", json={"client_secret": console.admin_key}, timeout=10)
     r.raise_for_status()
     auth = {"Authorization": f"Bearer {r.json()['access_token']}"}
     r = httpx.post(console.url + path, json=body, headers=auth, timeout=10)
-    assert r.status_code == 201, r.text
+    assert r.status_code == status, r.text
     return dict(r.json())
 
 
@@ -148,8 +148,10 @@ def test_full_round_trip(tab: Tab, console: Console) -> None:
     usage_row = page.wait_for_selector(f"#usage-table tbody tr:has-text('{name}')")
     cells = usage_row.query_selector_all("td")
     assert [c.inner_text() for c in cells[2:5]] == ["2", "2", "24"]
-    # The chart's series hold the two requests (uPlot keeps its data on the instance; the legend shows it).
+    # The charts plot the two requests and their 24 samples (the totals under them sum the plotted series).
     assert page.is_visible("#chart-requests .u-legend")
+    assert "period: 2 /distill-batch and " in page.inner_text("#chart-requests .total")
+    assert "period: 24 /distill-batch and " in page.inner_text("#chart-samples .total")
     shot(page, console, "usage")
 
     # Audits: the two calls appear, filtered by key; CSV export holds them.
@@ -245,6 +247,30 @@ def test_models_and_extraction_views(tab: Tab, console: Console) -> None:
             assert f"{metrics[key]:.2f} %" in demo
         shot(page, console, "models")
     assert_clean(tab)
+
+
+def test_page_asks_again_when_the_token_expires(tab: Tab, console: Console) -> None:
+    tab.page.clock.install()  # the page's timers run on a clock the test moves
+    page = sign_in(tab, console)
+    assert "session until" in page.inner_text("#session-expiry")
+    page.clock.fast_forward(600_000)  # the token's lifetime (token_ttl_seconds=600)
+    page.wait_for_selector("#view-signin:not([hidden])")
+    assert "expired" in page.inner_text("#status")
+    assert page.is_hidden("#nav") and page.inner_text("#users-table tbody") == ""
+    assert_clean(tab)
+
+
+def test_page_asks_again_when_the_admin_is_disabled(tab: Tab, console: Console) -> None:
+    admin = admin_post(console, "/admin/users", {"name": "ops-" + uuid.uuid4().hex[:6], "role": "admin"})
+    key = admin_post(console, f"/admin/users/{admin['id']}/keys", {"scopes": []})
+    page = sign_in(tab, console, key["api_key"])
+    page.wait_for_selector("#users-table tbody tr")
+    admin_post(console, f"/admin/users/{admin['id']}/disable", {}, status=200)
+    page.click("nav button[data-view=keys]")  # the next call answers 401
+    page.wait_for_selector("#view-signin:not([hidden])")
+    assert "sign in again" in page.inner_text("#status")
+    assert page.inner_text("#keys-table tbody") == ""
+    assert tab.csp_violations() == [] and tab.errors == []
 
 
 def test_console_cannot_be_framed(tab: Tab, console: Console) -> None:
