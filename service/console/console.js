@@ -421,7 +421,7 @@
           el("td", { class: "num" }, a.status),
           el("td", { class: "num" }, a.latency_ms === null ? "" : a.latency_ms.toFixed(1)))));
     const first = page.total === 0 ? 0 : page.offset + 1;
-    $("audit-range").textContent = `rows ${first}–${page.offset + page.items.length} of ${fmtNum(page.total)}`;
+    $("audit-range").textContent = `rows ${first} to ${page.offset + page.items.length} of ${fmtNum(page.total)}`;
     $("audit-prev").disabled = page.offset === 0;
     $("audit-next").disabled = page.offset + page.items.length >= page.total;
   }

@@ -186,11 +186,52 @@ def test_full_round_trip(tab: Tab, console: Console) -> None:
     assert "revoked" in page.inner_text(f'#keys-table tbody tr[data-key="{key_id}"]')
     shot(page, console, "keys")
 
+    # The key list of one user only.
+    page.select_option("#keys-filter", user_id)
+    page.wait_for_selector(f"#keys-table tbody tr:only-child[data-key='{key_id}']")
+
     # /distill-batch now refuses the key: no new token, and a token issued before the revocation is refused.
     assert httpx.post(console.url + "/auth/token", json={"client_secret": secret}).status_code == 401
     x = np.zeros((2, 1, 8, 8), dtype="float32").tolist()
     r = httpx.post(console.url + "/distill-batch", json={"model": MODEL, "inputs": x}, headers=old_token)
     assert r.status_code == 401
+
+    # Disable the user from the Users page.
+    view(page, "users", f'#users-table tbody tr[data-user="{name}"]')
+    page.click(f'#users-table tbody tr[data-user="{name}"] button:has-text("Disable")')
+    page.wait_for_selector(f'#users-table tbody tr[data-user="{name}"] .badge.bad:has-text("disabled")')
+
+    # Nothing secret was kept by the browser.
+    assert page.evaluate("document.cookie") == ""
+    assert page.evaluate("localStorage.length + sessionStorage.length") == 0
+    assert_clean(tab)
+
+
+def test_audit_paging(tab: Tab, console: Console) -> None:
+    from service.db.models import QueryAudit
+    from service.db.session import Database
+
+    db = Database(console.database_url)  # 60 rows with a status no real call has, to filter on
+    with db.write() as s:
+        s.add_all(QueryAudit(endpoint="/predict", model=MODEL, n_samples=i, status=418) for i in range(60))
+    db.dispose()
+    page = sign_in(tab, console)
+    view(page, "audits", "#audit-form")
+    page.fill("#audit-status", "418")
+    page.click("#audit-form button[type=submit]")
+    page.wait_for_selector("#audit-range:has-text('rows 1 to 50 of 60')")
+    assert len(page.query_selector_all("#audits-table tbody tr")) == 50
+    assert page.is_disabled("#audit-prev") and page.is_enabled("#audit-next")
+    page.click("#audit-next")
+    page.wait_for_selector("#audit-range:has-text('rows 51 to 60 of 60')")
+    samples = [
+        int(r.query_selector_all("td")[7].inner_text())
+        for r in page.query_selector_all("#audits-table tbody tr")
+    ]
+    assert samples == list(range(9, -1, -1))  # the oldest ten, newest first
+    assert page.is_disabled("#audit-next")
+    page.click("#audit-prev")
+    page.wait_for_selector("#audit-range:has-text('rows 1 to 50 of 60')")
     assert_clean(tab)
 
 
