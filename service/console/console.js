@@ -313,22 +313,21 @@
 
   // ------------------------------------------------------------------------------------------ usage
 
-  function sumSeries(items, since, until, bucket) {
-    const first = Math.floor(since / bucket) * bucket;
-    const xs = [];
-    for (let t = first; t < until; t += bucket) xs.push(t);
-    const requests = new Array(xs.length).fill(0);
-    const samples = new Array(xs.length).fill(0);
-    for (const item of items) {
-      for (const b of item.series) {
-        const i = Math.round((Date.parse(b.start) / 1000 - first) / bucket);
-        if (i >= 0 && i < xs.length) {
-          requests[i] += b.requests;
-          samples[i] += b.samples;
-        }
-      }
+  // Dense arrays over every bucket of [since, until) from the timeline's sparse buckets of one endpoint.
+  function dense(timeline, endpoint, field, xs) {
+    const values = new Array(xs.length).fill(0);
+    const series = timeline.series.find((x) => x.endpoint === endpoint);
+    for (const b of series ? series.buckets : []) {
+      const i = Math.round((Date.parse(b.start) / 1000 - xs[0]) / timeline.bucket_s);
+      if (i >= 0 && i < xs.length) values[i] += b[field];
     }
-    return { xs, requests, samples };
+    return values;
+  }
+
+  function allEndpoints(timeline, field, xs) {
+    const values = new Array(xs.length).fill(0);
+    for (const x of timeline.series) dense(timeline, x.endpoint, field, xs).forEach((v, i) => { values[i] += v; });
+    return values;
   }
 
   function chart(target, title, xs, series) {
@@ -347,24 +346,26 @@
     const [span, bucket] = $("usage-period").value.split(":").map(Number);
     const until = Math.ceil(Date.now() / 1000);
     const since = until - span;
-    const range = `since=${new Date(since * 1000).toISOString()}&until=${new Date(until * 1000).toISOString()}&bucket_s=${bucket}&limit=1000`;
-    const [, keys, perUser, distill, predict] = await Promise.all([
+    const iso = (t) => new Date(t * 1000).toISOString();
+    const [, keys, perUser, timeline] = await Promise.all([
       fetchUsers(),
       api("GET", "admin/keys?limit=1000"),
-      api("GET", `admin/usage?since=${new Date(since * 1000).toISOString()}`),
-      api("GET", `admin/usage/clients?kind=user&${range}`),
-      api("GET", `admin/usage/clients?kind=anonymous&${range}`),
+      api("GET", `admin/usage?since=${iso(since)}`),
+      api("GET", `admin/usage/timeline?since=${iso(since)}&until=${iso(until)}&bucket_s=${bucket}`),
     ]);
     for (const c of state.charts) c.destroy();
     state.charts = [];
     $("chart-requests").replaceChildren();
     $("chart-samples").replaceChildren();
-    const d = sumSeries(distill.items, since, until, bucket);
-    const p = sumSeries(predict.items, since, until, bucket);
-    chart($("chart-requests"), "answered requests per bucket", d.xs, [["/distill-batch (users)", "#2f5bd3", d.requests], ["/predict (anonymous)", "#d97a00", p.requests]]);
-    chart($("chart-samples"), "samples answered per bucket", d.xs, [["/distill-batch (users)", "#2f5bd3", d.samples], ["/predict (anonymous)", "#d97a00", p.samples]]);
-    const total = (xs) => fmtNum(xs.reduce((a, b) => a + b, 0));
-    $("chart-requests").append(el("p", { class: "muted total" }, `In the period: ${total(d.requests)} /distill-batch and ${total(p.requests)} /predict requests answered.`));
+    const xs = [];
+    for (let t = Math.floor(since / bucket) * bucket; t < until; t += bucket) xs.push(t);
+    const d = { requests: dense(timeline, "/distill-batch", "answered", xs), samples: dense(timeline, "/distill-batch", "samples", xs) };
+    const p = { requests: dense(timeline, "/predict", "answered", xs), samples: dense(timeline, "/predict", "samples", xs) };
+    const refused = allEndpoints(timeline, "refused", xs);
+    chart($("chart-requests"), "requests per bucket", xs, [["/distill-batch answered", "#2f5bd3", d.requests], ["/predict answered", "#d97a00", p.requests], ["refused (4xx/5xx)", "#b3261e", refused]]);
+    chart($("chart-samples"), "samples answered per bucket", xs, [["/distill-batch", "#2f5bd3", d.samples], ["/predict", "#d97a00", p.samples]]);
+    const total = (values) => fmtNum(values.reduce((a, b) => a + b, 0));
+    $("chart-requests").append(el("p", { class: "muted total" }, `In the period: ${total(d.requests)} /distill-batch and ${total(p.requests)} /predict requests answered, ${total(refused)} refused.`));
     $("chart-samples").append(el("p", { class: "muted total" }, `In the period: ${total(d.samples)} /distill-batch and ${total(p.samples)} /predict samples answered.`));
     const bars = keys.items.filter((k) => !k.revoked_at);
     $("quota-bars").replaceChildren(
@@ -446,8 +447,8 @@
   async function loadExtraction() {
     const ex = await api("GET", "admin/extraction");
     const since = new Date(Date.parse(ex.until) - 7 * 86400 * 1000).toISOString();
-    const bucket = Math.max(60, ex.window_s);
-    const all = await api("GET", `admin/usage/clients?kind=anonymous&since=${since}&until=${ex.until}&bucket_s=${bucket}&limit=1000`);
+    // Daily buckets: the series are not drawn here, and the flag uses the extraction window whatever the bucket.
+    const all = await api("GET", `admin/usage/clients?kind=anonymous&since=${since}&until=${ex.until}&bucket_s=86400&limit=1000`);
     $("extraction-rule").replaceChildren(
       `Rule: ${ex.rule}. Shown: anonymous /predict clients over the last 7 days by samples pulled; `,
       el("strong", {}, `${ex.flagged.length} flagged`), ".");

@@ -1,5 +1,6 @@
-"""GET /admin/audits/export (CSV, same filters as /admin/audits), and the manifest metrics and evaluation
-figures that /admin/models gives for each model (what the console's Models page shows).
+"""GET /admin/audits/export (CSV, same filters as /admin/audits), GET /admin/usage/timeline (calls over
+time per endpoint), and the manifest metrics and evaluation figures that /admin/models gives for each model
+(what the console's Models page shows).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,40 @@ def test_demo_box_metrics_come_from_its_manifest(make_settings: Any, tmp_path: P
     assert model["info"]["metrics"] == expected
     assert {"plain_top1", "keyed_top1", "wrong_key_top1"} <= set(expected)
     assert model["info"]["evaluation"] is None
+
+
+def test_timeline_counts_calls_per_endpoint_and_bucket(api: ApiHelper, client: TestClient, app: Any) -> None:
+    _, _, headers = api.user_with_key(sample_quota=5)
+    assert api.distill(headers, n=3).status_code == 200
+    assert api.distill(headers, n=3).status_code == 429  # over the quota: refused
+    now = datetime.now(UTC)
+    two_hours_ago = now - timedelta(hours=2)
+    with app.state.db.write() as s:
+        s.add(QueryAudit(endpoint="/predict", n_samples=7, status=200, created_at=two_hours_ago))
+        s.add(QueryAudit(endpoint="/predict", n_samples=4, status=200, created_at=two_hours_ago))
+        s.add(QueryAudit(endpoint="/predict", n_samples=9, status=200, created_at=now - timedelta(days=3)))
+    r = client.get("/admin/usage/timeline", params={"bucket_s": 3600}, headers=api.admin)
+    assert r.status_code == 200
+    t = r.json()
+    assert t["bucket_s"] == 3600
+    series = {x["endpoint"]: x["buckets"] for x in t["series"]}
+    (distill,) = series["/distill-batch"]
+    assert (distill["requests"], distill["answered"], distill["refused"], distill["samples"]) == (2, 1, 1, 3)
+    (predict,) = series["/predict"]  # the 3-day-old row is outside the default 24 hours
+    assert (predict["requests"], predict["samples"]) == (2, 11)
+    start = datetime.fromisoformat(predict["start"])
+    assert start.timestamp() % 3600 == 0 and start <= two_hours_ago < start + timedelta(hours=1)
+    week = client.get(
+        "/admin/usage/timeline",
+        params={"since": (now - timedelta(days=7)).isoformat(), "bucket_s": 86400},
+        headers=api.admin,
+    ).json()
+    (week_predict,) = [x["buckets"] for x in week["series"] if x["endpoint"] == "/predict"]
+    assert sum(b["samples"] for b in week_predict) == 20
+    assert client.get("/admin/usage/timeline?bucket_s=59", headers=api.admin).status_code == 422
+    since = (now - timedelta(days=30)).isoformat()
+    too_many = client.get("/admin/usage/timeline", params={"since": since, "bucket_s": 60}, headers=api.admin)
+    assert too_many.status_code == 422
+    assert client.get("/admin/usage/timeline").status_code == 401
+    _, _, user = api.user_with_key(scopes=["*"])
+    assert client.get("/admin/usage/timeline", headers=user).status_code == 403
