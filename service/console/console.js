@@ -129,6 +129,8 @@
 
   function signOut(message) {
     state.token = null;
+    state.users = new Map();
+    state.auditOffset = 0;
     clearTimeout(state.timer);
     $("nav").hidden = true;
     $("session").hidden = true;
