@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start 2: install the test dependencies into .venv and run the whole test suite:
-#   lint (ruff check, ruff format --check, mypy), then one pytest run: quick tests, then slow / e2e / PostgreSQL.
+#   lint (ruff check, ruff format --check, mypy), then one pytest run: quick tests, then slow / e2e / PostgreSQL /
+#   browser tests. As root (CI), it first installs the Debian packages those need (chromium, prometheus for promtool).
 # PostgreSQL tests use SDB_TEST_POSTGRES_URL (default: the server at 127.0.0.1:5432, user postgres).
 # SDB_SKIP_SETUP=1 skips the install step; SDB_SKIP_LINT=1 skips the linters.
 set -uo pipefail
@@ -14,6 +15,23 @@ trap 'rm -rf "$REPORTS"' EXIT
 failed=()
 
 step() { echo; echo "==> $*"; }
+
+# Debian packages of the browser tests (chromium, driven by Playwright from the dev extra) and of the
+# monitoring tests (promtool, from prometheus): installed when missing and running as root, as CI does.
+need=()
+command -v "${SDB_CHROMIUM:-/usr/bin/chromium}" >/dev/null 2>&1 || need+=(chromium)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "apt-get install ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null; } \
+      || echo "test: warning: could not install ${need[*]}" >&2
+  else
+    echo "test: warning: ${need[*]} missing and not root: the browser or promtool tests will be skipped" >&2
+  fi
+fi
 
 if ! pg_isready -q -h 127.0.0.1 2>/dev/null && [ -z "${SDB_TEST_POSTGRES_URL:-}" ]; then
   echo "test: warning: no PostgreSQL answers on 127.0.0.1:5432; the PostgreSQL tests will fail" >&2

@@ -293,14 +293,16 @@ def make_test_box(
     num_classes: int = 10,
     seed: int = 0,
     arch_extra: dict[str, Any] | None = None,
+    dir_name: str | None = None,
 ) -> Path:
-    """An untrained box with a deterministic key, for service tests: `out_dir/name`, fast (< 1 s)."""
+    """An untrained box with a deterministic key, for service tests: `out_dir/name` (or `out_dir/dir_name`
+    for a model name that is no file name), fast (< 1 s)."""
     torch.manual_seed(seed)
     kwargs = arch_kwargs_for(tuple(input_shape), num_classes, **(arch_extra or {"width": 8}))
     model = build_model(arch, **kwargs)
     c = input_shape[0]
     return save_box(
-        Path(out_dir) / name,
+        Path(out_dir) / (dir_name or name),
         model=model,
         arch=arch,
         arch_kwargs=kwargs,

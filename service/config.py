@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         True, description="Serve /metrics (bind to a private network in production)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    console: bool = Field(
+        True, description="Serve the admin console at /console (a static page over the admin API)."
+    )
 
     @model_validator(mode="after")
     def _check_secret(self) -> Settings:

@@ -30,7 +30,7 @@ from service.errors import install_error_handlers
 from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
-from service.routes import admin, auth, distill, health, predict
+from service.routes import admin, admin_reports, auth, console, distill, health, predict
 from service.security import TokenConfig, api_key_from_secret
 from service.state import ServiceState, set_state
 
@@ -180,4 +180,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.include_router(auth.router)
     app.include_router(distill.router)
     app.include_router(admin.router)
+    app.include_router(admin_reports.router)
+    if settings.console:
+        app.include_router(console.router)
     return app

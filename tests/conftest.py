@@ -27,7 +27,7 @@ MODELS = ("alpha", "beta")
 
 # ---------------------------------------------------------------------------- order of one pytest run
 
-SLOW_MARKERS = ("slow", "e2e", "postgres")
+SLOW_MARKERS = ("slow", "e2e", "postgres", "browser")
 _QUICK_FAILED = pytest.StashKey[bool]()
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from sdb_core.artifact import load_box
 from service.config import Settings
@@ -23,12 +25,34 @@ def batcher_config(settings: Settings) -> BatcherConfig:
     )
 
 
+EVALUATION_FILE = "evaluation.json"
+
+
+def read_evaluation(path: Path) -> dict[str, Any] | None:
+    """The figures of an `sdb evaluate` report (its results.json, copied into the artifact directory as
+    evaluation.json): seeds, summary (mean and std of each top-1) and checks. None if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        out = {
+            "seeds": list(report.get("config", {}).get("seeds", [])),
+            "summary": dict(report["summary"]),
+            "checks": dict(report.get("checks", {})),
+        }
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning("ignoring %s: not an `sdb evaluate` report (%s)", path, type(exc).__name__)
+        return None
+    return out
+
+
 def load_registry(settings: Settings, *, warm_up: bool = True) -> ModelRegistry:
     """Load every artifact directory (one holding a manifest.json) under SDB_MODEL_DIR."""
     threads = configure_torch(settings.torch_threads)
     device = resolve_device(settings.device)
     model_dir = Path(settings.model_dir)
     boxes: list[Box] = []
+    evaluations: dict[str, dict[str, Any] | None] = {}
     if model_dir.is_dir():
         for entry in sorted(model_dir.iterdir()):
             if not (entry / "manifest.json").is_file():
@@ -48,6 +72,7 @@ def load_registry(settings: Settings, *, warm_up: bool = True) -> ModelRegistry:
                 except Exception as exc:  # an architecture that does not trace still serves, eagerly
                     logger.warning("serving %s eagerly, TorchScript trace failed: %s", entry.name, exc)
             boxes.append(box)
+            evaluations[box.name] = read_evaluation(entry / EVALUATION_FILE)
     else:
         logger.warning("model directory %s does not exist: no model loaded", model_dir)
     names = [b.name for b in boxes]
@@ -60,6 +85,8 @@ def load_registry(settings: Settings, *, warm_up: bool = True) -> ModelRegistry:
         default=settings.default_model,
         max_request_samples=settings.max_request_samples,
     )
+    for model in registry:
+        model.evaluation = evaluations.get(model.name)
     if warm_up:
         for model in registry:
             model.warm_up()

@@ -79,6 +79,11 @@ class ServedModel:
         self.class_names = list(box.class_names)
         self.temperature = float(box.temperature)
         self.device = box.device
+        manifest: dict[str, Any] = getattr(box, "manifest", None) or {}
+        self.metrics = {
+            k: float(v) for k, v in (manifest.get("metrics") or {}).items() if isinstance(v, int | float)
+        }
+        self.evaluation: dict[str, Any] | None = None  # from the artifact's evaluation.json, if any
         self.timeout_s = timeout_s
         self._trimmer = trimmer or MemoryTrimmer()
         self._batchers: dict[str, DynamicBatcher] = {
@@ -123,6 +128,8 @@ class ServedModel:
             "class_names": self.class_names,
             "temperature": self.temperature,
             "device": str(self.device),
+            "metrics": self.metrics,
+            "evaluation": self.evaluation,
         }
 
     def warm_up(self) -> None:

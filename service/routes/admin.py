@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
 from service.crud import accounts, catalog, events, reports
 from service.crud.accounts import ConflictError, NotFoundError
@@ -230,10 +230,7 @@ def revoke_key(key_id: PathId, admin: AdminDep, db: DatabaseDep, request: Reques
 # ------------------------------------------------------------------------------------------------ audits
 
 
-@router.get("/audits", response_model=Page[AuditOut], summary="Query audits, newest first")
-def list_audits(
-    admin: AdminDep,
-    s: SessionDep,
+def audit_filter(
     user_id: QueryId = None,
     key_id: QueryId = None,
     model: Annotated[str | None, Query(max_length=128, pattern=TEXT)] = None,
@@ -242,10 +239,9 @@ def list_audits(
     status: Annotated[int | None, Query(ge=100, le=599)] = None,
     since: Since = None,
     until: Until = None,
-    limit: Limit = 100,
-    offset: Offset = 0,
-) -> Page[AuditOut]:
-    f = AuditFilter(
+) -> AuditFilter:
+    """The audit filters shared by GET /admin/audits and GET /admin/audits/export."""
+    return AuditFilter(
         user_id=user_id,
         key_id=key_id,
         model=model,
@@ -255,6 +251,15 @@ def list_audits(
         since=_utc(since),
         until=_utc(until),
     )
+
+
+AuditFilterDep = Annotated[AuditFilter, Depends(audit_filter)]
+
+
+@router.get("/audits", response_model=Page[AuditOut], summary="Query audits, newest first")
+def list_audits(
+    admin: AdminDep, s: SessionDep, f: AuditFilterDep, limit: Limit = 100, offset: Offset = 0
+) -> Page[AuditOut]:
     rows, total = reports.list_audits(s, f, limit=limit, offset=offset)
     return Page[AuditOut](
         items=[AuditOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset

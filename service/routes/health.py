@@ -9,6 +9,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from service.db.session import Database
 from service.metrics import render_metrics
+from service.quota_metrics import render_database_metrics
 from service.schemas import FastJSONResponse
 from service.state import StateDep
 
@@ -58,4 +59,5 @@ async def prometheus_metrics(state: StateDep) -> Response:
     if not state.settings.expose_metrics:
         return FastJSONResponse({"detail": "Not Found"}, status_code=404)
     data, content_type = await asyncio.to_thread(render_metrics)
+    data += await render_database_metrics(state.db)
     return Response(content=data, media_type=content_type)
