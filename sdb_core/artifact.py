@@ -45,8 +45,11 @@ TOP1_MARGIN = 10.0  # logits of the top-1 above every other class in a "top1" pl
 
 def top1_logits(logits: Tensor, margin: float = TOP1_MARGIN) -> Tensor:
     """A fixed distribution around the top-1: `margin` for the arg-max class, 0 for every other. Everything
-    but the arg-max of `logits` is thrown away, so nothing beyond the top-1 can be read from the answer."""
-    return margin * torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+    but the arg-max of `logits` is thrown away, so nothing beyond the top-1 can be read from the answer.
+    A row with a non-finite logit (inputs far outside the data) stays non-finite, so callers still see it."""
+    out = margin * torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+    finite = torch.isfinite(logits).all(dim=1, keepdim=True)
+    return torch.where(finite, out, torch.full_like(out, float("nan")))
 
 
 class ArtifactError(Exception):

@@ -28,8 +28,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests._support.api import ApiHelper
-
-from ._support import REPO, ServerProcess, clean_env, compose_config, free_port, sdb_executable
+from tests._support.net import free_port
+from tests._support.ops import REPO, clean_env, compose_config, sdb_executable
+from tests._support.server import Server, server_process
 
 MONITORING = REPO / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "sdb.json"
@@ -205,9 +206,7 @@ def _wait(what: str, check: Any, timeout_s: float = 60.0) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_prometheus_scrapes_the_service_and_raises_alerts(
-    servers: list[ServerProcess], tmp_path: Path
-) -> None:
+def test_prometheus_scrapes_the_service_and_raises_alerts(servers: list[Server], tmp_path: Path) -> None:
     from sdb_core.artifact import make_test_box
 
     prometheus = tool("prometheus")
@@ -224,7 +223,7 @@ def test_prometheus_scrapes_the_service_and_raises_alerts(
     )
     subprocess.run([sdb_executable(), "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
     port = free_port()
-    sdb = ServerProcess([sdb_executable(), "serve", "--port", str(port)], env, port, tmp_path / "sdb.log")
+    sdb = server_process([sdb_executable(), "serve", "--port", str(port)], env, port, tmp_path / "sdb.log")
     servers.append(sdb)
     sdb.start()
 
@@ -247,19 +246,21 @@ def test_prometheus_scrapes_the_service_and_raises_alerts(
     config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom_port = free_port()
-    prom = ServerProcess(
-        [
+    prom = Server(
+        cmd=[
             prometheus,
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prom_port}",
         ],
-        clean_env(),
-        prom_port,
-        tmp_path / "prometheus.log",
+        env=clean_env(),
+        port=prom_port,
+        log_path=tmp_path / "prometheus.log",
+        process_group=True,
+        ready_path="/-/ready",
     )
     servers.append(prom)
-    prom.start(path="/-/ready")
+    prom.start()
     api = prom.url + "/api/v1"
 
     rules = httpx.get(api + "/rules").json()["data"]["groups"]

@@ -166,3 +166,12 @@ def test_scripted_box_gives_the_eager_outputs_on_both_paths(
     torch.testing.assert_close(scripted.plain_logits(x), eager.plain_logits(x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scripted.keyed_logits(x), eager.keyed_logits(x), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(scripted.plain_logits(x), scripted.keyed_logits(x))
+
+
+def test_top1_logits_keep_non_finite_rows_visible() -> None:
+    from sdb_core.artifact import top1_logits
+
+    z = torch.tensor([[0.1, 2.0, -1.0], [float("inf"), 0.0, 0.0], [float("nan"), 1.0, 0.0]])
+    out = top1_logits(z, margin=5.0)
+    assert torch.equal(out[0], torch.tensor([0.0, 5.0, 0.0]))
+    assert torch.isnan(out[1:]).all()

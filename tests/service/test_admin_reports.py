@@ -51,7 +51,7 @@ def test_export_is_csv_of_the_filtered_audits(api: ApiHelper, client: TestClient
 
 
 def test_export_neutralizes_spreadsheet_formulas(api: ApiHelper, client: TestClient, app: Any) -> None:
-    with app.state.db.write() as s:
+    with app.state.sdb.db.write() as s:
         s.add(QueryAudit(endpoint="/predict", model="=HYPERLINK(1)", client_id="@x", n_samples=1, status=200))
     rows = _rows(client.get("/admin/audits/export", headers=api.admin).text)
     mine = next(x for x in rows if x["model"].endswith("HYPERLINK(1)"))
@@ -114,7 +114,7 @@ def test_timeline_counts_calls_per_endpoint_and_bucket(api: ApiHelper, client: T
     assert api.distill(headers, n=3).status_code == 429  # over the quota: refused
     now = datetime.now(UTC)
     two_hours_ago = now - timedelta(hours=2)
-    with app.state.db.write() as s:
+    with app.state.sdb.db.write() as s:
         s.add(QueryAudit(endpoint="/predict", n_samples=7, status=200, created_at=two_hours_ago))
         s.add(QueryAudit(endpoint="/predict", n_samples=4, status=200, created_at=two_hours_ago))
         s.add(QueryAudit(endpoint="/predict", n_samples=9, status=200, created_at=now - timedelta(days=3)))

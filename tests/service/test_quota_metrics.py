@@ -47,7 +47,7 @@ def test_database_down_is_reported_not_raised(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise OSError("database unreachable")
 
-    monkeypatch.setattr(app.state.db, "session", broken)
+    monkeypatch.setattr(app.state.sdb.db, "session", broken)
     r = client.get("/metrics")
     assert r.status_code == 200
     assert gauges(client) == {"sdb_database_up": 0.0}
