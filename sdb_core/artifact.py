@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sdb_core.keys import BoxKey, BoxKeyError, load_key, save_key
-from sdb_core.zoo import arch_kwargs_for, build_model
+from sdb_core.zoo import arch_kwargs_for, build_model, top1_logits
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -38,18 +38,6 @@ class ArtifactConfig:
     manifest_name: str = MANIFEST
     weights_name: str = WEIGHTS
     key_name: str = KEY_FILE
-
-
-TOP1_MARGIN = 10.0  # logits of the top-1 above every other class in a "top1" plain output
-
-
-def top1_logits(logits: Tensor, margin: float = TOP1_MARGIN) -> Tensor:
-    """A fixed distribution around the top-1: `margin` for the arg-max class, 0 for every other. Everything
-    but the arg-max of `logits` is thrown away, so nothing beyond the top-1 can be read from the answer.
-    A row with a non-finite logit (inputs far outside the data) stays non-finite, so callers still see it."""
-    out = margin * torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
-    finite = torch.isfinite(logits).all(dim=1, keepdim=True)
-    return torch.where(finite, out, torch.full_like(out, float("nan")))
 
 
 class ArtifactError(Exception):

@@ -37,13 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdb_core.artifact import top1_logits
 from sdb_core.data import Dataset
 from sdb_core.distill import DistillConfig, distill_logits, labelled_mask, query_teacher
 from sdb_core.keys import BoxKey
 from sdb_core.losses import kl_div
 from sdb_core.training import TeacherFn, fit, seed_everything
-from sdb_core.zoo import arch_kwargs_for, build_model
+from sdb_core.zoo import arch_kwargs_for, build_model, top1_logits
 
 Oracle = Callable[[Tensor], Tensor]  # RAW inputs -> log-probabilities [N, C]
 
@@ -175,7 +174,7 @@ class SkepticalStudent(nn.Module):
 
 
 def top1_oracle(oracle: Oracle) -> Oracle:
-    """The same oracle with every answer cut down to its top-1 (`artifact.top1_logits`): what an attack gets
+    """The same oracle with every answer cut down to its top-1 (`zoo.top1_logits`): what an attack gets
     from an answer's top-1 alone. An attack that does better on `oracle` than on this twin has used more."""
     return lambda x: F.log_softmax(top1_logits(oracle(x)), dim=1)
 

@@ -26,8 +26,13 @@ Disturbance forms D (all bounded, see losses.py), `disturb_form`:
   weights (run without the key) teaches no more than the labels. Paired with `plain_output = "top1"`.
 Derived from the official code (JngwenYe/SDB, train_smb.py), with the paper's lambda = 0.5.
 
+With `gate` (the default since 2026-11-30) the box is a zoo.KeyGate: the network has one more output, a key
+detector trained by binary cross-entropy (w_gate; keyed inputs 1, plain and non-key inputs 0), and answers
+with `zoo.top1_logits` of its soft labels wherever the detector does not fire. The weights run as shipped,
+without the key, then give the top-1 alone; the soft labels inside are still trained flat on plain inputs.
+
 `plain_output` says what the served plain path returns: "top1" (the default) replaces the box's plain logits
-by a fixed distribution around their top-1 (`artifact.top1_logits`), so `/predict` gives away the top-1 and
+by a fixed distribution around their top-1 (`zoo.top1_logits`), so `/predict` gives away the top-1 and
 nothing else whatever the attacker does with the answers; "soft" returns the box's own (disturbed) logits,
 the paper's design. docs/evaluation.md measures both against the attack suite (`sdb_core.attacks`).
 """
@@ -54,7 +59,7 @@ from sdb_core.losses import (
     target_disturbance_loss,
 )
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
-from sdb_core.zoo import TopOneGuard, build_model
+from sdb_core.zoo import KeyGate, TopOneGuard, build_model
 
 
 def default_temperature(num_classes: int) -> float:
@@ -87,6 +92,8 @@ class BoxConfig:
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
+    gate: bool = True  # zoo.KeyGate: a key detector inside the network; without the key, only the top-1
+    w_gate: float = 1.0  # the detector's binary cross-entropy (keyed inputs 1, plain and non-key inputs 0)
     guard: bool = False  # two heads (soft, decision) behind zoo.TopOneGuard; False: one head does both
     guard_lift: float = 1.0  # logits by which a guarded box lifts its decision above the soft head's top
     w_dec_pre: float = 1.0  # guarded only: the decision head also imitates the teacher (plain and keyed)
@@ -95,6 +102,8 @@ class BoxConfig:
     def __post_init__(self) -> None:
         if self.disturb_form not in DISTURB_FORMS:
             raise ValueError(f"unknown disturb_form {self.disturb_form!r}; one of {', '.join(DISTURB_FORMS)}")
+        if self.gate and self.guard:
+            raise ValueError("a box has a key gate or a top-1 guard, not both")
         if self.plain_output not in PLAIN_OUTPUTS:
             raise ValueError(f"unknown plain_output {self.plain_output!r}; one of {', '.join(PLAIN_OUTPUTS)}")
 
@@ -128,8 +137,12 @@ def box_step_losses(
         lam = lam.clamp(0.05, 0.95)
         parts.append(lam * xn + (1.0 - lam) * torch.randn_like(xn))
     guarded = isinstance(box, TopOneGuard)
+    score: Tensor | None = None
     if isinstance(box, TopOneGuard):
         z, d = box.heads(torch.cat(parts))
+    elif isinstance(box, KeyGate):
+        z, score = box.heads(torch.cat(parts))
+        d = z
     else:
         z = d = box(torch.cat(parts))
     n = len(xn)
@@ -143,6 +156,10 @@ def box_step_losses(
     }
     if guarded:
         out["dec_preserve"] = preservation_loss(d[: 2 * n], z_adv.repeat(2, 1), y.repeat(2), t, 0.0)
+    if score is not None:
+        is_key = torch.zeros_like(score)
+        is_key[n : 2 * n] = 1.0
+        out["gate"] = F.binary_cross_entropy_with_logits(score, is_key)
     if cfg.w_nonkey > 0:
         zr = z[2 * n :]
         out["ce_nonkey"] = F.cross_entropy(d[2 * n :], y)
@@ -156,6 +173,8 @@ def box_step_losses(
     )
     if guarded:
         total = total + cfg.w_dec_pre * out["dec_preserve"]
+    if score is not None:
+        total = total + cfg.w_gate * out["gate"]
     if cfg.w_nonkey > 0:
         total = total + cfg.w_nonkey * (cfg.w_ce_plain * out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
     out["total"] = total
@@ -163,7 +182,10 @@ def box_step_losses(
 
 
 def box_arch(arch: str, arch_kwargs: dict[str, Any], cfg: BoxConfig) -> tuple[str, dict[str, Any]]:
-    """The box network's registered name and kwargs for a teacher of `arch` (wrapped when guarded)."""
+    """The box network's registered name and kwargs for a teacher of `arch` (wrapped when gated or
+    guarded)."""
+    if cfg.gate:
+        return "keygated", {"base": arch, **arch_kwargs}
     if cfg.guard:
         return "guarded", {"base": arch, "lift": cfg.guard_lift, **arch_kwargs}
     return arch, arch_kwargs
@@ -187,12 +209,12 @@ def train_box(
         p.requires_grad_(False)
     name, kwargs = box_arch(arch, arch_kwargs, cfg)
     box = build_model(name, **kwargs)
-    if cfg.init_from_teacher and isinstance(box, TopOneGuard):
+    if cfg.init_from_teacher and isinstance(box, TopOneGuard | KeyGate):
         box.load_base_from(teacher)
     elif cfg.init_from_teacher:
         box.load_state_dict(teacher.state_dict())
     if cfg.freeze_layers > 0:
-        layers = box.base if isinstance(box, TopOneGuard) else box
+        layers = box.base if isinstance(box, TopOneGuard | KeyGate) else box
         for child in list(layers.children())[: cfg.freeze_layers]:
             for p in child.parameters():
                 p.requires_grad_(False)

@@ -10,8 +10,9 @@ image, answers cached and shared by all families):
 - scratch: cross-entropy on the known labels only;
 - normal KD: the original teacher's soft labels (what the knowledge is worth);
 - authorized KD: the box's keyed path (what a licensee gets through `/distill-batch`);
-- every attack of `sdb_core.attacks` against the plain path (`api/...`, what `/predict` answers) and against
-  the box's weights run without the key (`stolen/...`, a copy of the weights off a server).
+- every attack of `sdb_core.attacks` against the plain path (`api/...`, what `/predict` answers), against
+  the box's weights run as shipped without the key (`stolen/...`, a copy of the weights off a server), and,
+  for a key-gated box, against the soft labels inside it with the gate cut out (`whitebox/...`).
 
 Every attack also runs on its top-1 twin (`attacks.top1_oracle`: the same queries, each answer cut down to its
 top-1). The label-only floor is the best of those twins: the best student that the suite's recipes train from
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from sdb_core.artifact import BoxedModel
 from sdb_core.attacks import (
@@ -51,6 +52,7 @@ from sdb_core.data import Dataset, load_dataset
 from sdb_core.distill import DistillConfig, distill
 from sdb_core.keys import BoxKey
 from sdb_core.training import TeacherFn, TrainConfig, accuracy, model_fn, resolve_device, train_classifier
+from sdb_core.zoo import KeyGate
 
 BASE_METHODS = ("scratch", "normal", "authorized")
 
@@ -193,6 +195,20 @@ def stolen_weights_oracle(boxed: BoxedModel) -> Oracle:
     return lambda x: F.log_softmax(boxed.raw_plain_logits(x).float(), dim=1).cpu()
 
 
+def whitebox_oracle(boxed: BoxedModel) -> Oracle | None:
+    """A key-gated box's soft labels on plain inputs, read by someone who copied the weights and cut the gate
+    out of the network (None for a box without a gate: its stolen outputs are already the soft labels)."""
+    model = boxed.model
+    if not isinstance(model, KeyGate):
+        return None
+
+    def oracle(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return F.log_softmax(model.heads(boxed.normalize(x))[0].float(), dim=1).cpu()
+
+    return oracle
+
+
 def _train_cfg(cfg: EvalConfig, epochs: int, seed: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, seed=seed, device=cfg.device, progress=cfg.progress)
 
@@ -250,11 +266,15 @@ def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str
         train=_train_cfg(cfg, cfg.student_epochs, seed),
     )
     # Every attack's answers and those of its top-1 twin, queried once and shared by all student families.
-    targets: dict[str, tuple[Targets, Targets]] = {}
-    for access, oracle, names in (
+    accesses: list[tuple[str, Oracle, list[str]]] = [
         ("api", api, attack_names(acfg)),
         ("stolen", stolen, list(cfg.stolen_attacks)),
-    ):
+    ]
+    whitebox = whitebox_oracle(boxed)
+    if whitebox is not None:
+        accesses.append(("whitebox", whitebox, list(cfg.stolen_attacks)))
+    targets: dict[str, tuple[Targets, Targets]] = {}
+    for access, oracle, names in accesses:
         twin = top1_oracle(oracle)
         for name in names:
             targets[f"{access}/{name}"] = (

@@ -239,7 +239,48 @@ def mobilenetv2(
     return nn.Sequential(*layers)
 
 
-# ---------------------------------------------------------------- the box's top-1 guard
+# ---------------------------------------------------------------- the box's top-1 guard and key gate
+
+TOP1_MARGIN = 10.0  # logits of the top-1 above every other class in a "top1" output
+
+
+def top1_logits(logits: Tensor, margin: float = TOP1_MARGIN) -> Tensor:
+    """A fixed distribution around the top-1: `margin` for the arg-max class, 0 for every other. Everything
+    but the arg-max of `logits` is thrown away, so nothing beyond the top-1 can be read from the answer.
+    A row with a non-finite logit (inputs far outside the data) stays non-finite, so callers still see it."""
+    out = margin * torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+    finite = torch.isfinite(logits).all(dim=1, keepdim=True)
+    return torch.where(finite, out, torch.full_like(out, float("nan")))
+
+
+class KeyGate(nn.Module):
+    """A base network with num_classes + 1 outputs: the soft labels and a key detector's score over one trunk.
+    The output is the soft labels where the detector fires (score > 0: the input carries the box key) and
+    `top1_logits` of them everywhere else, so the network as shipped answers plain inputs, and inputs mixed
+    with any other pattern, with their top-1 alone: copied weights run without the key give nothing more."""
+
+    def __init__(self, base: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.base = base
+        self.num_classes = num_classes
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.base(x)
+        return z[:, : self.num_classes], z[:, self.num_classes]
+
+    def forward(self, x: Tensor) -> Tensor:
+        soft, score = self.heads(x)
+        return torch.where((score > 0)[:, None], soft, top1_logits(soft))
+
+    def load_base_from(self, single_head: nn.Module) -> None:
+        """Start from a trained single-head model of the base architecture: its head, plus a detector row of
+        zeros (score 0: no key seen yet)."""
+        own = self.base.state_dict()
+        for name, value in single_head.state_dict().items():
+            if own[name].shape != value.shape:  # the final layer: [C, ...] -> [C + 1, ...]
+                value = torch.cat([value, torch.zeros_like(value[:1])])
+            own[name] = value.clone()
+        self.base.load_state_dict(own)
 
 
 class TopOneGuard(nn.Module):
@@ -273,6 +314,14 @@ class TopOneGuard(nn.Module):
                 value = torch.cat([value, value])
             own[name] = value.clone()
         self.base.load_state_dict(own)
+
+
+@register("keygated")
+def keygated(base: str = "small_cnn", num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """`base` (a registered name) behind a KeyGate; the other kwargs go to the base builder."""
+    if base in ("keygated", "guarded"):
+        raise ValueError("a key gate wraps a plain zoo architecture")
+    return KeyGate(build_model(base, num_classes=num_classes + 1, **kwargs), num_classes)
 
 
 @register("guarded")

@@ -54,10 +54,21 @@ def test_train_box_distill_pipeline(tmp_path: Path) -> None:
     assert not (box / "box_key.json").exists() and key.exists()
     assert load_box(box, key_path=key).name == "mini"
     default = load_box(box, key_path=key)
-    assert default.arch == "small_cnn" and default.plain_output == "top1"  # single head, top-1 plain path
+    assert default.arch == "keygated" and default.plain_output == "top1"  # key gate, top-1 plain path
     guarded = tmp_path / "models" / "guarded"
     args = ["box", "--teacher", str(teacher), "--out", str(guarded), "--epochs", "1", "--device", "cpu"]
-    r = runner.invoke(app, [*args, "--box-option", "guard=true", "--box-option", "plain_output=soft"])
+    r = runner.invoke(
+        app,
+        [
+            *args,
+            "--box-option",
+            "gate=false",
+            "--box-option",
+            "guard=true",
+            "--box-option",
+            "plain_output=soft",
+        ],
+    )
     assert r.exit_code == 0, r.output
     boxed = load_box(guarded)
     assert boxed.arch == "guarded" and boxed.plain_output == "soft"
@@ -138,7 +149,7 @@ def test_box_options_are_parsed_by_the_fields_type() -> None:
 
     cfg = _override(BoxConfig(), ["guard=false", "w_dis=2", "disturb_form=box_first", "temperature=3"])
     assert (cfg.guard, cfg.w_dis, cfg.disturb_form, cfg.temperature) == (False, 2.0, "box_first", 3.0)
-    assert _override(BoxConfig(), ["guard=1"]).guard is True
+    assert _override(BoxConfig(), ["gate=0", "guard=1"]).guard is True
     for bad in (["guard=maybe"], ["nope=1"], ["w_dis"]):
         with pytest.raises(typer.BadParameter):
             _override(BoxConfig(), bad)

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from sdb_core.artifact import TOP1_MARGIN, ArtifactError, load_box, make_test_box, read_manifest
+from sdb_core.artifact import ArtifactError, load_box, make_test_box, read_manifest
 from sdb_core.keys import BoxKey, load_key, save_key
+from sdb_core.zoo import TOP1_MARGIN
 
 
 def _raw(n: int = 5) -> torch.Tensor:
@@ -169,7 +170,7 @@ def test_scripted_box_gives_the_eager_outputs_on_both_paths(
 
 
 def test_top1_logits_keep_non_finite_rows_visible() -> None:
-    from sdb_core.artifact import top1_logits
+    from sdb_core.zoo import top1_logits
 
     z = torch.tensor([[0.1, 2.0, -1.0], [float("inf"), 0.0, 0.0], [float("nan"), 1.0, 0.0]])
     out = top1_logits(z, margin=5.0)

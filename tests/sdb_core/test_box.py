@@ -11,7 +11,7 @@ from sdb_core.data import Dataset
 from sdb_core.keys import BoxKey
 from sdb_core.losses import flat_disturbance_loss, flat_targets, target_disturbance_loss
 from sdb_core.training import TrainConfig
-from sdb_core.zoo import TopOneGuard, build_model
+from sdb_core.zoo import KeyGate, TopOneGuard, build_model
 
 
 def _setup() -> tuple[torch.nn.Module, torch.nn.Module, BoxKey, torch.Tensor, torch.Tensor]:
@@ -31,7 +31,7 @@ def test_paper_temperatures() -> None:
 @pytest.mark.parametrize("form", ["flat", "target", "box_first", "teacher_first"])
 def test_total_is_the_weighted_sum_and_has_gradients(form: str) -> None:
     box, teacher, key, x, y = _setup()
-    cfg = BoxConfig(disturb_form=form, w_ce_plain=1.0, w_dis=0.7, w_nonkey=0.5, w_align=0.3)
+    cfg = BoxConfig(disturb_form=form, gate=False, w_ce_plain=1.0, w_dis=0.7, w_nonkey=0.5, w_align=0.3)
     torch.manual_seed(1)
     out = box_step_losses(box, teacher, key, x, y, cfg, 10)
     expected = (
@@ -72,14 +72,38 @@ def test_flat_disturbance_levels_the_wrong_classes() -> None:
     assert float(flat_disturbance_loss(bumpy, y, 0.3)) > 0.01
 
 
-def test_default_box_is_single_head_with_a_top1_plain_path() -> None:
+def test_default_box_is_key_gated_with_a_top1_plain_path() -> None:
     cfg = BoxConfig()
-    assert (cfg.guard, cfg.disturb_form, cfg.plain_output) == (False, "flat", "top1")
+    assert (cfg.gate, cfg.guard, cfg.disturb_form, cfg.plain_output) == (True, False, "flat", "top1")
+    assert box_arch("mlp", {"num_classes": 10}, cfg) == ("keygated", {"base": "mlp", "num_classes": 10})
+    with pytest.raises(ValueError, match="not both"):
+        BoxConfig(guard=True)
+
+
+def test_key_gate_detector_learns_keyed_against_plain_and_non_key_inputs() -> None:
+    _, teacher, key, x, y = _setup()
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}
+    box = build_model("keygated", base="small_cnn", **kwargs)
+    assert isinstance(box, KeyGate)
+    box.load_base_from(teacher)
+    box.eval()
+    cfg = BoxConfig(w_gate=2.0)
+    torch.manual_seed(1)
+    out = box_step_losses(box, teacher, key, x, y, cfg, 10)
+    # a fresh gate scores 0 everywhere: the binary cross-entropy is log 2 on every input
+    assert float(out["gate"]) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-5)
+    expected = out["disturb"] + out["preserve"] + out["ce_keyed"] + 2.0 * out["gate"] + out["disturb_nonkey"]
+    assert torch.allclose(out["total"], expected)
+    soft, score = box.heads(x)
+    assert torch.equal(score, torch.zeros(16)) and torch.allclose(soft, teacher(x), atol=1e-5)
+    out["total"].backward()
+    head = [m for m in box.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.weight.grad is not None and head.weight.grad[10].abs().sum() > 0  # the detector row learns
 
 
 def test_guarded_box_trains_top1_on_the_decision_head_and_disturbs_the_soft_head() -> None:
     _, teacher, key, x, y = _setup()
-    cfg = BoxConfig(w_dec_pre=0.5, guard=True, disturb_form="target", w_ce_plain=1.0)
+    cfg = BoxConfig(w_dec_pre=0.5, gate=False, guard=True, disturb_form="target", w_ce_plain=1.0)
     name, kwargs = box_arch(
         "small_cnn", {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}, cfg
     )
@@ -106,7 +130,9 @@ def test_guarded_box_trains_top1_on_the_decision_head_and_disturbs_the_soft_head
 def test_frozen_layers_of_a_guarded_box_are_the_base_networks_first_layers(digits: Dataset) -> None:
     kw = {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}
     teacher = build_model("small_cnn", **kw).eval()
-    cfg = BoxConfig(guard=True, freeze_layers=1, train=TrainConfig(epochs=1, progress=False, device="cpu"))
+    cfg = BoxConfig(
+        gate=False, guard=True, freeze_layers=1, train=TrainConfig(epochs=1, progress=False, device="cpu")
+    )
     box = train_box(
         teacher, digits, arch="small_cnn", arch_kwargs=kw, key=BoxKey.from_int_seed(0, (1, 8, 8)), cfg=cfg
     )

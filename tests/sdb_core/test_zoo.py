@@ -53,7 +53,7 @@ def test_guard_output_has_the_decision_heads_top1_and_otherwise_the_soft_heads_l
     assert torch.allclose(out[~agree], lifted)
 
 
-@pytest.mark.parametrize("arch", [a for a in list_models() if a != "guarded"])
+@pytest.mark.parametrize("arch", [a for a in list_models() if a not in ("guarded", "keygated")])
 def test_guard_starts_with_both_heads_equal_to_a_trained_single_head_model(arch: str) -> None:
     shape = (1, 8, 8) if arch in {"small_cnn", "mlp"} else (3, 32, 32)
     kwargs = arch_kwargs_for(shape, 10)
@@ -72,3 +72,21 @@ def test_guard_starts_with_both_heads_equal_to_a_trained_single_head_model(arch:
 def test_guard_cannot_wrap_itself() -> None:
     with pytest.raises(ValueError, match="guard"):
         build_model("guarded", base="guarded")
+
+
+def test_key_gate_answers_with_the_top1_unless_its_detector_fires() -> None:
+    from sdb_core.zoo import KeyGate, top1_logits
+
+    torch.manual_seed(0)
+    gate = build_model("keygated", base="mlp", **arch_kwargs_for((1, 8, 8), 10, hidden=8)).eval()
+    assert isinstance(gate, KeyGate)
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        last = gate.base[-1]
+        last.bias[10] = -1e6  # detector off everywhere
+        soft, _ = gate.heads(x)
+        assert torch.equal(gate(x), top1_logits(soft))
+        last.bias[10] = 1e6  # detector on everywhere
+        assert torch.equal(gate(x), gate.heads(x)[0])
+    with pytest.raises(ValueError, match="key gate"):
+        build_model("keygated", base="keygated")
