@@ -19,6 +19,7 @@ from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
 from tests._support.tokens import ATTACKS, forge, good_claims
 
 PUBLIC_ROUTES = {
+    ("GET", "/"),  # a redirect to /docs
     ("POST", "/predict"),
     ("POST", "/auth/token"),
     ("GET", "/healthz"),
