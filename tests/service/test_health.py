@@ -82,13 +82,13 @@ def test_not_ready_without_models() -> None:
     assert r.status_code == 503 and r.json()["models"] == []
 
 
-def test_metrics_exposed_or_hidden_by_setting(registry: Any) -> None:
-    with TestClient(build(registry, FakeDatabase("ok"))) as c:
+def test_metrics_are_off_the_public_port_unless_a_setting_says_so(registry: Any) -> None:
+    with TestClient(build(registry, FakeDatabase("ok"))) as c:  # the default: not served
+        assert c.get("/metrics").status_code == 404
+    with TestClient(build(registry, FakeDatabase("ok"), expose_metrics=True)) as c:
         r = c.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         assert "sdb_http_requests_total" in r.text
-    with TestClient(build(registry, FakeDatabase("ok"), expose_metrics=False)) as c:
-        assert c.get("/metrics").status_code == 404
 
 
 def test_readiness_route_in_openapi(registry: Any, tmp_path: Path) -> None:
