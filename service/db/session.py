@@ -95,7 +95,7 @@ def _configure_sqlite(engine: Engine, cfg: DatabaseConfig) -> None:
 
 
 class Database:
-    """The engine and session factory of one process (`app.state.db`)."""
+    """The engine and session factory of one process (`ServiceState.db`)."""
 
     def __init__(self, url: str, config: DatabaseConfig | None = None) -> None:
         self.url = normalize_url(url)
