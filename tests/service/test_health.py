@@ -105,3 +105,20 @@ def test_the_root_sends_people_to_the_docs(settings: Any) -> None:
         r = c.get("/", follow_redirects=False)
         assert r.status_code in (302, 307) and r.headers["location"] == "/docs"
         assert c.get("/").status_code == 200  # the docs page itself
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_docs_page_loads_nothing_from_outside(settings: Any) -> None:
+    import re
+
+    from service.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        page = c.get("/docs")
+        assert page.status_code == 200
+        assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text) + re.findall(
+            r"""url: ['"]([^'"]+)['"]""", page.text
+        )
+        assert assets and all(a.startswith("/") for a in assets), assets  # no CDN: works offline
+        for asset in assets:
+            assert c.get(asset).status_code == 200, asset
