@@ -125,6 +125,7 @@ class Server:
             SDB_DISTILL_RATE_PER_MINUTE="0",
             SDB_TOKEN_TTL_SECONDS="3600",
             SDB_LOG_LEVEL="WARNING",
+            SDB_EXPOSE_METRICS="true",  # the batch statistics come from /metrics
         )
         self.log_path = work / f"server-{'batching' if batching else 'nobatching'}.log"
         cmd = [

@@ -31,6 +31,22 @@ if ! ls "$SDB_MODEL_DIR"/*/manifest.json >/dev/null 2>&1; then
   "$SDB" demo --out "$SDB_MODEL_DIR/digits-demo"
 fi
 
+# Another process on the port would answer /readyz below in our place while our server fails to bind.
+if ! "$PY" - "$HOST" "$PORT" <<'PY'
+import socket, sys
+
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((sys.argv[1], int(sys.argv[2])))
+    except OSError:
+        sys.exit(1)
+PY
+then
+  echo "sdb: port $PORT on $HOST is already in use by another process; stop it or pick another SDB_PORT" >&2
+  exit 3
+fi
+
 "$SDB" serve --host "$HOST" --port "$PORT" &
 SERVER=$!
 trap 'kill -TERM "$SERVER" 2>/dev/null || true' INT TERM
@@ -56,6 +72,12 @@ for _ in range(600):
 sys.exit(1)
 PY
 then
+  sleep 1  # our own server must still be alive: a failed bind ends it right after its start-up
+  if ! kill -0 "$SERVER" 2>/dev/null; then
+    echo "sdb: the server exited (port $PORT in use?); see the messages above" >&2
+    wait "$SERVER"
+    exit 3
+  fi
   MODE="with the configured SDB_JWT_SECRET"
   case "${SDB_DEMO:-0}" in 1 | true | yes) MODE="in demo mode (random JWT secret for this run; set SDB_JWT_SECRET for real use)" ;; esac
   SAME_DB=""

@@ -149,6 +149,10 @@ class SdbClient:
                 raise SdbError(response.status_code, _detail(response))
             return response
 
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """An authenticated JSON call (e.g. the admin API with an administrator's key): the decoded answer."""
+        return self._send(method, path, auth=True, **kwargs).json()
+
     def token(self) -> str:
         """A valid access token, fetched (POST /auth/token) or refreshed when it is about to expire."""
         if self._api_key is None:

@@ -98,7 +98,9 @@ class Settings(BaseSettings):
         50_000, gt=0, description="Samples per window above which an anonymous client is flagged."
     )
     expose_metrics: bool = Field(
-        True, description="Serve /metrics (bind to a private network in production)."
+        False,
+        description="Serve /metrics on the service's port (off by default: turn it on only where that "
+        "port is private, e.g. for a Prometheus scraper on an internal network).",
     )
     log_level: str = Field("INFO", description="Python logging level.")
     console: bool = Field(

@@ -26,6 +26,7 @@ from service.crud import accounts, catalog, quota
 from service.db import migrate
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
+from service.docs import install_docs
 from service.errors import install_error_handlers
 from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
@@ -172,7 +173,9 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=_lifespan(settings, registry),
+        docs_url=None,  # service/docs.py serves /docs without a CDN
     )
+    install_docs(app)
     install_middleware(app, settings)
     install_error_handlers(app)
     app.include_router(health.router)

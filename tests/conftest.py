@@ -169,6 +169,7 @@ def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
             "predict_rate_per_minute": 0,
             "distill_rate_per_minute": 0,
             "log_level": "DEBUG",
+            "expose_metrics": True,
         }
         values.update(overrides)
         return Settings(**values)

@@ -185,5 +185,8 @@ def db_current(database_url: Annotated[str | None, typer.Option(help=DATABASE_UR
 def register(app: typer.Typer) -> None:
     """Add the service commands to the top-level app."""
     app.command("serve")(serve)
+    from sdb.commands import admin
+
+    admin.register(admin_app)
     app.add_typer(admin_app, name="admin")
     app.add_typer(db_app, name="db")

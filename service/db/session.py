@@ -1,7 +1,8 @@
 """Engine and session handling for SQLite and PostgreSQL.
 
 SQLite: WAL journal, a busy timeout and `BEGIN IMMEDIATE` for write transactions (a deferred transaction
-that later upgrades to a write lock ignores the busy timeout and fails at once with "database is locked").
+that later upgrades to a write lock ignores the busy timeout and fails at once with "database is locked");
+a connection that fails a write as read-only is dropped, and the readiness ping tests a write.
 PostgreSQL: psycopg 3, `pool_pre_ping` so that the pool recovers by itself after the server comes back, and
 short connect/pool timeouts so that a dead database answers fast instead of hanging.
 """
@@ -85,9 +86,16 @@ def _configure_sqlite(engine: Engine, cfg: DatabaseConfig) -> None:
         write = conn.get_execution_options().get("sdb_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
+    @event.listens_for(engine, "handle_error")
+    def _read_only_is_dead(context: Any) -> None:
+        # A connection opened while the file was not writable stays read-only after the file is writable
+        # again, and it passes the SELECT 1 pre-ping: treat it as disconnected so that the pool drops it.
+        if "readonly database" in str(context.original_exception):
+            context.is_disconnect = True
+
 
 class Database:
-    """The engine and session factory of one process (`app.state.db`)."""
+    """The engine and session factory of one process (`ServiceState.db`)."""
 
     def __init__(self, url: str, config: DatabaseConfig | None = None) -> None:
         self.url = normalize_url(url)
@@ -120,9 +128,16 @@ class Database:
                 yield conn
 
     def ping(self) -> bool:
+        """Whether the database answers and, on SQLite, accepts writes (a no-op UPDATE, rolled back)."""
         try:
             with self.engine.connect() as c:
-                c.exec_driver_sql("SELECT 1")
+                if self.engine.dialect.name != "sqlite":
+                    c.exec_driver_sql("SELECT 1")
+                    return True
+                c.execution_options(**WRITE)
+                with c.begin() as transaction:
+                    c.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
+                    transaction.rollback()
             return True
         except Exception:
             return False

@@ -38,6 +38,7 @@ def base_env(model_dir: Path, database_url: str, **overrides: Any) -> dict[str, 
             "SDB_JWT_SECRET": JWT_SECRET,
             "SDB_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
             "SDB_LOG_LEVEL": "DEBUG",
+            "SDB_EXPOSE_METRICS": "true",
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -64,3 +64,36 @@ def test_run_script_serves_the_demo_box_and_explains_admin_bootstrap(
     assert {m["name"] for m in listed.json()} == set(models)
 
     assert server.stop() == 0, out[-3000:]
+
+
+def test_run_script_does_not_report_running_when_another_process_holds_the_port(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Ready)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    env = clean_env(
+        SDB_SKIP_SETUP="1",
+        SDB_PORT=str(port),
+        SDB_DATABASE_URL=f"sqlite:///{tmp_path / 'taken.db'}",
+        SDB_TORCH_THREADS="1",
+    )
+    try:
+        r = subprocess.run(
+            ["bash", str(REPO / "scripts" / "run.sh")], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        other.shutdown()
+    assert r.returncode != 0
+    assert "sdb is running" not in r.stdout
+    assert f"port {port}" in r.stderr and "in use" in r.stderr

@@ -85,3 +85,10 @@ def test_the_zoo_listing_does_not_offer_the_internal_guarded_architecture() -> N
     teacher = README.split("**1. A teacher.**", 1)[1].split("```", 1)[0]
     assert "list_models()" in teacher
     assert "guarded" in teacher and "internal" in teacher, "say that `guarded` is not for users to pick"
+
+
+def test_operations_says_what_to_do_about_the_sqlite_files() -> None:
+    ops = (REPO / "docs" / "operations.md").read_text()
+    section = ops.split("## SQLite files", 1)[1].split("\n## ", 1)[0]
+    assert "-shm" in section and "SIGBUS" in section and "restart" in section
+    assert "readonly" in section  # the write-outage recovery and what /readyz says

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -160,3 +161,50 @@ def test_version() -> None:
 
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"sdb {version('sdb')}"
+
+
+def _quota_error() -> Exception:
+    from sdb.client import SdbError
+
+    return SdbError(429, {"error": "quota_exceeded", "message": "sample quota exhausted", "resets": "never"})
+
+
+def _auth_error() -> Exception:
+    from sdb.client import SdbError
+
+    return SdbError(401, {"error": "invalid_token", "message": "invalid or expired access token"})
+
+
+def _unreachable() -> Exception:
+    import httpx
+
+    return httpx.ConnectError("[Errno 111] Connection refused")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "needle"),
+    [(_auth_error, 4, "API key"), (_quota_error, 5, "quota"), (_unreachable, 7, "cannot reach")],
+)
+def test_ordinary_errors_are_one_line_with_their_own_exit_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Any, code: int, needle: str
+) -> None:
+    import sys
+
+    import sdb.cli
+    import sdb.client
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise error()
+
+    monkeypatch.setattr(sdb.client, "remote_teacher", failing)
+    argv = ["sdb", "distill", "--remote", "http://127.0.0.1:9", "--api-key", "k-1", "--epochs", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        sdb.cli.main()
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert needle in err and "--debug" in err
+    monkeypatch.setattr(sys, "argv", [*argv[:1], "--debug", *argv[1:]])
+    with pytest.raises(type(error())):  # --debug: the exception and its traceback, as before
+        sdb.cli.main()

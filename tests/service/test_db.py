@@ -164,3 +164,35 @@ def test_predict_audit_rows_are_written_by_shutdown(app: FastAPI, database_url: 
             assert r.status_code == 200
     rows = audit_rows(database_url, "endpoint = '/predict'")
     assert len(rows) == n and all(r.status == 200 and r.client_id for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_connection_that_lost_write_access_is_dropped_and_readiness_says_so(database_url: str) -> None:
+    """A pooled SQLite connection opened while the file was not writable stays read-only for good (it
+    passes a SELECT 1): the first failed write must discard it, and the readiness ping must test writes."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import make_url
+
+    path = make_url(database_url).database
+    db = Database(database_url)
+    read_only_left = [2]  # the next two connections are opened read-only, as during a write outage
+
+    @event.listens_for(db.engine, "do_connect")
+    def _read_only(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        if read_only_left[0] > 0:
+            read_only_left[0] -= 1
+            return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        return None
+
+    try:
+        assert db.ping() is False  # readiness reflects that writes fail
+        with pytest.raises(OperationalError, match="readonly"), db.write() as s:
+            accounts.create_user(s, "during-the-outage", ROLE_USER)
+        # the files are writable again: the failed connections were discarded, not pooled
+        with db.write() as s:
+            accounts.create_user(s, "after-the-outage", ROLE_USER)
+        assert db.ping() is True
+    finally:
+        db.dispose()

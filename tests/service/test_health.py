@@ -82,13 +82,13 @@ def test_not_ready_without_models() -> None:
     assert r.status_code == 503 and r.json()["models"] == []
 
 
-def test_metrics_exposed_or_hidden_by_setting(registry: Any) -> None:
-    with TestClient(build(registry, FakeDatabase("ok"))) as c:
+def test_metrics_are_off_the_public_port_unless_a_setting_says_so(registry: Any) -> None:
+    with TestClient(build(registry, FakeDatabase("ok"))) as c:  # the default: not served
+        assert c.get("/metrics").status_code == 404
+    with TestClient(build(registry, FakeDatabase("ok"), expose_metrics=True)) as c:
         r = c.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         assert "sdb_http_requests_total" in r.text
-    with TestClient(build(registry, FakeDatabase("ok"), expose_metrics=False)) as c:
-        assert c.get("/metrics").status_code == 404
 
 
 def test_readiness_route_in_openapi(registry: Any, tmp_path: Path) -> None:
@@ -105,3 +105,20 @@ def test_the_root_sends_people_to_the_docs(settings: Any) -> None:
         r = c.get("/", follow_redirects=False)
         assert r.status_code in (302, 307) and r.headers["location"] == "/docs"
         assert c.get("/").status_code == 200  # the docs page itself
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_docs_page_loads_nothing_from_outside(settings: Any) -> None:
+    import re
+
+    from service.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        page = c.get("/docs")
+        assert page.status_code == 200
+        assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text) + re.findall(
+            r"""url: ['"]([^'"]+)['"]""", page.text
+        )
+        assert assets and all(a.startswith("/") for a in assets), assets  # no CDN: works offline
+        for asset in assets:
+            assert c.get(asset).status_code == 200, asset

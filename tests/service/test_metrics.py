@@ -36,7 +36,9 @@ def value(text: str, name: str, **labels: str) -> float:
 def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     d = tmp_path_factory.mktemp("metrics-models")
     make_test_box(d, name="metric-box")
-    settings = Settings(demo=True, model_dir=d, torch_threads=1, predict_rate_per_minute=0)
+    settings = Settings(
+        demo=True, model_dir=d, torch_threads=1, predict_rate_per_minute=0, expose_metrics=True
+    )
     models = load_registry(settings)
     app = route_app(settings, predict.router, health.router, models=models)
     with TestClient(app) as c:
