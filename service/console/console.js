@@ -352,7 +352,7 @@
     const [, keys, perUser, timeline] = await Promise.all([
       fetchUsers(),
       api("GET", "admin/keys?limit=1000"),
-      api("GET", `admin/usage?since=${iso(since)}`),
+      api("GET", `admin/usage?since=${iso(since)}&limit=1000`),
       api("GET", `admin/usage/timeline?since=${iso(since)}&until=${iso(until)}&bucket_s=${bucket}`),
     ]);
     for (const c of state.charts) c.destroy();
@@ -377,7 +377,7 @@
         el("span", { class: "num" }, k.sample_quota === null ? fmtNum(k.samples_used) : `${fmtNum(k.samples_used)} / ${fmtNum(k.sample_quota)} (${((100 * k.samples_used) / Math.max(1, k.sample_quota)).toFixed(1)}%)`),
       ]) : [el("span", { class: "muted" }, "no active key")]));
     $("usage-table").tBodies[0].replaceChildren(
-      ...perUser.map((u) =>
+      ...perUser.items.map((u) =>
         el("tr", {},
           el("td", {}, userLabel(u.user_id)),
           el("td", {}, u.role),
