@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start 2: install the test dependencies into .venv and run the whole test suite:
-#   lint (ruff check, ruff format --check, mypy), then the quick tests, then slow / e2e / PostgreSQL tests.
+#   lint (ruff check, ruff format --check, mypy), then the quick tests, then slow / e2e / PostgreSQL tests,
+#   then, last, the Docker tests (tests/docker: the images and the compose stack on a local engine).
 # PostgreSQL tests use SDB_TEST_POSTGRES_URL (default: the server at 127.0.0.1:5432, user postgres).
 # Extra arguments go to every pytest run (`./scripts/test.sh -x -k quota`); paths narrow it (`tests/ops`).
 # SDB_SKIP_SETUP=1 skips the install step; SDB_SKIP_LINT=1 skips the linters.
@@ -63,11 +64,16 @@ run_stage() {
   return $rc
 }
 
-QUICK="not slow and not e2e and not postgres"
+QUICK="not slow and not e2e and not postgres and not docker"
 if run_stage quick "$QUICK" ""; then
-  run_stage slow "not ($QUICK)" "--durations=10"
+  run_stage slow "not ($QUICK) and not docker" "--durations=10"
+  # Docker last (it builds images): only the groups that hold Docker tests.
+  all_groups=("${groups[@]}")
+  groups=()
+  for g in "${all_groups[@]}"; do case " $g" in *" tests/docker"*) groups+=("$g") ;; esac; done
+  [ ${#groups[@]} -gt 0 ] && run_stage docker "docker" "--durations=5 -s"
 else
-  echo "test: quick tests failed; the slow, e2e and PostgreSQL tests were not run" >&2
+  echo "test: quick tests failed; the slow, e2e, PostgreSQL and Docker tests were not run" >&2
   failed+=("pytest slow (not run)")
 fi
 
