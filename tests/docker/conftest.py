@@ -14,12 +14,6 @@ from ..ops._support import REPO, compose_command
 ENGINE_SH = REPO / "docker" / "offline" / "engine.sh"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "docker: builds the images and runs the compose stack on a Docker engine"
-    )
-
-
 def _engine_answers(docker: str) -> tuple[bool, str]:
     r = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
     return r.returncode == 0, (r.stderr or r.stdout).strip()
