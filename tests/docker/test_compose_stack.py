@@ -78,16 +78,14 @@ class Stack:
 
 def _write_env(path: Path, port: int, project: str) -> None:
     """.env.example with every change-me value replaced by a fresh secret (the README's instruction)."""
-    fresh = {
-        "POSTGRES_PASSWORD": secrets.token_hex(24),
-        "SDB_JWT_SECRET": secrets.token_hex(32),
-        "SDB_CLIENT_IP_SALT": secrets.token_hex(16),
-    }
-    lines = []
+    lines, fresh = [], set()
     for line in (REPO / ".env.example").read_text().splitlines():
-        key = line.split("=", 1)[0]
-        lines.append(f"{key}={fresh.pop(key)}" if key in fresh else line)
-    assert not fresh, f".env.example no longer names {sorted(fresh)}"
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#") and value.startswith("change-me"):
+            line = f"{key}={secrets.token_hex(32)}"
+            fresh.add(key)
+        lines.append(line)
+    assert {"POSTGRES_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT"} <= fresh, fresh
     # A free host port, and a project name of its own so that a real `sdb` stack on this engine is untouched.
     lines += [f"SDB_PORT={port}", f"COMPOSE_PROJECT_NAME={project}"]
     path.write_text("\n".join(lines) + "\n")
