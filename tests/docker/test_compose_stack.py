@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from ..ops._support import REPO, clean_env, free_port
+from ..reliability._harness import get_token
 
 # A first build (base images from Debian packages, torch, the dependencies) takes minutes.
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -159,19 +160,14 @@ def stack(image: str, compose: list[str], tmp_path_factory: pytest.TempPathFacto
         s.run("down", "-v", "--remove-orphans", check=False, timeout=180)
 
 
-def _token(base: str, api_key: str) -> str:
-    r = httpx.post(base + "/auth/token", data={"grant_type": "client_credentials", "client_secret": api_key})
-    assert r.status_code == 200, r.text
-    return str(r.json()["access_token"])
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+def _auth(base: str, api_key: str) -> dict[str, str]:
+    """Bearer headers with a fresh token for `api_key` (POST /auth/token)."""
+    return {"Authorization": f"Bearer {get_token(base, api_key)}"}
 
 
 def _state(base: str, admin_key: str) -> dict[str, list[Any]]:
     """What must survive restarts: the users, the API keys and the audit rows of /distill-batch."""
-    admin = _bearer(_token(base, admin_key))
+    admin = _auth(base, admin_key)
     users = httpx.get(base + "/admin/users", headers=admin)
     keys = httpx.get(base + "/admin/keys", headers=admin)
     audits = httpx.get(base + "/admin/audits", params={"endpoint": "/distill-batch"}, headers=admin)
@@ -200,7 +196,7 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     assert boot.returncode == 0, boot.stderr
     admin_key = boot.stdout.strip().splitlines()[-1]
     assert admin_key.startswith("sdb_")
-    admin = _bearer(_token(base, admin_key))
+    admin = _auth(base, admin_key)
     r = httpx.post(base + "/admin/users", json={"name": "alice"}, headers=admin)
     assert r.status_code == 201, r.text
     r = httpx.post(
@@ -211,7 +207,7 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     assert r.status_code == 201, r.text
     alice_key = r.json()["api_key"]
     r = httpx.post(
-        base + "/distill-batch", json={"model": MODEL, "inputs": x}, headers=_bearer(_token(base, alice_key))
+        base + "/distill-batch", json={"model": MODEL, "inputs": x}, headers=_auth(base, alice_key)
     )
     assert r.status_code == 200, r.text
     soft = np.asarray(r.json()["soft_labels"])
@@ -235,7 +231,7 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     r = httpx.post(
         base + "/distill-batch",
         json={"model": MODEL, "inputs": x[:1]},
-        headers=_bearer(_token(base, alice_key)),
+        headers=_auth(base, alice_key),
     )
     assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "95", r.text
 
