@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start 2: install the test dependencies into .venv and run the whole test suite:
 #   lint (ruff check, ruff format --check, mypy), then one pytest run: quick tests, then slow / e2e / PostgreSQL /
-#   browser tests. As root (CI), it first installs the Debian packages those need (chromium, prometheus for promtool).
+#   browser tests, and last the Docker tests (tests/docker: the images and the compose stack on a local
+#   engine). As root (CI), it first installs the Debian packages those need (chromium, prometheus for promtool).
 # PostgreSQL tests use SDB_TEST_POSTGRES_URL (default: the server at 127.0.0.1:5432, user postgres).
 # SDB_SKIP_SETUP=1 skips the install step; SDB_SKIP_LINT=1 skips the linters.
 set -uo pipefail

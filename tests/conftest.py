@@ -27,7 +27,7 @@ MODELS = ("alpha", "beta")
 
 # ---------------------------------------------------------------------------- order of one pytest run
 
-SLOW_MARKERS = ("slow", "e2e", "postgres", "browser")
+SLOW_MARKERS = ("slow", "e2e", "postgres", "browser", "docker")
 _QUICK_FAILED = pytest.StashKey[bool]()
 
 
@@ -44,8 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Quick tests first, then slow / e2e / PostgreSQL tests (a stable sort keeps each group's order)."""
-    items.sort(key=lambda item: not _is_quick(item))
+    """Quick tests first, then slow / e2e / PostgreSQL / browser tests, and the Docker tests last (they build
+    images); a stable sort keeps each group's order."""
+    items.sort(key=lambda item: (not _is_quick(item), item.get_closest_marker("docker") is not None))
 
 
 @pytest.hookimpl(wrapper=True)

