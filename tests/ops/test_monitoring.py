@@ -220,6 +220,7 @@ def test_prometheus_scrapes_the_service_and_raises_alerts(servers: list[Server],
         SDB_DEVICE="cpu",
         SDB_TORCH_THREADS="1",
         SDB_CALIBRATE_FORWARD_BATCH="false",
+        SDB_EXPOSE_METRICS="true",
     )
     subprocess.run([sdb_executable(), "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
     port = free_port()
