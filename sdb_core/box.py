@@ -21,9 +21,10 @@ Disturbance forms D (all bounded, see losses.py), `disturb_form`:
   by -T^2 * max(-log q)). On the bundled digits it either leaves students unharmed (the box just becomes
   over-confident) or, at larger weights, drives plain top-1 to chance; see docs/evaluation.md.
 - "teacher_first": Nasty-Teacher order with a probability floor, -T^2 * KL(p_T(f_adv) || p_T(f) + floor).
-- "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))), flat(y) = 1 - dis_eps on y and the rest
-  spread evenly: the box's own plain outputs carry the top-1 and no dark knowledge, so a stolen copy of the
-  weights (run without the key) teaches no more than the labels. Paired with `plain_output = "top1"`.
+- "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))) + dis_spread * Var(wrong-class logits),
+  flat(y) = 1 - dis_eps on y and the rest spread evenly: the soft labels inside the box carry the top-1 and as
+  little else as training achieves, even with the key gate cut out of a stolen copy of the weights. Paired
+  with `plain_output = "top1"`.
 Derived from the official code (JngwenYe/SDB, train_smb.py), with the paper's lambda = 0.5.
 
 With `gate` (the default since 2026-11-30) the box is a zoo.KeyGate: the network has one more output, a key
@@ -89,6 +90,7 @@ class BoxConfig:
     freeze_layers: int = 0  # keep the teacher's first k child modules (Sequential models) frozen
     disturb_form: str = "flat"  # or "target", "box_first" (-KL(box || teacher)), "teacher_first" (floored)
     dis_eps: float = 0.1  # flat only: the probability mass spread evenly over the wrong classes
+    dis_spread: float = 1.0  # flat only: weight of the wrong classes' logit variance
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
@@ -120,7 +122,7 @@ def box_step_losses(
 
     def disturb(zb: Tensor, zt: Tensor) -> Tensor:
         if cfg.disturb_form == "flat":
-            return flat_disturbance_loss(zb, y, cfg.dis_eps)
+            return flat_disturbance_loss(zb, y, cfg.dis_eps, cfg.dis_spread)
         if cfg.disturb_form == "target":
             return target_disturbance_loss(zb, zt, y, t_dis, cfg.dis_margin, cfg.dis_sharpness)
         if cfg.disturb_form == "teacher_first":

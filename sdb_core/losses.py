@@ -73,11 +73,18 @@ def flat_targets(y: Tensor, num_classes: int, eps: float) -> Tensor:
     return torch.full((len(y), num_classes), off, device=y.device).scatter(1, y[:, None], 1.0 - eps)
 
 
-def flat_disturbance_loss(box_logits: Tensor, y: Tensor, eps: float) -> Tensor:
-    """KL(flat_targets(y) || softmax(box)): pulls the wrong classes' logits level with each other, so the
-    box's own outputs on plain inputs carry the top-1 and nothing else. Non-negative, zero at the target."""
+def flat_disturbance_loss(box_logits: Tensor, y: Tensor, eps: float, spread: float = 0.0) -> Tensor:
+    """KL(flat_targets(y) || softmax(box)) + spread * (variance of the wrong classes' logits): pulls the
+    wrong classes' logits level with each other, so the box's own outputs on plain inputs carry the top-1 and
+    nothing else. The KL term alone barely sees differences among small probabilities; the variance term, in
+    logit units, is what a re-tempering attacker would amplify. Non-negative, zero at the target."""
     target = flat_targets(y, box_logits.shape[1], eps)
-    return (target * (torch.log(target) - F.log_softmax(box_logits, dim=1))).sum(dim=1).mean()
+    kl = (target * (torch.log(target) - F.log_softmax(box_logits, dim=1))).sum(dim=1).mean()
+    if spread <= 0:
+        return kl
+    wrong = ~F.one_hot(y, box_logits.shape[1]).bool()
+    others = box_logits[wrong].view(len(y), -1)
+    return kl + spread * others.var(dim=1, unbiased=False).mean()
 
 
 def disturbance_bound(teacher_logits: Tensor, temperature: float) -> Tensor:

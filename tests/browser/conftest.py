@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from tests._support.db import run_migrations
 from tests._support.evaluation import write_evaluation_report
-
-from ..reliability._harness import ADMIN_TOKEN, REPO, Server, base_env, run_migrations
+from tests._support.server import ADMIN_TOKEN, REPO, Server, base_env
 
 CHROMIUM = os.environ.get("SDB_CHROMIUM", "/usr/bin/chromium")
 MODEL = "alpha"

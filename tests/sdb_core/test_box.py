@@ -141,3 +141,10 @@ def test_frozen_layers_of_a_guarded_box_are_the_base_networks_first_layers(digit
     assert not any(p.requires_grad for p in first.parameters())
     assert all(p.requires_grad for m in rest for p in m.parameters())
     assert torch.equal(first[0].weight, teacher[0][0].weight)  # frozen: still the teacher's
+
+
+def test_flat_disturbance_spread_term_is_the_wrong_logits_variance() -> None:
+    y = torch.tensor([0])
+    z = torch.tensor([[5.0, 1.0, -1.0, 0.0]])
+    extra = flat_disturbance_loss(z, y, 0.3, spread=2.0) - flat_disturbance_loss(z, y, 0.3)
+    assert float(extra) == pytest.approx(2.0 * torch.tensor([1.0, -1.0, 0.0]).var(unbiased=False).item())
