@@ -42,6 +42,8 @@ def _override(obj: Any, options: list[str]) -> Any:
         if not sep or not hasattr(obj, k):
             raise typer.BadParameter(f"unknown option {item!r}")
         current = getattr(obj, k)
+        if current is not None and not isinstance(current, bool | int | float | str):
+            raise typer.BadParameter(f"{k} is not a scalar setting")
         if isinstance(current, bool):  # bool("false") is True
             if v.lower() not in ("true", "false", "1", "0"):
                 raise typer.BadParameter(f"{k} takes true or false, got {v!r}")
@@ -261,6 +263,13 @@ def evaluate(
         ),
     ] = None,
     box_option: BoxOptionOpt = None,
+    protocol_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--protocol-option",
+            help="Override a scalar EvalConfig field, KEY=VALUE (repeatable), e.g. transfer=500.",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
 ) -> None:
@@ -281,6 +290,8 @@ def evaluate(
             cfg = replace(cfg, seeds=tuple(int(s) for s in seeds.split(",") if s))
         if box_option:
             cfg = replace(cfg, box=_override(cfg.box, box_option))
+        if protocol_option:
+            cfg = _override(cfg, protocol_option)
         report = run_eval(cfg, out)
     typer.echo((out / "results.md").read_text())
     if not all(report["checks"].values()):
