@@ -90,7 +90,7 @@ class BoxConfig:
     freeze_layers: int = 0  # keep the teacher's first k child modules (Sequential models) frozen
     disturb_form: str = "flat"  # or "target", "box_first" (-KL(box || teacher)), "teacher_first" (floored)
     dis_eps: float = 0.1  # flat only: the probability mass spread evenly over the wrong classes
-XX
+    dis_spread: float = 0.0  # flat only: weight of the wrong classes' logit variance (docs/evaluation.md)
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
