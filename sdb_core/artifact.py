@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,6 @@ WEIGHTS = "weights.safetensors"
 KEY_FILE = "box_key.json"
 FORMAT = "sdb-box"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ArtifactConfig:
-    manifest_name: str = MANIFEST
-    weights_name: str = WEIGHTS
-    key_name: str = KEY_FILE
 
 
 class ArtifactError(Exception):
