@@ -128,3 +128,31 @@ def test_distill_calls_were_audited_and_counted(server: str) -> None:
     ]
     assert sum(distilled) >= 300 + 1300 * len(SEEDS)
     assert np.isfinite(sum(distilled))
+
+
+def _attack(*target: str) -> dict[str, object]:
+    import json
+    import subprocess
+
+    from tests._support.ops import sdb_executable
+
+    args = ["--data", "digits", "--transfer", "300", "--arch", "mlp:hidden=32", "--epochs", "3"]
+    args += ["--attacks", "label_only,retemper:4,average:noise", "--device", "cpu"]
+    cmd = [sdb_executable(), "attack", *target, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict(json.loads(r.stdout))
+
+
+def test_attack_command_against_the_service_matches_the_local_box(server: str, box_dir: Path) -> None:
+    """`sdb attack --remote` queries /predict anonymously and trains the same students as the same attack on
+    the local box (the answers are the same; threshold 1 point, seed 0)."""
+    name = read_manifest(box_dir)["name"]
+    remote = _attack("--remote", server, "--model", name)
+    local = _attack("--box", str(box_dir))
+    assert remote["target"] == f"remote:{server}:{name}"
+    remote_top1, local_top1 = remote["top1"], local["top1"]
+    assert isinstance(remote_top1, dict) and isinstance(local_top1, dict)
+    assert set(remote_top1) == {"label_only", "retemper:4", "average:noise"}
+    for attack, top1 in remote_top1.items():
+        assert abs(top1 - local_top1[attack]) <= TOLERANCE_PT, attack
