@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdb_core.artifact import BoxedModel
+from sdb_core.artifact import ArtifactError, BoxedModel, load_box
 from sdb_core.attacks import (
     AttackConfig,
     Oracle,
@@ -51,7 +51,16 @@ from sdb_core.box import BoxConfig, box_teacher
 from sdb_core.data import Dataset, load_dataset
 from sdb_core.distill import DistillConfig, distill
 from sdb_core.keys import BoxKey
-from sdb_core.training import TeacherFn, TrainConfig, accuracy, model_fn, resolve_device, train_classifier
+from sdb_core.training import (
+    TeacherFn,
+    TrainConfig,
+    accuracy,
+    load_model,
+    model_fn,
+    resolve_device,
+    save_model,
+    train_classifier,
+)
 from sdb_core.zoo import KeyGate
 
 BASE_METHODS = ("scratch", "normal", "authorized")
@@ -94,9 +103,9 @@ def fashion_mnist_config() -> EvalConfig:
         teacher_extra={"width": 32},
         teacher_epochs=12,
         owner_images=20_000,
-        transfer=1_000,
+        transfer=500,
         students=("small_cnn:width=16", "mlp:hidden=512"),
-        student_epochs=60,
+        student_epochs=120,
         # lambda 0.75 and a gentle fine-tune keep both paths within 0.5 points of the teacher
         # (docs/evaluation.md: lambda 0.5 / lr 0.05 cost 1.4 points)
         box=replace(BoxConfig(lam=0.75), train=TrainConfig(epochs=10, lr=0.01)),
@@ -213,18 +222,71 @@ def _train_cfg(cfg: EvalConfig, epochs: int, seed: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, seed=seed, device=cfg.device, progress=cfg.progress)
 
 
+def _strip_progress(rec: dict[str, Any]) -> dict[str, Any]:
+    """A config record as JSON gives it back, without what does not change the result (progress bars)."""
+    out: dict[str, Any] = json.loads(json.dumps(rec))
+    (out.get("train") or out).pop("progress", None)
+    return out
+
+
+def _recipe(cfg: BoxConfig | TrainConfig) -> dict[str, Any]:
+    return _strip_progress(asdict(cfg))
+
+
 def owner_box(
-    cfg: EvalConfig, owner: Dataset, seed: int, out: Path, *, name: str, key: BoxKey | None = None
+    cfg: EvalConfig,
+    owner: Dataset,
+    seed: int,
+    out: Path,
+    *,
+    name: str,
+    key: BoxKey | None = None,
+    cache: Path | None = None,
 ) -> tuple[TeacherFn, BoxedModel]:
     """The model owner's side: train the teacher on `owner`, box it into `out` (a fresh secret box key unless
-    one is given) and return the teacher function and the reloaded box."""
-    teacher, kwargs = train_classifier(
-        owner, cfg.teacher_arch, _train_cfg(cfg, cfg.teacher_epochs, seed), arch_extra=cfg.teacher_extra
-    )
+    one is given) and return the teacher function and the reloaded box. With `cache`, a teacher saved there
+    and a box already in `out` are reused when they were made by the same recipe from the same data (so a
+    rerun with other student settings trains only students)."""
+    dev = resolve_device(cfg.device)
+    teacher_cfg = _train_cfg(cfg, cfg.teacher_epochs, seed)
+    recipe = {
+        "arch": cfg.teacher_arch,
+        "extra": cfg.teacher_extra,
+        "train": _recipe(teacher_cfg),
+        "data": owner.digest(),
+    }
+    teacher: nn.Module | None = None
+    if cache is not None and (cache / "model.json").is_file():
+        model, meta = load_model(cache, device=dev)
+        if meta["metrics"].get("recipe") == json.loads(json.dumps(recipe)):
+            teacher, kwargs = model, meta["arch_kwargs"]
+    if teacher is None:
+        teacher, kwargs = train_classifier(owner, cfg.teacher_arch, teacher_cfg, arch_extra=cfg.teacher_extra)
+        if cache is not None:
+            save_model(
+                cache,
+                teacher,
+                arch=cfg.teacher_arch,
+                arch_kwargs=kwargs,
+                ds=owner,
+                metrics={"recipe": recipe},
+            )
     teacher_fn = model_fn(teacher, owner)
     box_cfg = replace(
         cfg.box, train=replace(cfg.box.train, seed=seed, device=cfg.device, progress=cfg.progress)
     )
+    if cache is not None and (out / "manifest.json").is_file():
+        try:
+            boxed = load_box(out, device=dev)
+        except ArtifactError:
+            boxed = None
+        if (
+            boxed is not None
+            and _strip_progress(boxed.manifest["extra"].get("box_config", {})) == _recipe(box_cfg)
+            and boxed.manifest["data_digest"] == owner.digest()
+            and (key is None or boxed.manifest["checksums"]["box_key"] == key.digest())
+        ):
+            return teacher_fn, boxed
     boxed = box_teacher(
         teacher,
         {"arch": cfg.teacher_arch, "arch_kwargs": kwargs},
@@ -233,7 +295,7 @@ def owner_box(
         name=name,
         cfg=box_cfg,
         key=key,
-        teacher_top1=accuracy(teacher_fn, owner.x_test, owner.y_test, resolve_device(cfg.device)),
+        teacher_top1=accuracy(teacher_fn, owner.x_test, owner.y_test, dev),
     )
     return teacher_fn, boxed
 
@@ -243,7 +305,15 @@ def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str
     dev = resolve_device(cfg.device)
     owner, transfer = split_owner_transfer(ds, cfg, seed)
     key = BoxKey.from_int_seed(seed, ds.input_shape, cfg.box.lam)
-    teacher_fn, boxed = owner_box(cfg, owner, seed, out_dir / f"seed{seed}", name=f"eval-seed{seed}", key=key)
+    teacher_fn, boxed = owner_box(
+        cfg,
+        owner,
+        seed,
+        out_dir / f"seed{seed}",
+        name=f"eval-seed{seed}",
+        key=key,
+        cache=out_dir / f"seed{seed}-teacher",
+    )
     metrics = boxed.manifest["metrics"]
     result: dict[str, Any] = {
         "seed": seed,

@@ -152,3 +152,30 @@ def test_reduced_fashion_mnist_evaluation(tmp_path: Path) -> None:
         for method, gain in beyond.items():
             if method.startswith(("api/", "stolen/")):
                 assert gain["mean"] == 0.0, method
+
+
+def test_a_rerun_reuses_the_teacher_and_the_box(tmp_path: Path) -> None:
+    """Only the students train again when the owner's recipe and data are unchanged; a changed box recipe
+    retrains the box."""
+    from dataclasses import replace
+
+    from sdb_core.attacks import AttackConfig
+    from sdb_core.training import TrainConfig
+
+    cfg = replace(
+        reduced_config("digits"),
+        teacher_epochs=1,
+        student_epochs=1,
+        box=replace(reduced_config("digits").box, train=TrainConfig(epochs=1)),
+        attacks=AttackConfig(attacks=("label_only",)),
+        stolen_attacks=(),
+    )
+    first = evaluate(cfg, tmp_path)
+    weights = tmp_path / "boxes" / "seed0" / "weights.safetensors"
+    teacher = tmp_path / "boxes" / "seed0-teacher" / "model.safetensors"
+    stamps = (weights.stat().st_mtime_ns, teacher.stat().st_mtime_ns)
+    second = evaluate(replace(cfg, student_epochs=2), tmp_path)
+    assert (weights.stat().st_mtime_ns, teacher.stat().st_mtime_ns) == stamps
+    assert second["runs"][0]["teacher"] == first["runs"][0]["teacher"]
+    evaluate(replace(cfg, box=replace(cfg.box, dis_eps=0.2)), tmp_path)
+    assert weights.stat().st_mtime_ns != stamps[0] and teacher.stat().st_mtime_ns == stamps[1]
