@@ -541,25 +541,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("teacher and box")
     ax = axes[1]
     specs = list(s["measures"])
-    width = 0.27
-    for j, (key, label, color) in enumerate(
-        (
-            ("V", "V (normal KD)", "#555"),
-            ("delivered", "delivered (licensee)", "#4a4"),
-            ("leaked", "leaked", "#c44"),
-        )
-    ):
+
+    def worst(m: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
+        gains = [g for name, g in m["gains"].items() if name.startswith(prefixes)]
+        return max(gains, key=lambda g: g["mean"]) if gains else {"mean": 0.0, "std": 0.0}
+
+    bars = [
+        ("V (normal KD)", "#555", lambda m: m["V"]),
+        ("delivered (licensee)", "#4a4", lambda m: m["delivered"]),
+        ("leaked: /predict, weights as shipped", "#c44", lambda m: worst(m, ("api/", "stolen/"))),
+        ("leaked: weights, gate cut out", "#e9a", lambda m: worst(m, ("whitebox/",))),
+    ]
+    width = 0.8 / len(bars)
+    for j, (label, color, pick) in enumerate(bars):
         xs = [a + j * width for a in range(len(specs))]
+        values = [pick(s["measures"][sp]) for sp in specs]
         ax.bar(
-            xs,
-            [s["measures"][sp][key]["mean"] for sp in specs],
-            width,
-            yerr=[s["measures"][sp][key]["std"] for sp in specs],
-            label=label,
-            color=color,
+            xs, [v["mean"] for v in values], width, yerr=[v["std"] for v in values], label=label, color=color
         )
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks([a + width for a in range(len(specs))], specs)
+    ax.set_xticks([a + width * (len(bars) - 1) / 2 for a in range(len(specs))], specs)
     ax.set_ylabel("top-1 points over the label-only floor")
     ax.set_title("dark knowledge: delivered vs leaked")
     ax.legend(fontsize=8)
