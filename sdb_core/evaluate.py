@@ -126,32 +126,29 @@ def protocol_for(dataset: str) -> EvalConfig:
 
 def reduced_config(dataset: str = "digits") -> EvalConfig:
     """A small configuration that checks the same directions quickly (for the test suite)."""
-    cfg = protocol_for(dataset)
-    reduced = AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,))
+    cfg = replace(
+        protocol_for(dataset),
+        seeds=(0,),
+        attacks=AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,)),
+        stolen_attacks=("retemper:4", "guess:lam=0.5"),
+        progress=False,
+    )
     if dataset.startswith("fashion-mnist"):
         return replace(
             cfg,
-            seeds=(0,),
             owner_images=4_000,
             transfer=500,
             teacher_epochs=6,
             student_epochs=60,
             students=("mlp:hidden=512",),
             box=replace(cfg.box, train=replace(cfg.box.train, epochs=4)),
-            attacks=reduced,
-            stolen_attacks=("retemper:4", "guess:lam=0.5"),
-            progress=False,
         )
     return replace(
         cfg,
-        seeds=(0,),
         teacher_epochs=20,
         student_epochs=20,
         students=("mlp:hidden=64",),
         box=replace(cfg.box, train=replace(cfg.box.train, epochs=20)),
-        attacks=reduced,
-        stolen_attacks=("retemper:4", "guess:lam=0.5"),
-        progress=False,
     )
 
 
