@@ -49,7 +49,7 @@ class Console:
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     from sdb_core.artifact import make_test_box
-    from service import crud
+    from service.crud import accounts
     from service.db.session import Database
 
     work = tmp_path_factory.mktemp("console-server")
@@ -64,7 +64,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     # The admin API refuses such a name; a row written by an older version or by hand must still be safe.
     db = Database(db_url)
     with db.write() as s:
-        crud.create_user(s, HOSTILE_USER, "user")
+        accounts.create_user(s, HOSTILE_USER, "user")
     db.dispose()
     env = base_env(
         models,
