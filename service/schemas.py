@@ -370,3 +370,23 @@ class ModelOut(BaseModel):
     )
     first_seen_at: datetime | None
     last_loaded_at: datetime | None
+
+
+class TimelineBucketOut(BaseModel):
+    start: datetime = Field(description="Start of the bucket (aligned on the Unix epoch).")
+    requests: int = Field(description="Audited calls (any status).")
+    answered: int = Field(description="Calls answered with status 200.")
+    refused: int = Field(description="Calls refused (status >= 400).")
+    samples: int = Field(description="Samples answered (status 200).")
+
+
+class TimelineSeriesOut(BaseModel):
+    endpoint: str
+    buckets: list[TimelineBucketOut] = Field(description="Buckets with at least one call, oldest first.")
+
+
+class TimelineOut(BaseModel):
+    since: datetime
+    until: datetime
+    bucket_s: int
+    series: list[TimelineSeriesOut]

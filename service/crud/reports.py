@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Integer, and_, cast, func, select
+from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from service.crud.audits import DISTILL_ENDPOINT, PREDICT_ENDPOINT
@@ -194,3 +194,45 @@ def client_volumes(
             )
         )
     return result, len(totals)
+
+
+@dataclass
+class TimelineBucket:
+    start: datetime
+    requests: int
+    answered: int
+    refused: int
+    samples: int
+
+
+def request_timeline(
+    session: Session, since: datetime, until: datetime, bucket_s: int
+) -> dict[str, list[TimelineBucket]]:
+    """Calls per endpoint and bucket of `bucket_s` seconds in [since, until), from the audit table."""
+    bucket = _epoch(session) // bucket_s
+    ok = QueryAudit.status == 200
+    q = (
+        select(
+            QueryAudit.endpoint,
+            bucket,
+            func.count(),
+            func.sum(case((ok, 1), else_=0)),
+            func.sum(case((QueryAudit.status >= 400, 1), else_=0)),
+            func.sum(case((ok, QueryAudit.n_samples), else_=0)),
+        )
+        .where(QueryAudit.created_at >= since, QueryAudit.created_at < until)
+        .group_by(QueryAudit.endpoint, bucket)
+        .order_by(QueryAudit.endpoint, bucket)
+    )
+    out: dict[str, list[TimelineBucket]] = {}
+    for endpoint, k, n, answered, refused, samples in session.execute(q):
+        out.setdefault(endpoint, []).append(
+            TimelineBucket(
+                start=datetime.fromtimestamp(int(k) * bucket_s, UTC),
+                requests=int(n),
+                answered=int(answered or 0),
+                refused=int(refused or 0),
+                samples=int(samples or 0),
+            )
+        )
+    return out

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
 
 from service.crud import events, reports
 from service.db.models import QueryAudit
 from service.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.routes.admin import MAX_BUCKETS, AuditFilterDep, Since, Until, _range
-from service.schemas import ErrorResponse
+from service.schemas import ErrorResponse, TimelineBucketOut, TimelineOut, TimelineSeriesOut
 
 router = APIRouter(
     prefix="/admin",
@@ -100,59 +96,6 @@ def export_audits(
     )
 
 
-class TimelineBucketOut(BaseModel):
-    start: datetime = Field(description="Start of the bucket (aligned on the Unix epoch).")
-    requests: int = Field(description="Audited calls (any status).")
-    answered: int = Field(description="Calls answered with status 200.")
-    refused: int = Field(description="Calls refused (status >= 400).")
-    samples: int = Field(description="Samples answered (status 200).")
-
-
-class TimelineSeriesOut(BaseModel):
-    endpoint: str
-    buckets: list[TimelineBucketOut] = Field(description="Buckets with at least one call, oldest first.")
-
-
-class TimelineOut(BaseModel):
-    since: datetime
-    until: datetime
-    bucket_s: int
-    series: list[TimelineSeriesOut]
-
-
-def request_timeline(
-    session: Session, since: datetime, until: datetime, bucket_s: int
-) -> dict[str, list[TimelineBucketOut]]:
-    """Calls per endpoint and bucket of `bucket_s` seconds in [since, until), from the audit table."""
-    bucket = reports._epoch(session) // bucket_s
-    ok = QueryAudit.status == 200
-    q = (
-        select(
-            QueryAudit.endpoint,
-            bucket,
-            func.count(),
-            func.sum(case((ok, 1), else_=0)),
-            func.sum(case((QueryAudit.status >= 400, 1), else_=0)),
-            func.sum(case((ok, QueryAudit.n_samples), else_=0)),
-        )
-        .where(QueryAudit.created_at >= since, QueryAudit.created_at < until)
-        .group_by(QueryAudit.endpoint, bucket)
-        .order_by(QueryAudit.endpoint, bucket)
-    )
-    out: dict[str, list[TimelineBucketOut]] = {}
-    for endpoint, k, n, answered, refused, samples in session.execute(q):
-        out.setdefault(endpoint, []).append(
-            TimelineBucketOut(
-                start=datetime.fromtimestamp(int(k) * bucket_s, UTC),
-                requests=int(n),
-                answered=int(answered or 0),
-                refused=int(refused or 0),
-                samples=int(samples or 0),
-            )
-        )
-    return out
-
-
 @router.get(
     "/usage/timeline",
     response_model=TimelineOut,
@@ -168,10 +111,13 @@ def usage_timeline(
     start, end = _range(since, until, 86400)
     if (end - start).total_seconds() / bucket_s > MAX_BUCKETS:
         raise HTTPException(status_code=422, detail=f"more than {MAX_BUCKETS} buckets: widen bucket_s")
-    series = request_timeline(s, start, end, bucket_s)
+    series = reports.request_timeline(s, start, end, bucket_s)
     return TimelineOut(
         since=start,
         until=end,
         bucket_s=bucket_s,
-        series=[TimelineSeriesOut(endpoint=e, buckets=b) for e, b in sorted(series.items())],
+        series=[
+            TimelineSeriesOut(endpoint=e, buckets=[TimelineBucketOut(**vars(b)) for b in buckets])
+            for e, buckets in sorted(series.items())
+        ],
     )
