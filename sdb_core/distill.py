@@ -65,32 +65,26 @@ def distill(
 ) -> nn.Module:
     """Train a student of `arch` on ds's training split; `teacher=None` trains the scratch baseline
     (CE on the labelled fraction only)."""
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
-    kwargs = arch_kwargs_for(ds.input_shape, ds.num_classes, **(arch_extra or {}))
-    student = build_model(arch, **kwargs)
-    mask = labelled_mask(len(ds.x_train), cfg.labelled_fraction, cfg.train.seed)
-    mask_t = torch.from_numpy(mask).to(device)
+    if teacher is not None and not cfg.train.augment:
+        logits = query_teacher(teacher, ds.x_train, cfg.teacher_batch_size)
+        return distill_logits(ds, arch, logits, cfg, arch_extra=arch_extra, desc=desc)
+    student, mask = _new_student(ds, arch, cfg, arch_extra)
+    if teacher is not None:  # augmented batches: the teacher is asked about each one
+        return _fit_kd(ds, student, None, teacher, cfg, mask, desc)
+    keep = mask.cpu().numpy()
+    sub = Dataset(
+        ds.name, ds.x_train[keep], ds.y_train[keep], ds.x_test, ds.y_test, ds.class_names, ds.mean, ds.std
+    )
 
-    if teacher is None:
-        sub = Dataset(
-            ds.name, ds.x_train[mask], ds.y_train[mask], ds.x_test, ds.y_test, ds.class_names, ds.mean, ds.std
-        )
+    def ce_step(idx: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+        return F.cross_entropy(student(xb), yb)
 
-        def ce_step(idx: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
-            return F.cross_entropy(student(xb), yb)
-
-        # Same number of optimizer steps as the KD students would see over the full transfer set.
-        scratch_cfg = cfg.train
-        if mask.sum() < len(mask):
-            factor = max(1, round(len(mask) / max(int(mask.sum()), 1)))
-            scratch_cfg = TrainConfig(**{**cfg.train.__dict__, "epochs": cfg.train.epochs * factor})
-        return fit(student, sub, ce_step, scratch_cfg, desc=desc)
-
-    if cfg.train.augment:
-        return _fit_kd(ds, student, None, teacher, cfg, mask_t, desc)
-    logits = query_teacher(teacher, ds.x_train, cfg.teacher_batch_size)
-    return distill_logits(ds, arch, logits, cfg, arch_extra=arch_extra, desc=desc)
+    # Same number of optimizer steps as the KD students would see over the full transfer set.
+    scratch_cfg = cfg.train
+    if keep.sum() < len(keep):
+        factor = max(1, round(len(keep) / max(int(keep.sum()), 1)))
+        scratch_cfg = TrainConfig(**{**cfg.train.__dict__, "epochs": cfg.train.epochs * factor})
+    return fit(student, sub, ce_step, scratch_cfg, desc=desc)
 
 
 def distill_logits(
@@ -106,14 +100,18 @@ def distill_logits(
     shared by every student that learns from the same answers)."""
     if logits.shape[0] != len(ds.x_train):
         raise ValueError(f"{logits.shape[0]} teacher logits for {len(ds.x_train)} training samples")
-    device = resolve_device(cfg.train.device)
+    student, mask = _new_student(ds, arch, cfg, arch_extra)
+    return _fit_kd(ds, student, logits.to(mask.device), None, cfg, mask, desc)
+
+
+def _new_student(
+    ds: Dataset, arch: str, cfg: DistillConfig, arch_extra: dict[str, Any] | None
+) -> tuple[nn.Module, Tensor]:
+    """A freshly seeded student of `arch` and the mask of training samples whose label is known."""
     seed_everything(cfg.train.seed)
-    kwargs = arch_kwargs_for(ds.input_shape, ds.num_classes, **(arch_extra or {}))
-    student = build_model(arch, **kwargs)
-    mask_t = torch.from_numpy(labelled_mask(len(ds.x_train), cfg.labelled_fraction, cfg.train.seed)).to(
-        device
-    )
-    return _fit_kd(ds, student, logits.to(device), None, cfg, mask_t, desc)
+    student = build_model(arch, **arch_kwargs_for(ds.input_shape, ds.num_classes, **(arch_extra or {})))
+    mask = labelled_mask(len(ds.x_train), cfg.labelled_fraction, cfg.train.seed)
+    return student, torch.from_numpy(mask).to(resolve_device(cfg.train.device))
 
 
 def _fit_kd(

@@ -191,14 +191,18 @@ def split_owner_transfer(ds: Dataset, cfg: EvalConfig, seed: int) -> tuple[Datas
     return part(perm[:owner], "owner"), part(perm[owner : owner + cfg.transfer], "transfer")
 
 
+def _log_softmax_oracle(logits_of: Callable[[Tensor], Tensor]) -> Oracle:
+    return lambda x: F.log_softmax(logits_of(x).float(), dim=1).cpu()
+
+
 def plain_api_oracle(boxed: BoxedModel) -> Oracle:
     """What `/predict` gives an anonymous client: log of the plain path's probabilities."""
-    return lambda x: F.log_softmax(boxed.plain_logits(x).float(), dim=1).cpu()
+    return _log_softmax_oracle(boxed.plain_logits)
 
 
 def stolen_weights_oracle(boxed: BoxedModel) -> Oracle:
     """The box's network run on plain inputs by someone who copied its weights but not its key."""
-    return lambda x: F.log_softmax(boxed.raw_plain_logits(x).float(), dim=1).cpu()
+    return _log_softmax_oracle(boxed.raw_plain_logits)
 
 
 def whitebox_oracle(boxed: BoxedModel) -> Oracle | None:
@@ -208,11 +212,11 @@ def whitebox_oracle(boxed: BoxedModel) -> Oracle | None:
     if not isinstance(model, KeyGate):
         return None
 
-    def oracle(x: Tensor) -> Tensor:
+    def soft_labels(x: Tensor) -> Tensor:
         with torch.inference_mode():
-            return F.log_softmax(model.heads(boxed.normalize(x))[0].float(), dim=1).cpu()
+            return model.heads(boxed.normalize(x))[0]
 
-    return oracle
+    return _log_softmax_oracle(soft_labels)
 
 
 def _train_cfg(cfg: EvalConfig, epochs: int, seed: int) -> TrainConfig:
