@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sdb_core import parallel
 from sdb_core.data import Dataset
 from sdb_core.losses import hinton_kd_loss
 from sdb_core.training import TeacherFn, TrainConfig, fit, resolve_device, seed_everything
@@ -66,7 +67,8 @@ def distill(
     """Train a student of `arch` on ds's training split; `teacher=None` trains the scratch baseline
     (CE on the labelled fraction only)."""
     if teacher is not None and not cfg.train.augment:
-        logits = query_teacher(teacher, ds.x_train, cfg.teacher_batch_size)
+        # Under torchrun rank 0 asks the teacher once and sends the answers to the other ranks.
+        logits = parallel.from_main(lambda: query_teacher(teacher, ds.x_train, cfg.teacher_batch_size))
         return distill_logits(ds, arch, logits, cfg, arch_extra=arch_extra, desc=desc)
     student, mask = _new_student(ds, arch, cfg, arch_extra)
     if teacher is not None:  # augmented batches: the teacher is asked about each one

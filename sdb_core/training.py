@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sdb_core import parallel
 from sdb_core.data import Dataset
 from sdb_core.zoo import arch_kwargs_for, build_model
 
@@ -113,10 +114,18 @@ def fit(
     n_train: int | None = None,
     checkpoint: Path | None = None,
 ) -> nn.Module:
-    """SGD (momentum, weight decay, cosine schedule) over the training split; `step` computes the loss."""
+    """SGD (momentum, weight decay, cosine schedule) over the training split; `step` computes the loss.
+
+    Under torchrun (an initialized process group, see `sdb_core.parallel`) each process runs `step` on its
+    shard of every global minibatch and the gradients are summed across processes before each optimizer step;
+    only rank 0 shows the progress bar and writes checkpoints."""
     device = resolve_device(cfg.device)
     g = seed_everything(cfg.seed)
+    multi = parallel.active()
+    if multi:  # same permutation from g on every rank; different noise (dropout, non-key draws) per shard
+        torch.manual_seed(cfg.seed + 1_000_003 * parallel.rank())
     model.to(device).train()
+    parallel.broadcast_module(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     x_all = to_tensor(ds.x_train, device)
@@ -130,35 +139,51 @@ def fit(
         sched.load_state_dict(state["sched"])
         g.set_state(state["rng"])
         start = int(state["epoch"])
-    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=not cfg.progress, leave=False)
+    show = cfg.progress and parallel.is_main()
+    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=not show, leave=False)
     for epoch in bar:
         model.train()
         total, count = 0.0, 0
         for idx in minibatches(n, cfg.batch_size, g):
-            xb = x_all[idx.to(device)]
-            if cfg.augment:
-                xb = augment_batch(xb, g)
-            loss = step(idx, ds.normalize(xb), y_all[idx.to(device)])
+            global_n = len(idx)
+            part = parallel.shard(global_n) if multi else slice(None)
+            if cfg.augment:  # the whole global batch, so that g advances alike on every rank
+                xb = augment_batch(x_all[idx.to(device)], g)[part]
+                idx = idx[part]
+            else:
+                idx = idx[part]
+                xb = x_all[idx.to(device)]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(idx):
+                loss = step(idx, ds.normalize(xb), y_all[idx.to(device)])
+                loss.backward()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+            if multi:
+                parallel.all_reduce_gradients(model.parameters(), len(idx) / global_n)
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
         sched.step()
+        if multi:
+            total, count_f = parallel.all_reduce_sum([total, float(count)])
+            count = int(count_f)
+            parallel.average_buffers(model)
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         if checkpoint is not None and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
-            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "rng": g.get_state(),
-                    "epoch": epoch + 1,
-                },
-                tmp,
-            )
-            os.replace(tmp, checkpoint)
+            if parallel.is_main():
+                tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "rng": g.get_state(),
+                        "epoch": epoch + 1,
+                    },
+                    tmp,
+                )
+                os.replace(tmp, checkpoint)
+            parallel.barrier()
+    parallel.broadcast_module(model)  # equal already; this makes "what rank 0 saves" hold by construction
     model.eval()
     return model
 

@@ -62,6 +62,16 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _single_process(command: str) -> None:
+    """Refuse a command that has no multi-process mode when torchrun started several copies of it."""
+    from sdb_core import parallel
+
+    if parallel.launched():
+        raise typer.BadParameter(
+            f"{command} runs in one process; under torchrun only train-teacher, box and distill share work"
+        )
+
+
 def _echo_json(obj: dict[str, Any]) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
@@ -78,8 +88,10 @@ def train_teacher(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
 ) -> None:
-    """Train a teacher classifier and save it (safetensors + JSON)."""
+    """Train a teacher classifier and save it (safetensors + JSON). Runs under torchrun too
+    (docs/training.md): `torchrun --standalone --nproc-per-node N -m sdb train-teacher ...`."""
     _threads(threads)
+    from sdb_core import parallel
     from sdb_core.data import load_dataset
     from sdb_core.training import (
         TrainConfig,
@@ -90,15 +102,20 @@ def train_teacher(
         train_classifier,
     )
 
-    ds = load_dataset(data)
-    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, augment=augment, checkpoint_every=5)
-    extra = {"width": width} if width is not None else {}
-    out.mkdir(parents=True, exist_ok=True)
-    model, kwargs = train_classifier(ds, arch, cfg, arch_extra=extra, checkpoint=out / "resume.pt")
-    top1 = accuracy(model_fn(model, ds), ds.x_test, ds.y_test, resolve_device(device))
-    save_model(out, model, arch=arch, arch_kwargs=kwargs, ds=ds, metrics={"top1": top1}, train_config=cfg)
-    (out / "resume.pt").unlink(missing_ok=True)
-    _echo_json({"teacher": str(out), "test_top1": round(top1, 2)})
+    with parallel.session(device) as device:
+        ds = load_dataset(data)
+        cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, augment=augment, checkpoint_every=5)
+        extra = {"width": width} if width is not None else {}
+        if parallel.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+        model, kwargs = train_classifier(ds, arch, cfg, arch_extra=extra, checkpoint=out / "resume.pt")
+        if parallel.is_main():
+            top1 = accuracy(model_fn(model, ds), ds.x_test, ds.y_test, resolve_device(device))
+            save_model(
+                out, model, arch=arch, arch_kwargs=kwargs, ds=ds, metrics={"top1": top1}, train_config=cfg
+            )
+            (out / "resume.pt").unlink(missing_ok=True)
+            _echo_json({"teacher": str(out), "test_top1": round(top1, 2), "processes": parallel.world_size()})
 
 
 def box(
@@ -117,39 +134,63 @@ def box(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
 ) -> None:
-    """Turn a trained teacher into a boxed model (fresh secret box key); resumes an interrupted run."""
+    """Turn a trained teacher into a boxed model (fresh secret box key); resumes an interrupted run. Runs
+    under torchrun too: `torchrun --standalone --nproc-per-node N -m sdb box ...` (docs/training.md)."""
     _threads(threads)
-    from sdb_core.box import BoxConfig, box_teacher
+    from sdb_core import parallel
+    from sdb_core.box import BoxConfig, box_teacher, train_box
     from sdb_core.data import load_dataset
+    from sdb_core.keys import BoxKey
     from sdb_core.training import accuracy, load_model, model_fn, resolve_device
 
-    ds = load_dataset(data)
-    model, meta = load_model(teacher, device=resolve_device(device))
-    if meta.get("data_digest") != ds.digest():
-        typer.echo("warning: the teacher was trained on different data (digest differs)", err=True)
-    base = BoxConfig(lam=lam)
-    train = replace(base.train, seed=seed, device=device, checkpoint_every=5)
-    if epochs is not None:
-        train = replace(train, epochs=epochs)
-    cfg = replace(_override(base, box_option or []), train=train)
-    top1 = accuracy(model_fn(model, ds), ds.x_test, ds.y_test, resolve_device(device))
-    ckpt = out.parent / f".{out.name}.resume.pt"
-    boxed = box_teacher(
-        model,
-        meta,
-        ds,
-        out,
-        name=name or out.name,
-        version=version,
-        cfg=cfg,
-        teacher_top1=top1,
-        checkpoint=ckpt,
-    )
-    if key_out is not None:
-        key_out.parent.mkdir(parents=True, exist_ok=True)
-        (out / "box_key.json").replace(key_out)
-        typer.echo(f"box key moved to {key_out}; load with key_path", err=True)
-    _echo_json({"box": str(out), "metrics": boxed.manifest["metrics"]})
+    with parallel.session(device) as device:
+        ds = load_dataset(data)
+        model, meta = load_model(teacher, device=resolve_device(device))
+        if meta.get("data_digest") != ds.digest() and parallel.is_main():
+            typer.echo("warning: the teacher was trained on different data (digest differs)", err=True)
+        base = BoxConfig(lam=lam)
+        train = replace(base.train, seed=seed, device=device, checkpoint_every=5)
+        if epochs is not None:
+            train = replace(train, epochs=epochs)
+        cfg = replace(_override(base, box_option or []), train=train)
+        ckpt = out.parent / f".{out.name}.resume.pt"
+        # One secret key for all ranks: drawn by rank 0, sent over the (local) process group.
+        drawn = BoxKey.generate(ds.input_shape, cfg.lam) if parallel.is_main() else None
+        key = parallel.broadcast_object(drawn)
+        assert key is not None
+        if not parallel.is_main():
+            # The same training (and collectives) as box_teacher's train_box call on rank 0, which alone
+            # evaluates and writes the artifact.
+            train_box(
+                model,
+                ds,
+                arch=meta["arch"],
+                arch_kwargs=meta["arch_kwargs"],
+                key=key,
+                cfg=cfg,
+                checkpoint=ckpt,
+            )
+            return
+        top1 = accuracy(model_fn(model, ds), ds.x_test, ds.y_test, resolve_device(device))
+        boxed = box_teacher(
+            model,
+            meta,
+            ds,
+            out,
+            name=name or out.name,
+            version=version,
+            cfg=cfg,
+            key=key,
+            teacher_top1=top1,
+            checkpoint=ckpt,
+        )
+        if key_out is not None:
+            key_out.parent.mkdir(parents=True, exist_ok=True)
+            (out / "box_key.json").replace(key_out)
+            typer.echo(f"box key moved to {key_out}; load with key_path", err=True)
+        _echo_json(
+            {"box": str(out), "metrics": boxed.manifest["metrics"], "processes": parallel.world_size()}
+        )
 
 
 def distill(
@@ -180,71 +221,85 @@ def distill(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
 ) -> None:
-    """Distill a student (Hinton KD) from a teacher, a local box, or a remote box; no teacher = scratch."""
+    """Distill a student (Hinton KD) from a teacher, a local box, or a remote box; no teacher = scratch.
+    Runs under torchrun too (rank 0 alone asks the teacher): `torchrun --standalone --nproc-per-node N -m sdb
+    distill ...`."""
     _threads(threads)
-    from sdb_core.artifact import load_box
-    from sdb_core.box import wrong_key_fn
-    from sdb_core.data import load_dataset
-    from sdb_core.distill import DistillConfig
-    from sdb_core.distill import distill as run_distill
-    from sdb_core.training import (
-        TeacherFn,
-        TrainConfig,
-        accuracy,
-        load_model,
-        model_fn,
-        resolve_device,
-        save_model,
-    )
+    from sdb_core import parallel
 
-    if sum(x is not None for x in (teacher, box_dir, remote)) > 1:
-        raise typer.BadParameter("give at most one of --teacher, --box, --remote")
-    ds = load_dataset(data)
-    dev = resolve_device(device)
-    fn: TeacherFn | None = None
-    source = "scratch"
-    if teacher is not None:
-        tmodel, _ = load_model(teacher, device=dev)
-        fn, source = model_fn(tmodel, ds), f"teacher:{teacher}"
-    elif box_dir is not None:
-        boxed = load_box(box_dir, key_path=key_path, device=dev)
-        if path is DistillPath.plain:
-            fn = boxed.plain_logits
-        elif path is DistillPath.keyed:
-            fn = boxed.keyed_logits
-        else:
-            fn = wrong_key_fn(boxed, boxed.manifest["lam"])
-        source = f"box:{box_dir}:{path.value}"
-    elif remote is not None:
-        if not api_key:
-            raise typer.BadParameter("--remote needs --api-key (or SDB_API_KEY)")
-        if path is DistillPath.wrong_key:
-            raise typer.BadParameter("--path wrong-key is only for local boxes")
-        from sdb.client import remote_teacher  # lazy: the client is optional for local use
+    with parallel.session(device) as device:
+        from sdb_core.artifact import load_box
+        from sdb_core.box import wrong_key_fn
+        from sdb_core.data import load_dataset
+        from sdb_core.distill import DistillConfig
+        from sdb_core.distill import distill as run_distill
+        from sdb_core.training import (
+            TeacherFn,
+            TrainConfig,
+            accuracy,
+            load_model,
+            model_fn,
+            resolve_device,
+            save_model,
+        )
 
-        fn = remote_teacher(remote, api_key, model, "keyed" if path is DistillPath.keyed else "plain")
-        source = f"remote:{remote}:{model or 'default'}:{path.value}"
-    cfg = DistillConfig(
-        alpha=alpha,
-        temperature=temperature,
-        labelled_fraction=labelled_fraction,
-        train=TrainConfig(epochs=epochs, seed=seed, device=device),
-    )
-    extra = {"width": width} if width is not None else {}
-    student = run_distill(ds, arch, fn, cfg, arch_extra=extra)
-    top1 = accuracy(model_fn(student, ds), ds.x_test, ds.y_test, dev)
-    from sdb_core.zoo import arch_kwargs_for
+        if sum(x is not None for x in (teacher, box_dir, remote)) > 1:
+            raise typer.BadParameter("give at most one of --teacher, --box, --remote")
+        ds = load_dataset(data)
+        dev = resolve_device(device)
+        fn: TeacherFn | None = None
+        source = "scratch"
+        if teacher is not None:
+            tmodel, _ = load_model(teacher, device=dev)
+            fn, source = model_fn(tmodel, ds), f"teacher:{teacher}"
+        elif box_dir is not None:
+            boxed = load_box(box_dir, key_path=key_path, device=dev)
+            if path is DistillPath.plain:
+                fn = boxed.plain_logits
+            elif path is DistillPath.keyed:
+                fn = boxed.keyed_logits
+            else:
+                fn = wrong_key_fn(boxed, boxed.manifest["lam"])
+            source = f"box:{box_dir}:{path.value}"
+        elif remote is not None:
+            if not api_key:
+                raise typer.BadParameter("--remote needs --api-key (or SDB_API_KEY)")
+            if path is DistillPath.wrong_key:
+                raise typer.BadParameter("--path wrong-key is only for local boxes")
+            from sdb.client import remote_teacher  # lazy: the client is optional for local use
 
-    save_model(
-        out,
-        student,
-        arch=arch,
-        arch_kwargs=arch_kwargs_for(ds.input_shape, ds.num_classes, **extra),
-        ds=ds,
-        metrics={"top1": top1, "source": source},
-        train_config=cfg.train,
-    )
-    _echo_json({"student": str(out), "source": source, "test_top1": round(top1, 2)})
+            fn = remote_teacher(remote, api_key, model, "keyed" if path is DistillPath.keyed else "plain")
+            source = f"remote:{remote}:{model or 'default'}:{path.value}"
+        cfg = DistillConfig(
+            alpha=alpha,
+            temperature=temperature,
+            labelled_fraction=labelled_fraction,
+            train=TrainConfig(epochs=epochs, seed=seed, device=device),
+        )
+        extra = {"width": width} if width is not None else {}
+        student = run_distill(ds, arch, fn, cfg, arch_extra=extra)
+        if not parallel.is_main():
+            return
+        top1 = accuracy(model_fn(student, ds), ds.x_test, ds.y_test, dev)
+        from sdb_core.zoo import arch_kwargs_for
+
+        save_model(
+            out,
+            student,
+            arch=arch,
+            arch_kwargs=arch_kwargs_for(ds.input_shape, ds.num_classes, **extra),
+            ds=ds,
+            metrics={"top1": top1, "source": source},
+            train_config=cfg.train,
+        )
+        _echo_json(
+            {
+                "student": str(out),
+                "source": source,
+                "test_top1": round(top1, 2),
+                "processes": parallel.world_size(),
+            }
+        )
 
 
 def evaluate(
@@ -275,6 +330,7 @@ def evaluate(
 ) -> None:
     """Run the protocol of --data (teacher, box, licensees' and attackers' students) over several seeds and
     report the knowledge the box delivers and leaks."""
+    _single_process("evaluate")
     _threads(threads)
     from sdb_core.evaluate import evaluate as run_eval
     from sdb_core.evaluate import merge_reports, protocol_for, reduced_config, write_report
@@ -330,6 +386,7 @@ def attack(
 ) -> None:
     """Run the attack suite (sdb_core.attacks) as an outsider would: students trained from plain-path answers
     of a local box or a running service, each compared with the label-only student."""
+    _single_process("attack")
     _threads(threads)
     import numpy as np
 
@@ -404,6 +461,7 @@ def demo(
 ) -> None:
     """Train a teacher with the evaluation protocol of --data and box it into OUT (the service's demo models:
     models/digits-demo in 1-2 min, models/fashion-mnist in about 10 min on a CPU)."""
+    _single_process("demo")
     _threads(threads)
     from sdb_core.data import load_dataset
     from sdb_core.evaluate import owner_box, protocol_for, split_owner_transfer
