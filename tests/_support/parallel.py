@@ -3,12 +3,14 @@ torch.multiprocessing (a module of its own, so spawned children can import it)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from sdb_core.data import Dataset
+from sdb_core.distill import DistillConfig, distill
 from sdb_core.training import TrainConfig, fit
 from sdb_core.zoo import arch_kwargs_for, build_model
 
@@ -29,6 +31,20 @@ def train(ds: Dataset, arch: str, epochs: int, out: Path) -> None:
     torch.save(model.state_dict(), out)
 
 
+def distill_once(ds: Dataset) -> int:
+    """A 1-epoch KD student from a counting teacher; returns how many samples this rank asked it about."""
+    asked = 0
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        nonlocal asked
+        asked += len(x)
+        return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), ds.num_classes).float()
+
+    cfg = DistillConfig(train=TrainConfig(epochs=1, seed=0, device="cpu", progress=False))
+    distill(ds, "mlp", teacher, cfg)
+    return asked
+
+
 def worker(
     rank: int, world: int, init_file: str, ds: Dataset, jobs: list[tuple[str, int]], out_dir: str
 ) -> None:
@@ -38,5 +54,7 @@ def worker(
     try:
         for arch, epochs in jobs:
             train(ds, arch, epochs, Path(out_dir) / f"{arch}-rank{rank}.pt")
+        asked = distill_once(ds)
+        (Path(out_dir) / f"asked-rank{rank}.json").write_text(json.dumps(asked))
     finally:
         dist.destroy_process_group()

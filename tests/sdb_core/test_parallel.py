@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,10 @@ def test_batchnorm_model_is_the_same_on_both_ranks_and_sane(two_rank_states: Pat
     model.load_state_dict(r0)
     top1 = accuracy(model_fn(model, digits), digits.x_test, digits.y_test, torch.device("cpu"))
     assert top1 >= 85.0, top1
+
+
+@pytest.mark.slow
+def test_distill_asks_the_teacher_once_from_rank_0(two_rank_states: Path, digits: Dataset) -> None:
+    """A remote teacher sees the requests of one process: rank 0 asks, the answers are broadcast."""
+    asked = [json.loads((two_rank_states / f"asked-rank{r}.json").read_text()) for r in (0, 1)]
+    assert asked == [len(digits.x_train), 0]
