@@ -16,6 +16,9 @@ Measures, on --device:
   teacher on the digits and a ResNet-20 teacher on synthetic 3x32x32 data.
 - serve: `bench.serve_bench --quick` (the real server against the raw model, on the same device), unless
   --reduced or --no-serve; with --device cpu the server is hidden from any GPU (CUDA_VISIBLE_DEVICES="").
+
+--reduced (the test suite's run): the demo model only, each point timed once, batch search capped at 2048,
+one digits epoch of box training, no serving benchmark.
 """
 
 from __future__ import annotations
