@@ -7,6 +7,11 @@ drawn random non-key at lambda +- nonkey_lam_spread, p_T = softmax(z / T), y the
       + w_dis * D(f(x))                                               # knowledge disturbance (plain)
       + w_pre * T^2 * KL(sharpen(p_T(f_adv(x)), y) || p_T(f(x')))     # preservation + augmentation (keyed)
       + w_nonkey * [w_ce_plain * CE(f(x~), y) + w_dis * D(f(x~))]     # wrong keys behave like no key
+      + w_mix * [CE(f(x_m'), y_m) + w_dis * D(f(x_m)) + w_pre * T^2 * KL(...(x_m) || p_T(f(x_m')))]
+
+x_m = a x1 + (1 - a) x2 mixes two plain images of the batch (a uniform in [0, 1]), y_m is the teacher's top-1
+on it: between classes is where dark knowledge lives, and where a box trained flat on the owner's images alone
+still shows it on unseen images (its soft labels read with the gate cut out, docs/evaluation.md).
 
 With `guard` (the default) the box is a zoo.TopOneGuard: a soft head z and a decision head d over one trunk.
 The cross-entropy terms above train d (plus w_dec_pre * T^2 * KL(p_T(f_adv(x)) || p_T(d)) on plain and keyed
@@ -99,6 +104,7 @@ class BoxConfig:
     guard: bool = False  # two heads (soft, decision) behind zoo.TopOneGuard; False: one head does both
     guard_lift: float = 1.0  # logits by which a guarded box lifts its decision above the soft head's top
     w_dec_pre: float = 1.0  # guarded only: the decision head also imitates the teacher (plain and keyed)
+    w_mix: float = 0.0  # weight of the same terms on mixes of two plain images (between classes; see above)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
     def __post_init__(self) -> None:
@@ -120,11 +126,11 @@ def box_step_losses(
     """Every term of the objective for one normalized batch (for training and for tests)."""
     t, t_dis = cfg.temps(num_classes)
 
-    def disturb(zb: Tensor, zt: Tensor) -> Tensor:
+    def disturb(zb: Tensor, zt: Tensor, yb: Tensor = y) -> Tensor:
         if cfg.disturb_form == "flat":
-            return flat_disturbance_loss(zb, y, cfg.dis_eps, cfg.dis_spread)
+            return flat_disturbance_loss(zb, yb, cfg.dis_eps, cfg.dis_spread)
         if cfg.disturb_form == "target":
-            return target_disturbance_loss(zb, zt, y, t_dis, cfg.dis_margin, cfg.dis_sharpness)
+            return target_disturbance_loss(zb, zt, yb, t_dis, cfg.dis_margin, cfg.dis_sharpness)
         if cfg.disturb_form == "teacher_first":
             return reverse_disturbance_loss(zb, zt, t_dis, cfg.dis_floor)
         return disturbance_loss(zb, zt, t_dis)
@@ -138,6 +144,15 @@ def box_step_losses(
         lam = key.lam + cfg.nonkey_lam_spread * (2 * torch.rand(shape, device=xn.device) - 1)
         lam = lam.clamp(0.05, 0.95)
         parts.append(lam * xn + (1.0 - lam) * torch.randn_like(xn))
+    if cfg.w_mix > 0:
+        # Between two images is where dark knowledge lives; their plain mixes must carry the top-1 alone too.
+        shape = (len(xn),) + (1,) * (xn.dim() - 1)
+        alpha = torch.rand(shape, device=xn.device)
+        xm = alpha * xn + (1.0 - alpha) * xn[torch.randperm(len(xn), device=xn.device)]
+        with torch.no_grad():
+            zm_adv = teacher(xm)
+        ym = zm_adv.argmax(dim=1)
+        parts += [xm, key.apply(xm)]
     guarded = isinstance(box, TopOneGuard)
     score: Tensor | None = None
     if isinstance(box, TopOneGuard):
@@ -149,6 +164,7 @@ def box_step_losses(
         z = d = box(torch.cat(parts))
     n = len(xn)
     zp, zk = z[:n], z[n : 2 * n]
+    mix_at = n * (3 if cfg.w_nonkey > 0 else 2)
     out = {
         "ce_plain": F.cross_entropy(d[:n], y),
         "ce_keyed": F.cross_entropy(d[n : 2 * n], y),
@@ -161,10 +177,17 @@ def box_step_losses(
     if score is not None:
         is_key = torch.zeros_like(score)
         is_key[n : 2 * n] = 1.0
+        if cfg.w_mix > 0:
+            is_key[mix_at + n :] = 1.0
         out["gate"] = F.binary_cross_entropy_with_logits(score, is_key)
+    if cfg.w_mix > 0:
+        zm, zmk = z[mix_at : mix_at + n], z[mix_at + n : mix_at + 2 * n]
+        out["ce_mix"] = F.cross_entropy(d[mix_at + n : mix_at + 2 * n], ym)
+        out["disturb_mix"] = disturb(zm, zm_adv, ym)
+        out["preserve_mix"] = preservation_loss(zmk, zm_adv, ym, t, cfg.sharpen)
     if cfg.w_nonkey > 0:
-        zr = z[2 * n :]
-        out["ce_nonkey"] = F.cross_entropy(d[2 * n :], y)
+        zr = z[2 * n : 3 * n]
+        out["ce_nonkey"] = F.cross_entropy(d[2 * n : 3 * n], y)
         out["disturb_nonkey"] = disturb(zr, z_adv)
     total = (
         cfg.w_ce_plain * out["ce_plain"]
@@ -179,6 +202,10 @@ def box_step_losses(
         total = total + cfg.w_gate * out["gate"]
     if cfg.w_nonkey > 0:
         total = total + cfg.w_nonkey * (cfg.w_ce_plain * out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
+    if cfg.w_mix > 0:
+        total = total + cfg.w_mix * (
+            cfg.w_ce_keyed * out["ce_mix"] + cfg.w_dis * out["disturb_mix"] + cfg.w_pre * out["preserve_mix"]
+        )
     out["total"] = total
     return out
 
