@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.serve_bench            # about 2-4 minutes on 2 CPU cores
     .venv/bin/python -m bench.serve_bench --quick    # fewer requests, a smoke run
+    .venv/bin/python -m bench.serve_bench --peer litserve   # sdb against LitServe, alternating rounds
 
 Sets everything up itself: a models directory with the demo box (models/ when shipped, else a small_cnn
 test box of the same shape) and an untrained ResNet-20 box (3x32x32; speed does not depend on training), a
@@ -12,7 +13,14 @@ right before each scenario, at the same batch size: 1 for /predict c1, the mean 
 for /predict c32, 256 for /distill-batch. Server RSS is sampled every 50 ms.
 
 Targets (issue 5): distill >= 0.85 x raw at batch 256; /predict c32 >= 0.6 x raw at the mean batch formed
-and >= 3 x the req/s of batching off; no failed request; peak RSS < 1.5 x idle.
+and >= 3 x the req/s of batching off; no failed request; peak RSS < 1.5 x idle. Issue 15: /predict c32
+p99 <= 3 x p50.
+
+`--peer litserve` (issue 15) runs a different comparison: /predict at concurrency 32, one sample per
+request, on each model, against the same box served by LitServe (`bench.litserve_peer`, the `bench` extra),
+in alternating rounds (sdb first in odd rounds, LitServe first in even ones), and prints the medians over
+the rounds and their ratios. Targets: sdb req/s >= 1.5 x LitServe's, sdb p99 <= LitServe's p99, sdb p99 <=
+3 x its p50; no failed request.
 """
 
 from __future__ import annotations
@@ -197,6 +205,50 @@ class Server:
         return values["sum"], values["count"]
 
 
+class PeerServer:
+    """The same box served by LitServe (`bench.litserve_peer`): one model, one API server, one worker."""
+
+    def __init__(self, work: Path, model_dir: Path, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+        self.log_path = work / f"litserve-{model_dir.name}.log"
+        cmd = [
+            sys.executable, "-m", "bench.litserve_peer", "--model-dir", str(model_dir),
+            "--port", str(self.port), "--threads", str(threads),
+        ]  # fmt: skip
+        self._log = self.log_path.open("wb")
+        # Its own process group: LitServe starts an API server and an inference worker as child processes.
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"LitServe exited:\n{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("LitServe not ready in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # its workers, if the parent left any behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+
+
 def bootstrap_key(url: str, models: list[str]) -> str:
     r = httpx.post(
         url + "/auth/token", json={"grant_type": "client_credentials", "client_secret": ADMIN_TOKEN}
@@ -246,7 +298,11 @@ class RawModels:
 
 
 def run_load(
-    server: Server, scenario: Scenario, work: Path, input_shape: tuple[int, ...], token: str | None
+    server: Server | PeerServer,
+    scenario: Scenario,
+    work: Path,
+    input_shape: tuple[int, ...],
+    token: str | None,
 ) -> Result:
     rng = np.random.default_rng(1)
     bodies = []
@@ -326,6 +382,10 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
             checks.append(
                 (f"{model}: predict c32 >= 0.6 x raw at mean batch (got {p.ratio:.2f})", p.ratio >= 0.6)
             )
+        if p is not None:
+            tail = p.p99_ms / p.p50_ms
+            checks.append((f"{model}: predict c32 p99 <= 3 x p50 (got {p.p99_ms:.1f} / {p.p50_ms:.1f} ms = "
+                           f"{tail:.1f}x)", tail <= 3))  # fmt: skip
         off = by.get((model, "predict c32 no-batching"))
         if p is not None and off is not None:
             speedup = p.req_per_s / off.req_per_s
@@ -349,6 +409,161 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
     return "\n".join(lines), all(ok for _, ok in checks)
 
 
+# ------------------------------------------------------------------------------------------- peer
+
+
+@dataclass
+class PeerRow:
+    model: str
+    server: str  # "sdb" or the peer's name
+    round: int
+    result: Result
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def peer_report(rows: list[PeerRow], peer: str, meta: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    lines = [
+        "| model | server | round | requests | req/s | p50 ms | p95 ms | p99 ms | p99/p50 | failed |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        r = row.result
+        lines.append(
+            f"| {row.model} | {row.server} | {row.round} | {r.scenario.requests} | {fmt(r.req_per_s)} | "
+            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.p99_ms / r.p50_ms:.1f} | {r.failures} |"
+        )
+    lines += [
+        "",
+        f"Medians over the rounds, sdb / {peer}:",
+        "",
+        f"| model | sdb req/s | {peer} req/s | req/s ratio | sdb p50 | {peer} p50 | sdb p99 | {peer} p99 | "
+        "p99 ratio | sdb p99/p50 |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    checks: list[tuple[str, bool]] = []
+    summary: dict[str, Any] = {}
+    for model in dict.fromkeys(row.model for row in rows):
+        med: dict[str, dict[str, float]] = {}
+        for server in ("sdb", peer):
+            rs = [row.result for row in rows if row.model == model and row.server == server]
+            med[server] = {
+                "req_per_s": median([r.req_per_s for r in rs]),
+                "p50_ms": median([r.p50_ms for r in rs]),
+                "p99_ms": median([r.p99_ms for r in rs]),
+            }
+        a, b = med["sdb"], med[peer]
+        speed, tail_ratio, tail = (
+            a["req_per_s"] / b["req_per_s"],
+            a["p99_ms"] / b["p99_ms"],
+            a["p99_ms"] / a["p50_ms"],
+        )
+        summary[model] = {**med, "req_per_s_ratio": speed, "p99_ratio": tail_ratio, "sdb_p99_over_p50": tail}
+        lines.append(
+            f"| {model} | {fmt(a['req_per_s'])} | {fmt(b['req_per_s'])} | {speed:.2f} | {a['p50_ms']:.1f} | "
+            f"{b['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['p99_ms']:.1f} | {tail_ratio:.2f} | {tail:.1f} |"
+        )
+        checks.append((f"{model}: sdb req/s >= 1.5 x {peer} (got {speed:.2f}x)", speed >= 1.5))
+        checks.append((f"{model}: sdb p99 <= {peer} p99 (got {a['p99_ms']:.1f} vs {b['p99_ms']:.1f} ms)",
+                       a["p99_ms"] <= b["p99_ms"]))  # fmt: skip
+        checks.append((f"{model}: sdb p99 <= 3 x p50 (got {tail:.1f}x)", tail <= 3))
+    failures = sum(row.result.failures for row in rows)
+    checks.append((f"no failed request (got {failures})", failures == 0))
+    lines += ["", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks)]
+    lines += ["", "Run: " + ", ".join(f"{k}={v}" for k, v in meta.items())]
+    return "\n".join(lines), all(ok for _, ok in checks), summary
+
+
+def run_peer(args: argparse.Namespace, threads: int) -> int:
+    """sdb (batching on, as in the main run) and the peer, /predict c32, alternating rounds per model."""
+    from service.db.migrate import upgrade
+
+    if args.peer == "litserve":
+        try:
+            import litserve  # noqa: F401
+        except ImportError:
+            print(
+                "--peer litserve needs the bench extra: .venv/bin/pip install -e '.[bench]'", file=sys.stderr
+            )
+            return 2
+    load0 = os.getloadavg()
+    rows: list[PeerRow] = []
+    with tempfile.TemporaryDirectory(prefix="sdb-bench-peer-") as tmp:
+        work = Path(tmp)
+        dirs = prepare_models(work)
+        if args.model:
+            unknown = set(args.model) - set(dirs)
+            if unknown:
+                print(f"unknown model(s) {sorted(unknown)}; the bench has {sorted(dirs)}", file=sys.stderr)
+                return 2
+            dirs = {name: d for name, d in dirs.items() if name in args.model}
+        from sdb_core.artifact import read_manifest
+
+        shapes = {name: tuple(int(v) for v in read_manifest(d)["input_shape"]) for name, d in dirs.items()}
+        db_url = f"sqlite:///{work / 'peer.db'}"
+        upgrade(db_url)
+        (work / "served").mkdir()
+        for d in dirs.values():
+            (work / "served" / d.name).symlink_to(d.resolve(), target_is_directory=True)
+        server = Server(work, work / "served", db_url, True, threads)
+        try:
+            server.wait_ready()
+            for model, model_dir in dirs.items():
+                big = int(np.prod(shapes[model])) >= 1024
+                n = args.requests or max(8, int((2000 if big else 6000) * (0.25 if args.quick else 1.0)))
+                scenario = Scenario(model, "predict c32", "/predict", 32, 1, n, "plain")
+                warm = Scenario(model, "warm-up", "/predict", 32, 1, max(8, n // 10), "plain")
+                peer = PeerServer(work, model_dir, threads)
+                try:
+                    peer.wait_ready()
+                    targets: dict[str, Server | PeerServer] = {"sdb": server, args.peer: peer}
+                    for target in targets.values():
+                        run_load(target, warm, work, shapes[model], None)
+                    for rnd in range(1, args.rounds + 1):
+                        order = list(targets) if rnd % 2 else list(reversed(targets))
+                        for name in order:
+                            print(f"... {model}: {name} round {rnd}", file=sys.stderr, flush=True)
+                            result = run_load(targets[name], scenario, work, shapes[model], None)
+                            rows.append(PeerRow(model, name, rnd, result))
+                finally:
+                    peer.stop()
+        finally:
+            server.stop()
+    load1 = os.getloadavg()
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch threads": threads,
+        "torch": torch.__version__,
+        "peer": f"{args.peer} {_version(args.peer)}",
+        "rounds": args.rounds,
+        "load average (1 min) before / after": f"{load0[0]:.1f} / {load1[0]:.1f}",
+    }
+    table, ok, summary = peer_report(rows, args.peer, meta)
+    print(table)
+    if args.json is not None:
+        out = [
+            {"model": row.model, "server": row.server, "round": row.round,
+             **{k: v for k, v in row.result.__dict__.items() if k != "scenario"},
+             "requests": row.result.scenario.requests}
+            for row in rows
+        ]  # fmt: skip
+        args.json.write_text(json.dumps({"meta": meta, "rounds": out, "summary": summary}, indent=2))
+    return 0 if ok else 1
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark the sdb server against the raw model.")
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
@@ -362,10 +577,20 @@ def main(argv: list[str] | None = None) -> int:
         default="eager",
         help="the raw model: plain PyTorch (eager, default) or the TorchScript trace the server runs",
     )
+    p.add_argument(
+        "--peer",
+        choices=("litserve",),
+        help="instead of the scenarios above: /predict c32 against this peer serving the same box",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--peer: alternating rounds per model")
+    p.add_argument("--model", action="append", help="--peer: only this model (repeatable)")
+    p.add_argument("--requests", type=int, help="--peer: requests per round (default by model size)")
     args = p.parse_args(argv)
     from service.inference.runtime import default_threads
 
     threads = args.threads or default_threads()
+    if args.peer is not None:
+        return run_peer(args, threads)
     from service.db.migrate import upgrade
 
     results: list[Result] = []
