@@ -205,6 +205,27 @@ class Server:
         return values["sum"], values["count"]
 
 
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (LitServe runs three processes)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            child = int(stat.parent.name)
+            parents[child] = int(fields[1])
+            times[child] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(times.get(p, 0.0) for p in tree)
+
+
 class PeerServer:
     """The same box served by LitServe (`bench.litserve_peer`): one model, one API server, one worker."""
 
@@ -426,22 +447,24 @@ def median(values: list[float]) -> float:
 
 def peer_report(rows: list[PeerRow], peer: str, meta: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
     lines = [
-        "| model | server | round | requests | req/s | p50 ms | p95 ms | p99 ms | p99/p50 | failed |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | server | round | requests | req/s | p50 ms | p95 ms | p99 ms | p99/p50 | failed | "
+        "server CPU ms/req |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         r = row.result
         lines.append(
             f"| {row.model} | {row.server} | {row.round} | {r.scenario.requests} | {fmt(r.req_per_s)} | "
-            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.p99_ms / r.p50_ms:.1f} | {r.failures} |"
+            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.p99_ms / r.p50_ms:.1f} | {r.failures} | "
+            f"{fmt(r.server_cpu_ms_per_req, 2)} |"
         )
     lines += [
         "",
         f"Medians over the rounds, sdb / {peer}:",
         "",
         f"| model | sdb req/s | {peer} req/s | req/s ratio | sdb p50 | {peer} p50 | sdb p99 | {peer} p99 | "
-        "p99 ratio | sdb p99/p50 |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"p99 ratio | sdb p99/p50 | sdb CPU ms/req | {peer} CPU ms/req | CPU ratio |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     checks: list[tuple[str, bool]] = []
     summary: dict[str, Any] = {}
@@ -453,6 +476,7 @@ def peer_report(rows: list[PeerRow], peer: str, meta: dict[str, Any]) -> tuple[s
                 "req_per_s": median([r.req_per_s for r in rs]),
                 "p50_ms": median([r.p50_ms for r in rs]),
                 "p99_ms": median([r.p99_ms for r in rs]),
+                "cpu_ms_per_req": median([r.server_cpu_ms_per_req or 0.0 for r in rs]),
             }
         a, b = med["sdb"], med[peer]
         speed, tail_ratio, tail = (
@@ -460,10 +484,19 @@ def peer_report(rows: list[PeerRow], peer: str, meta: dict[str, Any]) -> tuple[s
             a["p99_ms"] / b["p99_ms"],
             a["p99_ms"] / a["p50_ms"],
         )
-        summary[model] = {**med, "req_per_s_ratio": speed, "p99_ratio": tail_ratio, "sdb_p99_over_p50": tail}
+        # CPU ratio: the peer's CPU per request over sdb's (> 1: sdb needs less), robust to other load.
+        cpu_ratio = b["cpu_ms_per_req"] / a["cpu_ms_per_req"] if a["cpu_ms_per_req"] else None
+        summary[model] = {
+            **med,
+            "req_per_s_ratio": speed,
+            "p99_ratio": tail_ratio,
+            "sdb_p99_over_p50": tail,
+            "cpu_ratio": cpu_ratio,
+        }
         lines.append(
             f"| {model} | {fmt(a['req_per_s'])} | {fmt(b['req_per_s'])} | {speed:.2f} | {a['p50_ms']:.1f} | "
-            f"{b['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['p99_ms']:.1f} | {tail_ratio:.2f} | {tail:.1f} |"
+            f"{b['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['p99_ms']:.1f} | {tail_ratio:.2f} | {tail:.1f} | "
+            f"{a['cpu_ms_per_req']:.2f} | {b['cpu_ms_per_req']:.2f} | {fmt(cpu_ratio, 2)} |"
         )
         checks.append((f"{model}: sdb req/s >= 1.5 x {peer} (got {speed:.2f}x)", speed >= 1.5))
         checks.append((f"{model}: sdb p99 <= {peer} p99 (got {a['p99_ms']:.1f} vs {b['p99_ms']:.1f} ms)",
@@ -525,7 +558,10 @@ def run_peer(args: argparse.Namespace, threads: int) -> int:
                         order = list(targets) if rnd % 2 else list(reversed(targets))
                         for name in order:
                             print(f"... {model}: {name} round {rnd}", file=sys.stderr, flush=True)
+                            cpu0 = tree_cpu_s(targets[name].proc.pid)
                             result = run_load(targets[name], scenario, work, shapes[model], None)
+                            cpu = tree_cpu_s(targets[name].proc.pid) - cpu0
+                            result.server_cpu_ms_per_req = cpu * 1000.0 / scenario.requests
                             rows.append(PeerRow(model, name, rnd, result))
                 finally:
                     peer.stop()
