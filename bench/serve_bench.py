@@ -81,6 +81,7 @@ class Result:
     raw_cpu_ms_per_sample: float | None = None
     raw_batch: int | None = None
     raw_samples_per_s: float | None = None
+    gc_pauses: tuple[float, float, float] | None = None  # collections, ms paused, collections over 100 ms
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -197,6 +198,24 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._log.close()
+
+    def gc_stats(self) -> tuple[float, float, float]:
+        """(collections, seconds paused, collections over 0.1 s) so far, all generations, from /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        count = total = short = 0.0
+        for family in text_string_to_metric_families(text):
+            if family.name != "sdb_gc_pause_seconds":
+                continue
+            for s in family.samples:
+                if s.name.endswith("_count"):
+                    count += s.value
+                elif s.name.endswith("_sum"):
+                    total += s.value
+                elif s.name.endswith("_bucket") and float(s.labels.get("le", "inf")) == 0.1:
+                    short += s.value  # cumulative: the pauses of at most 0.1 s
+        return count, total, count - short
 
     def batch_stats(self, model: str, path: str) -> tuple[float, float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -388,8 +407,9 @@ def fmt(v: float | None, digits: int = 0) -> str:
 def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[str, Any]) -> tuple[str, bool]:
     lines = [
         "| model | scenario | conc | samples/req | requests | req/s | samples/s | p50 ms | p95 ms | p99 ms | "
-        "failed | server CPU ms/req | mean forward batch | raw samples/s (batch) | ratio | CPU ratio |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "failed | server CPU ms/req | mean forward batch | raw samples/s (batch) | ratio | CPU ratio | "
+        "GC pauses: n, ms, > 100 ms |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         s = r.scenario
@@ -399,7 +419,9 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
             f"{fmt(r.req_per_s)} | {fmt(r.samples_per_s)} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | "
             f"{r.p99_ms:.1f} | "
             f"{r.failures} | {fmt(r.server_cpu_ms_per_req, 2)} | {fmt(r.mean_batch, 1)} | {raw} | "
-            f"{fmt(r.ratio, 2)} | {fmt(r.cpu_ratio, 2)} |"
+            f"{fmt(r.ratio, 2)} | {fmt(r.cpu_ratio, 2)} | "
+            + ("-" if r.gc_pauses is None else "{:.0f}, {:.0f}, {:.0f}".format(*r.gc_pauses))
+            + " |"
         )
     checks: list[tuple[str, bool]] = []
     by = {(r.scenario.model, r.scenario.name): r for r in results}
@@ -680,10 +702,13 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     print(f"... {scenario.model}: {scenario.name}", file=sys.stderr, flush=True)
                     before = server.batch_stats(scenario.model, scenario.key_path)
+                    gc0 = server.gc_stats()
                     cpu0 = server.cpu_s()
                     result = run_load(server, scenario, work, shapes[scenario.model],
                                       token if scenario.path == "/distill-batch" else None)  # fmt: skip
                     result.server_cpu_ms_per_req = (server.cpu_s() - cpu0) * 1000.0 / scenario.requests
+                    gc1 = server.gc_stats()
+                    result.gc_pauses = (gc1[0] - gc0[0], (gc1[1] - gc0[1]) * 1000.0, gc1[2] - gc0[2])
                     after = server.batch_stats(scenario.model, scenario.key_path)
                     if after[1] > before[1]:
                         result.mean_batch = (after[0] - before[0]) / (after[1] - before[1])

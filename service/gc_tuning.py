@@ -18,10 +18,33 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
+from typing import Any
+
+from service import metrics
 
 logger = logging.getLogger(__name__)
 
 Thresholds = tuple[int, int, int]
+
+
+class _PauseTimer:
+    """A `gc.callbacks` entry that times every collection into `sdb_gc_pause_seconds`."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            metrics.record_gc_pause(int(info["generation"]), time.perf_counter() - self._start)
+
+
+def observe_gc_pauses() -> None:
+    """Time every collection of this process into the metrics (once per process; a few microseconds each)."""
+    if not any(isinstance(cb, _PauseTimer) for cb in gc.callbacks):
+        gc.callbacks.append(_PauseTimer())
 
 
 def tune_gc(freeze: bool, gen0_threshold: int) -> Thresholds:

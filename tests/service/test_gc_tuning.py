@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
-from service.gc_tuning import release_gc, tune_gc
+from service.gc_tuning import observe_gc_pauses, release_gc, tune_gc
 from service.main import create_app
 
 
@@ -55,3 +56,18 @@ def test_the_app_tunes_the_collector_while_it_serves(make_settings: Callable[...
         assert client.post("/predict", json={"inputs": [[[[0.0] * 8] * 8]]}).status_code == 200
     assert gc.get_freeze_count() == 0
     assert gc.get_threshold() == before
+
+
+def test_collections_are_timed_into_the_metrics() -> None:
+    observe_gc_pauses()
+    observe_gc_pauses()  # once per process, however many apps start
+    assert sum(type(cb).__name__ == "_PauseTimer" for cb in gc.callbacks) == 1
+
+    def sample(suffix: str) -> float:
+        value = REGISTRY.get_sample_value(f"sdb_gc_pause_seconds_{suffix}", {"generation": "1"})
+        return value or 0.0
+
+    count, total = sample("count"), sample("sum")
+    gc.collect(1)
+    assert sample("count") == count + 1
+    assert sample("sum") > total
