@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.serve_bench            # about 2-4 minutes on 2 CPU cores
     .venv/bin/python -m bench.serve_bench --quick    # fewer requests, a smoke run
+    .venv/bin/python -m bench.serve_bench --peer litserve   # sdb against LitServe, alternating rounds
 
 Sets everything up itself: a models directory with the demo box (models/ when shipped, else a small_cnn
 test box of the same shape) and an untrained ResNet-20 box (3x32x32; speed does not depend on training), a
@@ -12,7 +13,14 @@ right before each scenario, at the same batch size: 1 for /predict c1, the mean 
 for /predict c32, 256 for /distill-batch. Server RSS is sampled every 50 ms.
 
 Targets (issue 5): distill >= 0.85 x raw at batch 256; /predict c32 >= 0.6 x raw at the mean batch formed
-and >= 3 x the req/s of batching off; no failed request; peak RSS < 1.5 x idle.
+and >= 3 x the req/s of batching off; no failed request; peak RSS < 1.5 x idle. Issue 15: /predict c32
+p99 <= 3 x p50.
+
+`--peer litserve` (issue 15) runs a different comparison: /predict at concurrency 32, one sample per
+request, on each model, against the same box served by LitServe (`bench.litserve_peer`, the `bench` extra),
+in alternating rounds (sdb first in odd rounds, LitServe first in even ones), and prints the medians over
+the rounds and their ratios. Targets: sdb req/s >= 1.5 x LitServe's, sdb p99 <= LitServe's p99, sdb p99 <=
+3 x its p50; no failed request.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ class Result:
     raw_cpu_ms_per_sample: float | None = None
     raw_batch: int | None = None
     raw_samples_per_s: float | None = None
+    gc_pauses: tuple[float, float, float] | None = None  # collections, ms paused, collections over 100 ms
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,7 +117,15 @@ def prepare_models(work: Path) -> dict[str, Path]:
 
 
 class Server:
-    def __init__(self, work: Path, model_dir: Path, db_url: str, batching: bool, threads: int) -> None:
+    def __init__(
+        self,
+        work: Path,
+        model_dir: Path,
+        db_url: str,
+        batching: bool,
+        threads: int,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
@@ -127,6 +144,7 @@ class Server:
             SDB_LOG_LEVEL="WARNING",
             SDB_EXPOSE_METRICS="true",  # the batch statistics come from /metrics
         )
+        env.update(extra_env or {})
         self.log_path = work / f"server-{'batching' if batching else 'nobatching'}.log"
         cmd = [
             sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
@@ -181,6 +199,24 @@ class Server:
                 self.proc.kill()
         self._log.close()
 
+    def gc_stats(self) -> tuple[float, float, float]:
+        """(collections, seconds paused, collections over 0.1 s) so far, all generations, from /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        count = total = short = 0.0
+        for family in text_string_to_metric_families(text):
+            if family.name != "sdb_gc_pause_seconds":
+                continue
+            for s in family.samples:
+                if s.name.endswith("_count"):
+                    count += s.value
+                elif s.name.endswith("_sum"):
+                    total += s.value
+                elif s.name.endswith("_bucket") and float(s.labels.get("le", "inf")) == 0.1:
+                    short += s.value  # cumulative: the pauses of at most 0.1 s
+        return count, total, count - short
+
     def batch_stats(self, model: str, path: str) -> tuple[float, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -195,6 +231,71 @@ class Server:
                         if s.name.endswith("_" + suffix):
                             values[suffix] = s.value
         return values["sum"], values["count"]
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (LitServe runs three processes)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            child = int(stat.parent.name)
+            parents[child] = int(fields[1])
+            times[child] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(times.get(p, 0.0) for p in tree)
+
+
+class PeerServer:
+    """The same box served by LitServe (`bench.litserve_peer`): one model, one API server, one worker."""
+
+    def __init__(self, work: Path, model_dir: Path, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+        self.log_path = work / f"litserve-{model_dir.name}.log"
+        cmd = [
+            sys.executable, "-m", "bench.litserve_peer", "--model-dir", str(model_dir),
+            "--port", str(self.port), "--threads", str(threads),
+        ]  # fmt: skip
+        self._log = self.log_path.open("wb")
+        # Its own process group: LitServe starts an API server and an inference worker as child processes.
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"LitServe exited:\n{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("LitServe not ready in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # its workers, if the parent left any behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
 
 
 def bootstrap_key(url: str, models: list[str]) -> str:
@@ -246,7 +347,11 @@ class RawModels:
 
 
 def run_load(
-    server: Server, scenario: Scenario, work: Path, input_shape: tuple[int, ...], token: str | None
+    server: Server | PeerServer,
+    scenario: Scenario,
+    work: Path,
+    input_shape: tuple[int, ...],
+    token: str | None,
 ) -> Result:
     rng = np.random.default_rng(1)
     bodies = []
@@ -302,8 +407,9 @@ def fmt(v: float | None, digits: int = 0) -> str:
 def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[str, Any]) -> tuple[str, bool]:
     lines = [
         "| model | scenario | conc | samples/req | requests | req/s | samples/s | p50 ms | p95 ms | p99 ms | "
-        "failed | server CPU ms/req | mean forward batch | raw samples/s (batch) | ratio | CPU ratio |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "failed | server CPU ms/req | mean forward batch | raw samples/s (batch) | ratio | CPU ratio | "
+        "GC pauses: n, ms, > 100 ms |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         s = r.scenario
@@ -313,7 +419,9 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
             f"{fmt(r.req_per_s)} | {fmt(r.samples_per_s)} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | "
             f"{r.p99_ms:.1f} | "
             f"{r.failures} | {fmt(r.server_cpu_ms_per_req, 2)} | {fmt(r.mean_batch, 1)} | {raw} | "
-            f"{fmt(r.ratio, 2)} | {fmt(r.cpu_ratio, 2)} |"
+            f"{fmt(r.ratio, 2)} | {fmt(r.cpu_ratio, 2)} | "
+            + ("-" if r.gc_pauses is None else "{:.0f}, {:.0f}, {:.0f}".format(*r.gc_pauses))
+            + " |"
         )
     checks: list[tuple[str, bool]] = []
     by = {(r.scenario.model, r.scenario.name): r for r in results}
@@ -326,6 +434,10 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
             checks.append(
                 (f"{model}: predict c32 >= 0.6 x raw at mean batch (got {p.ratio:.2f})", p.ratio >= 0.6)
             )
+        if p is not None:
+            tail = p.p99_ms / p.p50_ms
+            checks.append((f"{model}: predict c32 p99 <= 3 x p50 (got {p.p99_ms:.1f} / {p.p50_ms:.1f} ms = "
+                           f"{tail:.1f}x)", tail <= 3))  # fmt: skip
         off = by.get((model, "predict c32 no-batching"))
         if p is not None and off is not None:
             speedup = p.req_per_s / off.req_per_s
@@ -349,6 +461,178 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
     return "\n".join(lines), all(ok for _, ok in checks)
 
 
+# ------------------------------------------------------------------------------------------- peer
+
+
+@dataclass
+class PeerRow:
+    model: str
+    server: str  # "sdb" or the peer's name
+    round: int
+    result: Result
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def peer_report(rows: list[PeerRow], peer: str, meta: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    lines = [
+        "| model | server | round | requests | req/s | p50 ms | p95 ms | p99 ms | p99/p50 | failed | "
+        "server CPU ms/req |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        r = row.result
+        lines.append(
+            f"| {row.model} | {row.server} | {row.round} | {r.scenario.requests} | {fmt(r.req_per_s)} | "
+            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.p99_ms / r.p50_ms:.1f} | {r.failures} | "
+            f"{fmt(r.server_cpu_ms_per_req, 2)} |"
+        )
+    lines += [
+        "",
+        f"Medians over the rounds, sdb / {peer}:",
+        "",
+        f"| model | sdb req/s | {peer} req/s | req/s ratio | sdb p50 | {peer} p50 | sdb p99 | {peer} p99 | "
+        f"p99 ratio | sdb p99/p50 | sdb CPU ms/req | {peer} CPU ms/req | CPU ratio |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    checks: list[tuple[str, bool]] = []
+    summary: dict[str, Any] = {}
+    for model in dict.fromkeys(row.model for row in rows):
+        med: dict[str, dict[str, float]] = {}
+        for server in ("sdb", peer):
+            rs = [row.result for row in rows if row.model == model and row.server == server]
+            med[server] = {
+                "req_per_s": median([r.req_per_s for r in rs]),
+                "p50_ms": median([r.p50_ms for r in rs]),
+                "p99_ms": median([r.p99_ms for r in rs]),
+                "cpu_ms_per_req": median([r.server_cpu_ms_per_req or 0.0 for r in rs]),
+            }
+        a, b = med["sdb"], med[peer]
+        speed, tail_ratio, tail = (
+            a["req_per_s"] / b["req_per_s"],
+            a["p99_ms"] / b["p99_ms"],
+            a["p99_ms"] / a["p50_ms"],
+        )
+        # CPU ratio: the peer's CPU per request over sdb's (> 1: sdb needs less), robust to other load.
+        cpu_ratio = b["cpu_ms_per_req"] / a["cpu_ms_per_req"] if a["cpu_ms_per_req"] else None
+        summary[model] = {
+            **med,
+            "req_per_s_ratio": speed,
+            "p99_ratio": tail_ratio,
+            "sdb_p99_over_p50": tail,
+            "cpu_ratio": cpu_ratio,
+        }
+        lines.append(
+            f"| {model} | {fmt(a['req_per_s'])} | {fmt(b['req_per_s'])} | {speed:.2f} | {a['p50_ms']:.1f} | "
+            f"{b['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['p99_ms']:.1f} | {tail_ratio:.2f} | {tail:.1f} | "
+            f"{a['cpu_ms_per_req']:.2f} | {b['cpu_ms_per_req']:.2f} | {fmt(cpu_ratio, 2)} |"
+        )
+        checks.append((f"{model}: sdb req/s >= 1.5 x {peer} (got {speed:.2f}x)", speed >= 1.5))
+        checks.append((f"{model}: sdb p99 <= {peer} p99 (got {a['p99_ms']:.1f} vs {b['p99_ms']:.1f} ms)",
+                       a["p99_ms"] <= b["p99_ms"]))  # fmt: skip
+        checks.append((f"{model}: sdb p99 <= 3 x p50 (got {tail:.1f}x)", tail <= 3))
+    failures = sum(row.result.failures for row in rows)
+    checks.append((f"no failed request (got {failures})", failures == 0))
+    lines += ["", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks)]
+    lines += ["", "Run: " + ", ".join(f"{k}={v}" for k, v in meta.items())]
+    return "\n".join(lines), all(ok for _, ok in checks), summary
+
+
+def run_peer(args: argparse.Namespace, threads: int) -> int:
+    """sdb (batching on, as in the main run) and the peer, /predict c32, alternating rounds per model."""
+    from service.db.migrate import upgrade
+
+    if args.peer == "litserve":
+        try:
+            import litserve  # noqa: F401
+        except ImportError:
+            print(
+                "--peer litserve needs the bench extra: .venv/bin/pip install -e '.[bench]'", file=sys.stderr
+            )
+            return 2
+    load0 = os.getloadavg()
+    rows: list[PeerRow] = []
+    with tempfile.TemporaryDirectory(prefix="sdb-bench-peer-") as tmp:
+        work = Path(tmp)
+        dirs = prepare_models(work)
+        if args.model:
+            unknown = set(args.model) - set(dirs)
+            if unknown:
+                print(f"unknown model(s) {sorted(unknown)}; the bench has {sorted(dirs)}", file=sys.stderr)
+                return 2
+            dirs = {name: d for name, d in dirs.items() if name in args.model}
+        from sdb_core.artifact import read_manifest
+
+        shapes = {name: tuple(int(v) for v in read_manifest(d)["input_shape"]) for name, d in dirs.items()}
+        db_url = f"sqlite:///{work / 'peer.db'}"
+        upgrade(db_url)
+        (work / "served").mkdir()
+        for d in dirs.values():
+            (work / "served" / d.name).symlink_to(d.resolve(), target_is_directory=True)
+        server = Server(work, work / "served", db_url, True, threads, args.server_env)
+        try:
+            server.wait_ready()
+            for model, model_dir in dirs.items():
+                big = int(np.prod(shapes[model])) >= 1024
+                n = args.requests or max(8, int((2000 if big else 6000) * (0.25 if args.quick else 1.0)))
+                scenario = Scenario(model, "predict c32", "/predict", 32, 1, n, "plain")
+                warm = Scenario(model, "warm-up", "/predict", 32, 1, max(8, n // 10), "plain")
+                peer = PeerServer(work, model_dir, threads)
+                try:
+                    peer.wait_ready()
+                    targets: dict[str, Server | PeerServer] = {"sdb": server, args.peer: peer}
+                    for target in targets.values():
+                        run_load(target, warm, work, shapes[model], None)
+                    for rnd in range(1, args.rounds + 1):
+                        order = list(targets) if rnd % 2 else list(reversed(targets))
+                        for name in order:
+                            print(f"... {model}: {name} round {rnd}", file=sys.stderr, flush=True)
+                            cpu0 = tree_cpu_s(targets[name].proc.pid)
+                            result = run_load(targets[name], scenario, work, shapes[model], None)
+                            cpu = tree_cpu_s(targets[name].proc.pid) - cpu0
+                            result.server_cpu_ms_per_req = cpu * 1000.0 / scenario.requests
+                            rows.append(PeerRow(model, name, rnd, result))
+                finally:
+                    peer.stop()
+        finally:
+            server.stop()
+    load1 = os.getloadavg()
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch threads": threads,
+        "torch": torch.__version__,
+        "peer": f"{args.peer} {_version(args.peer)}",
+        "rounds": args.rounds,
+        "server env": " ".join(f"{k}={v}" for k, v in args.server_env.items()) or "-",
+        "load average (1 min) before / after": f"{load0[0]:.1f} / {load1[0]:.1f}",
+        "niceness": os.nice(0),
+    }
+    table, ok, summary = peer_report(rows, args.peer, meta)
+    print(table)
+    if args.json is not None:
+        out = [
+            {"model": row.model, "server": row.server, "round": row.round,
+             **{k: v for k, v in row.result.__dict__.items() if k != "scenario"},
+             "requests": row.result.scenario.requests}
+            for row in rows
+        ]  # fmt: skip
+        args.json.write_text(json.dumps({"meta": meta, "rounds": out, "summary": summary}, indent=2))
+    return 0 if ok else 1
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark the sdb server against the raw model.")
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
@@ -362,10 +646,37 @@ def main(argv: list[str] | None = None) -> int:
         default="eager",
         help="the raw model: plain PyTorch (eager, default) or the TorchScript trace the server runs",
     )
+    p.add_argument(
+        "--peer",
+        choices=("litserve",),
+        help="instead of the scenarios above: /predict c32 against this peer serving the same box",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--peer: alternating rounds per model")
+    p.add_argument("--model", action="append", help="--peer: only this model (repeatable)")
+    p.add_argument("--requests", type=int, help="--peer: requests per round (default by model size)")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="change this process's niceness first (the servers and the load generator inherit it): on a "
+        "shared machine -10 (root) keeps other jobs from deciding the numbers; every server gets the same",
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="SDB_NAME=VALUE",
+        help="a setting for the sdb server (repeatable), e.g. SDB_GC_FREEZE=false to measure without it",
+    )
     args = p.parse_args(argv)
+    args.server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    if args.nice:
+        os.nice(args.nice)
     from service.inference.runtime import default_threads
 
     threads = args.threads or default_threads()
+    if args.peer is not None:
+        return run_peer(args, threads)
     from service.db.migrate import upgrade
 
     results: list[Result] = []
@@ -379,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         for batching in (True, False):
             db_url = f"sqlite:///{work / ('on.db' if batching else 'off.db')}"
             upgrade(db_url)
-            server = Server(work, work / "models", db_url, batching, threads)
+            server = Server(work, work / "models", db_url, batching, threads, args.server_env)
             try:
                 server.wait_ready()
                 time.sleep(1.0)
@@ -391,10 +702,13 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     print(f"... {scenario.model}: {scenario.name}", file=sys.stderr, flush=True)
                     before = server.batch_stats(scenario.model, scenario.key_path)
+                    gc0 = server.gc_stats()
                     cpu0 = server.cpu_s()
                     result = run_load(server, scenario, work, shapes[scenario.model],
                                       token if scenario.path == "/distill-batch" else None)  # fmt: skip
                     result.server_cpu_ms_per_req = (server.cpu_s() - cpu0) * 1000.0 / scenario.requests
+                    gc1 = server.gc_stats()
+                    result.gc_pauses = (gc1[0] - gc0[0], (gc1[1] - gc0[1]) * 1000.0, gc1[2] - gc0[2])
                     after = server.batch_stats(scenario.model, scenario.key_path)
                     if after[1] > before[1]:
                         result.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
@@ -421,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "quick": args.quick,
         "raw": args.raw,
+        "server env": " ".join(f"{k}={v}" for k, v in args.server_env.items()) or "-",
+        "load average (1 min)": f"{os.getloadavg()[0]:.1f}",
+        "niceness": os.nice(0),
     }
     table, ok = report(results, rss, meta)
     print(table)

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
         True, description="Serve models as frozen TorchScript traces (no GIL between operators under load)."
     )
     torch_threads: int = Field(0, description="torch intra-op threads; 0 = CPU cores - 1 (min 1).")
+    gc_freeze: bool = Field(
+        True,
+        description="After start-up, freeze the objects that survive it out of the garbage collector's "
+        "full collections (the /predict tail latency, docs/benchmarks.md).",
+    )
+    gc_gen0_threshold: int = Field(
+        10_000,
+        ge=0,
+        description="Generation-0 threshold of the garbage collector, set after start-up (0 = leave "
+        "Python's default, 700).",
+    )
 
     # Auth
     jwt_secret: SecretStr | None = Field(

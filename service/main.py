@@ -28,6 +28,7 @@ from service.db.audit_queue import AuditQueue
 from service.db.session import Database
 from service.docs import install_docs
 from service.errors import install_error_handlers
+from service.gc_tuning import observe_gc_pauses, release_gc, tune_gc
 from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
@@ -151,6 +152,8 @@ def _lifespan(
             logger.error("refusing to start: %s", exc)
             raise
         set_state(app, state)
+        gc_before = tune_gc(settings.gc_freeze, settings.gc_gen0_threshold)
+        observe_gc_pauses()
         sweeper = asyncio.create_task(_sweep_reservations(state.db, settings))
         try:
             yield
@@ -160,6 +163,7 @@ def _lifespan(
                 await state.models.aclose()
                 await anyio.to_thread.run_sync(state.audit_queue.close)
                 state.db.dispose()
+                release_gc(gc_before)
 
     return lifespan
 

@@ -74,6 +74,13 @@ AUDIT_DROPPED = Counter(
     "/predict audit rows that could not be written (database down or slow).",
 )
 
+GC_PAUSES = Histogram(
+    "sdb_gc_pause_seconds",
+    "Garbage-collector pauses (every thread of the process stops), by generation.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
 _known_models: set[str] = set()
 
 
@@ -142,6 +149,10 @@ def record_rate_limited(route: str) -> None:
 def record_extraction_flag(kind: str) -> None:
     """`kind` is "anonymous" or "user"; the flagged client itself is visible only in the admin API."""
     EXTRACTION_FLAGS.labels(kind).inc()
+
+
+def record_gc_pause(generation: int, seconds: float) -> None:
+    _child(GC_PAUSES, str(generation)).observe(seconds)
 
 
 def record_audit_dropped(n: int = 1) -> None:

@@ -167,6 +167,7 @@ def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
             "client_ip_salt": "test-salt-" + uuid.uuid4().hex,
             "max_batch_delay_ms": 1.0,
             "calibrate_forward_batch": False,  # ~0.3 s per model and app; tested in test_inference.py
+            "gc_freeze": False,  # a full collection of the whole test process per app; test_gc_tuning.py
             "predict_rate_per_minute": 0,
             "distill_rate_per_minute": 0,
             "log_level": "DEBUG",
