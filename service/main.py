@@ -158,6 +158,8 @@ def _lifespan(
             sweeper.cancel()
             with anyio.CancelScope(shield=True):
                 await state.models.aclose()
+                if state.redis is not None:
+                    await state.redis.aclose()
                 await anyio.to_thread.run_sync(state.audit_queue.close)
                 state.db.dispose()
 
