@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         description="Prefix of every Redis key sdb writes (one per deployment sharing a Redis server).",
     )
     redis_timeout_s: float = Field(
-        0.25, gt=0, le=10, description="Connect and reply timeout of one Redis call (a failure past it)."
+        0.5, gt=0, le=10, description="Connect and reply timeout of one Redis call (a failure past it)."
     )
     redis_failure_mode: Literal["open", "closed"] = Field(
         "open",

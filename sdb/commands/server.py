@@ -52,6 +52,9 @@ def serve(
             "starting workers over and over on a busy 2-core machine).",
         ),
     ] = 60,
+    access_log: Annotated[
+        bool, typer.Option(help="Log one line per request (uvicorn's access log, at INFO).")
+    ] = True,
     demo: Annotated[
         bool, typer.Option("--demo", help="Demo mode: random JWT secret, schema migrated at start.")
     ] = False,
@@ -114,6 +117,7 @@ def serve(
         workers=workers,
         timeout_graceful_shutdown=graceful_timeout,
         timeout_worker_healthcheck=worker_healthcheck_timeout,
+        access_log=access_log,
         log_level=settings.log_level.lower(),
         proxy_headers=False,  # client addresses come from SDB_TRUSTED_PROXIES only
         server_header=False,

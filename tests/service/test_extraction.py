@@ -30,7 +30,7 @@ def test_redis_counts_one_window_for_all_processes(redis_keys_prefix: str) -> No
     before = flags()
 
     async def scenario() -> list[bool]:
-        a, b = (RedisBackend(REDIS_URL, prefix=redis_keys_prefix, timeout_s=0.25, retry_s=2) for _ in "ab")
+        a, b = (RedisBackend(REDIS_URL, prefix=redis_keys_prefix, timeout_s=5.0, retry_s=2) for _ in "ab")
         ma, mb = (ExtractionMonitor(window_s=3600, threshold=10, redis=r) for r in (a, b))
         try:
             # 6 + 6 > 10 only together: neither process alone would flag the client.
