@@ -36,11 +36,11 @@ def redis_keys(prefix: str) -> dict[str, int]:
 
 
 @contextmanager
-def redis_prefix() -> Iterator[str]:
-    """A key prefix no other test uses; its keys are deleted afterwards."""
+def redis_prefix(prefix: str | None = None) -> Iterator[str]:
+    """A key prefix no other test uses (or `prefix`); its keys are deleted afterwards."""
     import redis
 
-    prefix = f"sdbtest:{uuid.uuid4().hex[:12]}:"
+    prefix = prefix or f"sdbtest:{uuid.uuid4().hex[:12]}:"
     try:
         yield prefix
     finally:
