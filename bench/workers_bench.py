@@ -9,13 +9,16 @@ Redis script and counter), all at once, on a fresh SQLite database each, with th
 SDB_TORCH_THREADS=1 (processes x threads <= cores) and no access log. Then `bench.loadgen` (its own
 process, closed loop, keep-alive connections, one-sample base64-.npy JSON bodies) drives /predict in
 rounds that alternate between the configurations, so that other load on a shared machine spreads over
-all of them. Reports the median req/s of the rounds per configuration and the 2-worker / 1-worker ratio.
+all of them. Reports the median req/s of the rounds per configuration and the 2-worker / 1-worker ratio,
+and the CPU time per request of the server's processes (the supervisor and its workers, from /proc; with
+Redis, plus the local redis-server's): the cost side, which other load on the machine barely disturbs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +49,30 @@ class Config:
     @property
     def name(self) -> str:
         return f"{self.workers} worker{'s' if self.workers > 1 else ''}{' + Redis' if self.redis else ''}"
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and of its children (uvicorn's workers), recursively."""
+    total = process_cpu_s(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += tree_cpu_s(int(child))
+    return total
+
+
+def redis_server_pid(url: str) -> int | None:
+    """The local redis-server's pid (its CPU counts for the Redis configurations), if it is on this host."""
+    import redis
+
+    with redis.Redis.from_url(url) as r:
+        pid = int(r.info("server")["process_id"])
+    return pid if Path(f"/proc/{pid}/stat").exists() else None
 
 
 def redis_answers(url: str) -> bool:
@@ -87,12 +114,22 @@ def wait_all_workers(srv: Server, workers: int, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-def load(srv: Server, bodies: Path, concurrency: int, requests: int) -> dict[str, float]:
+def load(
+    srv: Server, bodies: Path, concurrency: int, requests: int, redis_pid: int | None = None
+) -> dict[str, float]:
+    assert srv.proc is not None
+    server_pid = srv.proc.pid
+
+    def cpu() -> float:
+        return tree_cpu_s(server_pid) + (process_cpu_s(redis_pid) if redis_pid else 0.0)
+
+    cpu0 = cpu()
     cmd = [
         sys.executable, "-m", "bench.loadgen", "--port", str(srv.port), "--path", "/predict",
         "--bodies", str(bodies), "--concurrency", str(concurrency), "--requests", str(requests),
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=900)
+    cpu_s = cpu() - cpu0
     data = json.loads(out.stdout)
     lat = np.array(data["latencies"]) * 1000.0
     ok = data["statuses"].get("200", 0)
@@ -101,6 +138,7 @@ def load(srv: Server, bodies: Path, concurrency: int, requests: int) -> dict[str
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "failed": float(len(lat) - ok),
+        "cpu_ms_per_req": cpu_s * 1000.0 / len(lat),
     }
 
 
@@ -114,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the rounds here")
     args = p.parse_args(argv)
 
+    load_before = f"{os.getloadavg()[0]:.1f}"
     with_redis = not args.no_redis and redis_answers(args.redis_url)
     if not args.no_redis and not with_redis:
         print(f"no Redis answers at {args.redis_url}: measuring without it", file=sys.stderr)
     configs = [Config(w, r) for r in ([False, True] if with_redis else [False]) for w in (1, 2)]
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    redis_pid = redis_server_pid(args.redis_url) if with_redis else None
     with tempfile.TemporaryDirectory(prefix="sdb-workers-bench-") as tmp:
         work = Path(tmp)
         rng = np.random.default_rng(1)
@@ -140,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 order = configs if i % 2 == 0 else configs[::-1]
                 for c in order:
                     assert c.server is not None
-                    c.rounds.append(load(c.server, work / "bodies.bin", args.concurrency, args.requests))
+                    pid = redis_pid if c.redis else None
+                    c.rounds.append(load(c.server, work / "bodies.bin", args.concurrency, args.requests, pid))
                     print(f"round {i + 1} {c.name}: {c.rounds[-1]['req_per_s']:,.0f} req/s", file=sys.stderr)
         finally:
             for c in configs:
@@ -161,14 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         f"\n/predict, 1 sample a request, concurrency {args.concurrency}, {args.requests} requests a round, "
         f"{args.rounds} alternating rounds; medians over the rounds\n"
     )
-    print("| configuration | req/s (median) | req/s (rounds) | p50 ms | p99 ms | failed |")
-    print("|---|--:|---|--:|--:|--:|")
+    print(f"load average before: {load_before}; after: {os.getloadavg()[0]:.1f}\n")
+    print(
+        "| configuration | req/s (median) | req/s (rounds) | p50 ms | p99 ms | server CPU ms/req | failed |"
+    )
+    print("|---|--:|---|--:|--:|--:|--:|")
     for c in configs:
         rounds = ", ".join(f"{r['req_per_s']:,.0f}" for r in c.rounds)
         failed = int(sum(r["failed"] for r in c.rounds))
         print(
             f"| {c.name} | {median(c, 'req_per_s'):,.0f} | {rounds} | {median(c, 'p50_ms'):.1f} | "
-            f"{median(c, 'p99_ms'):.1f} | {failed} |"
+            f"{median(c, 'p99_ms'):.1f} | {median(c, 'cpu_ms_per_req'):.2f} | {failed} |"
         )
     print()
     for redis_on in [False, True] if with_redis else [False]:
