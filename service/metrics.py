@@ -164,9 +164,9 @@ def record_redis_error(operation: str) -> None:
     _child(REDIS_ERRORS, operation).inc()
 
 
-def record_redis_fallback(operation: str, action: str) -> None:
+def record_redis_fallback(operation: str, action: str, calls: int = 1) -> None:
     """`action` is "local" (counted in this process) or "refused" (503, SDB_REDIS_FAILURE_MODE=closed)."""
-    _child(REDIS_FALLBACKS, operation, action).inc()
+    _child(REDIS_FALLBACKS, operation, action).inc(calls)
 
 
 def render_metrics() -> tuple[bytes, str]:

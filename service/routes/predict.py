@@ -132,7 +132,7 @@ async def predict(request: Request) -> Response:
         except NonFiniteOutputs as exc:
             raise non_finite_error(exc) from None
         payload = prediction_payload(served, probs, inputs.params.top_k)
-        await state.extraction_monitor.add(client, n)
+        state.extraction_monitor.add(client, n)
         status = 200
         return FastJSONResponse(payload)
     except HTTPException as exc:

@@ -80,7 +80,7 @@ def test_two_workers_share_one_limit_in_redis(
     assert httpx.get(srv.url + "/readyz", timeout=30).json()["redis"] == "ok"
     # One bucket: the client's anonymous id is the same whichever worker answered.
     client = _only_client(srv.url)
-    assert sorted(redis_keys(redis_keys_prefix)) == [
+    assert _keys_soon(redis_keys_prefix, 2) == [
         f"{redis_keys_prefix}extraction:{client}",
         f"{redis_keys_prefix}rate:{client}",
     ]
@@ -107,6 +107,14 @@ def test_two_workers_without_redis_count_alone(
     for answered in workers.values():
         assert answered["200"] == min(RATE, answered.total())
     assert statuses.count(200) == sum(w["200"] for w in workers.values()) > RATE
+
+
+def _keys_soon(prefix: str, n: int) -> list[str]:
+    """The keys under `prefix` once there are `n` (the extraction counts are flushed each second)."""
+    deadline = time.monotonic() + 10
+    while len(keys := sorted(redis_keys(prefix))) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return keys
 
 
 def _only_client(url: str) -> str:
@@ -165,7 +173,7 @@ def test_redis_cut_hung_and_back_predict_keeps_answering(
             return c.post("/predict", json=ONE_SAMPLE).status_code
 
         assert [predict(), predict()] == [200, 200]  # 1 token left in Redis
-        assert {key.split(":")[-2] for key in redis_keys(redis_keys_prefix)} == {"rate", "extraction"}
+        assert [key.split(":")[-2] for key in _keys_soon(redis_keys_prefix, 2)] == ["extraction", "rate"]
 
         redis_proxy.cut()
         # The process's own bucket (full: it was never used) takes over: 3 answers, then 429.
