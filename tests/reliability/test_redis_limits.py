@@ -73,6 +73,7 @@ def test_two_workers_share_one_limit_in_redis(
         predict_rate_per_minute=RATE,
         redis_url=REDIS_URL,
         redis_key_prefix=redis_keys_prefix,
+        redis_timeout_s=5,  # this test is about sharing: no spurious timeout on a busy machine
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
     statuses = _predict_fresh_connections(srv.url, 4 * RATE)
@@ -166,6 +167,7 @@ def test_redis_cut_hung_and_back_predict_keeps_answering(
         redis_url=f"redis://127.0.0.1:{redis_proxy.port}/{db}",
         redis_key_prefix=redis_keys_prefix,
         redis_retry_s=0.5,
+        redis_timeout_s=2,  # the hung Redis costs one such timeout; a busy machine none by mistake
     )
     with httpx.Client(base_url=srv.url, timeout=30) as c:
 
@@ -191,7 +193,7 @@ def test_redis_cut_hung_and_back_predict_keeps_answering(
         redis_proxy.restore()
         redis_proxy.partition()
         time.sleep(0.6)  # past SDB_REDIS_RETRY_S: the next call tries Redis again
-        assert predict() == 429  # the local bucket, after one timed-out try
+        assert predict() == 429  # the local bucket, after one timed-out try (2 s)
         assert c.get("/readyz").json()["redis"] == "unreachable"
 
         redis_proxy.restore()
