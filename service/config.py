@@ -7,6 +7,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,6 +109,31 @@ class Settings(BaseSettings):
     extraction_sample_threshold: int = Field(
         50_000, gt=0, description="Samples per window above which an anonymous client is flagged."
     )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Redis URL (`redis://[:password@]host:6379/0`) where the /predict rate limit and the "
+        "extraction counters live, shared by every worker and replica; unset: each process counts alone.",
+    )
+    redis_key_prefix: str = Field(
+        "sdb:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of every Redis key sdb writes (one per deployment sharing a Redis server).",
+    )
+    redis_timeout_s: float = Field(
+        0.5, gt=0, le=10, description="Connect and reply timeout of one Redis call (a failure past it)."
+    )
+    redis_failure_mode: Literal["open", "closed"] = Field(
+        "open",
+        description="When Redis fails: `open` counts the /predict limit in each process (as without "
+        "Redis: N processes allow N times the rate); `closed` answers /predict 503.",
+    )
+    redis_retry_s: float = Field(
+        2.0,
+        ge=0,
+        le=300,
+        description="After a Redis failure, seconds each process waits before trying it again.",
+    )
     expose_metrics: bool = Field(
         False,
         description="Serve /metrics on the service's port (off by default: turn it on only where that "
@@ -136,6 +162,13 @@ class Settings(BaseSettings):
             problem = None if secret is None else secret_problem(secret)
             if problem is not None:
                 raise ValueError(f"{name} {problem}")
+        if self.redis_url is not None:
+            redis_password = urlsplit(self.redis_url.get_secret_value()).password
+            if redis_password and any(m in redis_password.lower() for m in PLACEHOLDER_MARKERS):
+                raise ValueError(
+                    "the password in SDB_REDIS_URL (REDIS_PASSWORD) is a placeholder from the repository: "
+                    "generate one"
+                )
         if password and any(m in str(password).lower() for m in PLACEHOLDER_MARKERS):
             raise ValueError(
                 "the password in SDB_DATABASE_URL (POSTGRES_PASSWORD) is a placeholder from the "

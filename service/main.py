@@ -155,12 +155,18 @@ def _lifespan(
         gc_before = tune_gc(settings.gc_freeze, settings.gc_gen0_threshold)
         observe_gc_pauses()
         sweeper = asyncio.create_task(_sweep_reservations(state.db, settings))
+        flusher = asyncio.create_task(state.extraction_monitor.run()) if state.redis is not None else None
         try:
             yield
         finally:
             sweeper.cancel()
+            if flusher is not None:
+                flusher.cancel()
             with anyio.CancelScope(shield=True):
                 await state.models.aclose()
+                if state.redis is not None:
+                    await state.extraction_monitor.flush()
+                    await state.redis.aclose()
                 await anyio.to_thread.run_sync(state.audit_queue.close)
                 state.db.dispose()
                 release_gc(gc_before)

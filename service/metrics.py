@@ -73,6 +73,17 @@ AUDIT_DROPPED = Counter(
     "sdb_predict_audit_dropped_total",
     "/predict audit rows that could not be written (database down or slow).",
 )
+REDIS_ERRORS = Counter(
+    "sdb_redis_errors_total",
+    "Redis calls that failed or timed out (SDB_REDIS_URL), by operation.",
+    ["operation"],
+)
+REDIS_FALLBACKS = Counter(
+    "sdb_redis_fallbacks_total",
+    "Counts Redis should have kept but could not (failing, or backing off after a failure): counted in "
+    "the process (action=local) or the /predict call refused with 503 (action=refused).",
+    ["operation", "action"],
+)
 
 GC_PAUSES = Histogram(
     "sdb_gc_pause_seconds",
@@ -157,6 +168,16 @@ def record_gc_pause(generation: int, seconds: float) -> None:
 
 def record_audit_dropped(n: int = 1) -> None:
     AUDIT_DROPPED.inc(n)
+
+
+def record_redis_error(operation: str) -> None:
+    """`operation` is "rate_limit", "extraction" or "ping"."""
+    _child(REDIS_ERRORS, operation).inc()
+
+
+def record_redis_fallback(operation: str, action: str, calls: int = 1) -> None:
+    """`action` is "local" (counted in this process) or "refused" (503, SDB_REDIS_FAILURE_MODE=closed)."""
+    _child(REDIS_FALLBACKS, operation, action).inc(calls)
 
 
 def render_metrics() -> tuple[bytes, str]:

@@ -13,7 +13,8 @@ from service.db.audit_queue import AuditQueue
 from service.db.session import Database
 from service.extraction import ExtractionMonitor
 from service.inference.registry import ModelRegistry
-from service.ratelimit import RateLimiter
+from service.ratelimit import PredictRateLimit
+from service.redis_backend import RedisBackend
 from service.security import TokenConfig
 
 
@@ -25,8 +26,9 @@ class ServiceState:
     tokens: TokenConfig
     audit_queue: AuditQueue
     client_ids: ClientIdentifier
-    predict_limiter: RateLimiter
+    predict_limiter: PredictRateLimit
     extraction_monitor: ExtractionMonitor
+    redis: RedisBackend | None  # SDB_REDIS_URL: the limiter's and the monitor's shared counters
 
     @classmethod
     def build(
@@ -38,7 +40,17 @@ class ServiceState:
         tokens: TokenConfig,
         audit_queue: AuditQueue,
     ) -> ServiceState:
-        """The state of one process; the limiter, the monitor and the client ids come from settings."""
+        """The state of one process; the limiter, the monitor and the client ids come from settings.
+
+        The Redis client connects on first use, from this process's event loop."""
+        redis = None
+        if settings.redis_url is not None:
+            redis = RedisBackend(
+                settings.redis_url.get_secret_value(),
+                prefix=settings.redis_key_prefix,
+                timeout_s=settings.redis_timeout_s,
+                retry_s=settings.redis_retry_s,
+            )
         return cls(
             settings=settings,
             db=db,
@@ -46,10 +58,13 @@ class ServiceState:
             tokens=tokens,
             audit_queue=audit_queue,
             client_ids=ClientIdentifier.from_settings(settings),
-            predict_limiter=RateLimiter(settings.predict_rate_per_minute),
-            extraction_monitor=ExtractionMonitor(
-                settings.extraction_window_s, settings.extraction_sample_threshold
+            predict_limiter=PredictRateLimit(
+                settings.predict_rate_per_minute, redis, fail_closed=settings.redis_failure_mode == "closed"
             ),
+            extraction_monitor=ExtractionMonitor(
+                settings.extraction_window_s, settings.extraction_sample_threshold, redis=redis
+            ),
+            redis=redis,
         )
 
 

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
 from tests._support.postgres import PG_ADMIN_URL, create_pg_database, drop_pg_database, pg_available, pg_url
+from tests._support.redis import SKIP_REASON, redis_available, redis_prefix
 
 MODELS = ("alpha", "beta")
 
@@ -137,6 +138,16 @@ def empty_database_url(backend: str, tmp_path: Path) -> Iterator[str]:
         yield pg_url(name)
     finally:
         drop_pg_database(name)
+
+
+@pytest.fixture
+def redis_keys_prefix() -> Iterator[str]:
+    """A Redis key prefix of this test (keys deleted afterwards); skipped when no Redis server answers at
+    SDB_TEST_REDIS_URL (default redis://127.0.0.1:6379/0)."""
+    if not redis_available():
+        pytest.skip(SKIP_REASON)
+    with redis_prefix() as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="session")

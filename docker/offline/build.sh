@@ -4,11 +4,11 @@
 # `docker build -f docker/Dockerfile -t sdb:latest .` instead and never need this.
 #   bash docker/offline/build.sh         stand-in base images (only those missing), then sdb:latest
 #   SDB_OFFLINE_REBUILD=1 bash ...       rebuild the stand-in base images too
-# 1. Stand-ins for the two Docker Hub images that docker/Dockerfile and docker-compose.yml name, built from
+# 1. Stand-ins for the three Docker Hub images that docker/Dockerfile and docker-compose.yml name, built from
 #    Debian packages: `debootstrap --variant=minbase bookworm` imported as sdb-offline/debian:bookworm, then
-#    python:3.11-slim-bookworm (python.Dockerfile) and postgres:16-bookworm (postgres.Dockerfile, which runs
-#    PostgreSQL 15). An image of that name that already exists (a real one, or a stand-in from an earlier
-#    run) is kept.
+#    python:3.11-slim-bookworm (python.Dockerfile), postgres:16-bookworm (postgres.Dockerfile, which runs
+#    PostgreSQL 15) and redis:7-bookworm (redis.Dockerfile, Redis 7.0). An image of that name that already
+#    exists (a real one, or a stand-in from an earlier run with the same inputs) is kept.
 # 2. The CPU build of torch: `pip download torch==2.13.0` as this machine's pip finds it (its find-links),
 #    served with its dependencies as a package index on 127.0.0.1 for the time of the build and passed as
 #    --build-arg TORCH_INDEX_URL (default: PyTorch's own index). The build runs on the host network (PyPI
@@ -49,10 +49,14 @@ fi
 mkdir -p "$work/ctx"
 cp "$OFFLINE"/*.Dockerfile "$OFFLINE"/postgres-entrypoint.sh "$work/ctx/"
 cp /etc/ssl/certs/ca-certificates.crt "$work/ctx/host-ca-certificates.crt"
-# A stand-in is rebuilt when its inputs change (label sdb.offline.inputs); a real image (no label) is kept.
-inputs=$(cat "$work"/ctx/* | sha256sum | cut -c1-16)
-for spec in python:3.11-slim-bookworm=python.Dockerfile postgres:16-bookworm=postgres.Dockerfile; do
+# A stand-in is rebuilt when its own inputs change (its Dockerfile and the files it copies; label
+# sdb.offline.inputs); a real image (no label) is kept.
+for spec in python:3.11-slim-bookworm=python.Dockerfile postgres:16-bookworm=postgres.Dockerfile \
+  redis:7-bookworm=redis.Dockerfile; do
   name=${spec%%=*}
+  dockerfile=$work/ctx/${spec#*=}
+  copied=$(awk '$1 == "COPY" { for (i = 2; i < NF; i++) print $i }' "$dockerfile")
+  inputs=$( (cat "$dockerfile"; for f in $copied; do cat "$work/ctx/$f"; done) | sha256sum | cut -c1-16)
   if have "$name"; then
     label=$(docker image inspect -f '{{index .Config.Labels "sdb.offline.inputs"}}' "$name")
     [ "$label" = "<no value>" ] || [ -z "$label" ] || [ "$label" = "$inputs" ] && continue

@@ -43,6 +43,18 @@ def serve(
     graceful_timeout: Annotated[
         int, typer.Option(min=0, help="Seconds to finish in-flight requests after SIGTERM.")
     ] = 30,
+    worker_healthcheck_timeout: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With --workers > 1: seconds a worker may leave the supervisor's health check unanswered "
+            "before it is replaced (a starting worker imports torch first; uvicorn's own 5 s killed "
+            "starting workers over and over on a busy 2-core machine).",
+        ),
+    ] = 60,
+    access_log: Annotated[
+        bool, typer.Option(help="Log one line per request (uvicorn's access log, at INFO).")
+    ] = True,
     demo: Annotated[
         bool, typer.Option("--demo", help="Demo mode: random JWT secret, schema migrated at start.")
     ] = False,
@@ -83,6 +95,12 @@ def serve(
     if settings.jwt_secret is None:
         # Demo mode: one random secret shared by all workers of this run (never printed).
         os.environ["SDB_JWT_SECRET"] = secrets.token_urlsafe(48)
+    if workers > 1 and settings.redis_url is None and settings.predict_rate_per_minute > 0:
+        typer.echo(
+            f"note: without SDB_REDIS_URL each of the {workers} workers counts the /predict rate limit "
+            f"alone: a client can make {workers} x {settings.predict_rate_per_minute} requests a minute",
+            err=True,
+        )
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Without a shared directory each worker counts alone and /metrics shows one worker's share.
         metrics_dir = tempfile.mkdtemp(prefix="sdb-metrics-")
@@ -98,6 +116,8 @@ def serve(
         port=settings.port,
         workers=workers,
         timeout_graceful_shutdown=graceful_timeout,
+        timeout_worker_healthcheck=worker_healthcheck_timeout,
+        access_log=access_log,
         log_level=settings.log_level.lower(),
         proxy_headers=False,  # client addresses come from SDB_TRUSTED_PROXIES only
         server_header=False,

@@ -1,4 +1,4 @@
-"""GET /healthz (liveness), /readyz (models and database), /metrics (Prometheus), and / (to the docs)."""
+"""GET /healthz (liveness), /readyz (models, database, Redis), /metrics (Prometheus), and / (to the docs)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi.responses import RedirectResponse, Response
 from service.db.session import Database
 from service.metrics import render_metrics
 from service.quota_metrics import render_database_metrics
+from service.redis_backend import RedisBackend, render_redis_metrics
 from service.schemas import FastJSONResponse
 from service.state import StateDep
 
@@ -37,19 +38,34 @@ async def _database_ok(db: Database) -> bool:
         return False
 
 
+async def _redis_state(redis: RedisBackend | None) -> str:
+    if redis is None:
+        return "off"
+    return "ok" if await redis.ping() else "unreachable"
+
+
 @router.get(
     "/readyz",
-    summary="Readiness: models loaded and database reachable (503 otherwise)",
-    responses={503: {"description": "Not ready: no model loaded, or the database is unreachable."}},
+    summary="Readiness: models loaded, database reachable and, with SDB_REDIS_URL, Redis (503 otherwise)",
+    responses={
+        503: {
+            "description": "Not ready: no model loaded, the database is unreachable, or Redis is "
+            "unreachable with SDB_REDIS_FAILURE_MODE=closed."
+        }
+    },
 )
 async def readyz(state: StateDep) -> Response:
+    """`status` is `ready`, `not ready` (503), or `degraded` (200): Redis is unreachable, and with
+    SDB_REDIS_FAILURE_MODE=open /predict counts its rate limit in each process until it is back."""
     models = state.models.names()
-    database = await _database_ok(state.db)
-    ready = bool(models) and database
+    database, redis = await asyncio.gather(_database_ok(state.db), _redis_state(state.redis))
+    redis_down = redis == "unreachable"
+    ready = bool(models) and database and not (redis_down and state.settings.redis_failure_mode == "closed")
     body = {
-        "status": "ready" if ready else "not ready",
+        "status": ("degraded" if redis_down else "ready") if ready else "not ready",
         "models": models,
         "database": "ok" if database else "unreachable",
+        "redis": redis,
     }
     return FastJSONResponse(body, status_code=200 if ready else 503)
 
@@ -60,4 +76,5 @@ async def prometheus_metrics(state: StateDep) -> Response:
         return FastJSONResponse({"detail": "Not Found"}, status_code=404)
     data, content_type = await asyncio.to_thread(render_metrics)
     data += await render_database_metrics(state.db)
+    data += await render_redis_metrics(state.redis)
     return Response(content=data, media_type=content_type)

@@ -21,7 +21,7 @@ from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
 from service.middleware import disconnect_status
 from service.outputs import NonFiniteOutputs, softmax
-from service.ratelimit import RateLimiter
+from service.ratelimit import LimitUnavailable, PredictRateLimit, RateLimiter
 from service.schemas import (
     ERROR_RESPONSES,
     FastJSONResponse,
@@ -35,9 +35,19 @@ ENDPOINT = audits.PREDICT_ENDPOINT
 QUERY_FIELDS = ("model", "top_k")
 
 
-def enforce_predict_rate(limiter: RateLimiter, client: str) -> None:
-    """Per-client rate limit of /predict: 429 with Retry-After."""
-    wait = limiter.acquire(client)
+async def enforce_predict_rate(limiter: PredictRateLimit, client: str) -> None:
+    """Per-client rate limit of /predict: 429 with Retry-After; 503 when its Redis fails and
+    SDB_REDIS_FAILURE_MODE=closed."""
+    try:
+        wait = await limiter.acquire(client)
+    except LimitUnavailable:
+        retry = RateLimiter.retry_after(limiter.redis.retry_s if limiter.redis is not None else 1.0)
+        raise HTTPException(
+            status_code=503,
+            detail="the /predict rate limit cannot be checked (its Redis does not answer); "
+            f"retry in {retry} s",
+            headers={"Retry-After": retry},
+        ) from None
     if wait > 0:
         metrics.record_rate_limited(ENDPOINT)
         retry = RateLimiter.retry_after(wait)
@@ -108,7 +118,7 @@ async def predict(request: Request) -> Response:
     n = 0
     digest: str | None = None
     try:
-        enforce_predict_rate(state.predict_limiter, client)
+        await enforce_predict_rate(state.predict_limiter, client)
         inputs = await decode_inputs(request, PredictRequest, state.models, QUERY_FIELDS)
         served, x = inputs.model, inputs.x
         model_name, n = served.name, len(x)

@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 IMAGE = "sdb:latest"
 MODEL = "digits-demo"
+PREDICT_RATE = 2  # per minute; the end-to-end test makes one /predict call
 BUILD_TIMEOUT_S = 1500  # a first build: base images from Debian packages, then torch and the dependencies
 
 
@@ -87,9 +88,14 @@ def _write_env(path: Path, port: int, project: str) -> None:
             line = f"{key}={secrets.token_hex(32)}"
             fresh.add(key)
         lines.append(line)
-    assert {"POSTGRES_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT"} <= fresh, fresh
-    # A free host port, and a project name of its own so that a real `sdb` stack on this engine is untouched.
-    lines += [f"SDB_PORT={port}", f"COMPOSE_PROJECT_NAME={project}"]
+    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT"} <= fresh, fresh
+    # A free host port, and a project name of its own so that a real `sdb` stack on this engine is untouched;
+    # a /predict limit small enough for test_redis_holds_the_predict_limit to reach.
+    lines += [
+        f"SDB_PORT={port}",
+        f"COMPOSE_PROJECT_NAME={project}",
+        f"SDB_PREDICT_RATE_PER_MINUTE={PREDICT_RATE}",
+    ]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
 
@@ -259,3 +265,44 @@ def test_postgres_stand_in_runs_as_non_root(stack: Stack) -> None:
     stack.up()
     assert stack.run("exec", "-T", "db", "id", "-u").stdout.strip() != "0"
     assert stack.run("exec", "-T", "db", "pg_isready", "-U", "sdb", "-d", "sdb").returncode == 0
+
+
+def _stand_in(image: str) -> bool:
+    labels = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{json .Config.Labels}}", image],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return "stand-in" in (json.loads(labels) or {}).get("org.opencontainers.image.title", "")
+
+
+def test_redis_holds_the_predict_limit(stack: Stack) -> None:
+    """The api counts /predict in the compose Redis: /readyz says so, the client's bucket is a key there,
+    and deleting that key (and nothing in the api) gives the client its budget back."""
+    stack.up()
+    base = stack.url
+    r = httpx.get(base + "/readyz", timeout=30)
+    assert r.status_code == 200 and r.json()["redis"] == "ok", r.text
+    x = np.zeros((1, 1, 8, 8), dtype="float32").tolist()
+    statuses = [httpx.post(base + "/predict", json={"model": MODEL, "inputs": x}, timeout=30).status_code]
+    while statuses[-1] == 200 and len(statuses) <= PREDICT_RATE + 1:
+        statuses.append(
+            httpx.post(base + "/predict", json={"model": MODEL, "inputs": x}, timeout=30).status_code
+        )
+    assert statuses[-1] == 429 and 200 in statuses, statuses
+
+    def redis_cli(*args: str) -> str:
+        quoted = " ".join(f"'{a}'" for a in args)
+        r = stack.run(
+            "exec", "-T", "redis", "sh", "-c", f'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli {quoted}'
+        )
+        return r.stdout.strip()
+
+    keys = redis_cli("--scan", "--pattern", "sdb:rate:*").splitlines()
+    assert len(keys) == 1 and keys[0].startswith("sdb:rate:anon-"), keys
+    assert redis_cli("DEL", keys[0]) == "1"
+    r = httpx.post(base + "/predict", json={"model": MODEL, "inputs": x}, timeout=30)
+    assert r.status_code == 200, r.text
+    if _stand_in("redis:7-bookworm"):
+        assert stack.run("exec", "-T", "redis", "id", "-u").stdout.strip() != "0"

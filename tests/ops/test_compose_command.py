@@ -2,8 +2,9 @@
 
 CI has no Docker engine, so this is how the compose file's `migrate` and `api` services are exercised: the
 resolved compose model (`docker compose config --format json`, with .env.example) gives each service's
-command and environment; only the database host (the `db` container -> a fresh database on 127.0.0.1)
-and the listening address (0.0.0.0:8000 -> a free loopback port) are changed.
+command and environment; only the database host (the `db` container -> a fresh database on 127.0.0.1), the
+Redis host (the `redis` container -> the local Redis, under a key prefix of this test) and the listening
+address (0.0.0.0:8000 -> a free loopback port) are changed.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -21,6 +25,7 @@ from sqlalchemy.engine import make_url
 
 from tests._support.net import free_port
 from tests._support.ops import clean_env, sdb_executable
+from tests._support.redis import REDIS_URL, redis_available, redis_prefix
 from tests._support.server import Server, server_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.slow]
@@ -36,6 +41,7 @@ def local_command(cmd: list[str], port: int | None = None) -> list[str]:
     return out
 
 
+REDIS_PREFIX = f"sdbtest:{uuid.uuid4().hex[:12]}:"
 # .env.example's values are placeholders, which the service refuses (tested below): real secrets instead.
 SECRETS = {"SDB_JWT_SECRET": secrets.token_hex(32), "SDB_CLIENT_IP_SALT": secrets.token_hex(16)}
 
@@ -48,6 +54,10 @@ def local_env(service: dict[str, Any], database_url: str, placeholders: bool = F
     assert compose_url.drivername == local_url.drivername  # same driver, only the server differs
     assert compose_url.host == "db"
     env["SDB_DATABASE_URL"] = database_url
+    if "SDB_REDIS_URL" in env and not placeholders:
+        assert urlsplit(env["SDB_REDIS_URL"]).hostname == "redis"
+        env["SDB_REDIS_URL"] = REDIS_URL  # the local Redis; its keys under this test's prefix
+        env["SDB_REDIS_KEY_PREFIX"] = REDIS_PREFIX
     for mount in service.get("volumes", []):
         if mount["target"] == env["SDB_MODEL_DIR"]:
             env["SDB_MODEL_DIR"] = mount["source"]  # the bind mount's host side: ./models
@@ -55,8 +65,18 @@ def local_env(service: dict[str, Any], database_url: str, placeholders: bool = F
     return clean_env(**env)
 
 
+@pytest.fixture
+def redis_cleanup() -> Iterator[None]:
+    """The keys the local `api` writes to the local Redis (if one answers) are deleted afterwards."""
+    if not redis_available():
+        yield
+        return
+    with redis_prefix(REDIS_PREFIX):
+        yield
+
+
 def test_migrate_then_serve_as_compose_does(
-    compose_json: dict[str, Any], pg_database: str, servers: list[Server], tmp_path: Path
+    compose_json: dict[str, Any], pg_database: str, servers: list[Server], tmp_path: Path, redis_cleanup: None
 ) -> None:
     services = compose_json["services"]
     migrate, api = services["migrate"], services["api"]
@@ -94,6 +114,8 @@ def test_migrate_then_serve_as_compose_does(
     servers.append(server)
     server.start()
     assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200  # the image's HEALTHCHECK
+    if redis_available():
+        assert httpx.get(server.url + "/readyz", timeout=5).json()["redis"] == "ok"
 
     # The mounted models directory is what the service serves.
     manifests = [json.loads(p.read_text()) for p in Path(api_env["SDB_MODEL_DIR"]).glob("*/manifest.json")]

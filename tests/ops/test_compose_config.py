@@ -7,7 +7,7 @@ from typing import Any
 
 from tests._support.ops import REPO, compose_config
 
-SECRETS = ("POSTGRES_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT")
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT")
 
 
 def test_compose_config_passes_for_default_and_gpu_profile(compose_cmd: list[str]) -> None:
@@ -47,6 +47,21 @@ def test_postgres_has_named_volume_and_healthcheck(compose_json: dict[str, Any])
     assert volumes[0]["target"] == "/var/lib/postgresql/data"
     assert "pg_isready" in " ".join(db["healthcheck"]["test"])
     assert "ports" not in db, "PostgreSQL must not be published on the host"
+
+
+def test_redis_shares_the_predict_limits_of_every_api_service(compose_json: dict[str, Any]) -> None:
+    services = compose_json["services"]
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert "ports" not in redis, "Redis must not be published on the host"
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    command = " ".join(redis["command"])
+    assert "--requirepass" in command and "$REDIS_PASSWORD" in command  # from .env, not in the file
+    for name in ("api", "api-gpu"):
+        api = services[name]
+        url = api["environment"]["SDB_REDIS_URL"]
+        assert url.startswith("redis://:") and url.endswith("@redis:6379/0")
+        assert api["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_migrations_run_once_before_the_service(compose_json: dict[str, Any]) -> None:

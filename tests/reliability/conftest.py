@@ -49,17 +49,22 @@ def pg_proxy() -> Iterator[PgProxy]:
 
 @pytest.fixture
 def start_server(model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerFactory]:
-    """Start real uvicorn servers: `start_server(database_url, migrate=True, **settings)`; all stopped after.
+    """Start real uvicorn servers: `start_server(database_url, migrate=True, workers=1, **settings)` (`sdb
+    serve --workers`; the other keywords are SDB_ settings); all stopped after.
 
     On a failed test the tail of each server's log is printed, so a crash is visible in the report.
     """
     servers: list[Server] = []
 
-    def factory(database_url: str, *, migrate: bool = True, graceful_s: int = 10, **settings: Any) -> Server:
+    def factory(
+        database_url: str, *, migrate: bool = True, graceful_s: int = 10, workers: int = 1, **settings: Any
+    ) -> Server:
         if migrate:
             run_migrations(database_url)
         env = base_env(model_dir, database_url, **settings)
-        srv = Server(env=env, log_path=tmp_path / f"server{len(servers)}.log", graceful_s=graceful_s)
+        srv = Server(
+            env=env, log_path=tmp_path / f"server{len(servers)}.log", graceful_s=graceful_s, workers=workers
+        )
         servers.append(srv)
         return srv.start()
 

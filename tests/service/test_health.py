@@ -16,6 +16,8 @@ from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
 from service.routes import health
 from tests._support.apps import route_app
+from tests._support.net import free_port
+from tests._support.redis import REDIS_URL
 
 
 class FakeDatabase:
@@ -55,7 +57,41 @@ def test_ready_when_models_and_database_are(registry: Any) -> None:
     with TestClient(build(registry, FakeDatabase("ok"))) as c:
         r = c.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "models": ["test-box"], "database": "ok"}
+    assert r.json() == {"status": "ready", "models": ["test-box"], "database": "ok", "redis": "off"}
+
+
+@pytest.mark.redis
+def test_ready_with_redis(registry: Any, redis_keys_prefix: str) -> None:
+    app = build(
+        registry,
+        FakeDatabase("ok"),
+        redis_url=REDIS_URL,
+        redis_key_prefix=redis_keys_prefix,
+        expose_metrics=True,
+    )
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+        text = c.get("/metrics").text
+    assert r.status_code == 200 and r.json()["status"] == "ready" and r.json()["redis"] == "ok"
+    assert "sdb_redis_up 1.0" in text
+
+
+@pytest.mark.parametrize(
+    ("mode", "code", "status"), [("open", 200, "degraded"), ("closed", 503, "not ready")]
+)
+def test_redis_down_is_degraded_or_not_ready_by_failure_mode(
+    registry: Any, mode: str, code: int, status: str
+) -> None:
+    """Fail open: /predict still answers (each process counts), so the service stays in rotation."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with TestClient(
+        build(registry, FakeDatabase("ok"), redis_url=url, redis_failure_mode=mode, expose_metrics=True)
+    ) as c:
+        r = c.get("/readyz")
+        text = c.get("/metrics").text
+    assert r.status_code == code
+    assert r.json() == {"status": status, "models": ["test-box"], "database": "ok", "redis": "unreachable"}
+    assert "sdb_redis_up 0.0" in text
 
 
 @pytest.mark.parametrize("behaviour", ["down", "raise"])

@@ -22,6 +22,7 @@ from service.routes import health, predict
 from service.state import ServiceState
 from tests._support.apps import route_app
 from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
+from tests._support.net import free_port
 
 MODEL = "test-box"
 SHAPE = (1, 8, 8)
@@ -268,6 +269,26 @@ def test_rate_limit_is_429_with_retry_after_and_ignores_forged_forwarded_for(mod
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1 and "rate limit" in r.json()["detail"]
         assert c.get("/healthz").status_code == 200  # other routes are not limited
+    state(app).models.close()
+
+
+def test_redis_down_and_failure_mode_closed_is_503_with_retry_after(model_dir: Path) -> None:
+    """SDB_REDIS_FAILURE_MODE=closed: a call that cannot be counted is refused, and audited as such."""
+    audits = AuditSpy()
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    app = build_app(
+        model_dir,
+        audit_queue=audits,
+        predict_rate_per_minute=5,
+        redis_url=url,
+        redis_failure_mode="closed",
+        redis_retry_s=7,
+    )
+    with TestClient(app) as c:
+        r = c.post("/predict", json={"inputs": inputs(1).tolist()})
+    assert r.status_code == 503 and r.headers["retry-after"] == "7"
+    assert "rate limit cannot be checked" in r.json()["detail"] and url not in r.text
+    assert [row.status for row in audits.rows] == [503]
     state(app).models.close()
 
 
