@@ -1,0 +1,124 @@
+"""A quick trial of one box design against the white-box leak (docs/evaluation.md, "Open finding").
+
+One seed of the Fashion-MNIST protocol's owner/transfer split, the protocol's teacher (cached in OUT) and a
+box with the given BoxConfig overrides; then the `mlp:hidden=512` family only: normal KD, authorized KD and
+the three `whitebox/retemper:T` attacks with their top-1 twins (the floor here is the best twin). It also
+prints how flat the soft labels inside the box are (wrong-class logit spread and its correlation with the
+teacher's) on the owner's images, the transfer set and the test set. Roughly a third of a protocol seed.
+
+    .venv/bin/python scripts/whitebox_trial.py OUT [KEY=VALUE ...]    # e.g. w_mix=1 dis_spread=5
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdb_core.artifact import BoxedModel
+from sdb_core.attacks import AttackConfig, attack_targets, top1_oracle, train_on_targets
+from sdb_core.data import load_dataset
+from sdb_core.distill import DistillConfig, distill
+from sdb_core.evaluate import fashion_mnist_config, owner_box, split_owner_transfer, whitebox_oracle
+from sdb_core.keys import BoxKey
+from sdb_core.training import TeacherFn, TrainConfig, accuracy, model_fn
+from sdb_core.zoo import KeyGate
+
+STUDENT = ("mlp", {"hidden": 512})
+ATTACKS = ("retemper:1", "retemper:4", "retemper:20")
+
+
+def parse(items: list[str]) -> dict[str, float | bool]:
+    out: dict[str, float | bool] = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        out[k] = v.lower() == "true" if v.lower() in ("true", "false") else float(v)
+    return out
+
+
+def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray) -> dict[str, float]:
+    """Wrong-class logits of the soft labels inside (gate cut out): spread, and correlation with the
+    teacher's wrong-class logits (0: nothing beyond the top-1; 1: the teacher's ranking)."""
+    assert isinstance(boxed.model, KeyGate)
+    xs = torch.from_numpy(x[:2000])
+    with torch.inference_mode():
+        z = boxed.model.heads(boxed.normalize(xs))[0]
+        zt = teacher(xs)
+    wrong = ~F.one_hot(z.argmax(1), z.shape[1]).bool()
+    zw, tw = z[wrong].view(len(z), -1), zt[wrong].view(len(z), -1)
+    zc, tc = zw - zw.mean(1, keepdim=True), tw - tw.mean(1, keepdim=True)
+    corr = ((zc * tc).sum(1) / (zc.norm(dim=1) * tc.norm(dim=1) + 1e-9)).mean()
+    return {
+        "wrong_std": float(zw.std(1).mean()),
+        "teacher_wrong_std": float(tw.std(1).mean()),
+        "corr": float(corr),
+    }
+
+
+def main(out: Path, overrides: dict[str, float | bool], seed: int = 0) -> dict[str, object]:
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    cfg = fashion_mnist_config()
+    cfg = replace(cfg, progress=False, box=replace(cfg.box, **overrides))  # type: ignore[arg-type]
+    ds = load_dataset(cfg.dataset)
+    owner, transfer = split_owner_transfer(ds, cfg, seed)
+    key = BoxKey.from_int_seed(seed, ds.input_shape, cfg.box.lam)
+    tag = "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+    teacher, boxed = owner_box(cfg, owner, seed, out / tag, name="trial", key=key, cache=out / "teacher")
+    dev = torch.device("cpu")
+    dcfg = DistillConfig(
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        labelled_fraction=cfg.labelled_fraction,
+        train=TrainConfig(epochs=cfg.student_epochs, seed=seed, device="cpu", progress=False),
+    )
+    acfg = AttackConfig()
+    arch, extra = STUDENT
+
+    def score(student: torch.nn.Module) -> float:
+        return accuracy(model_fn(student, transfer), transfer.x_test, transfer.y_test, dev)
+
+    res: dict[str, float] = {
+        "normal": score(distill(transfer, arch, teacher, dcfg, arch_extra=extra)),
+        "authorized": score(distill(transfer, arch, boxed.keyed_logits, dcfg, arch_extra=extra)),
+    }
+    wb = whitebox_oracle(boxed)
+    assert wb is not None, "the trial needs a key-gated box"
+    twins: dict[str, float] = {}
+    for name in ATTACKS:
+        for oracle, into in ((wb, res), (top1_oracle(wb), twins)):
+            t = attack_targets(name, oracle, transfer, acfg)
+            into[name if into is twins else f"whitebox/{name}"] = score(
+                train_on_targets(transfer, arch, t, dcfg, acfg, arch_extra=extra)
+            )
+    floor = max(twins.values())
+    report: dict[str, object] = {
+        "overrides": overrides,
+        "seed": seed,
+        "box": {k: v for k, v in boxed.manifest["metrics"].items() if isinstance(v, float)},
+        "students": res,
+        "twins": twins,
+        "floor": floor,
+        "V": res["normal"] - floor,
+        "delivered": res["authorized"] - floor,
+        "whitebox_leak": max(v for k, v in res.items() if k.startswith("whitebox/")) - floor,
+        "flatness": {
+            part: flatness(boxed, teacher, x)
+            for part, x in (("owner", owner.x_train), ("transfer", transfer.x_train), ("test", ds.x_test))
+        },
+        "wall_seconds": time.perf_counter() - start,
+    }
+    (out / tag / "trial.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print(json.dumps(main(Path(sys.argv[1]), parse(sys.argv[2:])), indent=2))
