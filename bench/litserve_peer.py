@@ -99,12 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the inference worker")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--batch-timeout-ms", type=float, default=2.0)
+    p.add_argument("--api-servers", type=int, default=1, help="LitServe's num_api_servers (HTTP processes)")
+    p.add_argument("--workers", type=int, default=1, help="LitServe's workers_per_device (inference)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     api = BoxAPI(args.model_dir, args.threads, args.max_batch_size, args.batch_timeout_ms / 1000.0)
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=30)
     server.run(
-        host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning", generate_client_file=False
+        host="127.0.0.1",
+        port=args.port,
+        num_api_servers=args.api_servers,
+        log_level="warning",
+        generate_client_file=False,
     )
 
 

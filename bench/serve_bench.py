@@ -125,6 +125,7 @@ class Server:
         batching: bool,
         threads: int,
         extra_env: dict[str, str] | None = None,
+        workers: int = 0,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -150,6 +151,11 @@ class Server:
             sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
         ]  # fmt: skip
+        if workers:  # the production entry point with its worker processes (and their shared metrics)
+            cmd = [
+                sys.executable, "-m", "sdb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", str(workers), "--no-access-log",
+            ]  # fmt: skip
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.rss_samples: list[int] = []
@@ -255,9 +261,12 @@ def tree_cpu_s(pid: int) -> float:
 
 
 class PeerServer:
-    """The same box served by LitServe (`bench.litserve_peer`): one model, one API server, one worker."""
+    """The same box served by LitServe (`bench.litserve_peer`): one model, by default one API server and one
+    inference worker."""
 
-    def __init__(self, work: Path, model_dir: Path, threads: int) -> None:
+    def __init__(
+        self, work: Path, model_dir: Path, threads: int, api_servers: int = 1, workers: int = 1
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
@@ -265,6 +274,7 @@ class PeerServer:
         cmd = [
             sys.executable, "-m", "bench.litserve_peer", "--model-dir", str(model_dir),
             "--port", str(self.port), "--threads", str(threads),
+            "--api-servers", str(api_servers), "--workers", str(workers),
         ]  # fmt: skip
         self._log = self.log_path.open("wb")
         # Its own process group: LitServe starts an API server and an inference worker as child processes.
@@ -571,7 +581,7 @@ def run_peer(args: argparse.Namespace, threads: int) -> int:
         (work / "served").mkdir()
         for d in dirs.values():
             (work / "served" / d.name).symlink_to(d.resolve(), target_is_directory=True)
-        server = Server(work, work / "served", db_url, True, threads, args.server_env)
+        server = Server(work, work / "served", db_url, True, threads, args.server_env, args.workers)
         try:
             server.wait_ready()
             for model, model_dir in dirs.items():
@@ -579,7 +589,7 @@ def run_peer(args: argparse.Namespace, threads: int) -> int:
                 n = args.requests or max(8, int((2000 if big else 6000) * (0.25 if args.quick else 1.0)))
                 scenario = Scenario(model, "predict c32", "/predict", 32, 1, n, "plain")
                 warm = Scenario(model, "warm-up", "/predict", 32, 1, max(8, n // 10), "plain")
-                peer = PeerServer(work, model_dir, threads)
+                peer = PeerServer(work, model_dir, threads, args.peer_api_servers, args.peer_workers)
                 try:
                     peer.wait_ready()
                     targets: dict[str, Server | PeerServer] = {"sdb": server, args.peer: peer}
@@ -608,6 +618,8 @@ def run_peer(args: argparse.Namespace, threads: int) -> int:
         "peer": f"{args.peer} {_version(args.peer)}",
         "rounds": args.rounds,
         "server env": " ".join(f"{k}={v}" for k, v in args.server_env.items()) or "-",
+        "sdb workers": args.workers or 1,
+        f"{args.peer} api servers / workers": f"{args.peer_api_servers} / {args.peer_workers}",
         "load average (1 min) before / after": f"{load0[0]:.1f} / {load1[0]:.1f}",
         "niceness": os.nice(0),
     }
@@ -654,6 +666,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="--peer: alternating rounds per model")
     p.add_argument("--model", action="append", help="--peer: only this model (repeatable)")
     p.add_argument("--requests", type=int, help="--peer: requests per round (default by model size)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="--peer: serve sdb with `sdb serve --workers N` (0: one uvicorn process, as in the main run)",
+    )
+    p.add_argument("--peer-api-servers", type=int, default=1, help="--peer: LitServe's num_api_servers")
+    p.add_argument("--peer-workers", type=int, default=1, help="--peer: LitServe's workers_per_device")
     p.add_argument(
         "--nice",
         type=int,

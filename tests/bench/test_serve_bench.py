@@ -88,7 +88,19 @@ def test_the_litserve_peer_answers_what_sdb_predict_answers(client: TestClient, 
 def test_peer_litserve_runs_both_servers_in_alternating_rounds(tmp_path: Path) -> None:
     pytest.importorskip("litserve", reason="the bench extra is not installed: pip install -e '.[bench]'")
     out = tmp_path / "peer.json"
-    argv = ["--peer", "litserve", "--model", "digits-demo", "--rounds", "2", "--requests", "64"]
+    # --workers 2: sdb through `sdb serve --workers 2`, the setting that meets the peer targets
+    argv = [
+        "--peer",
+        "litserve",
+        "--model",
+        "digits-demo",
+        "--rounds",
+        "2",
+        "--requests",
+        "64",
+        "--workers",
+        "2",
+    ]
     rc = serve_bench.main([*argv, "--threads", "1", "--json", str(out)])
     assert rc in (0, 1)  # 1: a speed target missed, which 64 requests on a busy machine cannot judge
     data = json.loads(out.read_text())
@@ -104,3 +116,4 @@ def test_peer_litserve_runs_both_servers_in_alternating_rounds(tmp_path: Path) -
     s = data["summary"]["digits-demo"]
     assert s["req_per_s_ratio"] == pytest.approx(s["sdb"]["req_per_s"] / s["litserve"]["req_per_s"])
     assert data["meta"]["peer"] == "litserve 0.2.19"
+    assert data["meta"]["sdb workers"] == 2
