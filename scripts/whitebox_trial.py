@@ -24,10 +24,16 @@ import torch.nn.functional as F
 from sdb_core.artifact import BoxedModel
 from sdb_core.attacks import AttackConfig, attack_targets, top1_oracle, train_on_targets
 from sdb_core.data import load_dataset
-from sdb_core.distill import DistillConfig, distill
-from sdb_core.evaluate import fashion_mnist_config, owner_box, split_owner_transfer, whitebox_oracle
+from sdb_core.distill import distill
+from sdb_core.evaluate import (
+    distill_config,
+    fashion_mnist_config,
+    owner_box,
+    split_owner_transfer,
+    whitebox_oracle,
+)
 from sdb_core.keys import BoxKey
-from sdb_core.training import TeacherFn, TrainConfig, accuracy, model_fn
+from sdb_core.training import TeacherFn, accuracy, model_fn
 from sdb_core.zoo import KeyGate
 
 STUDENT = ("mlp", {"hidden": 512})
@@ -54,10 +60,18 @@ def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray) -> dict[str, 
     zw, tw = z[wrong].view(len(z), -1), zt[wrong].view(len(z), -1)
     zc, tc = zw - zw.mean(1, keepdim=True), tw - tw.mean(1, keepdim=True)
     corr = ((zc * tc).sum(1) / (zc.norm(dim=1) * tc.norm(dim=1) + 1e-9)).mean()
+    # How sure each answer is: the top logit's margin over the mean wrong logit, across inputs.
+    margin = z.max(1).values - zw.mean(1)
+    t_margin = zt.gather(1, z.argmax(1, keepdim=True))[:, 0] - tw.mean(1)
+    mc, tmc = margin - margin.mean(), t_margin - t_margin.mean()
     return {
         "wrong_std": float(zw.std(1).mean()),
         "teacher_wrong_std": float(tw.std(1).mean()),
         "corr": float(corr),
+        "margin_mean": float(margin.mean()),
+        "margin_std": float(margin.std()),
+        "teacher_margin_std": float(t_margin.std()),
+        "margin_corr": float((mc * tmc).sum() / (mc.norm() * tmc.norm() + 1e-9)),
     }
 
 
@@ -72,12 +86,7 @@ def main(out: Path, overrides: dict[str, float | bool], seed: int = 0) -> dict[s
     tag = "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     teacher, boxed = owner_box(cfg, owner, seed, out / tag, name="trial", key=key, cache=out / "teacher")
     dev = torch.device("cpu")
-    dcfg = DistillConfig(
-        alpha=cfg.alpha,
-        temperature=cfg.temperature,
-        labelled_fraction=cfg.labelled_fraction,
-        train=TrainConfig(epochs=cfg.student_epochs, seed=seed, device="cpu", progress=False),
-    )
+    dcfg = distill_config(replace(cfg, device="cpu"), seed)
     acfg = AttackConfig()
     arch, extra = STUDENT
 

@@ -26,7 +26,8 @@ Disturbance forms D (all bounded, see losses.py), `disturb_form`:
   by -T^2 * max(-log q)). On the bundled digits it either leaves students unharmed (the box just becomes
   over-confident) or, at larger weights, drives plain top-1 to chance; see docs/evaluation.md.
 - "teacher_first": Nasty-Teacher order with a probability floor, -T^2 * KL(p_T(f_adv) || p_T(f) + floor).
-- "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))) + dis_spread * Var(wrong-class logits),
+- "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))) + dis_spread * Var(wrong-class logits)
+  + dis_level * (margin - flat margin)^2,
   flat(y) = 1 - dis_eps on y and the rest spread evenly: the soft labels inside the box carry the top-1 and as
   little else as training achieves, even with the key gate cut out of a stolen copy of the weights. Paired
   with `plain_output = "top1"`.
@@ -96,6 +97,7 @@ class BoxConfig:
     disturb_form: str = "flat"  # or "target", "box_first" (-KL(box || teacher)), "teacher_first" (floored)
     dis_eps: float = 0.1  # flat only: the probability mass spread evenly over the wrong classes
     dis_spread: float = 0.0  # flat only: weight of the wrong classes' logit variance (docs/evaluation.md)
+    dis_level: float = 0.0  # flat only: weight of the squared gap between the margin and flat(y)'s margin
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
@@ -128,7 +130,7 @@ def box_step_losses(
 
     def disturb(zb: Tensor, zt: Tensor, yb: Tensor = y) -> Tensor:
         if cfg.disturb_form == "flat":
-            return flat_disturbance_loss(zb, yb, cfg.dis_eps, cfg.dis_spread)
+            return flat_disturbance_loss(zb, yb, cfg.dis_eps, cfg.dis_spread, cfg.dis_level)
         if cfg.disturb_form == "target":
             return target_disturbance_loss(zb, zt, yb, t_dis, cfg.dis_margin, cfg.dis_sharpness)
         if cfg.disturb_form == "teacher_first":
@@ -139,14 +141,13 @@ def box_step_losses(
         z_adv = teacher(xn)
     xk = key.apply(xn)
     parts = [xn, xk]
+    shape = (len(xn),) + (1,) * (xn.dim() - 1)  # one draw per sample, broadcast over its pixels
     if cfg.w_nonkey > 0:
-        shape = (len(xn),) + (1,) * (xn.dim() - 1)
         lam = key.lam + cfg.nonkey_lam_spread * (2 * torch.rand(shape, device=xn.device) - 1)
         lam = lam.clamp(0.05, 0.95)
         parts.append(lam * xn + (1.0 - lam) * torch.randn_like(xn))
     if cfg.w_mix > 0:
         # Between two images is where dark knowledge lives; their plain mixes must carry the top-1 alone too.
-        shape = (len(xn),) + (1,) * (xn.dim() - 1)
         alpha = torch.rand(shape, device=xn.device)
         xm = alpha * xn + (1.0 - alpha) * xn[torch.randperm(len(xn), device=xn.device)]
         with torch.no_grad():

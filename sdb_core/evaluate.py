@@ -139,7 +139,7 @@ def reduced_config(dataset: str = "digits") -> EvalConfig:
             owner_images=4_000,
             transfer=500,
             teacher_epochs=6,
-            student_epochs=60,
+            student_epochs=40,
             students=("mlp:hidden=512",),
             box=replace(cfg.box, train=replace(cfg.box.train, epochs=4)),
         )
@@ -221,6 +221,16 @@ def whitebox_oracle(boxed: BoxedModel) -> Oracle | None:
 
 def _train_cfg(cfg: EvalConfig, epochs: int, seed: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, seed=seed, device=cfg.device, progress=cfg.progress)
+
+
+def distill_config(cfg: EvalConfig, seed: int) -> DistillConfig:
+    """How every student of the protocol is distilled (normal, authorized and each attack's)."""
+    return DistillConfig(
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        labelled_fraction=cfg.labelled_fraction,
+        train=_train_cfg(cfg, cfg.student_epochs, seed),
+    )
 
 
 def _strip_progress(rec: dict[str, Any]) -> dict[str, Any]:
@@ -330,12 +340,7 @@ def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str
     # Another box's key, as an attacker who bought a different box would hold it.
     acfg = replace(cfg.attacks, other_key=BoxKey.from_int_seed(seed + 7_777, ds.input_shape, cfg.box.lam))
     api, stolen = plain_api_oracle(boxed), stolen_weights_oracle(boxed)
-    dcfg = DistillConfig(
-        alpha=cfg.alpha,
-        temperature=cfg.temperature,
-        labelled_fraction=cfg.labelled_fraction,
-        train=_train_cfg(cfg, cfg.student_epochs, seed),
-    )
+    dcfg = distill_config(cfg, seed)
     # Every attack's answers and those of its top-1 twin, queried once and shared by all student families.
     accesses: list[tuple[str, Oracle, list[str]]] = [
         ("api", api, attack_names(acfg)),

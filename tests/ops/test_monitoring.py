@@ -61,7 +61,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_rules_pass_promtool_check() -> None:
     r = promtool("check", "rules", str(RULES))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 6 rules found" in r.stdout
+    assert "SUCCESS: 7 rules found" in r.stdout
 
 
 def test_rules_fire_in_promtool_unit_tests() -> None:
@@ -83,6 +83,7 @@ def test_rules_cover_the_required_alerts() -> None:
         "SdbExtractionFlagRaised",
         "SdbApiKeyNearQuota",
         "SdbInferenceDeadlineHit",
+        "SdbRedisFailing",
     }
     tested = {
         t["alertname"]

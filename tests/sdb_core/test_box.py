@@ -150,6 +150,16 @@ def test_flat_disturbance_spread_term_is_the_wrong_logits_variance() -> None:
     assert float(extra) == pytest.approx(2.0 * torch.tensor([1.0, -1.0, 0.0]).var(unbiased=False).item())
 
 
+def test_flat_disturbance_level_term_pins_every_answers_margin_to_the_flat_targets() -> None:
+    y = torch.tensor([0, 1])
+    flat = torch.log(flat_targets(y, 4, 0.3))  # margin log(0.7 * 3 / 0.3) on both rows: no extra loss
+    assert float(flat_disturbance_loss(flat, y, 0.3, level=3.0)) == pytest.approx(0.0, abs=1e-6)
+    # A surer and a less sure answer, wrong classes still level: the margin term sees how far each is off.
+    z = flat + torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
+    extra = flat_disturbance_loss(z, y, 0.3, level=3.0) - flat_disturbance_loss(z, y, 0.3)
+    assert float(extra) == pytest.approx(3.0 * (1.0**2 + 0.5**2) / 2, rel=1e-5)
+
+
 def test_mix_terms_train_plain_mixes_flat_around_the_teachers_top1_and_keyed_mixes_like_the_teacher() -> None:
     _, teacher, key, x, y = _setup()
     kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}
