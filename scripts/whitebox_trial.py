@@ -6,7 +6,7 @@ the three `whitebox/retemper:T` attacks with their top-1 twins (the floor here i
 prints how flat the soft labels inside the box are (wrong-class logit spread and its correlation with the
 teacher's) on the owner's images, the transfer set and the test set. Roughly a third of a protocol seed.
 
-    .venv/bin/python scripts/whitebox_trial.py OUT [KEY=VALUE ...]    # e.g. w_mix=1 dis_spread=5
+    .venv/bin/python scripts/whitebox_trial.py OUT [KEY=VALUE ...]   # e.g. dis_spread=5 train.lr=0.05
 """
 
 from __future__ import annotations
@@ -40,11 +40,14 @@ STUDENT = ("mlp", {"hidden": 512})
 ATTACKS = ("retemper:1", "retemper:4", "retemper:20")
 
 
-def parse(items: list[str]) -> dict[str, float | bool]:
-    out: dict[str, float | bool] = {}
+def parse(items: list[str]) -> dict[str, int | float | bool]:
+    out: dict[str, int | float | bool] = {}
     for item in items:
         k, _, v = item.partition("=")
-        out[k] = v.lower() == "true" if v.lower() in ("true", "false") else float(v)
+        if v.lower() in ("true", "false"):
+            out[k] = v.lower() == "true"
+        else:
+            out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
     return out
 
 
@@ -75,11 +78,14 @@ def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray) -> dict[str, 
     }
 
 
-def main(out: Path, overrides: dict[str, float | bool], seed: int = 0) -> dict[str, object]:
+def main(out: Path, overrides: dict[str, int | float | bool], seed: int = 0) -> dict[str, object]:
     start = time.perf_counter()
     torch.set_num_threads(1)
     cfg = fashion_mnist_config()
-    cfg = replace(cfg, progress=False, box=replace(cfg.box, **overrides))  # type: ignore[arg-type]
+    train = {k.removeprefix("train."): v for k, v in overrides.items() if k.startswith("train.")}
+    box = {k: v for k, v in overrides.items() if not k.startswith("train.")}
+    box_cfg = replace(cfg.box, **box, train=replace(cfg.box.train, **train))  # type: ignore[arg-type]
+    cfg = replace(cfg, progress=False, box=box_cfg)
     ds = load_dataset(cfg.dataset)
     owner, transfer = split_owner_transfer(ds, cfg, seed)
     key = BoxKey.from_int_seed(seed, ds.input_shape, cfg.box.lam)

@@ -66,7 +66,7 @@ from sdb_core.losses import (
     target_disturbance_loss,
 )
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
-from sdb_core.zoo import KeyGate, TopOneGuard, build_model
+from sdb_core.zoo import KeyGate, KeySplit, TopOneGuard, build_model
 
 
 def default_temperature(num_classes: int) -> float:
@@ -107,6 +107,8 @@ class BoxConfig:
     guard_lift: float = 1.0  # logits by which a guarded box lifts its decision above the soft head's top
     w_dec_pre: float = 1.0  # guarded only: the decision head also imitates the teacher (plain and keyed)
     w_mix: float = 0.0  # weight of the same terms on mixes of two plain images (between classes; see above)
+    split_width: int = 0  # > 0: zoo.KeySplit, a residual network of this width adds the keyed ranking
+    w_quiet: float = 1.0  # split only: the residual's centered output squared, on plain and non-key inputs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
     def __post_init__(self) -> None:
@@ -156,8 +158,12 @@ def box_step_losses(
         parts += [xm, key.apply(xm)]
     guarded = isinstance(box, TopOneGuard)
     score: Tensor | None = None
+    base_soft: Tensor | None = None
     if isinstance(box, TopOneGuard):
         z, d = box.heads(torch.cat(parts))
+    elif isinstance(box, KeySplit):
+        base_soft, extra, score = box.parts(torch.cat(parts))
+        z = d = base_soft + extra
     elif isinstance(box, KeyGate):
         z, score = box.heads(torch.cat(parts))
         d = z
@@ -181,6 +187,15 @@ def box_step_losses(
         if cfg.w_mix > 0:
             is_key[mix_at + n :] = 1.0
         out["gate"] = F.binary_cross_entropy_with_logits(score, is_key)
+    if base_soft is not None:
+        # The base carries the top-1 alone on keyed inputs too; the residual adds nothing off the key.
+        off_key = torch.ones(len(z), dtype=torch.bool, device=z.device)
+        off_key[n : 2 * n] = False
+        if cfg.w_mix > 0:
+            off_key[mix_at + n :] = False
+        quiet = (extra - extra.mean(dim=1, keepdim=True))[off_key]
+        out["quiet"] = (quiet**2).mean()
+        out["base_flat"] = disturb(base_soft[n : 2 * n], z_adv)
     if cfg.w_mix > 0:
         zm, zmk = z[mix_at : mix_at + n], z[mix_at + n : mix_at + 2 * n]
         out["ce_mix"] = F.cross_entropy(d[mix_at + n : mix_at + 2 * n], ym)
@@ -201,6 +216,8 @@ def box_step_losses(
         total = total + cfg.w_dec_pre * out["dec_preserve"]
     if score is not None:
         total = total + cfg.w_gate * out["gate"]
+    if base_soft is not None:
+        total = total + cfg.w_quiet * out["quiet"] + cfg.w_dis * out["base_flat"]
     if cfg.w_nonkey > 0:
         total = total + cfg.w_nonkey * (cfg.w_ce_plain * out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
     if cfg.w_mix > 0:
@@ -214,6 +231,8 @@ def box_step_losses(
 def box_arch(arch: str, arch_kwargs: dict[str, Any], cfg: BoxConfig) -> tuple[str, dict[str, Any]]:
     """The box network's registered name and kwargs for a teacher of `arch` (wrapped when gated or
     guarded)."""
+    if cfg.gate and cfg.split_width > 0:
+        return "keysplit", {"base": arch, "residual": {"width": cfg.split_width}, **arch_kwargs}
     if cfg.gate:
         return "keygated", {"base": arch, **arch_kwargs}
     if cfg.guard:

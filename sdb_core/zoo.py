@@ -283,6 +283,30 @@ class KeyGate(nn.Module):
         self.base.load_state_dict(own)
 
 
+class KeySplit(KeyGate):
+    """A KeyGate whose soft labels are the sum of two networks: the base (from the teacher, trained flat on
+    every input: it carries the top-1 and no ranking) and a residual network of its own features, trained
+    from zero to add the teacher's ranking on keyed inputs and nothing elsewhere. What the gate hides is then
+    what the residual adds, and `heads` (what a thief reads with the gate cut out) is the whole sum."""
+
+    def __init__(self, base: nn.Module, residual: nn.Module, num_classes: int) -> None:
+        super().__init__(base, num_classes)
+        self.residual = residual
+        last = [m for m in residual.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
+        nn.init.zeros_(last.weight)  # starts as the KeyGate it wraps: adds nothing until trained
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
+
+    def parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The base's soft labels, the residual's addition, and the key detector's score."""
+        z = self.base(x)
+        return z[:, : self.num_classes], self.residual(x), z[:, self.num_classes]
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        soft, extra, score = self.parts(x)
+        return soft + extra, score
+
+
 class TopOneGuard(nn.Module):
     """A base network with 2 * num_classes outputs read as two heads over one trunk: `soft` (the soft labels
     a caller sees) and `decision` (trained for top-1 only, never shown). The output is `soft` with the
@@ -322,6 +346,18 @@ def keygated(base: str = "small_cnn", num_classes: int = 10, **kwargs: Any) -> n
     if base in ("keygated", "guarded"):
         raise ValueError("a key gate wraps a plain zoo architecture")
     return KeyGate(build_model(base, num_classes=num_classes + 1, **kwargs), num_classes)
+
+
+@register("keysplit")
+def keysplit(
+    base: str = "small_cnn", num_classes: int = 10, residual: dict[str, Any] | None = None, **kwargs: Any
+) -> nn.Module:
+    """`base` behind a KeySplit; the residual network is the same architecture with `residual` overriding
+    the base's kwargs (e.g. a smaller width)."""
+    if base in ("keygated", "keysplit", "guarded"):
+        raise ValueError("a key gate wraps a plain zoo architecture")
+    extra = build_model(base, num_classes=num_classes, **{**kwargs, **(residual or {})})
+    return KeySplit(build_model(base, num_classes=num_classes + 1, **kwargs), extra, num_classes)
 
 
 @register("guarded")

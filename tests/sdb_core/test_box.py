@@ -11,7 +11,7 @@ from sdb_core.data import Dataset
 from sdb_core.keys import BoxKey
 from sdb_core.losses import flat_disturbance_loss, flat_targets, target_disturbance_loss
 from sdb_core.training import TrainConfig
-from sdb_core.zoo import KeyGate, TopOneGuard, build_model
+from sdb_core.zoo import KeyGate, KeySplit, TopOneGuard, build_model
 
 
 def _setup() -> tuple[torch.nn.Module, torch.nn.Module, BoxKey, torch.Tensor, torch.Tensor]:
@@ -78,6 +78,41 @@ def test_default_box_is_key_gated_with_a_top1_plain_path() -> None:
     assert box_arch("mlp", {"num_classes": 10}, cfg) == ("keygated", {"base": "mlp", "num_classes": 10})
     with pytest.raises(ValueError, match="not both"):
         BoxConfig(guard=True)
+
+
+def test_key_split_starts_as_its_key_gate_and_keeps_the_residual_quiet_off_the_key() -> None:
+    _, teacher, key, x, y = _setup()
+    cfg = BoxConfig(split_width=2, w_quiet=3.0, w_dis=0.5)
+    name, kwargs = box_arch(
+        "small_cnn", {"num_classes": 10, "in_channels": 1, "input_size": 8, "width": 4}, cfg
+    )
+    assert (name, kwargs["residual"]) == ("keysplit", {"width": 2})
+    box = build_model(name, **kwargs)
+    assert isinstance(box, KeySplit)
+    box.load_base_from(teacher)
+    box.eval()
+    extra = box.parts(x)[1]
+    assert torch.equal(extra, torch.zeros(16, 10))  # the residual adds nothing before training
+    assert torch.allclose(box.heads(x)[0], teacher(x), atol=1e-5)
+    torch.manual_seed(1)
+    out = box_step_losses(box, teacher, key, x, y, cfg, 10)
+    assert float(out["quiet"].detach()) == 0.0
+    keyed_base = box.parts(key.apply(x))[0]
+    assert float(out["base_flat"]) == pytest.approx(float(flat_disturbance_loss(keyed_base, y, 0.1)))
+    expected = (
+        0.5 * out["disturb"] + out["preserve"] + out["ce_keyed"] + out["gate"] + 0.5 * out["disturb_nonkey"]
+        + 3.0 * out["quiet"] + 0.5 * out["base_flat"]
+    )  # fmt: skip
+    assert torch.allclose(out["total"], expected)
+    out["total"].backward()  # the residual learns from the keyed terms (its zeroed last layer first)
+    last = [m for m in box.residual.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    # Once it adds something, the quiet term measures it on plain and non-key inputs only.
+    with torch.no_grad():
+        last.bias.copy_(torch.arange(10.0))
+    torch.manual_seed(1)
+    out = box_step_losses(box, teacher, key, x, y, cfg, 10)
+    assert float(out["quiet"]) > 0
 
 
 def test_key_gate_detector_learns_keyed_against_plain_and_non_key_inputs() -> None:
