@@ -53,7 +53,7 @@ def test_guard_output_has_the_decision_heads_top1_and_otherwise_the_soft_heads_l
     assert torch.allclose(out[~agree], lifted)
 
 
-@pytest.mark.parametrize("arch", [a for a in list_models() if a not in ("guarded", "keygated")])
+@pytest.mark.parametrize("arch", [a for a in list_models() if a not in ("guarded", "keygated", "keysplit")])
 def test_guard_starts_with_both_heads_equal_to_a_trained_single_head_model(arch: str) -> None:
     shape = (1, 8, 8) if arch in {"small_cnn", "mlp"} else (3, 32, 32)
     kwargs = arch_kwargs_for(shape, 10)
