@@ -136,8 +136,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_reduced_fashion_mnist_evaluation(tmp_path: Path) -> None:
     """The documented protocol's directions at a fraction of its size (4,000 owner images, 6 teacher and 4 box
-    epochs, 500 transfer images, 40 student epochs, one student family, seed 0, the one-network key gate
-    instead of the protocol's split box, whose residual needs the protocol's steps; docs/evaluation.md):
+    epochs, 500 transfer images, 40 student epochs, one student family, seed 0; docs/evaluation.md):
     the box answers as well as the teacher, a licensee learns at least as much as from the teacher, and
     neither the plain path nor the weights as shipped give anything beyond their top-1. At seed 0 this run
     gave teacher 84.5, plain 85.3, keyed 84.4, normal KD 79.0, authorized 79.8 (about 100 s on one core);
