@@ -224,9 +224,11 @@ def test_fastest_forward_batch_stops_growing_past_a_slow_forward_pass() -> None:
 
     def fn(x: np.ndarray) -> np.ndarray:
         calls.append(len(x))
-        time.sleep(0.001 * len(x))
+        time.sleep(0.004 * len(x))
         return x
 
-    cap, rates = fastest_forward_batch(fn, np.ones((1, 1), dtype=np.float32), 256, slow_forward_s=0.015)
-    assert max(calls) == 16 and sorted(rates) == [8, 16]  # 16 samples took >= 15 ms: no 32, 64, ...
+    # 8 samples sleep 32 ms, 16 sleep 64 ms: the 50 ms line lies between with room for a busy machine
+    # (with 1 ms per sample and a 15 ms line, 8 samples took 15 ms once under load).
+    cap, rates = fastest_forward_batch(fn, np.ones((1, 1), dtype=np.float32), 256, slow_forward_s=0.05)
+    assert max(calls) == 16 and sorted(rates) == [8, 16]  # 16 samples took >= 50 ms: no 32, 64, ...
     assert cap in rates
