@@ -38,6 +38,11 @@ detector trained by binary cross-entropy (w_gate; keyed inputs 1, plain and non-
 with `zoo.top1_logits` of its soft labels wherever the detector does not fire. The weights run as shipped,
 without the key, then give the top-1 alone; the soft labels inside are still trained flat on plain inputs.
 
+With `split_width > 0` the gated box is a zoo.KeySplit: its soft labels are the base's (from the teacher,
+trained flat on keyed inputs too: `base_flat`) plus a residual network of its own that adds the keyed ranking
+and is held at zero elsewhere (`w_quiet`), so that what the gate hides is what the residual adds. It leaks
+less to a thief who cuts the gate out, and delivers less to small students (docs/evaluation.md).
+
 `plain_output` says what the served plain path returns: "top1" (the default) replaces the box's plain logits
 by a fixed distribution around their top-1 (`zoo.top1_logits`), so `/predict` gives away the top-1 and
 nothing else whatever the attacker does with the answers; "soft" returns the box's own (disturbed) logits,
