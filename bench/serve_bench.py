@@ -147,14 +147,15 @@ class Server:
         )
         env.update(extra_env or {})
         self.log_path = work / f"server-{'batching' if batching else 'nobatching'}.log"
-        cmd = [
-            sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
-            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-        ]  # fmt: skip
         if workers:  # the production entry point with its worker processes (and their shared metrics)
             cmd = [
                 sys.executable, "-m", "sdb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", str(workers), "--no-access-log",
+            ]  # fmt: skip
+        else:
+            cmd = [
+                sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
             ]  # fmt: skip
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)

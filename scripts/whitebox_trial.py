@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdb.commands.core import _override
 from sdb_core.artifact import BoxedModel
 from sdb_core.attacks import AttackConfig, attack_targets, top1_oracle, train_on_targets
 from sdb_core.data import load_dataset
@@ -38,17 +39,6 @@ from sdb_core.zoo import KeyGate
 
 STUDENT = ("mlp", {"hidden": 512})
 ATTACKS = ("retemper:1", "retemper:4", "retemper:20")
-
-
-def parse(items: list[str]) -> dict[str, int | float | bool]:
-    out: dict[str, int | float | bool] = {}
-    for item in items:
-        k, _, v = item.partition("=")
-        if v.lower() in ("true", "false"):
-            out[k] = v.lower() == "true"
-        else:
-            out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-    return out
 
 
 def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray) -> dict[str, float]:
@@ -78,18 +68,19 @@ def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray) -> dict[str, 
     }
 
 
-def main(out: Path, overrides: dict[str, int | float | bool], seed: int = 0) -> dict[str, object]:
+def main(out: Path, options: list[str], seed: int = 0) -> dict[str, object]:
     start = time.perf_counter()
     torch.set_num_threads(1)
     cfg = fashion_mnist_config()
-    train = {k.removeprefix("train."): v for k, v in overrides.items() if k.startswith("train.")}
-    box = {k: v for k, v in overrides.items() if not k.startswith("train.")}
-    box_cfg = replace(cfg.box, **box, train=replace(cfg.box.train, **train))  # type: ignore[arg-type]
-    cfg = replace(cfg, progress=False, box=box_cfg)
+    # KEY=VALUE strings converted to each field's type, as `sdb box --box-option` does; train.* goes to
+    # the box's TrainConfig.
+    train = [o.removeprefix("train.") for o in options if o.startswith("train.")]
+    box_cfg = _override(cfg.box, [o for o in options if not o.startswith("train.")])
+    cfg = replace(cfg, progress=False, box=replace(box_cfg, train=_override(cfg.box.train, train)))
     ds = load_dataset(cfg.dataset)
     owner, transfer = split_owner_transfer(ds, cfg, seed)
     key = BoxKey.from_int_seed(seed, ds.input_shape, cfg.box.lam)
-    tag = "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+    tag = "-".join(options) or "default"
     teacher, boxed = owner_box(cfg, owner, seed, out / tag, name="trial", key=key, cache=out / "teacher")
     dev = torch.device("cpu")
     dcfg = distill_config(replace(cfg, device="cpu"), seed)
@@ -114,7 +105,7 @@ def main(out: Path, overrides: dict[str, int | float | bool], seed: int = 0) -> 
             )
     floor = max(twins.values())
     report: dict[str, object] = {
-        "overrides": overrides,
+        "overrides": options,
         "seed": seed,
         "box": {k: v for k, v in boxed.manifest["metrics"].items() if isinstance(v, float)},
         "students": res,
@@ -136,4 +127,4 @@ def main(out: Path, overrides: dict[str, int | float | bool], seed: int = 0) -> 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print(json.dumps(main(Path(sys.argv[1]), parse(sys.argv[2:])), indent=2))
+    print(json.dumps(main(Path(sys.argv[1]), sys.argv[2:]), indent=2))
