@@ -6,7 +6,7 @@ the three `whitebox/retemper:T` attacks with their top-1 twins (the floor here i
 prints how flat the soft labels inside the box are (wrong-class logit spread and its correlation with the
 teacher's) on the owner's images, the transfer set and the test set. Roughly a third of a protocol seed.
 
-    .venv/bin/python scripts/whitebox_trial.py OUT [KEY=VALUE ...]   # e.g. dis_spread=5 train.lr=0.05
+    .venv/bin/python scripts/whitebox_trial.py OUT [seed=N] [KEY=VALUE ...]  # e.g. dis_spread=5 train.lr=0.05
 """
 
 from __future__ import annotations
@@ -35,19 +35,21 @@ from sdb_core.evaluate import (
 )
 from sdb_core.keys import BoxKey
 from sdb_core.training import TeacherFn, accuracy, model_fn
-from sdb_core.zoo import KeyGate
+from sdb_core.zoo import KeyGate, KeySplit
 
 STUDENT = ("mlp", {"hidden": 512})
 ATTACKS = ("retemper:1", "retemper:4", "retemper:20")
 
 
-def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray) -> dict[str, float]:
-    """Wrong-class logits of the soft labels inside (gate cut out): spread, and correlation with the
-    teacher's wrong-class logits (0: nothing beyond the top-1; 1: the teacher's ranking)."""
+def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray, part: str = "soft") -> dict[str, float]:
+    """Wrong-class logits of the soft labels inside (gate cut out; `part="base"`: a split box's base alone):
+    spread, and correlation with the teacher's wrong-class logits (0: nothing beyond the top-1; 1: the
+    teacher's ranking)."""
     assert isinstance(boxed.model, KeyGate)
     xs = torch.from_numpy(x[:2000])
     with torch.inference_mode():
-        z = boxed.model.heads(boxed.normalize(xs))[0]
+        xn = boxed.normalize(xs)
+        z = boxed.model.parts(xn)[0] if part == "base" else boxed.model.heads(xn)[0]  # type: ignore[operator]
         zt = teacher(xs)
     wrong = ~F.one_hot(z.argmax(1), z.shape[1]).bool()
     zw, tw = z[wrong].view(len(z), -1), zt[wrong].view(len(z), -1)
@@ -115,8 +117,9 @@ def main(out: Path, options: list[str], seed: int = 0) -> dict[str, object]:
         "delivered": res["authorized"] - floor,
         "whitebox_leak": max(v for k, v in res.items() if k.startswith("whitebox/")) - floor,
         "flatness": {
-            part: flatness(boxed, teacher, x)
-            for part, x in (("owner", owner.x_train), ("transfer", transfer.x_train), ("test", ds.x_test))
+            f"{split}/{part}": flatness(boxed, teacher, x, part)
+            for split, x in (("owner", owner.x_train), ("transfer", transfer.x_train), ("test", ds.x_test))
+            for part in (("soft", "base") if isinstance(boxed.model, KeySplit) else ("soft",))
         },
         "wall_seconds": time.perf_counter() - start,
     }
@@ -127,4 +130,6 @@ def main(out: Path, options: list[str], seed: int = 0) -> dict[str, object]:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print(json.dumps(main(Path(sys.argv[1]), sys.argv[2:]), indent=2))
+    seeds = [int(o.removeprefix("seed=")) for o in sys.argv[2:] if o.startswith("seed=")]
+    rest = [o for o in sys.argv[2:] if not o.startswith("seed=")]
+    print(json.dumps(main(Path(sys.argv[1]), rest, *seeds[-1:]), indent=2))
