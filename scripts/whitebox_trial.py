@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdb.commands.core import _override
+from sdb.commands.core import _override_box
 from sdb_core.artifact import BoxedModel
 from sdb_core.attacks import AttackConfig, attack_targets, top1_oracle, train_on_targets
 from sdb_core.data import load_dataset
@@ -74,11 +74,7 @@ def main(out: Path, options: list[str], seed: int = 0) -> dict[str, object]:
     start = time.perf_counter()
     torch.set_num_threads(1)
     cfg = fashion_mnist_config()
-    # KEY=VALUE strings converted to each field's type, as `sdb box --box-option` does; train.* goes to
-    # the box's TrainConfig.
-    train = [o.removeprefix("train.") for o in options if o.startswith("train.")]
-    box_cfg = _override(cfg.box, [o for o in options if not o.startswith("train.")])
-    cfg = replace(cfg, progress=False, box=replace(box_cfg, train=_override(cfg.box.train, train)))
+    cfg = replace(cfg, progress=False, box=_override_box(cfg.box, options))  # as `sdb box --box-option`
     ds = load_dataset(cfg.dataset)
     owner, transfer = split_owner_transfer(ds, cfg, seed)
     key = BoxKey.from_int_seed(seed, ds.input_shape, cfg.box.lam)

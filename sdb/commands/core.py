@@ -24,7 +24,11 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads (0
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (deterministic runs).")]
 BoxOptionOpt = Annotated[
     list[str] | None,
-    typer.Option("--box-option", help="Override a BoxConfig field, KEY=VALUE (repeatable): guard=false."),
+    typer.Option(
+        "--box-option",
+        help="Override a BoxConfig field, KEY=VALUE (repeatable): guard=false; train.KEY for its training, "
+        "train.lr=0.05.",
+    ),
 ]
 
 
@@ -53,6 +57,13 @@ def _override(obj: Any, options: list[str]) -> Any:
         else:
             changes[k] = type(current)(v) if current is not None else float(v)
     return replace(obj, **changes)
+
+
+def _override_box(cfg: Any, options: list[str]) -> Any:
+    """_override on a BoxConfig; `train.KEY=VALUE` goes to its TrainConfig."""
+    train = [o.removeprefix("train.") for o in options if o.startswith("train.")]
+    rest = [o for o in options if not o.startswith("train.")]
+    return replace(_override(cfg, rest), train=_override(cfg.train, train))
 
 
 def _threads(n: int) -> None:
@@ -152,7 +163,7 @@ def box(
         train = replace(base.train, seed=seed, device=device, checkpoint_every=5)
         if epochs is not None:
             train = replace(train, epochs=epochs)
-        cfg = replace(_override(base, box_option or []), train=train)
+        cfg = _override_box(replace(base, train=train), box_option or [])
         ckpt = out.parent / f".{out.name}.resume.pt"
         # One secret key for all ranks: drawn by rank 0, sent over the (local) process group.
         drawn = BoxKey.generate(ds.input_shape, cfg.lam) if parallel.is_main() else None
@@ -345,7 +356,7 @@ def evaluate(
         if seeds:
             cfg = replace(cfg, seeds=tuple(int(s) for s in seeds.split(",") if s))
         if box_option:
-            cfg = replace(cfg, box=_override(cfg.box, box_option))
+            cfg = replace(cfg, box=_override_box(cfg.box, box_option))
         if protocol_option:
             cfg = _override(cfg, protocol_option)
         report = run_eval(cfg, out)

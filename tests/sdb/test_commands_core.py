@@ -156,6 +156,19 @@ def test_box_options_are_parsed_by_the_fields_type() -> None:
             _override(BoxConfig(), bad)
 
 
+def test_box_options_reach_the_box_training_config() -> None:
+    import typer
+
+    from sdb.commands.core import _override_box
+    from sdb_core.box import BoxConfig
+
+    cfg = _override_box(BoxConfig(), ["split_width=16", "train.lr=0.05", "train.epochs=12"])
+    assert (cfg.split_width, cfg.train.lr, cfg.train.epochs) == (16, 0.05, 12)
+    assert cfg.train.batch_size == BoxConfig().train.batch_size
+    with pytest.raises(typer.BadParameter):
+        _override_box(BoxConfig(), ["train.nope=1"])
+
+
 def test_version() -> None:
     from importlib.metadata import version
 
