@@ -49,7 +49,11 @@ def flatness(boxed: BoxedModel, teacher: TeacherFn, x: np.ndarray, part: str = "
     xs = torch.from_numpy(x[:2000])
     with torch.inference_mode():
         xn = boxed.normalize(xs)
-        z = boxed.model.parts(xn)[0] if part == "base" else boxed.model.heads(xn)[0]  # type: ignore[operator]
+        if part == "base":
+            assert isinstance(boxed.model, KeySplit)
+            z = boxed.model.parts(xn)[0]
+        else:
+            z = boxed.model.heads(xn)[0]
         zt = teacher(xs)
     wrong = ~F.one_hot(z.argmax(1), z.shape[1]).bool()
     zw, tw = z[wrong].view(len(z), -1), zt[wrong].view(len(z), -1)
