@@ -245,6 +245,31 @@ def _recipe(cfg: BoxConfig | TrainConfig) -> dict[str, Any]:
     return _strip_progress(asdict(cfg))
 
 
+def owner_teacher(
+    cfg: EvalConfig, owner: Dataset, seed: int, cache: Path | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model owner's teacher, trained on `owner` by the protocol's recipe (and its arch kwargs). With
+    `cache`, a teacher saved there is reused when it was made by the same recipe from the same data."""
+    dev = resolve_device(cfg.device)
+    teacher_cfg = _train_cfg(cfg, cfg.teacher_epochs, seed)
+    recipe = {
+        "arch": cfg.teacher_arch,
+        "extra": cfg.teacher_extra,
+        "train": _recipe(teacher_cfg),
+        "data": owner.digest(),
+    }
+    if cache is not None and (cache / "model.json").is_file():
+        model, meta = load_model(cache, device=dev)
+        if meta["metrics"].get("recipe") == json.loads(json.dumps(recipe)):
+            return model, meta["arch_kwargs"]
+    teacher, kwargs = train_classifier(owner, cfg.teacher_arch, teacher_cfg, arch_extra=cfg.teacher_extra)
+    if cache is not None:
+        save_model(
+            cache, teacher, arch=cfg.teacher_arch, arch_kwargs=kwargs, ds=owner, metrics={"recipe": recipe}
+        )
+    return teacher, kwargs
+
+
 def owner_box(
     cfg: EvalConfig,
     owner: Dataset,
@@ -255,34 +280,12 @@ def owner_box(
     key: BoxKey | None = None,
     cache: Path | None = None,
 ) -> tuple[TeacherFn, BoxedModel]:
-    """The model owner's side: train the teacher on `owner`, box it into `out` (a fresh secret box key unless
-    one is given) and return the teacher function and the reloaded box. With `cache`, a teacher saved there
-    and a box already in `out` are reused when they were made by the same recipe from the same data (so a
-    rerun with other student settings trains only students)."""
+    """The model owner's side: the teacher (`owner_teacher`, cached in `cache`), boxed into `out` (a fresh
+    secret box key unless one is given); returns the teacher function and the reloaded box. With `cache`, a
+    box already in `out` is reused when it was made by the same recipe from the same data (so a rerun with
+    other student settings trains only students)."""
     dev = resolve_device(cfg.device)
-    teacher_cfg = _train_cfg(cfg, cfg.teacher_epochs, seed)
-    recipe = {
-        "arch": cfg.teacher_arch,
-        "extra": cfg.teacher_extra,
-        "train": _recipe(teacher_cfg),
-        "data": owner.digest(),
-    }
-    teacher: nn.Module | None = None
-    if cache is not None and (cache / "model.json").is_file():
-        model, meta = load_model(cache, device=dev)
-        if meta["metrics"].get("recipe") == json.loads(json.dumps(recipe)):
-            teacher, kwargs = model, meta["arch_kwargs"]
-    if teacher is None:
-        teacher, kwargs = train_classifier(owner, cfg.teacher_arch, teacher_cfg, arch_extra=cfg.teacher_extra)
-        if cache is not None:
-            save_model(
-                cache,
-                teacher,
-                arch=cfg.teacher_arch,
-                arch_kwargs=kwargs,
-                ds=owner,
-                metrics={"recipe": recipe},
-            )
+    teacher, kwargs = owner_teacher(cfg, owner, seed, cache)
     teacher_fn = model_fn(teacher, owner)
     box_cfg = replace(
         cfg.box, train=replace(cfg.box.train, seed=seed, device=cfg.device, progress=cfg.progress)
