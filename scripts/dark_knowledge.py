@@ -39,6 +39,7 @@ from sdb_core.attacks import AttackConfig, Oracle, attack_targets, top1_oracle, 
 from sdb_core.data import load_dataset
 from sdb_core.distill import distill_logits, query_teacher
 from sdb_core.evaluate import (
+    _log_softmax_oracle,
     distill_config,
     fashion_mnist_config,
     owner_teacher,
@@ -90,19 +91,20 @@ def main(out: Path, seed: int, student: str, box: Path | None = None, students: 
     arch, extra = parse_student(student)
     acfg = AttackConfig()
     z = query_teacher(teacher, transfer.x_train)
-    oracle: Oracle = lambda x: torch.log_softmax(teacher(x).float(), 1)  # noqa: E731
+    oracle: Oracle = _log_softmax_oracle(teacher)
     cells = parts(z, seed)
     if box is not None:
         wb = whitebox_oracle(load_box(box, device=dev))
         if wb is None:
             raise SystemExit(f"{box} has no key gate to cut out")
-        oracle, zb = wb, query_teacher(wb, transfer.x_train)
-        margin_t, margin_b = cells["margin"].max(1).values, parts(zb, seed)["margin"].max(1).values
+        oracle, box_cells = wb, parts(query_teacher(wb, transfer.x_train), seed)
+        # "margin" is zero but for the top-1, so its row max is each answer's margin
+        margin_t, margin_b = cells["margin"].max(1).values, box_cells["margin"].max(1).values
         cells = {
             "teacher": z,
             "teacher/margin": cells["margin"],
             "teacher/margin@box-scale": cells["margin"] * margin_b.mean() / margin_t.mean(),
-            **{f"box/{name}": t for name, t in parts(zb, seed).items()},
+            **{f"box/{name}": t for name, t in box_cells.items()},
         }
     top1 = top1_oracle(oracle)
 
