@@ -1,4 +1,4 @@
-"""Print the README's configuration table from service.config.Settings, or check that the README has it.
+"""Print the README's configuration table from service.core.config.Settings, or check that the README has it.
 
 .venv/bin/python scripts/config_table.py            # print the table (markdown)
 .venv/bin/python scripts/config_table.py --write    # replace the table in README.md
@@ -33,7 +33,7 @@ def _default(field: Any) -> str:
 
 def table() -> str:
     sys.path.insert(0, str(REPO))
-    from service.config import Settings
+    from service.core.config import Settings
 
     prefix = str(Settings.model_config.get("env_prefix", ""))
     rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]

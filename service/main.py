@@ -21,20 +21,20 @@ from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from service.config import Settings, get_settings
+from service.core.config import Settings, get_settings
+from service.core.errors import install_error_handlers
+from service.core.security import TokenConfig, api_key_from_secret
+from service.core.state import ServiceState, set_state
 from service.crud import accounts, catalog, quota
 from service.db import migrate
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
 from service.docs import install_docs
-from service.errors import install_error_handlers
-from service.gc_tuning import observe_gc_pauses, release_gc, tune_gc
 from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
+from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
 from service.routes import admin, admin_reports, auth, console, distill, health, predict
-from service.security import TokenConfig, api_key_from_secret
-from service.state import ServiceState, set_state
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import orjson
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 
-from service import metrics
+from service.observability import metrics
 from service.sanitize import clean
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from service.core.config import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -163,7 +163,7 @@ def box_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
-    from service.config import Settings
+    from service.core.config import Settings
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {

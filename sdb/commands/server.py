@@ -1,6 +1,6 @@
 """Service commands: `sdb serve`, `sdb admin bootstrap`, `sdb db upgrade|downgrade|current`.
 
-Settings come from SDB_* environment variables (service.config.Settings); the options below only set the
+Settings come from SDB_* environment variables (service.core.config.Settings); the options below only set the
 matching variables for this run. `sdb db` and `sdb admin` need only the database URL, not the JWT secret.
 """
 
@@ -26,7 +26,7 @@ def _database_url(option: str | None) -> str:
     env = os.environ.get("SDB_DATABASE_URL")
     if env:
         return env
-    from service.config import Settings
+    from service.core.config import Settings
 
     default = Settings.model_fields["database_url"].default
     return str(default)
@@ -69,7 +69,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from service.core.config import Settings
 
     if demo:
         os.environ["SDB_DEMO"] = "1"
@@ -136,10 +136,10 @@ def bootstrap(
     """Create the first administrator and print its API key once (there is no default password)."""
     from sqlalchemy.engine import make_url
 
+    from service.core.security import new_api_key
     from service.crud import accounts
     from service.db.migrate import SchemaError, check_schema
     from service.db.session import Database
-    from service.security import new_api_key
 
     db = Database(_database_url(database_url))
     try:

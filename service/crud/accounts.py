@@ -9,10 +9,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.core.security import NewApiKey, api_key_matches, api_key_prefix, looks_like_api_key
 from service.crud.events import record_event
 from service.db.models import ROLE_ADMIN, ApiKey, User, utcnow
 from service.sanitize import clean
-from service.security import NewApiKey, api_key_matches, api_key_prefix, looks_like_api_key
 
 
 class ConflictError(Exception):

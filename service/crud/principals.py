@@ -9,9 +9,9 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
+from service.core.security import TokenClaims
 from service.crud.accounts import usable
 from service.db.models import ROLE_ADMIN, ApiKey, User, utcnow
-from service.security import TokenClaims
 
 WILDCARD_SCOPE = "*"
 

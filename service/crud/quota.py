@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, bindparam, case, or_, select, update
 
+from service.core.security import TokenClaims
 from service.crud.audits import (
     DISTILL_ENDPOINT,
     REFUSAL_STATUS,
@@ -20,7 +21,6 @@ from service.crud.audits import (
 from service.crud.principals import AuthFailure, load_principal
 from service.db.models import ApiKey, QueryAudit
 from service.db.session import Database
-from service.security import TokenClaims
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from datetime import datetime
 
 from sqlalchemy import func, insert, select
 
-from service import metrics
 from service.db.models import QueryAudit
 from service.db.session import Database
+from service.observability import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdb_core.artifact import load_box
-from service.config import Settings
+from service.core.config import Settings
 from service.inference.batcher import BatcherConfig
 from service.inference.registry import Box, ModelRegistry
 from service.inference.runtime import configure_torch, resolve_device

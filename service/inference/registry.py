@@ -14,7 +14,6 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from service import metrics
 from service.inference.batcher import (
     BatcherConfig,
     BatcherOverloaded,
@@ -24,6 +23,7 @@ from service.inference.batcher import (
     fastest_forward_batch,
 )
 from service.inference.runtime import MemoryTrimmer
+from service.observability import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
+from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
+from service.core.security import new_api_key
+from service.core.state import StateDep
 from service.crud import accounts, catalog, events, reports
 from service.crud.accounts import ConflictError, NotFoundError
 from service.crud.principals import Principal
 from service.crud.reports import AuditFilter
 from service.db.models import ApiKey, User, utcnow
-from service.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.schemas import (
     TEXT,
     AuditOut,
@@ -33,8 +35,6 @@ from service.schemas import (
     UserCreate,
     UserOut,
 )
-from service.security import new_api_key
-from service.state import StateDep
 
 # Errors raised by the routes themselves carry a string `detail`: document 422 with the generic error model.
 router = APIRouter(

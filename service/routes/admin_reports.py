@@ -14,9 +14,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
+from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.crud import events, reports
 from service.db.models import QueryAudit
-from service.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.routes.admin import MAX_BUCKETS, AuditFilterDep, Since, Until, _range
 from service.schemas import ErrorResponse, TimelineBucketOut, TimelineOut, TimelineSeriesOut
 

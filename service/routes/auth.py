@@ -17,14 +17,14 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service import metrics
+from service.core.security import issue_token
+from service.core.state import get_state
 from service.crud import accounts, events
 from service.crud.principals import granted_scopes
 from service.db.models import utcnow
 from service.db.session import Database
+from service.observability import metrics
 from service.schemas import TokenRequestJSON, TokenResponse
-from service.security import issue_token
-from service.state import get_state
 
 router = APIRouter(tags=["auth"])
 

@@ -20,15 +20,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from service import metrics
+from service.core.deps import BearerCredentials, missing_token, unauthorized
+from service.core.errors import inference_error, non_finite_error
+from service.core.security import TokenClaims, TokenError, verify_token
+from service.core.state import get_state
 from service.crud import audits, quota
 from service.crud.quota import DistillDenied, DistillGrant
 from service.db.session import Database
 from service.decode import decode_inputs, query_openapi
-from service.deps import BearerCredentials, missing_token, unauthorized
-from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout
 from service.middleware import disconnect_status
+from service.observability import metrics
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE, NonFiniteOutputs, softmax
 from service.schemas import (
     ERROR_RESPONSES,
@@ -37,8 +39,6 @@ from service.schemas import (
     FastJSONResponse,
     request_body_openapi,
 )
-from service.security import TokenClaims, TokenError, verify_token
-from service.state import get_state
 
 router = APIRouter(tags=["distill"])
 

@@ -7,12 +7,12 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
+from service.core.state import StateDep
 from service.db.session import Database
-from service.metrics import render_metrics
-from service.quota_metrics import render_database_metrics
-from service.redis_backend import RedisBackend, render_redis_metrics
+from service.limits.redis_backend import RedisBackend, render_redis_metrics
+from service.observability.metrics import render_metrics
+from service.observability.quota_metrics import render_database_metrics
 from service.schemas import FastJSONResponse
-from service.state import StateDep
 
 DB_PING_TIMEOUT_S = 2.0
 

@@ -14,14 +14,15 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from service import metrics
+from service.core.errors import inference_error, non_finite_error
+from service.core.state import ServiceState, get_state
 from service.crud import audits
 from service.decode import decode_inputs, query_openapi
-from service.errors import inference_error, non_finite_error
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
+from service.limits.ratelimit import LimitUnavailable, PredictRateLimit, RateLimiter
 from service.middleware import disconnect_status
+from service.observability import metrics
 from service.outputs import NonFiniteOutputs, softmax
-from service.ratelimit import LimitUnavailable, PredictRateLimit, RateLimiter
 from service.schemas import (
     ERROR_RESPONSES,
     FastJSONResponse,
@@ -29,7 +30,6 @@ from service.schemas import (
     PredictResponse,
     request_body_openapi,
 )
-from service.state import ServiceState, get_state
 
 ENDPOINT = audits.PREDICT_ENDPOINT
 QUERY_FIELDS = ("model", "top_k")

@@ -6,14 +6,14 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from service.config import Settings
+from service.core.config import Settings
+from service.core.errors import install_error_handlers
+from service.core.security import TokenConfig
+from service.core.state import ServiceState, set_state
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
-from service.errors import install_error_handlers
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
-from service.security import TokenConfig
-from service.state import ServiceState, set_state
 
 
 def route_app(

@@ -10,7 +10,7 @@ from typing import Any
 
 from jose import jwt
 
-from service.security import TokenConfig, issue_token
+from service.core.security import TokenConfig, issue_token
 
 SECRET = "s" * 48
 CFG = TokenConfig(secret=SECRET, issuer="sdb", audience="sdb-distill", ttl_seconds=900)

@@ -1,4 +1,4 @@
-"""The README configuration table lists every SDB_ setting of service.config.Settings (default, meaning)."""
+"""The README configuration table lists every SDB_ setting of service.core.config.Settings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from service.config import Settings
+from service.core.config import Settings
 from tests._support.ops import REPO
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 
-from service.config import Settings
+from service.core.config import Settings
 from service.main import create_app
 from tests._support.ops import REPO
 

@@ -21,12 +21,12 @@ from schemathesis.checks import ignored_auth, not_a_server_error, response_schem
 from schemathesis.generation import GenerationMode
 from sqlalchemy import Engine, update
 
-from service.config import Settings
+from service.core.config import Settings
+from service.core.security import TokenConfig, issue_token, new_api_key
 from service.crud import accounts
 from service.db.models import ROLE_ADMIN, ROLE_USER, ApiKey, User
 from service.db.session import Database
 from service.main import create_app
-from service.security import TokenConfig, issue_token, new_api_key
 from tests._support.boxes import MODEL
 from tests._support.db import run_migrations
 from tests._support.server import JWT_SECRET

@@ -24,9 +24,9 @@ from fastapi.testclient import TestClient
 from jose import jwt
 from sqlalchemy import create_engine, inspect, text
 
-from service.config import Settings
+from service.core.config import Settings
 from service.main import create_app
-from service.metrics import render_metrics
+from service.observability.metrics import render_metrics
 from tests._support.bodies import npy_bytes
 from tests._support.boxes import MODEL, BoxSecrets
 from tests._support.db import run_migrations

@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from service.core.security import new_api_key
 from service.crud import accounts
 from service.db.audit_queue import AuditQueue, AuditQueueConfig, AuditRecord
 from service.db.models import ROLE_USER, QueryAudit, User, utcnow
 from service.db.session import Database, normalize_url
-from service.security import new_api_key
 from tests._support.db import audit_rows
 
 

@@ -21,11 +21,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from sdb_core.artifact import load_box
+from service.core.state import set_state
 from service.crud import audits, quota
 from service.crud.audits import STATUS_RESERVED
 from service.db.session import Database
 from service.inference.registry import InferenceTimeout
-from service.state import set_state
 from tests._support.api import ApiHelper
 from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
 from tests._support.db import audit_rows
@@ -460,7 +460,7 @@ def test_stale_reservations_are_released_once_and_never_confirmed_after(
 ) -> None:
     """A reservation never confirmed (the database failed at the confirm) gives its samples back once, and
     the late confirm of such a call fails instead of answering uncharged."""
-    from service.security import verify_token
+    from service.core.security import verify_token
 
     _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
     token = headers["Authorization"].removeprefix("Bearer ")

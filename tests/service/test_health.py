@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from sdb_core.artifact import make_test_box
-from service.config import Settings
+from service.core.config import Settings
 from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
 from service.routes import health

@@ -14,7 +14,7 @@ import torch
 
 from sdb_core.artifact import load_box, make_test_box
 from sdb_core.keys import load_key
-from service.config import Settings
+from service.core.config import Settings
 from service.inference.batcher import BatcherConfig
 from service.inference.loading import load_registry
 from service.inference.registry import (

@@ -14,8 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from service.config import Settings
-from service.errors import install_error_handlers
+from service.core.config import Settings
+from service.core.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, install_middleware
 
 LIMIT = 1024

@@ -15,11 +15,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from sdb_core.artifact import load_box, make_test_box
-from service.config import Settings
+from service.core.config import Settings
+from service.core.state import ServiceState
 from service.db.audit_queue import AuditQueue, AuditQueueConfig
 from service.inference.loading import load_registry
 from service.routes import health, predict
-from service.state import ServiceState
 from tests._support.apps import route_app
 from tests._support.bodies import MALFORMED_NPY_HEADERS, npy_bytes, npy_with_header
 from tests._support.net import free_port

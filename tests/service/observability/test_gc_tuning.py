@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from service.gc_tuning import observe_gc_pauses, release_gc, tune_gc
 from service.main import create_app
+from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
 
 
 @pytest.fixture

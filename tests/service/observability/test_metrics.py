@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from sdb_core.artifact import make_test_box
-from service import metrics
-from service.config import Settings
+from service.core.config import Settings
 from service.inference.loading import load_registry
+from service.observability import metrics
 from service.routes import health, predict
 from tests._support.apps import route_app
 
@@ -83,7 +83,7 @@ def test_unknown_model_names_are_folded() -> None:
 
 
 SCRIPT = """
-from service import metrics
+from service.observability import metrics
 metrics.register_models(["m"])
 metrics.record_samples_distilled("m", {n})
 metrics.record_auth_failure("expired")
@@ -94,7 +94,10 @@ def test_multiprocess_mode_sums_the_workers(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for n in (3, 4):
         subprocess.run([sys.executable, "-c", SCRIPT.format(n=n)], env=env, check=True, timeout=60)
-    render = "import sys; from service.metrics import render_metrics as r; sys.stdout.write(r()[0].decode())"
+    render = (
+        "import sys; from service.observability.metrics import render_metrics as r; "
+        "sys.stdout.write(r()[0].decode())"
+    )
     out = subprocess.run(
         [sys.executable, "-c", render], env=env, check=True, timeout=60, capture_output=True, text=True
     ).stdout

@@ -9,7 +9,7 @@ import secrets
 
 from fastapi import Request
 
-from service.config import Settings
+from service.core.config import Settings
 
 
 def client_id_salt(settings: Settings) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.requests import Request as StarletteRequest
 
-from service.clients import ClientIdentifier
+from service.limits.clients import ClientIdentifier
 
 
 def _request(peer: str, forwarded: str | None = None) -> StarletteRequest:

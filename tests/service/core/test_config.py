@@ -7,7 +7,7 @@ import secrets
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.core.config import Settings
 from tests._support.ops import REPO
 
 

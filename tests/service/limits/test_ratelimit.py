@@ -10,8 +10,8 @@ from typing import TypeVar
 import pytest
 from prometheus_client import REGISTRY
 
-from service.ratelimit import LimitUnavailable, PredictRateLimit, RateLimiter
-from service.redis_backend import RedisBackend
+from service.limits.ratelimit import LimitUnavailable, PredictRateLimit, RateLimiter
+from service.limits.redis_backend import RedisBackend
 from tests._support.net import free_port
 from tests._support.redis import REDIS_URL, redis_keys
 

@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Any
 
-from service import metrics
+from service.observability import metrics
 
 logger = logging.getLogger(__name__)
 

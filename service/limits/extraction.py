@@ -10,8 +10,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from service import metrics
-from service.redis_backend import RedisBackend, RedisUnavailable
+from service.limits.redis_backend import RedisBackend, RedisUnavailable
+from service.observability import metrics
 
 logger = logging.getLogger(__name__)
 

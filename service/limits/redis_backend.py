@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service import metrics
+from service.observability import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from service.extraction import ExtractionMonitor
-from service.redis_backend import RedisBackend
+from service.limits.extraction import ExtractionMonitor
+from service.limits.redis_backend import RedisBackend
 from tests._support.net import free_port
 from tests._support.redis import REDIS_URL, redis_keys
 

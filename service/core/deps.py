@@ -14,12 +14,12 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service import metrics
+from service.core.security import GENERIC_TOKEN_ERROR, TokenError, verify_token
+from service.core.state import StateDep, get_state
 from service.crud import events
 from service.crud.principals import AuthFailure, Principal, load_principal
 from service.db.session import Database
-from service.security import GENERIC_TOKEN_ERROR, TokenError, verify_token
-from service.state import StateDep, get_state
+from service.observability import metrics
 
 bearer_scheme = HTTPBearer(
     auto_error=False,

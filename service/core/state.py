@@ -7,15 +7,15 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
-from service.clients import ClientIdentifier
-from service.config import Settings
+from service.core.config import Settings
+from service.core.security import TokenConfig
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
-from service.extraction import ExtractionMonitor
 from service.inference.registry import ModelRegistry
-from service.ratelimit import PredictRateLimit
-from service.redis_backend import RedisBackend
-from service.security import TokenConfig
+from service.limits.clients import ClientIdentifier
+from service.limits.extraction import ExtractionMonitor
+from service.limits.ratelimit import PredictRateLimit
+from service.limits.redis_backend import RedisBackend
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import time
 import pytest
 from jose import jwt
 
-from service.security import (
+from service.core.security import (
     API_KEY_PREFIX,
     GENERIC_TOKEN_ERROR,
     PREFIX_LEN,

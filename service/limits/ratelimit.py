@@ -13,8 +13,8 @@ import time
 
 from redis.asyncio import Redis
 
-from service import metrics
-from service.redis_backend import RedisBackend, RedisUnavailable
+from service.limits.redis_backend import RedisBackend, RedisUnavailable
+from service.observability import metrics
 
 
 class RateLimiter:

@@ -1,0 +1,1 @@
+"""Configuration, security, service state, request dependencies and error handlers."""
