@@ -1,0 +1,179 @@
+"""The Open Inference Protocol (KServe v2 / Triton REST) beside /predict and /distill-batch.
+
+`POST /v2/models/{name}[/versions/{v}]/infer` runs one of the two shared flows, chosen by the outputs the
+request names: the plain outputs (label, class_name, probabilities; the default) are /predict's answer
+for anyone, under its rate limit and audit; the keyed outputs (soft_labels, logits) are /distill-batch's,
+for a bearer token with the model in scope, under its quota, rate limit and audited transaction. A request
+for keyed outputs without a valid token is refused (401), never answered from the plain path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
+
+from service.core.deps import BearerCredentials
+from service.core.state import ServiceState, StateDep, get_state
+from service.flows import keyed
+from service.flows.plain import plain_call
+from service.inference.registry import ServedModel
+from service.oip.decode import InferRequest, decode_tensor, read_infer_request, resolve
+from service.oip.encode import infer_response
+from service.oip.protocol import EXTENSIONS, KEYED_OUTPUTS, model_metadata
+from service.oip.schemas import (
+    ERRORS,
+    INFER_OPENAPI,
+    InferResponseBody,
+    Live,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    ServerMetadata,
+)
+from service.routes.health import readiness
+from service.schemas import FastJSONResponse
+
+SERVER_NAME = "sdb"
+KEYED_NEEDS_TOKEN = (
+    f"the keyed outputs ({', '.join(KEYED_OUTPUTS)}) need `Authorization: Bearer <token>` from POST "
+    "/auth/token, with this model in the token's scope"
+)
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+
+
+@router.get("", summary="Server metadata: name, version, protocol extensions", response_model=ServerMetadata)
+async def server_metadata(request: Request) -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Liveness: the process answers", response_model=Live)
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get(
+    "/health/ready",
+    summary="Readiness, as /readyz: models loaded, database reachable (503 otherwise)",
+    response_model=Ready,
+    responses={503: {"model": Ready, "description": "Not ready."}},
+)
+async def ready(state: StateDep) -> Response:
+    ok, _ = await readiness(state)
+    return FastJSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get(
+    "/models/{name}",
+    summary="Model metadata: input and outputs (datatype, shape with -1 for the batch)",
+    response_model=ModelMetadata,
+    responses=ERRORS,
+)
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model metadata of one version",
+    response_model=ModelMetadata,
+    responses=ERRORS,
+    operation_id="model_version_metadata",
+)
+async def metadata(request: Request, state: StateDep, name: str, version: str | None = None) -> Response:
+    return FastJSONResponse(model_metadata(resolve(request, state.models, name, version)))
+
+
+@router.get("/models/{name}/ready", summary="Model readiness", response_model=ModelReady, responses=ERRORS)
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Readiness of one model version",
+    response_model=ModelReady,
+    responses=ERRORS,
+    operation_id="model_version_ready",
+)
+async def model_ready(request: Request, state: StateDep, name: str, version: str | None = None) -> Response:
+    model = resolve(request, state.models, name, version)
+    return FastJSONResponse({"name": model.name, "ready": True})
+
+
+async def _decode(
+    request: Request, state: ServiceState, req: InferRequest, name: str, version: str | None
+) -> tuple[ServedModel, np.ndarray]:
+    model = resolve(request, state.models, name, version)
+    return model, decode_tensor(req, model, state.models.max_request_samples)
+
+
+async def _keyed_infer(
+    request: Request,
+    state: ServiceState,
+    req: InferRequest,
+    name: str,
+    version: str | None,
+    token: str,
+    t0: float,
+) -> Response:
+    client = state.client_ids.anonymous_id(request)
+    try:
+        claims = await keyed.authenticate(state, token, client, t0)
+    except HTTPException as exc:
+        if token:
+            raise
+        raise HTTPException(
+            status_code=exc.status_code, detail=KEYED_NEEDS_TOKEN, headers=exc.headers
+        ) from None
+    model, x = await keyed.audited_decode(
+        state, request, claims, client, t0, _decode(request, state, req, name, version), model_name=name
+    )
+    answer = await keyed.distill(state, claims, client, model, x, req.temperature, t0)
+    return infer_response(
+        answer.model,
+        req.request_id,
+        req.outputs,
+        {"soft_labels": answer.soft_labels, "logits": answer.logits},
+        parameters={"temperature": answer.temperature},
+        headers=answer.headers,
+    )
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference: the plain outputs for anyone, the keyed outputs for a licensed token",
+    response_model=InferResponseBody,
+    responses=ERRORS,
+    openapi_extra=INFER_OPENAPI,
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference on one model version",
+    response_model=InferResponseBody,
+    responses=ERRORS,
+    openapi_extra=INFER_OPENAPI,
+    operation_id="model_version_infer",
+)
+async def infer(
+    request: Request, credentials: BearerCredentials, name: str, version: str | None = None
+) -> Response:
+    """JSON tensors or binary tensor data (`Inference-Header-Content-Length`); see the README's "Open
+    Inference Protocol" section."""
+    t0 = time.perf_counter()
+    state = get_state(request)
+    req: InferRequest | None = None
+    failure: HTTPException | ClientDisconnect | None = None
+    try:
+        req = await read_infer_request(
+            request, state.settings.max_body_bytes, state.models.max_request_samples
+        )
+    except (HTTPException, ClientDisconnect) as exc:
+        failure = exc
+    if req is not None and req.keyed:
+        token = credentials.credentials if credentials is not None else ""
+        return await _keyed_infer(request, state, req, name, version, token, t0)
+    async with plain_call(request) as call:  # rate limit and audit, as /predict
+        if req is None:
+            assert failure is not None
+            raise failure
+        model, x = await _decode(request, state, req, name, version)
+        probs = await call.infer(model, x)
+        return infer_response(model, req.request_id, req.outputs, {"probabilities": probs})
