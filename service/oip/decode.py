@@ -109,6 +109,11 @@ def _temperature(params: dict[str, Any]) -> float | None:
     value = params.get("temperature")
     if value is None:
         return None
+    if isinstance(value, str):  # parameters from gRPC-minded clients hold bool, int64 or string only
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad_request("parameter `temperature` must be a number") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise bad_request("parameter `temperature` must be a number")
     if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
