@@ -194,9 +194,9 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     install_error_shape(app)  # {"error": ...} under /v2, the Open Inference Protocol's shape
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(oip.router)  # early: the hot infer route is matched after few others
     app.include_router(auth.router)
     app.include_router(distill.router)
-    app.include_router(oip.router)
     app.include_router(admin.router)
     app.include_router(admin_reports.router)
     if settings.console:

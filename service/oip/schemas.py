@@ -125,18 +125,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
-INFER_OPENAPI: dict[str, Any] = {
-    "requestBody": {
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
         "required": True,
-        "content": {
-            "application/json": {"schema": InferRequestBody.model_json_schema()},
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": f"The JSON header ({HEADER_LENGTH} bytes), then the binary tensor data.",
-            },
-        },
-    },
-    "parameters": [
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+def infer_openapi(versioned: bool) -> dict[str, Any]:
+    """`openapi_extra` of the infer routes, which read their body, path and token themselves."""
+    params = [_path_param("name", "The model's name.")]
+    if versioned:
+        params.append(_path_param("version", "The model's version (404 unless the served one)."))
+    params.append(
         {
             "name": HEADER_LENGTH,
             "in": "header",
@@ -144,5 +149,18 @@ INFER_OPENAPI: dict[str, Any] = {
             "schema": {"type": "integer", "minimum": 1},
             "description": "Length of the JSON header when binary tensor data follows it.",
         }
-    ],
-}
+    )
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": InferRequestBody.model_json_schema()},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": f"The JSON header ({HEADER_LENGTH} bytes), then the binary tensor data.",
+                },
+            },
+        },
+        "parameters": params,
+        "security": [{}, {"BearerJWT": []}],  # anonymous for the plain outputs, a token for the keyed ones
+    }

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import ClientDisconnect
 
-from service.core.deps import BearerCredentials
 from service.core.state import ServiceState, StateDep, get_state
 from service.flows import keyed
 from service.flows.plain import plain_call
@@ -27,13 +27,13 @@ from service.oip.encode import infer_response
 from service.oip.protocol import EXTENSIONS, KEYED_OUTPUTS, model_metadata
 from service.oip.schemas import (
     ERRORS,
-    INFER_OPENAPI,
     InferResponseBody,
     Live,
     ModelMetadata,
     ModelReady,
     Ready,
     ServerMetadata,
+    infer_openapi,
 )
 from service.routes.health import readiness
 from service.schemas import FastJSONResponse
@@ -45,6 +45,56 @@ KEYED_NEEDS_TOKEN = (
 )
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+
+
+def bearer_token(request: Request) -> str:
+    """The `Authorization: Bearer` token, or "" (the header only, as service.core.deps.bearer_scheme)."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    return token if scheme.lower() == "bearer" else ""
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference: the plain outputs for anyone, the keyed outputs for a licensed token",
+    response_model=InferResponseBody,
+    responses=ERRORS,
+    openapi_extra=infer_openapi(versioned=False),
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference on one model version",
+    response_model=InferResponseBody,
+    responses=ERRORS,
+    openapi_extra=infer_openapi(versioned=True),
+    operation_id="model_version_infer",
+)
+async def infer(request: Request) -> Response:
+    """JSON tensors or binary tensor data (`Inference-Header-Content-Length`); see the README's "Open
+    Inference Protocol" section."""
+    # Path and header read here rather than as FastAPI parameters: dependency solving would cost this hot
+    # route about as much as its own work (the OpenAPI schema documents them through infer_openapi).
+    t0 = time.perf_counter()
+    name: str = request.path_params["name"]
+    version: str | None = request.path_params.get("version")
+    state = get_state(request)
+    req: InferRequest | None = None
+    failure: HTTPException | ClientDisconnect | None = None
+    try:
+        req = await read_infer_request(
+            request, state.settings.max_body_bytes, state.models.max_request_samples
+        )
+    except (HTTPException, ClientDisconnect) as exc:
+        failure = exc
+    if req is not None and req.keyed:
+        token = bearer_token(request)
+        return await _keyed_infer(request, state, req, name, version, token, t0)
+    async with plain_call(request) as call:  # rate limit and audit, as /predict
+        if req is None:
+            assert failure is not None
+            raise failure
+        model, x = await _decode(request, state, req, name, version)
+        probs = await call.infer(model, x)
+        return infer_response(model, req.request_id, req.outputs, {"probabilities": probs})
 
 
 @router.get("", summary="Server metadata: name, version, protocol extensions", response_model=ServerMetadata)
@@ -135,45 +185,3 @@ async def _keyed_infer(
         parameters={"temperature": answer.temperature},
         headers=answer.headers,
     )
-
-
-@router.post(
-    "/models/{name}/infer",
-    summary="Inference: the plain outputs for anyone, the keyed outputs for a licensed token",
-    response_model=InferResponseBody,
-    responses=ERRORS,
-    openapi_extra=INFER_OPENAPI,
-)
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    summary="Inference on one model version",
-    response_model=InferResponseBody,
-    responses=ERRORS,
-    openapi_extra=INFER_OPENAPI,
-    operation_id="model_version_infer",
-)
-async def infer(
-    request: Request, credentials: BearerCredentials, name: str, version: str | None = None
-) -> Response:
-    """JSON tensors or binary tensor data (`Inference-Header-Content-Length`); see the README's "Open
-    Inference Protocol" section."""
-    t0 = time.perf_counter()
-    state = get_state(request)
-    req: InferRequest | None = None
-    failure: HTTPException | ClientDisconnect | None = None
-    try:
-        req = await read_infer_request(
-            request, state.settings.max_body_bytes, state.models.max_request_samples
-        )
-    except (HTTPException, ClientDisconnect) as exc:
-        failure = exc
-    if req is not None and req.keyed:
-        token = credentials.credentials if credentials is not None else ""
-        return await _keyed_infer(request, state, req, name, version, token, t0)
-    async with plain_call(request) as call:  # rate limit and audit, as /predict
-        if req is None:
-            assert failure is not None
-            raise failure
-        model, x = await _decode(request, state, req, name, version)
-        probs = await call.infer(model, x)
-        return infer_response(model, req.request_id, req.outputs, {"probabilities": probs})
