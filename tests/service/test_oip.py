@@ -271,8 +271,18 @@ def test_keyed_infer_is_distill_batchs_answer_and_counts_the_quota(
         header = orjson.loads(r.content[: int(r.headers.get(HEADER_LENGTH, len(r.content)))])
         assert header["parameters"] == {"temperature": 2.5}
     assert r.headers["X-Quota-Used"] == "9" and r.headers["X-Quota-Remaining"] == "91"
+    top = [{"name": "soft_labels", "parameters": {"classification": 2}}]
+    r = client.post(
+        INFER, json=json_request(x, outputs=top, parameters={"temperature": 2.5}), headers=headers
+    )
+    assert r.status_code == 200, r.text
+    for row, soft in zip(
+        outputs_of(r.content, r.headers)["soft_labels"].tolist(), want["soft_labels"], strict=True
+    ):
+        order = np.argsort(-np.array(soft, np.float32), kind="stable")[:2]
+        assert [int(s.split(":")[1]) for s in row] == order.tolist()
     rows = audit_rows(db_url, "api_key_id = :k", {"k": key["id"]})
-    assert [(row.endpoint, row.status, row.n_samples) for row in rows] == [("/distill-batch", 200, 3)] * 3
+    assert [(row.endpoint, row.status, row.n_samples) for row in rows] == [("/distill-batch", 200, 3)] * 4
 
 
 def test_keyed_outputs_without_a_token_are_refused_never_answered_plain(
