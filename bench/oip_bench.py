@@ -26,8 +26,9 @@ import numpy as np
 import orjson
 
 from bench.loadgen import write_bodies
-from bench.serve_bench import REPO, Server
+from bench.serve_bench import sdb_server
 from sdb.client import encode_npy
+from tests._support.server import REPO, Server
 
 CONCURRENCY = 32
 TARGET = 0.9
@@ -109,7 +110,7 @@ def run_oip(args: Namespace, threads: int) -> int:
             (work / "models" / d.name).symlink_to(d, target_is_directory=True)
         db_url = f"sqlite:///{work / 'oip.db'}"
         upgrade(db_url)
-        server = Server(work, work / "models", db_url, True, threads, args.server_env)
+        server = sdb_server(work, work / "models", db_url, True, threads, args.server_env)
         try:
             server.wait_ready()
             for model, shape in shapes.items():

@@ -204,3 +204,16 @@ def test_kserve_rest_client_v2(server: str, token: str, binary: bool) -> None:
                 assert refused.value.response.status_code == 401
 
     asyncio.run(run())
+
+
+def test_the_readmes_tritonclient_example_runs(server: str, token: str) -> None:
+    readme = (REPO / "README.md").read_text().split("## Open Inference Protocol\n", 1)[1].split("\n## ", 1)[0]
+    code = (
+        readme.split("```python\n", 1)[1]
+        .split("```", 1)[0]
+        .replace("127.0.0.1:8000", server.removeprefix("http://"))
+    )
+    scope: dict[str, Any] = {"token": token}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["labels"].shape == (4,) and scope["probs"].shape == (4, 10)
+    np.testing.assert_allclose(scope["soft_labels"].sum(axis=1), 1.0, atol=1e-5)
