@@ -357,6 +357,7 @@ BINARY_HEADER = orjson.dumps(
 HOSTILE: dict[str, tuple[int, Any, str]] = {
     "not json": (400, (b"{inputs", {}), "JSON"),
     "not an object": (400, (b"[1, 2]", {}), "object"),
+    "NaN literal": (400, (orjson.dumps(_json()).replace(b"0.5", b"NaN", 1), {}), "JSON"),
     "no inputs": (400, {"inputs": []}, "inputs"),
     "two inputs": (400, {"inputs": [_json()["inputs"][0]] * 2}, "one input"),
     "wrong input name": (400, _json(name="x"), "input"),
