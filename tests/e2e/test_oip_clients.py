@@ -3,6 +3,7 @@
 `tritonclient.http` (binary tensors, its default, and JSON tensors: health, metadata, plain infer with and
 without `classification`, keyed infer with the token as a header) and kserve's `InferenceRESTClient` (v2,
 JSON and binary inputs) get exactly the numbers /predict and /distill-batch give for the same inputs.
+The clients are imported by the tests that use them (kserve alone takes seconds), never at collection.
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ import pytest
 from sdb_core.artifact import read_manifest
 from tests._support.db import run_migrations
 from tests._support.server import ADMIN_TOKEN, REPO, Server, base_env
-
-tritonhttp = pytest.importorskip("tritonclient.http")
-triton_utils = pytest.importorskip("tritonclient.utils")
-kserve = pytest.importorskip("kserve")
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -64,7 +61,12 @@ def token(server: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def triton(server: str) -> Iterator[Any]:
+def tritonhttp() -> Any:
+    return pytest.importorskip("tritonclient.http")
+
+
+@pytest.fixture(scope="module")
+def triton(server: str, tritonhttp: Any) -> Iterator[Any]:
     client = tritonhttp.InferenceServerClient(url=server.removeprefix("http://"))
     yield client
     client.close()
@@ -110,7 +112,7 @@ def test_tritonclient_health_and_metadata(triton: Any) -> None:
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_tritonclient_plain_infer_is_predicts_answer(
-    server: str, triton: Any, model: str, binary: bool
+    server: str, triton: Any, tritonhttp: Any, model: str, binary: bool
 ) -> None:
     x = sample(model, seed=1)
     expected = predict(server, model, x, top_k=3)
@@ -142,7 +144,7 @@ def test_tritonclient_plain_infer_is_predicts_answer(
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_tritonclient_keyed_infer_with_the_token_is_distill_batchs_answer(
-    server: str, triton: Any, token: str, model: str
+    server: str, triton: Any, tritonhttp: Any, token: str, model: str
 ) -> None:
     x = sample(model, n=4, seed=2)
     expected = distill(server, token, model, x)
@@ -160,13 +162,16 @@ def test_tritonclient_keyed_infer_with_the_token_is_distill_batchs_answer(
         result.as_numpy("soft_labels"), np.array(expected["soft_labels"], np.float32)
     )
     np.testing.assert_array_equal(result.as_numpy("logits"), np.array(expected["logits"], np.float32))
-    with pytest.raises(triton_utils.InferenceServerException) as refused:
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as refused:
         triton.infer(model, [inp], outputs=outputs)  # no token: refused, never the plain path's answer
     assert refused.value.status() == "401" and "Bearer" in refused.value.message()
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_kserve_rest_client_v2(server: str, token: str, binary: bool) -> None:
+    pytest.importorskip("kserve")
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
     from kserve.protocol.infer_type import RequestedOutput
 
@@ -206,7 +211,7 @@ def test_kserve_rest_client_v2(server: str, token: str, binary: bool) -> None:
     asyncio.run(run())
 
 
-def test_the_readmes_tritonclient_example_runs(server: str, token: str) -> None:
+def test_the_readmes_tritonclient_example_runs(server: str, token: str, tritonhttp: Any) -> None:
     readme = (REPO / "README.md").read_text().split("## Open Inference Protocol\n", 1)[1].split("\n## ", 1)[0]
     code = (
         readme.split("```python\n", 1)[1]
