@@ -99,12 +99,6 @@ def flat_disturbance_loss(
     return out
 
 
-def disturbance_bound(teacher_logits: Tensor, temperature: float) -> Tensor:
-    """The lower bound of `disturbance_loss` for these teacher logits."""
-    log_q = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
-    return -(temperature**2) * (-log_q.min(dim=1).values).mean()
-
-
 def sharpened_targets(teacher_logits: Tensor, y: Tensor, temperature: float, sharpen: float) -> Tensor:
     """The teacher's soft labels at T, moved a fraction `sharpen` toward the one-hot true class."""
     p = F.softmax(teacher_logits.detach() / temperature, dim=1)
