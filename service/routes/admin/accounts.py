@@ -14,10 +14,11 @@ from fastapi import HTTPException, Query, Request
 from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.core.security import new_api_key
 from service.core.state import StateDep
-from service.crud import accounts, catalog, events
+from service.crud import accounts, admin_actions, catalog
 from service.crud.accounts import ConflictError, NotFoundError
 from service.crud.principals import Principal
 from service.db.models import ApiKey, User, utcnow
+from service.db.session import Database
 from service.routes.admin.common import MAX_ID, Limit, Offset, PathId, admin_router, not_found
 from service.schemas import KeyCreate, KeyCreated, KeyOut, ModelOut, Page, UserCreate, UserOut
 
@@ -38,21 +39,12 @@ def _key(k: ApiKey) -> KeyOut:
 @router.post("/users", response_model=UserOut, status_code=201, summary="Create a user")
 def create_user(body: UserCreate, admin: AdminDep, db: DatabaseDep, request: Request) -> UserOut:
     try:
-        with db.write() as s:
-            user = accounts.create_user(s, body.name, body.role)
-            events.record_event(
-                s,
-                "user.create",
-                "ok",
-                actor=admin,
-                client_id=client_id_of(request),
-                target=f"user:{user.id}",
-                detail={"role": body.role},
-            )
-            out = _user(user)
+        user = admin_actions.create_user(
+            db, body.name, body.role, actor=admin, client_id=client_id_of(request)
+        )
     except ConflictError as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
-    return out
+    return _user(user)
 
 
 @router.get("/users", response_model=Page[UserOut], summary="List users")
@@ -69,23 +61,16 @@ def get_user(user_id: PathId, admin: AdminDep, s: SessionDep) -> UserOut:
         raise not_found(exc) from None
 
 
-def _set_disabled(user_id: int, disabled: bool, admin: Principal, db: Any, request: Request) -> UserOut:
+def _set_disabled(user_id: int, disabled: bool, admin: Principal, db: Database, request: Request) -> UserOut:
     if disabled and user_id == admin.user_id:
         raise HTTPException(status_code=409, detail="an administrator cannot disable their own account")
     try:
-        with db.write() as s:
-            user = accounts.set_user_disabled(s, accounts.get_user(s, user_id), disabled)
-            events.record_event(
-                s,
-                "user.disable" if disabled else "user.enable",
-                "ok",
-                actor=admin,
-                client_id=client_id_of(request),
-                target=f"user:{user_id}",
-            )
-            return _user(user)
+        user = admin_actions.set_user_disabled(
+            db, user_id, disabled, actor=admin, client_id=client_id_of(request)
+        )
     except NotFoundError as exc:
         raise not_found(exc) from None
+    return _user(user)
 
 
 @router.post(
@@ -124,33 +109,22 @@ def issue_key(
         expires_at = utcnow() + timedelta(seconds=body.expires_in_s)
     new = new_api_key()
     try:
-        with db.write() as s:
-            user = accounts.get_user(s, user_id)
-            if user.disabled:
-                raise HTTPException(status_code=409, detail="the user is disabled")
-            key = accounts.create_api_key(
-                s,
-                user,
-                prefix=new.prefix,
-                digest=new.digest,
-                scopes=body.scopes,
-                sample_quota=body.sample_quota,
-                expires_at=expires_at,
-                name=body.name,
-            )
-            events.record_event(
-                s,
-                "key.issue",
-                "ok",
-                actor=admin,
-                client_id=client_id_of(request),
-                target=f"key:{key.id}",
-                detail={"user_id": user_id, "scopes": body.scopes, "sample_quota": body.sample_quota},
-            )
-            out = KeyCreated(**_key(key).model_dump(), api_key=new.secret)
+        key = admin_actions.issue_key(
+            db,
+            user_id,
+            new,
+            scopes=body.scopes,
+            sample_quota=body.sample_quota,
+            expires_at=expires_at,
+            name=body.name,
+            actor=admin,
+            client_id=client_id_of(request),
+        )
     except NotFoundError as exc:
         raise not_found(exc) from None
-    return out
+    except ConflictError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    return KeyCreated(**_key(key).model_dump(), api_key=new.secret)
 
 
 @router.get("/keys", response_model=Page[KeyOut], summary="List API keys (never their secrets)")
@@ -182,14 +156,10 @@ def list_user_keys(
 )
 def revoke_key(key_id: PathId, admin: AdminDep, db: DatabaseDep, request: Request) -> KeyOut:
     try:
-        with db.write() as s:
-            key = accounts.revoke_key(s, accounts.get_key(s, key_id))
-            events.record_event(
-                s, "key.revoke", "ok", actor=admin, client_id=client_id_of(request), target=f"key:{key_id}"
-            )
-            return _key(key)
+        key = admin_actions.revoke_key(db, key_id, actor=admin, client_id=client_id_of(request))
     except NotFoundError as exc:
         raise not_found(exc) from None
+    return _key(key)
 
 
 # ------------------------------------------------------------------------------------------------ models

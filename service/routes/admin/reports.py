@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.core.state import StateDep
-from service.crud import events, reports
+from service.crud import admin_actions, events, reports
 from service.crud.reports import AuditFilter
 from service.db.models import QueryAudit
 from service.routes.admin.common import (
@@ -248,19 +248,9 @@ def export_audits(
     f: AuditFilterDep,
     limit: Annotated[int, Query(ge=1, le=MAX_EXPORT_ROWS, description="Most rows exported.")] = 10_000,
 ) -> Response:
-    with db.write() as s:
-        rows, total = reports.list_audits(s, f, limit=limit, offset=0)
-        body = audits_csv(rows)
-        events.record_event(
-            s,
-            "audit.export",
-            "ok",
-            actor=admin,
-            client_id=client_id_of(request),
-            detail={"rows": len(rows), "total": total},
-        )
+    rows, total = admin_actions.export_audits(db, f, limit, actor=admin, client_id=client_id_of(request))
     return Response(
-        content=body,
+        content=audits_csv(rows),
         media_type="text/csv; charset=utf-8",
         headers={
             "Content-Disposition": 'attachment; filename="sdb-audits.csv"',
