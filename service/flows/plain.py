@@ -16,12 +16,11 @@ import numpy as np
 from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
 
-from service.core.errors import inference_error, non_finite_error
+from service.core.errors import disconnect_status, inference_error, non_finite_error
 from service.core.state import ServiceState, get_state
 from service.crud import audits
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
 from service.limits.ratelimit import LimitUnavailable, PredictRateLimit, RateLimiter
-from service.middleware import disconnect_status
 from service.observability import metrics
 from service.outputs import NonFiniteOutputs, softmax
 
