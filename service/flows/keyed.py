@@ -1,20 +1,20 @@
 """The keyed path as one flow shared by /distill-batch and the Open Inference Protocol's keyed `infer`.
 
-Order of a call: `authenticate` (token signature and claims, no database; a refusal is audited) ->
-the route decodes its inputs (`audited_decode`: a refusal is audited) -> `distill`: the call's audit
+Order of a call (`serve`): token signature and claims (no database; a refusal is audited) -> the route's
+decoding of its inputs (a refusal is audited) -> the call's audit
 lifecycle is `service.crud.keyed_calls.KeyedCall`'s (ONE write transaction that re-checks the key and
 user, counts the request against the per-key rate limit, consumes the sample quota and writes the audit
 row; the keyed forward pass, the box key applied server-side; the row confirmed before the answer may
 leave). This module maps its outcomes to HTTP. Whatever changes the keyed answer (a licensee's watermark,
-say) belongs in `distill`, so that every protocol gets it. Both protocols audit under /distill-batch, so
+say) belongs in `serve`, so that every protocol gets it. Both protocols audit under /distill-batch, so
 that reports, the console and the extraction watch count them as one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request
@@ -22,19 +22,18 @@ from starlette.requests import ClientDisconnect
 
 from service.core.deps import missing_token, unauthorized
 from service.core.errors import disconnect_status, inference_error, non_finite_error
-from service.core.security import TokenClaims, TokenError, verify_token
+from service.core.security import TokenError, verify_token
 from service.core.state import ServiceState
 from service.crud import audits
 from service.crud.keyed_calls import KeyedCall
 from service.crud.quota import DistillDenied, ReservationReleased
-from service.decode import request_model
+from service.decode import DecodedRequest, request_model
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
 from service.observability import metrics
 from service.outputs import NonFiniteOutputs, softmax
+from service.schemas import DistillRequest
 
 ENDPOINT = audits.DISTILL_ENDPOINT
-
-D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -92,45 +91,34 @@ def _denied(d: DistillDenied, model: str) -> HTTPException:
     )
 
 
-async def authenticate(state: ServiceState, token: str, client: str, t0: float) -> TokenClaims:
-    """The token's claims (signature, expiry, audience; no database); 401 (audited) otherwise."""
+async def serve(
+    request: Request,
+    state: ServiceState,
+    token: str,
+    t0: float,
+    decode: Coroutine[Any, Any, DecodedRequest[DistillRequest]],
+    model_name: str | None = None,
+) -> KeyedAnswer:
+    """A whole keyed call: the token's claims (signature, expiry, audience; no database: 401 otherwise),
+    then the route's `decode` of its inputs (awaited only after the token passed), then `distill`. Every
+    refusal is audited (`model_name`: the model a refused decode is attributed to, else the resolved one)."""
+    client = state.client_ids.anonymous_id(request)
     try:
-        return verify_token(state.tokens, token)
+        claims = verify_token(state.tokens, token)
     except TokenError as exc:
+        decode.close()
         metrics.record_auth_failure("missing" if not token else exc.reason)
         await KeyedCall(state.db, client, started=t0).reject(401)
         raise (unauthorized() if token else missing_token()) from None
-
-
-async def audited_decode(
-    state: ServiceState,
-    request: Request,
-    claims: TokenClaims,
-    client: str,
-    t0: float,
-    decode: Awaitable[D],
-    model_name: str | None = None,
-) -> D:
-    """Await the route's decoding of its inputs; a refusal (or a body cut off) is audited, then raised."""
     try:
-        return await decode
+        decoded = await decode
     except (HTTPException, ClientDisconnect) as exc:
         status = exc.status_code if isinstance(exc, HTTPException) else disconnect_status(request.scope)
         model_name = model_name or request_model(request.scope)
         await KeyedCall(state.db, client, started=t0).reject(status, claims, model_name)
         raise
-
-
-async def distill(
-    state: ServiceState,
-    claims: TokenClaims,
-    client: str,
-    model: ServedModel,
-    x: np.ndarray,
-    temperature: float | None,
-    t0: float,
-) -> KeyedAnswer:
-    """Reserve (authorize, rate, quota, audit), run the keyed path, confirm: the keyed answer for `x`."""
+    # The rest runs in this frame, not in a helper: one module stay for the whole keyed call.
+    model, x, temperature = decoded.model, decoded.x, decoded.params.temperature
     if temperature is None:
         temperature = model.temperature
     call = KeyedCall(state.db, client, started=t0)
@@ -159,11 +147,12 @@ async def distill(
     if grant.rate_limit > 0 and grant.rate_remaining is not None:
         headers["X-RateLimit-Limit"] = str(grant.rate_limit)
         headers["X-RateLimit-Remaining"] = str(grant.rate_remaining)
-    metrics.record_samples_distilled(model.name, grant.n_samples)
-    return KeyedAnswer(
+    answer = KeyedAnswer(
         model=model,
         temperature=float(temperature),
         soft_labels=labels,
         logits=np.ascontiguousarray(logits, dtype=np.float32),
         headers=headers,
     )
+    metrics.record_samples_distilled(model.name, grant.n_samples)
+    return answer

@@ -64,21 +64,9 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 async def distill_batch(request: Request, credentials: BearerCredentials) -> Response:
     t0 = time.perf_counter()
     state = get_state(request)
-    client = state.client_ids.anonymous_id(request)
     token = credentials.credentials if credentials is not None else ""
-    claims = await keyed.authenticate(state, token, client, t0)
-    decoded = await keyed.audited_decode(
-        state,
-        request,
-        claims,
-        client,
-        t0,
-        decode_inputs(request, DistillRequest, state.models, QUERY_FIELDS),
-        model_name=request.query_params.get("model"),
-    )
-    answer = await keyed.distill(
-        state, claims, client, decoded.model, decoded.x, decoded.params.temperature, t0
-    )
+    decode = decode_inputs(request, DistillRequest, state.models, QUERY_FIELDS)
+    answer = await keyed.serve(request, state, token, t0, decode, request.query_params.get("model"))
     body = {
         "model": answer.model.name,
         "version": answer.model.version,

@@ -19,6 +19,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import ClientDisconnect
 
 from service.core.state import ServiceState, StateDep, get_state
+from service.decode import DecodedRequest
 from service.flows import keyed
 from service.flows.plain import plain_call
 from service.inference.registry import ServedModel
@@ -36,7 +37,7 @@ from service.oip.schemas import (
     infer_openapi,
 )
 from service.routes.health import readiness
-from service.schemas import FastJSONResponse
+from service.schemas import DistillRequest, FastJSONResponse
 
 SERVER_NAME = "sdb"
 KEYED_NEEDS_TOKEN = (
@@ -155,6 +156,15 @@ async def _decode(
     return model, decode_tensor(req, model, state.models.max_request_samples)
 
 
+async def _decode_keyed(
+    request: Request, state: ServiceState, req: InferRequest, name: str, version: str | None
+) -> DecodedRequest[DistillRequest]:
+    model, x = await _decode(request, state, req, name, version)
+    return DecodedRequest(
+        params=DistillRequest.model_construct(temperature=req.temperature), model=model, x=x
+    )
+
+
 async def _keyed_infer(
     request: Request,
     state: ServiceState,
@@ -164,19 +174,13 @@ async def _keyed_infer(
     token: str,
     t0: float,
 ) -> Response:
-    client = state.client_ids.anonymous_id(request)
+    decode = _decode_keyed(request, state, req, name, version)
     try:
-        claims = await keyed.authenticate(state, token, client, t0)
+        answer = await keyed.serve(request, state, token, t0, decode, model_name=name)
     except HTTPException as exc:
-        if token:
+        if token or exc.status_code != 401:
             raise
-        raise HTTPException(
-            status_code=exc.status_code, detail=KEYED_NEEDS_TOKEN, headers=exc.headers
-        ) from None
-    model, x = await keyed.audited_decode(
-        state, request, claims, client, t0, _decode(request, state, req, name, version), model_name=name
-    )
-    answer = await keyed.distill(state, claims, client, model, x, req.temperature, t0)
+        raise HTTPException(status_code=401, detail=KEYED_NEEDS_TOKEN, headers=exc.headers) from None
     return infer_response(
         answer.model,
         req.request_id,
