@@ -39,11 +39,14 @@ from torch import Tensor, nn
 
 from sdb_core.artifact import ArtifactError, BoxedModel, load_box
 from sdb_core.attacks import (
+    FORGE,
     AttackConfig,
     Oracle,
     Targets,
     attack_names,
     attack_targets,
+    forge_trigger,
+    forged_oracle,
     top1_oracle,
     train_on_targets,
 )
@@ -130,7 +133,7 @@ def reduced_config(dataset: str = "digits") -> EvalConfig:
     cfg = replace(
         protocol_for(dataset),
         seeds=(0,),
-        attacks=AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,)),
+        attacks=AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,), forge_steps=60, forge_restarts=1),
         stolen_attacks=("retemper:4", "guess:lam=0.5"),
         progress=False,
     )
@@ -353,6 +356,9 @@ def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str
     whitebox = whitebox_oracle(boxed)
     if whitebox is not None:
         accesses.append(("whitebox", whitebox, list(cfg.stolen_attacks)))
+    trigger = forge_trigger(boxed, torch.from_numpy(transfer.x_train), acfg) if acfg.forge_steps else None
+    if trigger is not None:  # `stolen/forge`: the network as shipped, fed a trigger forged from the weights
+        accesses.append(("stolen", forged_oracle(boxed, trigger), [FORGE]))
     targets: dict[str, tuple[Targets, Targets]] = {}
     for access, oracle, names in accesses:
         twin = top1_oracle(oracle)
