@@ -294,7 +294,10 @@ def read_artifact(root: Path, keyring: seal.Keyring | None = None) -> ArtifactBy
             raise ArtifactError(f"{root}: {WEIGHTS} not found") from None
         kpath = root / KEY_FILE
         box_key = kpath.read_bytes() if kpath.is_file() else None
-    if hashlib.sha256(weights).hexdigest() != manifest["checksums"].get(WEIGHTS):
+    # A sealed file's GCM tag already authenticates it, with the manifest's weights digest in its AAD.
+    if not seal.is_sealed(manifest) and hashlib.sha256(weights).hexdigest() != manifest["checksums"].get(
+        WEIGHTS
+    ):
         raise ArtifactError(f"{root / WEIGHTS}: weights checksum mismatch (modified or corrupted)")
     return ArtifactBytes(manifest, weights, box_key, seal.is_sealed(manifest))
 

@@ -194,7 +194,8 @@ def decrypt(data_key: bytes, blob: bytes, aad: bytes) -> bytes:
     head = len(CONFIG.magic) + CONFIG.nonce_bytes
     if len(blob) < head + 16 or not blob.startswith(CONFIG.magic):
         raise ValueError("not a sealed file")
-    return AESGCM(data_key).decrypt(blob[len(CONFIG.magic) : head], blob[head:], aad)
+    view = memoryview(blob)  # no copy of a large ciphertext
+    return AESGCM(data_key).decrypt(view[len(CONFIG.magic) : head], view[head:], aad)
 
 
 @dataclass(frozen=True)
