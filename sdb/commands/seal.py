@@ -108,7 +108,7 @@ def reseal(
 @seal_key_app.command("new")
 def seal_key_new(
     path: Annotated[Path, typer.Argument(help="Where to write it (never over a file).")],
-) -> None:  # noqa: E501
+) -> None:
     """Write a fresh master key (32 random bytes as 64 hex characters, mode 0600) and print its id."""
     from sdb_core.seal import new_master_key
 

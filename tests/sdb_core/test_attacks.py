@@ -148,13 +148,14 @@ def test_run_attack_trains_a_student(name: str, digits: Dataset) -> None:
 def test_forge_finds_a_trigger_that_opens_the_gate_from_the_weights_alone(
     tmp_path: Path, digits: Dataset
 ) -> None:
-    """`stolen/forge` on a tiny key-gated box: the gate, closed on every plain input, opens on most inputs mixed
-    with the forged pattern, which is not the key, and the network then answers soft labels with the same top-1;
-    a box without a gate has nothing to forge."""
+    """`stolen/forge` on a tiny key-gated box: the gate, closed on every plain input, opens on most inputs
+    mixed with the forged pattern, which is not the key, and the network then answers soft labels with the
+    same top-1; a box without a gate has nothing to forge."""
     from sdb_core.attacks import FORGE, forge_trigger, forged_oracle
     from sdb_core.zoo import KeyGate
 
-    boxed = load_box(make_test_box(tmp_path, name="g", arch="keygated", arch_extra={"base": "small_cnn", "width": 8}))
+    gated = {"base": "small_cnn", "width": 8}
+    boxed = load_box(make_test_box(tmp_path, name="g", arch="keygated", arch_extra=gated))
     assert isinstance(boxed.model, KeyGate)
     x = torch.from_numpy(digits.x_train[:128])
     stolen = stolen_weights_oracle(boxed)(x)

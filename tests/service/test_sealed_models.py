@@ -88,7 +88,7 @@ def test_each_failure_refuses_in_one_line_naming_artifact_and_setting(
     assert "modified or belongs to another artifact" in lines["swapped"]
     for what, line in lines.items():
         assert secret not in line, what
-        assert ("alpha" in line or "SDB_SEAL_KEY_FILE=" in line), (what, line)
+        assert "alpha" in line or "SDB_SEAL_KEY_FILE=" in line, (what, line)
 
 
 def _serve(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Any:
