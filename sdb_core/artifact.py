@@ -302,12 +302,16 @@ def read_artifact(root: Path, keyring: seal.Keyring | None = None) -> ArtifactBy
     return ArtifactBytes(manifest, weights, box_key, seal.is_sealed(manifest))
 
 
-def _open_sealed(root: Path, manifest: dict[str, Any], keyring: seal.Keyring) -> tuple[bytes, bytes | None]:
+def _open_sealed(
+    root: Path, manifest: dict[str, Any], keyring: seal.Keyring, *, resealing: bool = False
+) -> tuple[bytes, bytes | None]:
     section = manifest["seal"]
     if section.get("algorithm") != seal.CONFIG.algorithm:
         raise seal.SealError(f"{root}: unsupported seal algorithm {section.get('algorithm')!r}")
     record = seal.SealRecord.read(root)
-    if record.key_id != section.get("key_id"):
+    # seal.json is renamed into place before the manifest: a reseal that stopped between the two left the
+    # new key id in seal.json only; a rerun of it (resealing) finishes the job, a load refuses.
+    if record.key_id != section.get("key_id") and not resealing:
         raise seal.SealError(
             f"{root}: {seal.CONFIG.seal_file} names master key {record.key_id} but the manifest "
             f"{section.get('key_id')} (an interrupted `sdb reseal`? run it again)"
@@ -403,16 +407,19 @@ def reseal_artifact(
     without retraining or re-encrypting. `rekey`: also draw a fresh data key and re-encrypt every file (after
     a leak, when old copies of seal.json may be out there)."""
     root = Path(path)
-    art = read_artifact(root, keyring)
-    if not art.sealed:
+    manifest = read_manifest(root)
+    if not seal.is_sealed(manifest):
         raise ArtifactError(f"{root}: not sealed (use `sdb seal`)")
-    manifest = dict(art.manifest)
+    try:  # every file opened (tags checked) before anything is rewritten
+        weights, box_key = _open_sealed(root, manifest, keyring, resealing=True)
+    except seal.SealError as e:
+        raise SealedArtifactError(str(e)) from None
     if rekey:  # every file changes: build the new artifact beside the old one, then swap the directories
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         old = root.with_name(f".{root.name}.old-{os.getpid()}")
         try:
             shutil.copytree(root, tmp, dirs_exist_ok=True)
-            _write_sealed(tmp, manifest, master, art.weights, art.box_key)
+            _write_sealed(tmp, manifest, master, weights, box_key)
             os.chmod(tmp, 0o755)
             os.replace(root, old)
             os.replace(tmp, root)

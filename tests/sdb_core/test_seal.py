@@ -218,3 +218,21 @@ def test_sealing_twice_or_unsealing_plaintext_is_refused(tmp_path: Path, master:
     seal_artifact(box, master.sealing_key("tbox"))
     with pytest.raises(ArtifactError, match="already sealed"):
         seal_artifact(box, master.sealing_key("tbox"))
+
+
+def test_a_reseal_interrupted_between_its_two_renames_is_refused_then_finished(
+    tmp_path: Path, master: Keyring
+) -> None:
+    box = make_test_box(tmp_path, name="tbox", seed=3)
+    original = load_file(str(box / "weights.safetensors"))
+    seal_artifact(box, master.sealing_key("tbox"))
+    manifest_before = (box / "manifest.json").read_bytes()
+    new = new_master_key(tmp_path / "new.key")
+    reseal_artifact(box, master, new)
+    (box / "manifest.json").write_bytes(manifest_before)  # as if it stopped before the manifest's rename
+    both = Keyring.from_paths(new.source, tmp_path / "keys")
+    with pytest.raises(SealedArtifactError, match="interrupted `sdb reseal`"):
+        load_box(box, keyring=both)
+    reseal_artifact(box, both, new)  # the rerun
+    assert read_manifest(box)["seal"]["key_id"] == new.key_id
+    assert _same(_state(box, Keyring.from_paths(new.source)), original)
