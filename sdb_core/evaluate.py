@@ -133,7 +133,9 @@ def reduced_config(dataset: str = "digits") -> EvalConfig:
     cfg = replace(
         protocol_for(dataset),
         seeds=(0,),
-        attacks=AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,), forge_steps=60, forge_restarts=1),
+        attacks=AttackConfig(
+            temperatures=(1.0, 20.0), guess_lams=(0.5,), forge_steps=40, forge_batch=64, forge_restarts=1
+        ),
         stolen_attacks=("retemper:4", "guess:lam=0.5"),
         progress=False,
     )
