@@ -21,8 +21,8 @@ from sdb_core.attacks import (
 )
 from sdb_core.data import Dataset
 from sdb_core.distill import DistillConfig
-from sdb_core.evaluate import plain_api_oracle, stolen_weights_oracle
 from sdb_core.keys import BoxKey, load_key
+from sdb_core.oracles import plain_api_oracle, stolen_weights_oracle
 from sdb_core.training import TrainConfig
 from sdb_core.zoo import arch_kwargs_for, build_model
 

@@ -9,16 +9,13 @@ from typing import Any
 import pytest
 
 from sdb_core.evaluate import (
-    check_targets,
     evaluate,
     fashion_mnist_config,
-    measures,
-    merge_reports,
     protocol_for,
     reduced_config,
     split_owner_transfer,
-    summarize,
 )
+from sdb_core.report import check_targets, measures, merge_reports, summarize
 
 
 def _run(
