@@ -63,6 +63,7 @@ from sdb_core.losses import (
     reverse_disturbance_loss,
     target_disturbance_loss,
 )
+from sdb_core.seal import Keyring
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
 from sdb_core.zoo import KeyGate, KeySplit, TopOneGuard, build_model
 
@@ -281,8 +282,10 @@ def box_teacher(
     key: BoxKey | None = None,
     teacher_top1: float | None = None,
     checkpoint: Path | None = None,
+    keyring: Keyring | None = None,
 ) -> BoxedModel:
-    """Box, save the artifact (with metrics) to out_dir, and return it loaded back (checksums verified)."""
+    """Box, save the artifact (with metrics) to out_dir, and return it loaded back (checksums verified).
+    With a keyring that has a current master key, the artifact is written sealed (sdb_core.seal)."""
     key = key or BoxKey.generate(ds.input_shape, cfg.lam)
     t_arch, t_kwargs = teacher_meta["arch"], teacher_meta["arch_kwargs"]
     box = train_box(teacher, ds, arch=t_arch, arch_kwargs=t_kwargs, key=key, cfg=cfg, checkpoint=checkpoint)
@@ -303,13 +306,14 @@ def box_teacher(
         plain_output=cfg.plain_output,
         data_digest=ds.digest(),
         extra={"dataset": ds.name, "box_config": asdict(cfg)},
+        master=keyring.current if keyring is not None else None,
     )
     save_box(out_dir, metrics={}, **common)
-    boxed = load_box(out_dir, device=resolve_device(cfg.train.device))
+    boxed = load_box(out_dir, device=resolve_device(cfg.train.device), keyring=keyring)
     metrics: dict[str, Any] = dict(box_metrics(boxed, ds))
     if teacher_top1 is not None:
         metrics["teacher_top1"] = teacher_top1
     save_box(out_dir, metrics=metrics, **common)
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
-    return load_box(out_dir, device=resolve_device(cfg.train.device))
+    return load_box(out_dir, device=resolve_device(cfg.train.device), keyring=keyring)

@@ -38,11 +38,14 @@ from torch import nn
 
 from sdb_core.artifact import ArtifactError, BoxedModel, load_box
 from sdb_core.attacks import (
+    FORGE,
     AttackConfig,
     Oracle,
     Targets,
     attack_names,
     attack_targets,
+    forge_trigger,
+    forged_oracle,
     top1_oracle,
     train_on_targets,
 )
@@ -82,7 +85,8 @@ class EvalConfig:
     attacks: AttackConfig = field(default_factory=AttackConfig)
     # Attacks on the stolen weights (run without the key): the raw outputs themselves, re-tempered, and
     # guessed keys; the network's raw logits are a superset of what any query-based attack gets from them.
-    stolen_attacks: tuple[str, ...] = ("retemper:1", "retemper:4", "retemper:20", "guess:lam=0.5")
+    # "forge": `stolen/forge`, a key-gate trigger forged from the weights (`attacks.forge_trigger`).
+    stolen_attacks: tuple[str, ...] = ("retemper:1", "retemper:4", "retemper:20", "guess:lam=0.5", "forge")
     device: str = "auto"
     threads: int = 1  # torch intra-op threads; small models run fastest on one (0 = torch's default)
     progress: bool = True
@@ -128,8 +132,10 @@ def reduced_config(dataset: str = "digits") -> EvalConfig:
     cfg = replace(
         protocol_for(dataset),
         seeds=(0,),
-        attacks=AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,)),
-        stolen_attacks=("retemper:4", "guess:lam=0.5"),
+        attacks=AttackConfig(
+            temperatures=(1.0, 20.0), guess_lams=(0.5,), forge_steps=40, forge_batch=64, forge_restarts=1
+        ),
+        stolen_attacks=("retemper:4", "guess:lam=0.5", "forge"),
         progress=False,
     )
     if dataset.startswith("fashion-mnist"):
@@ -318,11 +324,15 @@ def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str
     # Every attack's answers and those of its top-1 twin, queried once and shared by all student families.
     accesses: list[tuple[str, Oracle, list[str]]] = [
         ("api", api, attack_names(acfg)),
-        ("stolen", stolen, list(cfg.stolen_attacks)),
+        ("stolen", stolen, [n for n in cfg.stolen_attacks if n != FORGE]),
     ]
     whitebox = whitebox_oracle(boxed)
     if whitebox is not None:
-        accesses.append(("whitebox", whitebox, list(cfg.stolen_attacks)))
+        accesses.append(("whitebox", whitebox, [n for n in cfg.stolen_attacks if n != FORGE]))
+    forging = FORGE in cfg.stolen_attacks and acfg.forge_steps > 0
+    trigger = forge_trigger(boxed, torch.from_numpy(transfer.x_train), acfg) if forging else None
+    if trigger is not None:  # `stolen/forge`: the network as shipped, fed a trigger forged from the weights
+        accesses.append(("stolen", forged_oracle(boxed, trigger), [FORGE]))
     targets: dict[str, tuple[Targets, Targets]] = {}
     for access, oracle, names in accesses:
         twin = top1_oracle(oracle)

@@ -30,7 +30,7 @@ from service.db import migrate
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
 from service.docs import install_docs
-from service.inference.loading import load_registry
+from service.inference.loading import ModelLoadError, load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
 from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
@@ -153,7 +153,7 @@ def _lifespan(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             state = await anyio.to_thread.run_sync(_start, settings, registry)
-        except migrate.SchemaError as exc:
+        except (migrate.SchemaError, ModelLoadError) as exc:
             logger.error("refusing to start: %s", exc)
             raise
         set_state(app, state)

@@ -115,7 +115,8 @@ def box(
     epochs: Annotated[int | None, typer.Option(help="Box training epochs (default: BoxConfig).")] = None,
     lam: Annotated[float, typer.Option(help="Key mixing weight lambda.")] = 0.5,
     key_out: Annotated[
-        Path | None, typer.Option(help="Also move the box key here (e.g. a secret store mount).")
+        Path | None,
+        typer.Option(help="Also move the box key here (e.g. a secret store mount); unsealed boxes only."),
     ] = None,
     box_option: BoxOptionOpt = None,
     seed: SeedOpt = 0,
@@ -129,8 +130,12 @@ def box(
     from sdb_core.box import BoxConfig, box_teacher, train_box
     from sdb_core.data import load_dataset
     from sdb_core.keys import BoxKey
+    from sdb_core.seal import Keyring
     from sdb_core.training import accuracy, load_model, model_fn, resolve_device
 
+    keyring = Keyring.from_env()  # SDB_SEAL_KEY_FILE set: the artifact is written sealed
+    if keyring.current is not None and key_out is not None:
+        raise typer.BadParameter("--key-out moves a plaintext box key; with SDB_SEAL_KEY_FILE it is sealed")
     with parallel.session(device) as device:
         ds = load_dataset(data)
         model, meta = load_model(teacher, device=resolve_device(device))
@@ -171,13 +176,20 @@ def box(
             key=key,
             teacher_top1=top1,
             checkpoint=ckpt,
+            keyring=keyring if keyring.current is not None else None,
         )
         if key_out is not None:
             key_out.parent.mkdir(parents=True, exist_ok=True)
             (out / "box_key.json").replace(key_out)
             typer.echo(f"box key moved to {key_out}; load with key_path", err=True)
+        sealed = boxed.manifest.get("seal", {}).get("key_id", False)
         _echo_json(
-            {"box": str(out), "metrics": boxed.manifest["metrics"], "processes": parallel.world_size()}
+            {
+                "box": str(out),
+                "metrics": boxed.manifest["metrics"],
+                "processes": parallel.world_size(),
+                "sealed": sealed,
+            }
         )
 
 
