@@ -15,6 +15,7 @@ from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.core.security import new_api_key
 from service.core.state import StateDep
 from service.crud import accounts, catalog, events, reports
+from service.crud import watermarks as crud_watermarks
 from service.crud.accounts import ConflictError, NotFoundError
 from service.crud.principals import Principal
 from service.crud.reports import AuditFilter
@@ -145,7 +146,7 @@ def enable_user(user_id: PathId, admin: AdminDep, db: DatabaseDep, request: Requ
     summary="Issue an API key (the secret is shown once)",
 )
 def issue_key(
-    user_id: PathId, body: KeyCreate, admin: AdminDep, db: DatabaseDep, request: Request
+    user_id: PathId, body: KeyCreate, admin: AdminDep, db: DatabaseDep, request: Request, state: StateDep
 ) -> KeyCreated:
     expires_at = body.expires_at
     if expires_at is not None:
@@ -173,6 +174,14 @@ def issue_key(
                 expires_at=expires_at,
                 name=body.name,
             )
+            if body.watermark:
+                crud_watermarks.set_key_watermark(
+                    s,
+                    key,
+                    True,
+                    watermark_id=state.watermarks.watermark_id,
+                    bank_size=state.watermarks.bank_size,
+                )
             events.record_event(
                 s,
                 "key.issue",
@@ -180,11 +189,18 @@ def issue_key(
                 actor=admin,
                 client_id=client_id_of(request),
                 target=f"key:{key.id}",
-                detail={"user_id": user_id, "scopes": body.scopes, "sample_quota": body.sample_quota},
+                detail={
+                    "user_id": user_id,
+                    "scopes": body.scopes,
+                    "sample_quota": body.sample_quota,
+                    "watermarked": body.watermark,
+                },
             )
             out = KeyCreated(**_key(key).model_dump(), api_key=new.secret)
     except NotFoundError as exc:
         raise _not_found(exc) from None
+    except crud_watermarks.WatermarkBankFull as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
     return out
 
 

@@ -4,7 +4,8 @@ Order of a call: token signature/claims (no database) -> inputs decoded and vali
 transaction that re-checks the key and user, counts the request against the per-key rate limit, consumes
 the sample quota and writes the audit row -> the keyed forward pass (the box key is applied server-side
 and never leaves the process) -> the audit row is confirmed. Any database failure answers 503 and no soft
-labels are sent without a committed audit row. Refused calls are audited too.
+labels are sent without a committed audit row. Refused calls are audited too. A watermarked key's soft
+labels carry its mark (service/watermarks), applied after the softmax; the audit row names the mark.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from service.schemas import (
     FastJSONResponse,
     request_body_openapi,
 )
+from service.watermarks.issuer import mark_answer
 
 router = APIRouter(tags=["distill"])
 
@@ -208,6 +210,7 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
                 digest=digest,
                 rate_per_minute=state.settings.distill_rate_per_minute,
                 started=t0,
+                watermark=state.watermarks.enabled_for(model.name),
             ),
         )
     except DistillDenied as d:
@@ -225,9 +228,26 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
         raise
     try:
         labels = softmax(logits, temperature)
+        if grant.watermark_id is not None and grant.watermark_slot is not None:  # after the softmax at T
+            labels, logits = await run_in_threadpool(
+                mark_answer,
+                state.watermarks,
+                grant.key_id,
+                grant.key_prefix,
+                grant.watermark_slot,
+                model,
+                x,
+                labels,
+                logits,
+                temperature,
+            )
     except NonFiniteOutputs as exc:
         await _finalize(db, grant, 422, t0)  # refused: the samples go back
         raise non_finite_error(exc) from None
+    except BaseException as exc:
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        await _finalize(db, grant, audits.STATUS_CANCELLED if cancelled else 500, t0)
+        raise
     # The answer leaves only once its audit row is confirmed; a database failure here raises (503).
     try:
         await _finalize(db, grant, 200, t0)
