@@ -1,0 +1,253 @@
+"""Trace a suspect model back to the licensee whose watermarked soft labels taught it.
+
+The owner queries the suspect (black box: raw inputs -> probabilities) and its own clean reference (the box's
+keyed soft labels without any watermark, or the teacher) on the same probe images. Both answers are brought
+to the watermark's temperature (softmax(log p / T)); the residual r_i = suspect - reference on the reference's
+top-1 class is what a learned watermark moves. For each watermark the matched filter d_i is the exact change
+that watermark made to that top-1 probability (`watermark.mark_deltas`), and the statistic is the
+self-normalised sum
+
+    z = sum_i r_i d_i / sqrt(sum_i (r_i d_i)^2),
+
+standard normal in the limit when the residual carries nothing of that watermark's mode (the terms then have
+mean zero whatever their scale; subtracting the reference removes the class structure the suspect shares
+with every model of the task, which is what made the raw top-1 probability over-confident in the issue's
+trial). The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected
+over the issued watermarks tested (Holm by default, or Bonferroni), and a watermark is named when its
+corrected p-value is below `alpha`. Decoys (`decoys` watermarks never issued, on modes no licensee holds) run
+through the same test on the same answers: their false-positive rate at `alpha` and the uniformity of their
+p-values (Kolmogorov-Smirnov distance) check the analytic null on this very suspect, and each issued
+watermark's rank among issued and decoys shows how far it stands out.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdb_core.watermark import Watermark, WatermarkConfig, decoy_watermarks, mark_deltas, retemper
+
+CORRECTIONS = ("holm", "bonferroni")
+LN10 = math.log(10.0)
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    probes: int = 10_000  # at most this many probe images are sent to the suspect
+    decoys: int = 1_000  # watermarks never issued, tested alongside as the null's check
+    alpha: float = 1e-3  # a watermark is named when its corrected p-value is below this
+    correction: str = "holm"  # over the issued watermarks tested: "holm" or "bonferroni"
+    batch_size: int = 500  # probes per query to the suspect
+
+    def __post_init__(self) -> None:
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"unknown correction {self.correction!r}; one of {', '.join(CORRECTIONS)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError("alpha must be in (0, 1)")
+        if self.probes < 1 or self.decoys < 0 or self.batch_size < 1:
+            raise ValueError("probes and batch_size must be >= 1 and decoys >= 0")
+
+
+@dataclass(frozen=True)
+class WatermarkResult:
+    wid: str
+    statistic: float  # z
+    log10_p: float
+    p_value: float  # 10 ** log10_p (0.0 below float range: read log10_p)
+    log10_corrected_p: float
+    corrected_p: float
+    verdict: str  # "match" or "no evidence"
+    rank: int  # 1 = the largest statistic among the issued watermarks
+    decoys_above: int  # decoys whose statistic is at least this one's
+
+
+@dataclass
+class TraceReport:
+    results: list[WatermarkResult]
+    probes: int
+    alpha: float
+    correction: str
+    decoys: int
+    decoy_false_positive_rate: float  # decoys with uncorrected p < alpha
+    decoy_false_positive_rate_corrected: float  # decoys that would be named after the same correction
+    decoy_ks: float  # Kolmogorov-Smirnov distance of the decoys' p-values from uniform
+    decoy_z_mean: float
+    decoy_z_std: float
+    decoy_statistics: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def matches(self) -> list[WatermarkResult]:
+        return [r for r in self.results if r.verdict == "match"]
+
+    @property
+    def best(self) -> WatermarkResult | None:
+        return min(self.results, key=lambda r: r.rank) if self.results else None
+
+    def result(self, wid: str) -> WatermarkResult:
+        for r in self.results:
+            if r.wid == wid:
+                return r
+        raise KeyError(wid)
+
+    def to_dict(self, *, with_decoy_statistics: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_decoy_statistics:
+            d.pop("decoy_statistics")
+        d["matches"] = [r.wid for r in self.matches]
+        for r in d["results"]:  # JSON has no infinities
+            for k in ("statistic", "log10_p", "log10_corrected_p"):
+                if not math.isfinite(r[k]):
+                    r[k] = None
+        return d
+
+
+def _query(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int, what: str) -> Tensor:
+    outs = []
+    for s in range(0, len(x), batch):
+        with torch.no_grad():
+            outs.append(torch.as_tensor(fn(x[s : s + batch])).detach().float().cpu())
+    p = torch.cat(outs)
+    if p.shape[0] != len(x) or p.dim() != 2:
+        raise ValueError(f"the {what} answered shape {tuple(p.shape)} for {len(x)} probes")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"the {what} answered values that are not probabilities")
+    return p / p.sum(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def statistics(residual: Tensor, deltas: Tensor) -> Tensor:
+    """z per column of deltas [N, M] against residual [N]."""
+    terms = residual.double()[:, None] * deltas.double()
+    den = terms.pow(2).sum(0).sqrt()
+    z = terms.sum(0) / den.clamp_min(1e-300)
+    return torch.where(den > 0, z, torch.zeros_like(z))
+
+
+def log10_p_upper(z: Tensor) -> Tensor:
+    """log10 P(N(0,1) >= z), exact far into the tail."""
+    return torch.special.log_ndtr(-z.double()) / LN10
+
+
+def corrected_log10(log10_p: Tensor, method: str) -> Tensor:
+    """Family-wise corrected p-values (log10) over the m tests: Bonferroni m p, or Holm's step-down."""
+    m = len(log10_p)
+    if m == 0:
+        return log10_p
+    lm = math.log10(m)
+    if method == "bonferroni":
+        return (log10_p + lm).clamp(max=0.0)
+    order = torch.argsort(log10_p)
+    steps = torch.log10(torch.arange(m, 0, -1, dtype=torch.float64))
+    adj = (log10_p[order] + steps).clamp(max=0.0)
+    adj = torch.cummax(adj, dim=0).values
+    out = torch.empty_like(adj)
+    out[order] = adj
+    return out
+
+
+def _ks_uniform(p: Tensor) -> float:
+    if len(p) == 0:
+        return 0.0
+    s = torch.sort(p.double()).values
+    n = len(s)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - s, s - (i - 1) / n).max())
+
+
+def trace(
+    suspect: Callable[[Tensor], Tensor],
+    reference: Callable[[Tensor], Tensor],
+    probes: Tensor,
+    watermarks: Sequence[Watermark],
+    cfg: TraceConfig = TraceConfig(),
+    *,
+    decoy_secret: bytes | None = None,
+    watermark_cfg: WatermarkConfig | None = None,
+) -> TraceReport:
+    """Test every issued watermark (and `cfg.decoys` decoys) on the suspect's answers to `probes`.
+
+    suspect, reference: raw inputs [N, *input_shape] -> probabilities [N, C] (at temperature 1, as `/predict`
+    answers). `decoy_secret` seeds the decoys (random when None); `watermark_cfg` is the configuration the
+    watermarks were derived with (its bank supplies the decoys; the default when None)."""
+    if not watermarks:
+        raise ValueError("no watermarks to test")
+    basis = watermarks[0].basis
+    temperature = watermarks[0].temperature
+    if any(w.basis != basis or w.temperature != temperature for w in watermarks[1:]):
+        raise ValueError("the watermarks were derived with different bases or temperatures")
+    x = torch.as_tensor(probes, dtype=torch.float32)[: cfg.probes]
+    ref = retemper(_query(reference, x, cfg.batch_size, "reference"), temperature)
+    sus = retemper(_query(suspect, x, cfg.batch_size, "suspect"), temperature)
+    if sus.shape != ref.shape:
+        raise ValueError(f"suspect answers {tuple(sus.shape)} but the reference {tuple(ref.shape)}")
+    top = ref.argmax(dim=1, keepdim=True)
+    residual = (sus.gather(1, top) - ref.gather(1, top))[:, 0]
+
+    wcfg = watermark_cfg or WatermarkConfig(epsilon=watermarks[0].epsilon, temperature=temperature)
+    decoys = (
+        decoy_watermarks(
+            cfg.decoys,
+            basis=basis,
+            num_classes=watermarks[0].num_classes,
+            cfg=wcfg,
+            exclude=list(watermarks),
+            seed=decoy_secret or secrets.token_bytes(16),
+        )
+        if cfg.decoys
+        else []
+    )
+    z_issued = statistics(residual, mark_deltas(list(watermarks), x, ref))
+    z_decoy = (
+        torch.cat(
+            [
+                statistics(residual, mark_deltas(decoys[s : s + 200], x, ref))
+                for s in range(0, len(decoys), 200)
+            ]
+        )
+        if decoys
+        else torch.zeros(0, dtype=torch.float64)
+    )
+
+    lp = log10_p_upper(z_issued)
+    lpc = corrected_log10(lp, cfg.correction)
+    log_alpha = math.log10(cfg.alpha)
+    order = torch.argsort(-z_issued)
+    ranks = torch.empty(len(order), dtype=torch.long)
+    ranks[order] = torch.arange(1, len(order) + 1)
+    results = [
+        WatermarkResult(
+            wid=w.wid,
+            statistic=float(z_issued[i]),
+            log10_p=float(lp[i]),
+            p_value=float(10 ** lp[i]),
+            log10_corrected_p=float(lpc[i]),
+            corrected_p=float(10 ** lpc[i]),
+            verdict="match" if float(lpc[i]) < log_alpha else "no evidence",
+            rank=int(ranks[i]),
+            decoys_above=int((z_decoy >= z_issued[i]).sum()),
+        )
+        for i, w in enumerate(watermarks)
+    ]
+    lp_decoy = log10_p_upper(z_decoy)
+    m = len(watermarks)
+    return TraceReport(
+        results=results,
+        probes=len(x),
+        alpha=cfg.alpha,
+        correction=cfg.correction,
+        decoys=len(decoys),
+        decoy_false_positive_rate=float((lp_decoy < log_alpha).double().mean()) if decoys else 0.0,
+        # A decoy is named after correction when m p < alpha (Bonferroni's bound; Holm names no more).
+        decoy_false_positive_rate_corrected=float((lp_decoy + math.log10(m) < log_alpha).double().mean())
+        if decoys
+        else 0.0,
+        decoy_ks=_ks_uniform(10**lp_decoy),
+        decoy_z_mean=float(z_decoy.mean()) if decoys else 0.0,
+        decoy_z_std=float(z_decoy.std()) if len(decoys) > 1 else 0.0,
+        decoy_statistics=[float(v) for v in z_decoy],
+    )
