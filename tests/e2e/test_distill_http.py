@@ -76,7 +76,11 @@ def api_key(server: str, box_dir: Path) -> str:
     r = httpx.post(server + "/admin/users", json={"name": "e2e-student"}, headers=admin)
     r.raise_for_status()
     # Without a watermark: these tests compare the remote keyed path with the local one exactly.
-    r = httpx.post(server + f"/admin/users/{r.json()['id']}/keys", json={"scopes": [model], "watermark": False}, headers=admin)
+    r = httpx.post(
+        server + f"/admin/users/{r.json()['id']}/keys",
+        json={"scopes": [model], "watermark": False},
+        headers=admin,
+    )
     r.raise_for_status()
     return str(r.json()["api_key"])
 

@@ -78,7 +78,7 @@ def test_unmarked_keys_and_disabled_models_get_the_exact_keyed_path(
         api = ApiHelper(client)
         _, plain_key, plain_headers = api.user_with_key(scopes=["alpha"], watermark=False)
         assert plain_key["watermarked"] is False and plain_key["watermark_id"] is None
-        _, marked_key, marked_headers = api.user_with_key(scopes=["beta"])
+        _, _, marked_headers = api.user_with_key(scopes=["beta"])
         for headers, model in ((plain_headers, "alpha"), (marked_headers, "beta")):
             body = distill(client, headers, model=model)
             np.testing.assert_allclose(body["soft_labels"], softmax(keyed(box_dir, model), 4.0), atol=1e-5)
@@ -96,7 +96,7 @@ def test_unmarked_keys_and_disabled_models_get_the_exact_keyed_path(
 def test_the_admin_api_shows_the_flag_and_id_only_and_toggles_keep_the_id(
     api: ApiHelper, client: TestClient, box_dir: Path, database_url: str
 ) -> None:
-    user, key, headers = api.user_with_key(scopes=["alpha"], watermark=False)
+    _, key, headers = api.user_with_key(scopes=["alpha"], watermark=False)
     listed = client.get("/admin/keys", headers=api.admin).json()["items"]
     for k in listed:
         assert set(k) >= {"watermarked", "watermark_id"}
@@ -144,9 +144,11 @@ def test_refuses_to_start_on_another_watermark_secret(make_settings: Any) -> Non
     with TestClient(create_app(make_settings())) as client:
         ApiHelper(client).user_with_key(scopes=["alpha"])
     other = "wm-other-secret-" + "0123456789abcdef" * 3
-    with pytest.raises(WatermarkSecretError, match=r"another watermark secret.*SDB_WATERMARK_SECRET"):
-        with TestClient(create_app(make_settings(watermark_secret=other))):
-            pass
+    with (
+        pytest.raises(WatermarkSecretError, match=r"another watermark secret.*SDB_WATERMARK_SECRET"),
+        TestClient(create_app(make_settings(watermark_secret=other))),
+    ):
+        pass
     # Demo mode warns and starts.
     with TestClient(create_app(make_settings(watermark_secret=other, demo=True))):
         pass
