@@ -437,7 +437,7 @@ class TraceRequest(BaseModel):
     decoys: int = Field(
         1000, ge=0, le=3000, description="Never-issued watermarks tested as the null's check."
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Which probe images are drawn.")
+    probe_draw: int = Field(0, ge=0, le=2**31 - 1, description="Which probe images are drawn.")
 
 
 class TraceKeyOut(BaseModel):

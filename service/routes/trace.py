@@ -139,7 +139,7 @@ async def trace_suspect(body: TraceRequest, admin: AdminDep, state: StateDep, re
         return torch.softmax(torch.from_numpy(logits), dim=1)
 
     def work() -> dict[str, Any]:
-        probes = _probes(str(settings.trace_probe_data), model, body.probes, body.seed)
+        probes = _probes(str(settings.trace_probe_data), model, body.probes, body.probe_draw)
         with guarded_client(policy, timeout_s=min(30.0, settings.trace_timeout_s)) as client:
             suspect = HttpSuspect(body.suspect_url, client, model=body.suspect_model, deadline=deadline)
             return run_trace(
