@@ -12,7 +12,11 @@ self-normalised sum
 standard normal in the limit when the residual carries nothing of that watermark's mode (the terms then have
 mean zero whatever their scale; subtracting the reference removes the class structure the suspect shares
 with every model of the task, which is what made the raw top-1 probability over-confident in the issue's
-trial). The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected
+trial). On real students that limit is optimistic: the residual is a smooth function of the image whose
+projections on low-frequency modes are not noise, and the decoys' z spread 2-3 times wider than N(0, 1)
+(research/traceability/NOTES.md). By default (`null="decoys"`) z is therefore centred and scaled by the
+decoys' median and robust spread (an empirical null in Efron's sense, never narrower than N(0, 1)); the
+innocent students of the evaluation check it out of sample. The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected
 over the issued watermarks tested (Holm by default, or Bonferroni), and a watermark is named when its
 corrected p-value is below `alpha`. Decoys (`decoys` watermarks never issued, on modes no licensee holds) run
 through the same test on the same answers: their false-positive rate at `alpha` and the uniformity of their
@@ -34,6 +38,8 @@ from torch import Tensor
 from sdb_core.watermark import Watermark, WatermarkConfig, decoy_watermarks, mark_deltas, retemper
 
 CORRECTIONS = ("holm", "bonferroni")
+NULLS = ("decoys", "analytic")
+MIN_DECOYS = 100
 LN10 = math.log(10.0)
 
 
@@ -44,12 +50,20 @@ class TraceConfig:
     alpha: float = 1e-3  # a watermark is named when its corrected p-value is below this
     correction: str = "holm"  # over the issued watermarks tested: "holm" or "bonferroni"
     batch_size: int = 500  # probes per query to the suspect
+    # "decoys": z is centred and scaled by the decoys' median and robust spread (1.4826 MAD, never below 1)
+    # before the normal tail is read; "analytic": z against N(0, 1) as it stands (over-confident on real
+    # students, research/traceability/NOTES.md)
+    null: str = "decoys"
 
     def __post_init__(self) -> None:
         if self.correction not in CORRECTIONS:
             raise ValueError(f"unknown correction {self.correction!r}; one of {', '.join(CORRECTIONS)}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError("alpha must be in (0, 1)")
+        if self.null not in NULLS:
+            raise ValueError(f"unknown null {self.null!r}; one of {', '.join(NULLS)}")
+        if self.null == "decoys" and self.decoys < MIN_DECOYS:
+            raise ValueError(f"the decoy-calibrated null needs at least {MIN_DECOYS} decoys")
         if self.probes < 1 or self.decoys < 0 or self.batch_size < 1:
             raise ValueError("probes and batch_size must be >= 1 and decoys >= 0")
 
@@ -57,7 +71,8 @@ class TraceConfig:
 @dataclass(frozen=True)
 class WatermarkResult:
     wid: str
-    statistic: float  # z
+    statistic: float  # z, calibrated (see TraceConfig.null)
+    raw_statistic: float  # z before calibration
     log10_p: float
     p_value: float  # 10 ** log10_p (0.0 below float range: read log10_p)
     log10_corrected_p: float
@@ -77,6 +92,9 @@ class TraceReport:
     decoy_false_positive_rate: float  # decoys with uncorrected p < alpha
     decoy_false_positive_rate_corrected: float  # decoys that would be named after the same correction
     decoy_ks: float  # Kolmogorov-Smirnov distance of the decoys' p-values from uniform
+    null: str
+    null_location: float  # subtracted from the raw z
+    null_scale: float  # the raw z divided by this
     decoy_z_mean: float
     decoy_z_std: float
     decoy_statistics: list[float] = field(default_factory=list, repr=False)
@@ -213,6 +231,14 @@ def trace(
         else torch.zeros(0, dtype=torch.float64)
     )
 
+    loc, scale = 0.0, 1.0
+    if cfg.null == "decoys":
+        med = z_decoy.median()
+        loc = float(med)
+        scale = max(1.0, float(1.4826 * (z_decoy - med).abs().median()))
+    z_raw_issued = z_issued
+    z_issued = (z_issued - loc) / scale
+    z_decoy = (z_decoy - loc) / scale
     lp = log10_p_upper(z_issued)
     lpc = corrected_log10(lp, cfg.correction)
     log_alpha = math.log10(cfg.alpha)
@@ -223,6 +249,7 @@ def trace(
         WatermarkResult(
             wid=w.wid,
             statistic=float(z_issued[i]),
+            raw_statistic=float(z_raw_issued[i]),
             log10_p=float(lp[i]),
             p_value=float(10 ** lp[i]),
             log10_corrected_p=float(lpc[i]),
@@ -247,6 +274,9 @@ def trace(
         if decoys
         else 0.0,
         decoy_ks=_ks_uniform(10**lp_decoy),
+        null=cfg.null,
+        null_location=loc,
+        null_scale=scale,
         decoy_z_mean=float(z_decoy.mean()) if decoys else 0.0,
         decoy_z_std=float(z_decoy.std()) if len(decoys) > 1 else 0.0,
         decoy_statistics=[float(v) for v in z_decoy],

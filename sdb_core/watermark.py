@@ -14,7 +14,7 @@ The design (research/traceability/NOTES.md has the trials behind it):
   only low frequencies carry over to fresh probes, the issue's trial) and phi in {0, pi/2}. Distinct modes are
   orthogonal over independent uniform coordinates, so one licensee's signal is not another's: the no-framing
   property rests on issued watermarks never sharing a mode. The bank holds C(directions, 2) x |frequencies| x
-  2 modes (3,840 by default); `slot` (the service's issue counter) picks modes without repeats through a
+  2 modes (1,440 by default); `slot` (the service's issue counter) picks modes without repeats through a
   permutation keyed by the secret, while a plain HMAC of the licensee picks one at random (collisions
   possible: the service should pass slots).
 - **Signal.** At the box's soft-label temperature, the top-1 class's probability moves by eps * cos(theta(x))
@@ -49,7 +49,7 @@ class WatermarkConfig:
     frequencies: tuple[int, ...] = (1, 2, 3)  # |f1|, |f2| per mode
     # sqrt(f1^2 + f2^2) bounds: lower modes ride on class structure, higher ones do not transfer
     min_norm: float = 2.2
-    max_norm: float = 4.3
+    max_norm: float = 3.0
     quantiles: int = 257  # points of each coordinate's stored empirical CDF
     margin: float = 1e-3  # the top-1 stays at least min(margin, half its lead) above the runner-up
 
