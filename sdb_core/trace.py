@@ -7,7 +7,7 @@ top-1 class is what a learned watermark moves. For each watermark the matched fi
 that watermark made to that top-1 probability (`watermark.mark_deltas`), and the statistic is the
 self-normalised sum
 
-    z = sum_i r_i d_i / sqrt(sum_i (r_i d_i)^2),
+    z = sum_i r_i d_i / sqrt(sum_i (r_i d_i)^2),   (r and d centred within each reference top-1 class)
 
 standard normal in the limit when the residual carries nothing of that watermark's mode (the terms then have
 mean zero whatever their scale; subtracting the reference removes the class structure the suspect shares
@@ -15,8 +15,9 @@ with every model of the task, which is what made the raw top-1 probability over-
 trial). On real students that limit is optimistic: the residual is a smooth function of the image whose
 projections on low-frequency modes are not noise, and the decoys' z spread 2-3 times wider than N(0, 1)
 (research/traceability/NOTES.md). By default (`null="decoys"`) z is therefore centred and scaled by the
-decoys' median and robust spread (an empirical null in Efron's sense, never narrower than N(0, 1)); the
-innocent students of the evaluation check it out of sample. The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected
+decoys' median and robust spread (an empirical null in Efron's sense: decoys and issued watermarks are
+both uniformly random directions of the same space, so they share the null); the innocent students of the
+evaluation check it out of sample. The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected
 over the issued watermarks tested (Holm by default, or Bonferroni), and a watermark is named when its
 corrected p-value is below `alpha`. Decoys (`decoys` watermarks never issued, on modes no licensee holds) run
 through the same test on the same answers: their false-positive rate at `alpha` and the uniformity of their
@@ -50,8 +51,8 @@ class TraceConfig:
     alpha: float = 1e-3  # a watermark is named when its corrected p-value is below this
     correction: str = "holm"  # over the issued watermarks tested: "holm" or "bonferroni"
     batch_size: int = 500  # probes per query to the suspect
-    # "decoys": z is centred and scaled by the decoys' median and robust spread (1.4826 MAD, never below 1)
-    # before the normal tail is read; "analytic": z against N(0, 1) as it stands (over-confident on real
+    # "decoys": z is centred and scaled by the decoys' median and robust spread (1.4826 MAD) before the
+    # normal tail is read (decoys and issued watermarks are drawn alike: random directions); "analytic": z against N(0, 1) as it stands (over-confident on real
     # students, research/traceability/NOTES.md)
     null: str = "decoys"
 
@@ -138,9 +139,22 @@ def _query(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int, what: str) -> 
     return p / p.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def statistics(residual: Tensor, deltas: Tensor) -> Tensor:
-    """z per column of deltas [N, M] against residual [N]."""
-    terms = residual.double()[:, None] * deltas.double()
+def _centred(v: Tensor, groups: Tensor | None) -> Tensor:
+    """v [N, M] minus its mean within each group (all rows one group when None)."""
+    if groups is None:
+        return v - v.mean(0, keepdim=True)
+    n_groups = int(groups.max()) + 1
+    sums = torch.zeros(n_groups, v.shape[1], dtype=v.dtype).index_add_(0, groups, v)
+    counts = torch.bincount(groups, minlength=n_groups).clamp_min(1).to(v.dtype)
+    return v - (sums / counts[:, None])[groups]
+
+
+def statistics(residual: Tensor, deltas: Tensor, groups: Tensor | None = None) -> Tensor:
+    """z per column of deltas [N, M] against residual [N], both centred within each group (the reference's
+    top-1 class): a suspect that is on the whole less or more sure of a class than the reference, as every
+    student is, shifts the residual's mean, which is not a mark."""
+    r = _centred(residual.double()[:, None], groups)
+    terms = r * _centred(deltas.double(), groups)
     den = terms.pow(2).sum(0).sqrt()
     z = terms.sum(0) / den.clamp_min(1e-300)
     return torch.where(den > 0, z, torch.zeros_like(z))
@@ -191,7 +205,7 @@ def trace(
 
     suspect, reference: raw inputs [N, *input_shape] -> probabilities [N, C] (at temperature 1, as `/predict`
     answers). `decoy_secret` seeds the decoys (random when None); `watermark_cfg` is the configuration the
-    watermarks were derived with (its bank supplies the decoys; the default when None)."""
+    watermarks were derived with (the decoys' frequency; taken from the watermarks when None)."""
     if not watermarks:
         raise ValueError("no watermarks to test")
     basis = watermarks[0].basis
@@ -205,25 +219,27 @@ def trace(
         raise ValueError(f"suspect answers {tuple(sus.shape)} but the reference {tuple(ref.shape)}")
     top = ref.argmax(dim=1, keepdim=True)
     residual = (sus.gather(1, top) - ref.gather(1, top))[:, 0]
+    groups = top[:, 0]
 
-    wcfg = watermark_cfg or WatermarkConfig(epsilon=watermarks[0].epsilon, temperature=temperature)
+    wcfg = watermark_cfg or WatermarkConfig(
+        epsilon=watermarks[0].epsilon, temperature=temperature, frequency=watermarks[0].mode.frequency
+    )
     decoys = (
         decoy_watermarks(
             cfg.decoys,
             basis=basis,
             num_classes=watermarks[0].num_classes,
             cfg=wcfg,
-            exclude=list(watermarks),
             seed=decoy_secret or secrets.token_bytes(16),
         )
         if cfg.decoys
         else []
     )
-    z_issued = statistics(residual, mark_deltas(list(watermarks), x, ref))
+    z_issued = statistics(residual, mark_deltas(list(watermarks), x, ref), groups)
     z_decoy = (
         torch.cat(
             [
-                statistics(residual, mark_deltas(decoys[s : s + 200], x, ref))
+                statistics(residual, mark_deltas(decoys[s : s + 200], x, ref), groups)
                 for s in range(0, len(decoys), 200)
             ]
         )
@@ -235,7 +251,7 @@ def trace(
     if cfg.null == "decoys":
         med = z_decoy.median()
         loc = float(med)
-        scale = max(1.0, float(1.4826 * (z_decoy - med).abs().median()))
+        scale = max(1e-6, float(1.4826 * (z_decoy - med).abs().median()))
     z_raw_issued = z_issued
     z_issued = (z_issued - loc) / scale
     z_decoy = (z_decoy - loc) / scale

@@ -29,8 +29,9 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--arch", default="mlp:hidden=512")
     ap.add_argument("--probes", type=int, default=10_000)
-    ap.add_argument("--directions", type=int, default=16)
+    ap.add_argument("--directions", type=int, default=24)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--frequency", type=float, default=3.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -50,7 +51,7 @@ def main() -> None:
     )
     tfn = model_fn(teacher, owner)
     print(f"teacher {time.time() - t0:.0f}s")
-    wcfg = WatermarkConfig(epsilon=args.eps, directions=args.directions)
+    wcfg = WatermarkConfig(epsilon=args.eps, directions=args.directions, frequency=args.frequency)
     basis = fit_basis(owner.x_train, wcfg)
     secret = b"trial-secret-0123456789abcdef"
     wms = [
