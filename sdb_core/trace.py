@@ -17,9 +17,9 @@ projections on low-frequency modes are not noise, and the decoys' z spread 2-3 t
 (research/traceability/NOTES.md). By default (`null="decoys"`) z is therefore centred and scaled by the
 decoys' median and robust spread (an empirical null in Efron's sense: decoys and issued watermarks are
 both uniformly random directions of the same space, so they share the null); the innocent students of the
-evaluation check it out of sample. The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected
-over the issued watermarks tested (Holm by default, or Bonferroni), and a watermark is named when its
-corrected p-value is below `alpha`. Decoys (`decoys` watermarks never issued, on modes no licensee holds) run
+evaluation check it out of sample. The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny
+ones stay exact; it is corrected over the issued watermarks tested (Holm by default, or Bonferroni), and a
+watermark is named when its corrected p-value is below `alpha`. Decoys (`decoys` watermarks never issued: random directions) run
 through the same test on the same answers: their false-positive rate at `alpha` and the uniformity of their
 p-values (Kolmogorov-Smirnov distance) check the analytic null on this very suspect, and each issued
 watermark's rank among issued and decoys shows how far it stands out.
@@ -52,8 +52,8 @@ class TraceConfig:
     correction: str = "holm"  # over the issued watermarks tested: "holm" or "bonferroni"
     batch_size: int = 500  # probes per query to the suspect
     # "decoys": z is centred and scaled by the decoys' median and robust spread (1.4826 MAD) before the
-    # normal tail is read (decoys and issued watermarks are drawn alike: random directions); "analytic": z against N(0, 1) as it stands (over-confident on real
-    # students, research/traceability/NOTES.md)
+    # normal tail is read (decoys and issued watermarks are drawn alike: random directions); "analytic": z
+    # against N(0, 1) as it stands (over-confident on real students, research/traceability/NOTES.md)
     null: str = "decoys"
 
     def __post_init__(self) -> None:

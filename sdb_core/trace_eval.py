@@ -59,6 +59,8 @@ class TraceEvalConfig:
     # families traced at each size: None = all of the protocol's students
     families: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
     sample_budget: int = 100_000  # a student sees at most this many samples (epochs scaled down for big sets)
+    family_leakers: dict[str, int] = field(default_factory=dict)  # caps `leakers` for a family
+    family_sample_budget: dict[str, int] = field(default_factory=dict)  # overrides `sample_budget`
     probes: int = 10_000
     colluder_probe_factor: int = 4
     decoys: int = 1_000
@@ -70,6 +72,16 @@ class TraceEvalConfig:
     noise_std: float = 0.1  # input noise at query time, in units of the data's std
     finetune_epochs: int = 20
     removals: bool = True
+
+
+def trace_config_for(dataset: str, reduced: bool = False) -> TraceEvalConfig:
+    """The traceability configuration that goes with a protocol (`sdb evaluate --trace`)."""
+    if reduced:
+        return reduced_trace_config(dataset)
+    if dataset.startswith("fashion-mnist"):
+        return TraceEvalConfig()
+    # digits: 1,300 training images, the transfer set is the owner's own (as in its protocol)
+    return TraceEvalConfig(transfers=(0,), leakers={0: 5}, probes=10_000, removal_size=0)
 
 
 def reduced_trace_config(dataset: str) -> TraceEvalConfig:
@@ -143,9 +155,15 @@ def _query(fn: Callable[[Tensor], Tensor], x: np.ndarray, batch: int = 1_000) ->
 
 
 def _dcfg(
-    cfg: EvalConfig, tcfg: TraceEvalConfig, n: int, seed: int, temperature: float | None = None
+    cfg: EvalConfig,
+    tcfg: TraceEvalConfig,
+    n: int,
+    seed: int,
+    spec: str = "",
+    temperature: float | None = None,
 ) -> DistillConfig:
-    epochs = max(1, min(cfg.student_epochs, tcfg.sample_budget // max(n, 1)))
+    budget = tcfg.family_sample_budget.get(spec, tcfg.sample_budget)
+    epochs = max(1, min(cfg.student_epochs, budget // max(n, 1)))
     return DistillConfig(
         alpha=cfg.alpha,
         temperature=temperature or cfg.temperature,
@@ -269,15 +287,23 @@ def run_trace_eval(
         n_leak = min(tcfg.leakers.get(size, 0), tcfg.licensees)
         for spec in specs:
             arch, extra = parse_student(spec)
-            dcfg = _dcfg(cfg, tcfg, len(xt), seed)
+            dcfg = _dcfg(cfg, tcfg, len(xt), seed, spec)
+            n_leak_family = min(n_leak, tcfg.family_leakers.get(spec, n_leak))
 
-            def student_from(targets: Tensor | None, desc: str, d: DistillConfig = dcfg) -> nn.Module:
+            def student_from(
+                targets: Tensor | None,
+                desc: str,
+                d: DistillConfig = dcfg,
+                ds_: Dataset = transfer,
+                arch_: str = arch,
+                extra_: dict[str, Any] = extra,
+            ) -> nn.Module:
                 if targets is None:
-                    return distill(transfer, arch, None, d, arch_extra=extra, desc=desc)
-                return distill_logits(transfer, arch, targets, d, arch_extra=extra, desc=desc)
+                    return distill(ds_, arch_, None, d, arch_extra=extra_, desc=desc)
+                return distill_logits(ds_, arch_, targets, d, arch_extra=extra_, desc=desc)
 
             marked_accs = []
-            for i in range(n_leak):
+            for i in range(n_leak_family):
                 marked = apply_watermark(wms[i], torch.from_numpy(xt), soft)
                 top1_identical &= bool((marked.argmax(1) == soft.argmax(1)).all())
                 st = student_from(t * torch.log(marked.clamp_min(1e-30)), f"{spec} leak {i}")
@@ -294,7 +320,9 @@ def run_trace_eval(
                 result["leaked"].append(rec)
                 lk = rec["leakers"][wms[i].wid]
                 log(
-                    f"{spec} n={size} leak {i}: rank {lk['rank']} z {lk['z']:.1f} log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} framed {rec['framed']}"
+                    f"{spec} n={size} leak {i}: rank {lk['rank']} z {lk['z']:.1f} "
+                    f"log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} "
+                    f"framed {rec['framed']}"
                 )
             innocents: dict[str, nn.Module] = {
                 "scratch": student_from(None, f"{spec} scratch"),
@@ -302,8 +330,9 @@ def run_trace_eval(
                     F.one_hot(soft.argmax(1), ds.num_classes).float() * 20.0, f"{spec} label-only"
                 ),
                 "normal_kd": student_from(_query(teacher_logits, xt), f"{spec} normal"),
-                "clean_kd": student_from(clean, f"{spec} clean"),
             }
+            if tcfg.source == "box":  # with the teacher as source, clean KD is normal KD
+                innocents["clean_kd"] = student_from(clean, f"{spec} clean")
             accs = {}
             for name, st in innocents.items():
                 fn = model_fn(st, transfer)
@@ -311,10 +340,12 @@ def run_trace_eval(
                 rec = {"family": spec, "transfer": size, "student": name, "top1": accs[name], **traced(fn)}
                 result["innocent"].append(rec)
                 log(
-                    f"{spec} n={size} innocent {name}: top1 {accs[name]:.2f} named {rec['named']} max z {max(rec['z'].values()):.2f}"
+                    f"{spec} n={size} innocent {name}: top1 {accs[name]:.2f} named {rec['named']} "
+                    f"max z {max(rec['z'].values()):.2f}"
                 )
             if marked_accs:
                 floor = accs["label_only"]
+                accs.setdefault("clean_kd", accs["normal_kd"])
                 clean_gain = accs["clean_kd"] - floor
                 marked_gain = float(np.mean(marked_accs)) - floor
                 result["cost"][f"{spec}@{size}"] = {
@@ -363,7 +394,7 @@ def _removals(
     wm0, wm1 = wms[0], wms[1]
     marked0 = apply_watermark(wm0, torch.from_numpy(xt), soft)
     marked1 = apply_watermark(wm1, torch.from_numpy(xt), soft)
-    base = _dcfg(cfg, tcfg, len(xt), seed)
+    base = _dcfg(cfg, tcfg, len(xt), seed, spec)
     out: list[dict[str, Any]] = []
 
     def record(
@@ -503,6 +534,8 @@ def check_trace_targets(result: dict[str, Any], final_size: int) -> dict[str, bo
 def trace_evaluate(
     cfg: EvalConfig, tcfg: TraceEvalConfig, out_dir: str | Path, command: str = ""
 ) -> dict[str, Any]:
+    """Run the traceability evaluation on the first seed and write OUT/traceability.json. The teacher and box
+    are those `sdb evaluate` caches under OUT/boxes (trained there when missing)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(cfg.dataset)
@@ -521,6 +554,13 @@ def trace_evaluate(
     return report
 
 
+def trace_summary(report: dict[str, Any]) -> str:
+    """The checks of a traceability report, one line each."""
+    lines = ["Traceability (sdb_core.trace_eval):"]
+    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="fashion-mnist")
@@ -533,13 +573,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--leakers", default="", help="size=count,... (default: the configuration's)")
     ap.add_argument("--no-removals", action="store_true")
+    ap.add_argument("--teacher", default="", help="arch[:k=v,...]: replace the protocol's teacher (CPU time)")
+    ap.add_argument("--teacher-epochs", type=int, default=0)
+    ap.add_argument(
+        "--family-limits",
+        default="",
+        help="family=leakers/sample_budget;... e.g. 'small_cnn:width=16=2/20000' (CPU time)",
+    )
+    ap.add_argument("--sizes", default="", help="family=size,size;... families traced per transfer size")
     args = ap.parse_args(argv)
     cfg = reduced_config(args.dataset) if args.reduced else protocol_for(args.dataset)
     cfg = replace(cfg, seeds=(args.seed,), progress=True)
-    tcfg = reduced_trace_config(args.dataset) if args.reduced else TraceEvalConfig()
+    tcfg = trace_config_for(args.dataset, args.reduced)
     tcfg = replace(tcfg, source=args.source, removals=tcfg.removals and not args.no_removals)
     if args.students:
         cfg = replace(cfg, students=tuple(args.students.split(";")))
+    if args.teacher:
+        arch, extra = parse_student(args.teacher)
+        cfg = replace(cfg, teacher_arch=arch, teacher_extra=extra)
+    if args.teacher_epochs:
+        cfg = replace(cfg, teacher_epochs=args.teacher_epochs)
+    for item in filter(None, args.family_limits.split(";")):
+        fam, _, lim = item.rpartition("=")
+        n, _, budget = lim.partition("/")
+        tcfg.family_leakers[fam] = int(n)
+        if budget:
+            tcfg.family_sample_budget[fam] = int(budget)
+    if args.sizes:
+        per_size: dict[int, list[str]] = {}
+        for item in filter(None, args.sizes.split(";")):
+            fam, _, sizes = item.rpartition("=")
+            for size in sizes.split(","):
+                per_size.setdefault(int(size), []).append(fam)
+        tcfg.families = {k: tuple(v) for k, v in per_size.items()}
     if args.leakers:
         tcfg = replace(
             tcfg, leakers={int(k): int(v) for k, v in (kv.split("=") for kv in args.leakers.split(","))}
@@ -550,8 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         command="python -m sdb_core.trace_eval " + " ".join(sys.argv[1:] if argv is None else argv),
     )
-    for name, ok in report["checks"].items():
-        print(f"[{'x' if ok else ' '}] {name}")
+    print(trace_summary(report))
     return 0
 
 

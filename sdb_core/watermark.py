@@ -20,6 +20,13 @@ The design (research/traceability/NOTES.md has the trials behind it):
   and the other classes are rescaled to keep the sum at 1, clipped so that the top-1 stays strictly on top:
   every returned row has the top-1 of its input row (CosWM/DRW put a cosine on one class the same way).
 
+For the service: keep one owner secret (>= 16 bytes) apart from the box key and the API keys; per API key
+store its slot (0, 1, 2, ... in issue order, never reused) and its public `wid`; per box read the basis with
+`basis_from_manifest(boxed.manifest)`; then `derive_watermark(secret, key_id, input_shape=...,
+num_classes=..., basis=basis, slot=slot)` and `apply_watermark(wm, x_raw, probs)` on `/distill-batch`
+answers. `sdb_core.trace.trace` takes the same watermarks (all ever issued) and the box's clean keyed path
+as reference.
+
 Everything secret (the mode) is derived by HMAC-SHA256 from the owner's secret and the licensee id; the public
 watermark id is a one-way function of both. `repr()` of a `Watermark` shows only its id.
 """
@@ -36,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+BASIS_KEY = "watermark_basis"  # where a box manifest's "extra" keeps its fitted basis (sdb_core.box)
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,13 @@ def fit_basis(x_raw: Tensor | np.ndarray, cfg: WatermarkConfig = WatermarkConfig
         mean=tuple(mean.tolist()),
         components=tuple(tuple(r) for r in comps.float().tolist()),
     )
+
+
+def basis_from_manifest(manifest: dict[str, Any]) -> WatermarkBasis | None:
+    """The basis a box was made with (`sdb box` fits it on the owner's images), or None for boxes made
+    before watermarks (derive_watermark then falls back to `default_basis`)."""
+    rec = (manifest.get("extra") or {}).get(BASIS_KEY)
+    return WatermarkBasis.from_dict(rec) if rec else None
 
 
 @lru_cache(maxsize=16)

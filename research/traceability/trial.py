@@ -97,10 +97,14 @@ def main() -> None:
         if leaker is not None:
             r = rep.results[leaker]
             inn = max(zz for i, zz in enumerate(z) if i != leaker)
-            line += f" leaker z {r.statistic:.1f} rank {r.rank} log10p {r.log10_corrected_p:.1f} decoys_above {r.decoys_above}; max innocent z {inn:.2f}"
+            line += f" leaker z {r.statistic:.1f} rank {r.rank} log10p {r.log10_corrected_p:.1f}"
+            line += f" decoys_above {r.decoys_above}; max innocent z {inn:.2f}"
         else:
             line += f" max z {max(z):.2f}"
-        line += f"; named {[m.wid for m in rep.matches]} decoys z {rep.decoy_z_mean:.2f}±{rep.decoy_z_std:.2f} fpr {rep.decoy_false_positive_rate:.4f} ks {rep.decoy_ks:.3f} ({time.time() - t0:.0f}s)"
+        line += (
+            f"; named {[m.wid for m in rep.matches]} decoys z {rep.decoy_z_mean:.2f}±{rep.decoy_z_std:.2f}"
+        )
+        line += f" fpr {rep.decoy_false_positive_rate:.4f} ks {rep.decoy_ks:.3f} ({time.time() - t0:.0f}s)"
         print(line, flush=True)
 
     for i in range(args.leakers):

@@ -77,7 +77,7 @@ def test_a_marked_suspect_names_its_licensee_only(setup) -> None:  # type: ignor
     assert json_safe(rep.to_dict())
 
 
-def json_safe(d: dict) -> bool:  # type: ignore[type-arg]
+def json_safe(d: dict) -> bool:
     import json
 
     json.dumps(d, allow_nan=False)
