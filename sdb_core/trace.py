@@ -5,24 +5,26 @@ keyed soft labels without any watermark, or the teacher) on the same probe image
 to the watermark's temperature (softmax(log p / T)); the residual r_i = suspect - reference on the reference's
 top-1 class is what a learned watermark moves. For each watermark the matched filter d_i is the exact change
 that watermark made to that top-1 probability (`watermark.mark_deltas`), and the statistic is the
-self-normalised sum
+self-normalised sum, r and d centred within each reference top-1 class,
 
-    z = sum_i r_i d_i / sqrt(sum_i (r_i d_i)^2),   (r and d centred within each reference top-1 class)
+    z = sum_i r_i d_i / sqrt(sum_i (r_i d_i)^2),
 
-standard normal in the limit when the residual carries nothing of that watermark's mode (the terms then have
-mean zero whatever their scale; subtracting the reference removes the class structure the suspect shares
-with every model of the task, which is what made the raw top-1 probability over-confident in the issue's
-trial). On real students that limit is optimistic: the residual is a smooth function of the image whose
-projections on low-frequency modes are not noise, and the decoys' z spread 2-3 times wider than N(0, 1)
+standard normal in the limit when the residual carries nothing of that watermark (the terms then have mean
+zero; subtracting the reference removes the class structure every model of the task shares, and centring
+within classes removes a suspect's overall over- or under-confidence, which would otherwise shift every z by
+the mark's mean).
+
+The limit is not the truth on real students: a student's residual is a smooth function of the image, not
+noise, and its projections on low-frequency marks spread wider or narrower than N(0, 1)
 (research/traceability/NOTES.md). By default (`null="decoys"`) z is therefore centred and scaled by the
-decoys' median and robust spread (an empirical null in Efron's sense: decoys and issued watermarks are
-both uniformly random directions of the same space, so they share the null); the innocent students of the
-evaluation check it out of sample. The p-value is one-sided, P(N(0,1) >= z), kept in log10 so that tiny
-ones stay exact; it is corrected over the issued watermarks tested (Holm by default, or Bonferroni), and a
-watermark is named when its corrected p-value is below `alpha`. Decoys (`decoys` watermarks never issued: random directions) run
-through the same test on the same answers: their false-positive rate at `alpha` and the uniformity of their
-p-values (Kolmogorov-Smirnov distance) check the analytic null on this very suspect, and each issued
-watermark's rank among issued and decoys shows how far it stands out.
+median and robust spread (1.4826 MAD) of the decoys' z on the same answers: `decoys` watermarks never issued,
+drawn exactly like issued ones (uniformly random directions of the same space), so they share the null of
+every issued watermark that the suspect did not learn; an empirical null in Efron's sense. The p-value is
+one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected over the issued
+watermarks tested (Holm by default, or Bonferroni), and a watermark is named when its corrected p-value is
+below `alpha`. The report gives the decoys' own false-positive rate at `alpha`, the Kolmogorov-Smirnov
+distance of their p-values from uniform, and each issued watermark's rank and the number of decoys above it.
+The innocent students of `sdb_core.trace_eval` check the calibration out of sample.
 """
 
 from __future__ import annotations

@@ -622,3 +622,67 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """Tables of a traceability report (for docs/evaluation.md)."""
+    res = report["result"]
+    lines = [
+        "| family | transfer | licensee | student top-1 | leaker rank | leaker z | leaker log10 corrected p "
+        "| decoys above | max innocent z | framed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["leaked"]:
+        lk = r["leakers"][r["licensee"]]
+        lines.append(
+            f"| {r['family']} | {r['transfer']} | {r['licensee']} | {r['top1']:.2f} "
+            f"| {lk['rank']} | {lk['z']:.2f} "
+            f"| {lk['log10_corrected_p']:.2f} | {lk['decoys_above']} | {r['max_innocent_z']:.2f} "
+            f"| {len(r['framed'])} |"
+        )
+    lines += [
+        "",
+        "| innocent student | family | transfer | top-1 | max z over the watermarks | named "
+        "| decoy FPR at alpha "
+        "| decoy KS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["innocent"]:
+        lines.append(
+            f"| {r['student']} | {r['family']} | {r['transfer']} | {r['top1']:.2f} "
+            f"| {max(r['z'].values()):.2f} "
+            f"| {len(r['named'])} | {r['decoy_fpr']:.4f} | {r['decoy_ks']:.3f} |"
+        )
+    if res["cost"]:
+        lines += [
+            "",
+            "| cost | label-only | clean KD | watermarked KD (mean) | delivered clean "
+            "| delivered watermarked "
+            "| ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k, c in res["cost"].items():
+            ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
+            lines.append(
+                f"| {k} | {c['label_only']:.2f} | {c['clean_kd']:.2f} | {c['watermarked_kd_mean']:.2f} "
+                f"| {c['delivered_clean']:.2f} | {c['delivered_watermarked']:.2f} | {ratio} |"
+            )
+    if res["removal"]:
+        lines += [
+            "",
+            "| removal attempt | probes | student top-1 | per leaker: rank, z, log10 corrected p "
+            "| framed | note |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["removal"]:
+            per = "; ".join(
+                f"{w}: {v['rank']}, {v['z']:.2f}, {v['log10_corrected_p']:.2f}"
+                for w, v in r["leakers"].items()
+            )
+            lines.append(
+                f"| {r['attack']} | {r['probes']} | {r['top1']:.2f} | {per} | {len(r['framed'])} "
+                f"| {r['note']} |"
+            )
+    lines += ["", "Targets:", ""]
+    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
+    return "\n".join(lines) + "\n"

@@ -77,6 +77,11 @@ class Mode:
     phase: float
 
 
+def bank_size(cfg: WatermarkConfig = WatermarkConfig()) -> int:
+    """How many slots `derive_watermark` accepts (0 .. bank_size - 1): each direction twice, in quadrature."""
+    return 2 * cfg.directions
+
+
 def capacity(cfg: WatermarkConfig = WatermarkConfig()) -> int:
     """How many watermarks `slot` issues before two share a direction (then in quadrature, up to twice as
     many; beyond that, derive_watermark refuses)."""

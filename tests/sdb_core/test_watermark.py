@@ -11,6 +11,7 @@ from sdb_core.watermark import (
     WatermarkBasis,
     WatermarkConfig,
     apply_watermark,
+    bank_size,
     capacity,
     decoy_watermarks,
     derive_watermark,
@@ -106,6 +107,7 @@ def test_repr_hides_the_secret_parameters(basis: WatermarkBasis) -> None:
 
 def test_slots_get_orthogonal_directions(basis: WatermarkBasis) -> None:
     k = capacity(WatermarkConfig())
+    assert bank_size(WatermarkConfig()) == 2 * k
     w = np.array([_wm(basis, f"l{i}", i).mode.direction for i in range(k)])
     assert np.abs(w @ w.T - np.eye(k)).max() < 1e-9
     second = _wm(basis, "late", k).mode  # the second round shares a direction, in quadrature
