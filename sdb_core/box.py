@@ -71,6 +71,7 @@ from sdb_core.losses import (
     target_disturbance_loss,
 )
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
+from sdb_core.watermark import BASIS_KEY, fit_basis
 from sdb_core.zoo import KeyGate, KeySplit, TopOneGuard, build_model
 
 
@@ -336,7 +337,8 @@ def box_teacher(
         temperature_dis=t_dis,
         plain_output=cfg.plain_output,
         data_digest=ds.digest(),
-        extra={"dataset": ds.name, "box_config": asdict(cfg)},
+        # public, for per-licensee watermarks on this box's soft labels (sdb_core.watermark)
+        extra={"dataset": ds.name, "box_config": asdict(cfg), BASIS_KEY: fit_basis(ds.x_train).to_dict()},
     )
     save_box(out_dir, metrics={}, **common)
     boxed = load_box(out_dir, device=resolve_device(cfg.train.device))

@@ -5,21 +5,27 @@ The design (research/traceability/NOTES.md has the trials behind it):
 
 - **Coordinates.** Each image is reduced to its low-frequency 2-D DCT block (the top-left `dct_size` x
   `dct_size` coefficients of every channel: coarse, so a student learns functions of it from few images), then
-  to its `directions` top principal coordinates over the owner's images (uncorrelated over the data by
-  construction, unlike random pixel projections of low-rank images), each mapped through its empirical CDF so
-  it is uniform on [0, 1] (DRW's CDF mapping). `WatermarkBasis` holds this map; it is public (not secret) and
-  fitted once per box on the owner's images (`fit_basis`); without one a data-free fallback is used.
-- **Codes.** A watermark is one Fourier mode of that torus: theta(x) = 2 pi (f1 u_a(x) + f2 u_b(x)) + phi
-  over a pair of coordinates (a, b), integer frequencies (f1, f2) of norm in [`min_norm`, `max_norm`] (low:
-  only low frequencies carry over to fresh probes, the issue's trial) and phi in {0, pi/2}. Distinct modes are
-  orthogonal over independent uniform coordinates, so one licensee's signal is not another's: the no-framing
-  property rests on issued watermarks never sharing a mode. The bank holds C(directions, 2) x |frequencies| x
-  2 modes (3,840 by default); `slot` (the service's issue counter) picks modes without repeats through a
-  permutation keyed by the secret, while a plain HMAC of the licensee picks one at random (collisions
-  possible: the service should pass slots).
+  to its `directions` top principal coordinates over the owner's images, whitened: uncorrelated over the data
+  by construction, unlike random pixel projections of low-rank images. `WatermarkBasis` holds this map; it is
+  public (not secret) and fitted once per box on the owner's images (`fit_basis`); without one a data-free
+  fallback is used.
+- **Codes.** A watermark is a unit direction w in those coordinates, a phase phi and a frequency f:
+  theta(x) = 2 pi f Phi(w . g(x)) + phi, Phi the normal CDF so that the phase is near uniform (DRW). Issued
+  watermarks (`slot` = the service's issue counter) take the rows of one orthogonal matrix keyed by the
+  secret: their projections are uncorrelated over the images, so one licensee's signal does not show as
+  another's. That is the no-framing property, and it holds for up to `directions` licensees (then pairs share
+  a direction in quadrature). f is low (1.5 cycles over the CDF): higher ones are memorised on the transfer
+  set and do not carry over to fresh probes (the issue's trial, research/traceability/NOTES.md).
 - **Signal.** At the box's soft-label temperature, the top-1 class's probability moves by eps * cos(theta(x))
   and the other classes are rescaled to keep the sum at 1, clipped so that the top-1 stays strictly on top:
   every returned row has the top-1 of its input row (CosWM/DRW put a cosine on one class the same way).
+
+For the service: keep one owner secret (>= 16 bytes) apart from the box key and the API keys; per API key
+store its slot (0, 1, 2, ... in issue order, never reused) and its public `wid`; per box read the basis with
+`basis_from_manifest(boxed.manifest)`; then `derive_watermark(secret, key_id, input_shape=...,
+num_classes=..., basis=basis, slot=slot)` and `apply_watermark(wm, x_raw, probs)` on `/distill-batch`
+answers. `sdb_core.trace.trace` takes the same watermarks (all ever issued) and the box's clean keyed path
+as reference.
 
 Everything secret (the mode) is derived by HMAC-SHA256 from the owner's secret and the licensee id; the public
 watermark id is a one-way function of both. `repr()` of a `Watermark` shows only its id.
@@ -29,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,18 +44,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+BASIS_KEY = "watermark_basis"  # where a box manifest's "extra" keeps its fitted basis (sdb_core.box)
+
 
 @dataclass(frozen=True)
 class WatermarkConfig:
     epsilon: float = 0.1  # amplitude on the top-1 probability at `temperature`
     temperature: float = 4.0  # the soft-label temperature the mark is designed for (and traced at)
     dct_size: int = 8  # low-frequency DCT block kept per channel
-    directions: int = 16  # principal coordinates of the DCT block
-    frequencies: tuple[int, ...] = (1, 2, 3)  # |f1|, |f2| per mode
-    # sqrt(f1^2 + f2^2) bounds: lower modes ride on class structure, higher ones do not transfer
-    min_norm: float = 2.2
-    max_norm: float = 4.3
-    quantiles: int = 257  # points of each coordinate's stored empirical CDF
+    directions: int = 20  # principal coordinates of the DCT block spanning the watermark space
+    frequency: float = 1.5  # cycles of the cosine over the CDF-mapped coordinate
     margin: float = 1e-3  # the top-1 stays at least min(margin, half its lead) above the runner-up
 
     def __post_init__(self) -> None:
@@ -60,37 +63,29 @@ class WatermarkConfig:
             raise ValueError("temperature must be > 0")
         if self.directions < 2 or self.dct_size < 1:
             raise ValueError("need at least 2 directions and a DCT block of 1")
+        if self.frequency <= 0:
+            raise ValueError("frequency must be > 0")
 
 
 @dataclass(frozen=True)
 class Mode:
-    """One Fourier mode of the coordinate torus (secret when it belongs to a licensee)."""
+    """The secret part of a watermark: a unit direction in the whitened principal coordinates, the cosine's
+    frequency over the CDF-mapped projection, and its phase."""
 
-    a: int
-    b: int
-    f1: int
-    f2: int
+    direction: tuple[float, ...]
+    frequency: float
     phase: float
 
 
-@lru_cache(maxsize=16)
-def _bank(cfg: WatermarkConfig) -> tuple[Mode, ...]:
-    pairs = list(itertools.combinations(range(cfg.directions), 2))
-    freqs = [
-        (f1, s * f2)
-        for f1 in cfg.frequencies
-        for f2 in cfg.frequencies
-        for s in (1, -1)
-        if cfg.min_norm <= math.hypot(f1, f2) <= cfg.max_norm
-    ]
-    return tuple(
-        Mode(a, b, f1, f2, phase) for (a, b) in pairs for (f1, f2) in freqs for phase in (0.0, math.pi / 2)
-    )
-
-
 def bank_size(cfg: WatermarkConfig = WatermarkConfig()) -> int:
-    """How many mutually orthogonal watermarks the configuration holds."""
-    return len(_bank(cfg))
+    """How many slots `derive_watermark` accepts (0 .. bank_size - 1): each direction twice, in quadrature."""
+    return 2 * cfg.directions
+
+
+def capacity(cfg: WatermarkConfig = WatermarkConfig()) -> int:
+    """How many watermarks `slot` issues before two share a direction (then in quadrature, up to twice as
+    many; beyond that, derive_watermark refuses)."""
+    return cfg.directions
 
 
 def _dct_matrix(n: int) -> Tensor:
@@ -117,27 +112,28 @@ class WatermarkBasis:
     dct_size: int
     mean: tuple[float, ...]  # of the DCT features
     components: tuple[tuple[float, ...], ...] = field(repr=False)  # [directions, features], whitened
-    quantiles: tuple[tuple[float, ...], ...] = field(repr=False)  # [directions, q], ascending
     fitted: bool = True  # False: the data-free fallback
 
+    @property
+    def directions(self) -> int:
+        return len(self.components)
+
     def coordinates(self, x_raw: Tensor) -> Tensor:
-        """[N, *shape] raw images -> [N, directions] coordinates, each uniform on the fitting images."""
+        """[N, *shape] raw images -> [N, directions] whitened principal coordinates (mean 0, variance 1 and
+        uncorrelated over the fitting images)."""
         feats = dct_features(x_raw, self.dct_size)
         comps = torch.tensor(self.components, dtype=torch.float32, device=feats.device)
         if comps.shape[1] != feats.shape[1]:
             raise ValueError(f"basis expects {comps.shape[1]} DCT features, the inputs give {feats.shape[1]}")
         if not self.fitted:  # scale-free: each image's coefficients over its own RMS
             feats = feats / feats.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-8)
-        g = (feats - torch.tensor(self.mean, device=feats.device)) @ comps.T
-        q = torch.tensor(self.quantiles, dtype=torch.float32, device=feats.device)
-        return torch.stack([_interp(g[:, k], q[k]) for k in range(len(q))], dim=1)
+        return (feats - torch.tensor(self.mean, device=feats.device)) @ comps.T
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "dct_size": self.dct_size,
             "mean": list(self.mean),
             "components": [list(r) for r in self.components],
-            "quantiles": [list(r) for r in self.quantiles],
             "fitted": self.fitted,
         }
 
@@ -147,18 +143,8 @@ class WatermarkBasis:
             dct_size=int(d["dct_size"]),
             mean=tuple(float(v) for v in d["mean"]),
             components=tuple(tuple(float(v) for v in r) for r in d["components"]),
-            quantiles=tuple(tuple(float(v) for v in r) for r in d["quantiles"]),
             fitted=bool(d.get("fitted", True)),
         )
-
-
-def _interp(g: Tensor, q: Tensor) -> Tensor:
-    """Piecewise-linear empirical CDF: g's position among the quantiles q, in [0, 1]."""
-    n = len(q)
-    idx = torch.searchsorted(q.contiguous(), g.contiguous()).clamp(1, n - 1)
-    lo, hi = q[idx - 1], q[idx]
-    frac = ((g - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.0, 1.0)
-    return ((idx - 1).float() + frac) / (n - 1)
 
 
 def fit_basis(x_raw: Tensor | np.ndarray, cfg: WatermarkConfig = WatermarkConfig()) -> WatermarkBasis:
@@ -177,21 +163,24 @@ def fit_basis(x_raw: Tensor | np.ndarray, cfg: WatermarkConfig = WatermarkConfig
     comps = comps * signs
     scale = (s[:k] / math.sqrt(max(len(feats) - 1, 1))).clamp_min(1e-12)
     comps = comps / scale[:, None]
-    g = centred @ comps.T
-    qs = torch.quantile(g, torch.linspace(0, 1, cfg.quantiles, dtype=torch.float64), dim=0).T
-    qs = torch.cummax(qs, dim=1).values  # ascending even where quantiles tie
     return WatermarkBasis(
         dct_size=cfg.dct_size,
         mean=tuple(mean.tolist()),
         components=tuple(tuple(r) for r in comps.float().tolist()),
-        quantiles=tuple(tuple(r) for r in qs.float().tolist()),
     )
+
+
+def basis_from_manifest(manifest: dict[str, Any]) -> WatermarkBasis | None:
+    """The basis a box was made with (`sdb box` fits it on the owner's images), or None for boxes made
+    before watermarks (derive_watermark then falls back to `default_basis`)."""
+    rec = (manifest.get("extra") or {}).get(BASIS_KEY)
+    return WatermarkBasis.from_dict(rec) if rec else None
 
 
 @lru_cache(maxsize=16)
 def default_basis(input_shape: tuple[int, ...], cfg: WatermarkConfig = WatermarkConfig()) -> WatermarkBasis:
     """Data-free fallback: the first AC coefficients of each image's DCT block over its own RMS, mapped
-    through a normal CDF. Weaker than a fitted basis (coordinates neither uniform nor uncorrelated)."""
+    mapped like fitted ones. Weaker than a fitted basis (coordinates neither whitened nor uncorrelated)."""
     c = input_shape[0]
     b = min(cfg.dct_size, *input_shape[-2:])
     n = c * b * b
@@ -203,10 +192,7 @@ def default_basis(input_shape: tuple[int, ...], cfg: WatermarkConfig = Watermark
         rows.append(tuple(r))
     if len(rows) < cfg.directions:
         raise ValueError(f"inputs of shape {input_shape} give fewer than {cfg.directions} AC coefficients")
-    normal = torch.distributions.Normal(0.0, 1.0)
-    p = torch.linspace(1e-4, 1 - 1e-4, cfg.quantiles)
-    q = tuple(normal.icdf(p).tolist())
-    return WatermarkBasis(cfg.dct_size, (0.0,) * n, tuple(rows), (q,) * cfg.directions, fitted=False)
+    return WatermarkBasis(cfg.dct_size, (0.0,) * n, tuple(rows), fitted=False)
 
 
 @dataclass(frozen=True)
@@ -226,14 +212,16 @@ class Watermark:
         return _phases(self.basis.coordinates(x_raw), [self.mode])[:, 0]
 
 
-def _phases(u: Tensor, modes: list[Mode]) -> Tensor:
-    """theta of each mode at coordinates u [N, K]: [N, M]."""
-    a = torch.tensor([m.a for m in modes], device=u.device)
-    b = torch.tensor([m.b for m in modes], device=u.device)
-    f1 = torch.tensor([float(m.f1) for m in modes], device=u.device)
-    f2 = torch.tensor([float(m.f2) for m in modes], device=u.device)
-    phi = torch.tensor([m.phase for m in modes], device=u.device)
-    return 2 * math.pi * (f1 * u[:, a] + f2 * u[:, b]) + phi
+def _phases(g: Tensor, modes: list[Mode]) -> Tensor:
+    """theta = 2 pi f Phi(g . w) + phi of each mode at whitened coordinates g [N, K]: [N, M]. Phi, the normal
+    CDF, makes the phase near uniform over the images (DRW's mapping)."""
+    w = torch.tensor([m.direction for m in modes], dtype=g.dtype, device=g.device)
+    if w.shape[1] != g.shape[1]:
+        raise ValueError(f"watermark directions have {w.shape[1]} coordinates, the basis {g.shape[1]}")
+    f = torch.tensor([m.frequency for m in modes], dtype=g.dtype, device=g.device)
+    phi = torch.tensor([m.phase for m in modes], dtype=g.dtype, device=g.device)
+    u = torch.special.ndtr(g @ w.T)
+    return 2 * math.pi * f * u + phi
 
 
 def _mac(secret: bytes, label: str) -> bytes:
@@ -247,9 +235,24 @@ def watermark_id(secret: bytes, licensee: str) -> str:
     return "wm-" + _mac(secret, f"sdb-watermark-id:{licensee}").hex()[:12]
 
 
-def _slot_permutation(secret: bytes, n: int) -> np.ndarray:
-    seed = int.from_bytes(_mac(secret, "sdb-watermark-bank"), "big")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed))).permutation(n)
+def _rng(secret: bytes, label: str) -> np.random.Generator:
+    seed = int.from_bytes(_mac(secret, label), "big")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+
+
+def _unit(v: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(x) for x in v / np.linalg.norm(v))
+
+
+def _slot_mode(secret: bytes, slot: int, cfg: WatermarkConfig, k: int) -> Mode:
+    """Slot s: row s mod k of an orthogonal matrix keyed by the secret; the second round of slots reuses
+    the rows in quadrature (phase + pi/2) of the first."""
+    if not 0 <= slot < 2 * k:
+        raise ValueError(f"slot {slot} outside the {2 * k} watermarks this configuration can issue apart")
+    q, r = np.linalg.qr(_rng(secret, "sdb-watermark-directions").standard_normal((k, k)))
+    q = q * np.sign(np.diag(r))  # a unique QR: Haar-distributed rows
+    base = float(_rng(secret, f"sdb-watermark-phase:{slot % k}").uniform(0.0, 2 * math.pi))
+    return Mode(_unit(q[slot % k]), cfg.frequency, base + (slot // k) * math.pi / 2)
 
 
 def derive_watermark(
@@ -266,22 +269,23 @@ def derive_watermark(
 
     `basis`: the box's fitted coordinates (`fit_basis` on the owner's images, stored with the box);
     None uses `default_basis(input_shape)`. `slot`: the index of this licensee among the watermarks issued
-    under this secret (0, 1, 2, ...): distinct slots below `bank_size(cfg)` get distinct, orthogonal modes,
-    which is what keeps innocent licensees from being framed; None picks a mode from the licensee id alone
-    (two licensees may then share one)."""
+    under this secret (0, 1, 2, ...): slots below `capacity(cfg)` get mutually orthogonal directions, which
+    is what keeps innocent licensees from being framed (up to twice that, pairs share a direction in
+    quadrature); None draws a direction from the licensee id alone (random directions correlate, about
+    1/sqrt(directions): the service should pass slots)."""
     if num_classes < 2:
         raise ValueError("a watermark needs at least 2 classes")
-    modes = _bank(cfg)
+    basis = basis or default_basis(tuple(input_shape), cfg)
+    k = basis.directions
     if slot is None:
-        index = int.from_bytes(_mac(secret, f"sdb-watermark-mode:{licensee}"), "big") % len(modes)
+        rng = _rng(secret, f"sdb-watermark-mode:{licensee}")
+        mode = Mode(_unit(rng.standard_normal(k)), cfg.frequency, float(rng.uniform(0.0, 2 * math.pi)))
     else:
-        if slot < 0:
-            raise ValueError("slot must be >= 0")
-        index = int(_slot_permutation(secret, len(modes))[slot % len(modes)])
+        mode = _slot_mode(secret, slot, cfg, k)
     return Watermark(
         wid=watermark_id(secret, licensee),
-        mode=modes[index],
-        basis=basis or default_basis(tuple(input_shape), cfg),
+        mode=mode,
+        basis=basis,
         epsilon=cfg.epsilon,
         temperature=cfg.temperature,
         margin=cfg.margin,
@@ -295,22 +299,23 @@ def decoy_watermarks(
     basis: WatermarkBasis,
     num_classes: int,
     cfg: WatermarkConfig = WatermarkConfig(),
-    exclude: list[Watermark] | tuple[Watermark, ...] = (),
     seed: bytes | None = None,
 ) -> list[Watermark]:
-    """`n` watermarks never issued: modes of the bank outside `exclude`, drawn with the `seed` (wrapping
-    around the unused modes when n exceeds them). Their statistics on a suspect show the null distribution."""
-    taken = {w.mode for w in exclude}
-    modes = [m for m in _bank(cfg) if m not in taken]
-    if not modes:
-        raise ValueError("every mode of the bank is issued: no decoys left")
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed or b"sdb-decoys").digest(), "big"))
-    order = rng.permutation(len(modes))
+    """`n` watermarks never issued: random directions and phases (from `seed`) at the issued frequency. A
+    random direction overlaps an issued one by about 1/sqrt(directions), and the cosine at `frequency`
+    passes on only a small power of that overlap; their statistics on a suspect show the null."""
+    rng = np.random.Generator(
+        np.random.PCG64(
+            np.random.SeedSequence(int.from_bytes(hashlib.sha256(seed or b"sdb-decoys").digest(), "big"))
+        )
+    )
+    k = basis.directions
     out = []
     for i in range(n):
-        m = modes[int(order[i % len(modes)])]
-        wid = f"decoy-{i:05d}"
-        out.append(Watermark(wid, m, basis, cfg.epsilon, cfg.temperature, cfg.margin, num_classes))
+        mode = Mode(_unit(rng.standard_normal(k)), cfg.frequency, float(rng.uniform(0.0, 2 * math.pi)))
+        out.append(
+            Watermark(f"decoy-{i:05d}", mode, basis, cfg.epsilon, cfg.temperature, cfg.margin, num_classes)
+        )
     return out
 
 
@@ -325,8 +330,7 @@ def mark_deltas(watermarks: list[Watermark], x_raw: Tensor, probs: Tensor) -> Te
     if not watermarks:
         return torch.zeros(len(probs), 0)
     basis, eps, margin = watermarks[0].basis, watermarks[0].epsilon, watermarks[0].margin
-    u = basis.coordinates(x_raw)
-    theta = _phases(u, [w.mode for w in watermarks])
+    theta = _phases(basis.coordinates(x_raw), [w.mode for w in watermarks])
     return _clipped(probs, eps * torch.cos(theta), margin)
 
 
@@ -336,7 +340,7 @@ def _clipped(probs: Tensor, delta: Tensor, margin: float) -> Tensor:
     p = probs.double()
     top2 = p.topk(2, dim=1).values
     p1, p2 = top2[:, :1], top2[:, 1:]
-    rest = (1.0 - p1).clamp_min(0.0)
+    rest = (p.sum(1, keepdim=True) - p1).clamp_min(0.0)  # not 1 - p1: float rounding of p1 near 1
     # After the move the runner-up is p2 (1 - p1') / rest: the top-1 stays on top iff p1' > p2 / (rest + p2).
     bound = p2 / (rest + p2).clamp_min(1e-300)
     lead = (p1 - bound).clamp_min(0.0)
@@ -358,6 +362,7 @@ def apply_watermark(wm: Watermark, x_raw: Tensor, probs: Tensor) -> Tensor:
     p = probs.double()
     top = p.argmax(dim=1, keepdim=True)
     delta = mark_deltas([wm], x_raw, probs).double()  # [N, 1]
+    p = p / p.sum(1, keepdim=True)
     p1 = p.gather(1, top)
     rest = (1.0 - p1).clamp_min(1e-300)
     scale = (1.0 - (p1 + delta)) / rest
