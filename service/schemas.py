@@ -434,8 +434,8 @@ class TraceRequest(BaseModel):
         None, min_length=1, max_length=128, pattern=TEXT, description="`model` field sent to the suspect."
     )
     probes: int = Field(10_000, ge=100, le=100_000, description="Probe images sent to the suspect.")
-    decoys: int = Field(
-        1000, ge=0, le=3000, description="Never-issued watermarks tested as the null's check."
+    decoys: int = Field(  # sdb_core.trace.MIN_DECOYS: the null is calibrated on them
+        1000, ge=100, le=3000, description="Never-issued watermarks the null is calibrated on."
     )
     probe_draw: int = Field(0, ge=0, le=2**31 - 1, description="Which probe images are drawn.")
 
@@ -460,6 +460,9 @@ class TraceKeyOut(BaseModel):
 
 class TraceDecoysOut(BaseModel):
     count: int
+    null: str = Field(description="`decoys`: z centred and scaled by the decoys' median and spread.")
+    null_location: float
+    null_scale: float
     false_positive_rate: float
     false_positive_rate_corrected: float
     ks: float = Field(description="Kolmogorov-Smirnov distance of the decoys' p-values from uniform.")

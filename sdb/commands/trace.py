@@ -70,7 +70,7 @@ def trace(
         int, typer.Option(min=1, help="Probe images sent to the suspect (test split first).")
     ] = 10_000,
     decoys: Annotated[
-        int, typer.Option(min=0, help="Never-issued watermarks tested as the null's check.")
+        int, typer.Option(min=100, help="Never-issued watermarks the null is calibrated on.")
     ] = 1000,
     alpha: Annotated[
         float, typer.Option(help="A watermark matches when its corrected p-value is below this.")

@@ -151,6 +151,7 @@ async def trace_suspect(body: TraceRequest, admin: AdminDep, state: StateDep, re
                 model=model,
                 cfg=TraceConfig(probes=body.probes, decoys=body.decoys, batch_size=256),
                 now=utcnow(),
+                decoy_secret=f"sdb-trace-decoys:{body.probe_draw}".encode(),  # same request, same report
                 suspect_name=body.suspect_url,
             )
 

@@ -22,6 +22,7 @@ from sdb_core.watermark import (
     WatermarkConfig,
     apply_watermark,
     bank_size,
+    basis_from_manifest,
     derive_watermark,
     watermark_id,
 )
@@ -45,11 +46,10 @@ class Shape(Protocol):
 
 
 def basis_of(model: object) -> WatermarkBasis | None:
-    """The box's fitted watermark basis when its artifact carries one (else the data-free default)."""
-    basis = getattr(model, "watermark_basis", None)
-    if basis is None:
-        basis = getattr(getattr(model, "box", None), "watermark_basis", None)
-    return basis if isinstance(basis, WatermarkBasis) else None
+    """The box's fitted watermark basis from its manifest (a BoxedModel, or a ServedModel's box); None for
+    boxes made before watermarks (the data-free default basis then)."""
+    manifest = getattr(model, "manifest", None) or getattr(getattr(model, "box", None), "manifest", None)
+    return basis_from_manifest(manifest) if isinstance(manifest, dict) else None
 
 
 def licensee(key_id: int, prefix: str) -> str:
@@ -67,7 +67,8 @@ class Watermarker:
         self.cfg = cfg or WatermarkConfig()
         self.disabled_models = frozenset(disabled_models)
         self.bank_size = bank_size(self.cfg)
-        self._cache: OrderedDict[tuple[int, str, int, str, int], Watermark] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str, int, str], Watermark] = OrderedDict()
+        self._bases: dict[tuple[str, int], WatermarkBasis | None] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never shows the secret
@@ -82,7 +83,7 @@ class Watermarker:
 
     def watermark(self, key_id: int, prefix: str, slot: int, model: Shape) -> Watermark:
         """The key's watermark for this model's inputs, classes and basis (derived once, then cached)."""
-        k = (int(key_id), prefix, int(slot), model.name, id(basis_of(model)))
+        k = (int(key_id), prefix, int(slot), model.name)
         with self._lock:
             found = self._cache.get(k)
             if found is not None:
@@ -94,7 +95,7 @@ class Watermarker:
             input_shape=tuple(model.input_shape),
             num_classes=int(model.num_classes),
             cfg=self.cfg,
-            basis=basis_of(model),
+            basis=self.basis(model),
             slot=int(slot),
         )
         with self._lock:
@@ -102,6 +103,13 @@ class Watermarker:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return wm
+
+    def basis(self, model: Shape) -> WatermarkBasis | None:
+        """The model's basis, read from its manifest once per model object."""
+        k = (model.name, id(model))
+        if k not in self._bases:
+            self._bases[k] = basis_of(model)
+        return self._bases[k]
 
     def mismatched(self, keys: Iterable[tuple[int, str, str]]) -> list[int]:
         """Ids of the keys (id, prefix, stored watermark id) whose stored id this secret does not give."""

@@ -126,12 +126,15 @@ def run_trace(
         "matches": [asdict(v) for v in rows if v.verdict == "match"],
         "keys": [asdict(v) for v in rows],
         "decoys": {
-            k.removeprefix("decoy_") if k != "decoys" else "count": summary[k]
+            (k.removeprefix("decoy_") if k != "decoys" else "count"): summary[k]
             for k in (
                 "decoys",
                 "decoy_false_positive_rate",
                 "decoy_false_positive_rate_corrected",
                 "decoy_ks",
+                "null",
+                "null_location",
+                "null_scale",
                 "decoy_z_mean",
                 "decoy_z_std",
             )

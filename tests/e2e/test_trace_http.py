@@ -71,6 +71,7 @@ def test_the_admin_route_and_the_command_name_the_leaking_key(world: dict[str, A
         assert r.status_code == 200, r.text
         top = r.json()["keys"][0]
         assert top["key_id"] == leaker.key_id and top["verdict"] == "match" and top["corrected_p"] < 1e-6
+        assert [m["key_id"] for m in r.json()["matches"]] == [leaker.key_id]
         assert r.json()["watermarks_tested"] == 3  # the licensees (the bootstrap admin key is unmarked)
 
         env = {k: v for k, v in world["env"].items() if not k.startswith("PROMETHEUS")}
@@ -80,6 +81,7 @@ def test_the_admin_route_and_the_command_name_the_leaking_key(world: dict[str, A
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
         assert report["keys"][0]["key_id"] == leaker.key_id and report["keys"][0]["corrected_p"] < 1e-6
+        assert [m["key_id"] for m in report["matches"]] == [leaker.key_id]
     rows = audit_rows(world["db_url"], "endpoint = '/distill-batch' AND status = 200")
     assert rows and {r.watermark_id for r in rows} == {leaker.key_info["watermark_id"]}
 

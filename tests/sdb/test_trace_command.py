@@ -87,8 +87,10 @@ def test_a_leak_behind_a_url_is_traced_to_its_revoked_key(world: dict[str, objec
         table = runner.invoke(app, args, env=env(str(world["url"])))
     top = report["keys"][0]
     assert report["watermarks_tested"] == 3
-    assert top["key_id"] == key_id and top["key_state"] == "revoked" and top["corrected_p"] < 1e-6
-    assert f"verdict: key {key_id} (licensee1)" in table.output  # the best match first
+    # 1,500 probes of an untrained 8x8 box: a match at alpha (1e-3), not the protocol's 1e-6 at 10,000 probes
+    assert top["key_id"] == key_id and top["key_state"] == "revoked" and top["verdict"] == "match"
+    assert [m["key_id"] for m in report["matches"]] == [key_id]  # nobody else
+    assert f"verdict: key {key_id} (licensee1) match" in table.output
 
 
 def test_an_innocent_student_matches_nobody(world: dict[str, object], tmp_path: Path) -> None:
@@ -114,7 +116,7 @@ def test_another_secret_is_refused(world: dict[str, object], tmp_path: Path) -> 
         "--probes",
         "200",
         "--decoys",
-        "0",
+        "100",
     ]
     r = runner.invoke(app, args, env=env(str(world["url"]), secret="other-" + "0af1b2c3d4e5f6a7" * 3))
     assert r.exit_code != 0
