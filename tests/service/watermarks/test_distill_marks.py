@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from sdb_core.artifact import load_box
 from service.crud import watermarks as crud_watermarks
+from service.db.models import ApiKey
 from service.db.session import Database
 from service.watermarks.secret import WatermarkSecretError
 from tests._support.api import ApiHelper
@@ -152,3 +153,23 @@ def test_refuses_to_start_on_another_watermark_secret(make_settings: Any) -> Non
     # Demo mode warns and starts.
     with TestClient(create_app(make_settings(watermark_secret=other, demo=True))):
         pass
+
+
+def test_slots_are_distinct_and_a_full_bank_is_refused(
+    api: ApiHelper, client: TestClient, database_url: str
+) -> None:
+    keys = [api.user_with_key(scopes=["alpha"])[1] for _ in range(3)]
+    db = Database(database_url)
+    try:
+        with db.session() as s:
+            slots = [w.slot for w in crud_watermarks.issued_watermarks(s)]
+        assert sorted(slots) == [0, 1, 2]
+        with db.write() as s, pytest.raises(crud_watermarks.WatermarkBankFull, match="all 3 watermarks"):
+            key = ApiKey(  # a fourth key, with a bank of three
+                user_id=keys[0]["user_id"], prefix="sdb_full", key_hash="f" * 64, scopes=[], samples_used=0
+            )
+            s.add(key)
+            s.flush()
+            crud_watermarks.set_key_watermark(s, key, True, watermark_id=lambda i, p: "wm-x", bank_size=3)
+    finally:
+        db.dispose()
