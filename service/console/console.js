@@ -540,6 +540,7 @@
       const body = { model: $("trace-model").value, suspect_url: $("trace-url").value.trim(), probes: Number($("trace-probes").value), decoys: Number($("trace-decoys").value) };
       const suspectModel = $("trace-suspect-model").value.trim();
       if (suspectModel) body.suspect_model = suspectModel;
+      setStatus("");
       $("trace-summary").textContent = "Tracing: querying the suspect…";
       $("trace-table").tBodies[0].replaceChildren();
       let report;

@@ -352,8 +352,7 @@ def test_trace_page(tab: Tab, console: Console) -> None:
     page.fill("#trace-probes", "500")
     page.fill("#trace-decoys", "100")
     page.click("#trace-form button[type=submit]")
-    page.wait_for_selector("#status:not([hidden])")
-    assert "is not in SDB_TRACE_ALLOWED_HOSTS" in page.inner_text("#status")
+    page.wait_for_selector("#status:has-text('is not in SDB_TRACE_ALLOWED_HOSTS')")
     with predict_endpoint(lambda x: np.full((len(x), 10), 0.1)) as url:  # knows nothing: no evidence
         page.fill("#trace-url", url)
         page.click("#trace-form button[type=submit]")
