@@ -15,7 +15,7 @@ from typing import Any
 import anyio.from_thread
 import numpy as np
 import torch
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from sdb_core.data import DataError, load_dataset
@@ -27,7 +27,8 @@ from service.crud import watermarks as crud_watermarks
 from service.crud.accounts import NotFoundError
 from service.db.models import utcnow
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel, UnknownModelError
-from service.routes.admin import PathId, _key
+from service.routes.admin.accounts import _key
+from service.routes.admin.common import PathId, admin_router
 from service.schemas import ErrorResponse, KeyOut, TraceOut, TraceRequest, WatermarkToggle
 from service.watermarks.suspect import (
     HostPolicy,
@@ -39,11 +40,7 @@ from service.watermarks.suspect import (
 )
 from service.watermarks.tracing import NothingToTrace, WatermarkMismatch, probe_images, run_trace
 
-router = APIRouter(
-    prefix="/admin",
-    tags=["admin"],
-    responses={422: {"model": ErrorResponse, "description": "Invalid parameters or body."}},
-)
+router = admin_router()
 
 TRACE_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorResponse, "description": "Not an administrator, or the suspect URL is not allowed."},
