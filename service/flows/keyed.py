@@ -1,13 +1,14 @@
 """The keyed path as one flow shared by /distill-batch and the Open Inference Protocol's keyed `infer`.
 
 Order of a call (`serve`): token signature and claims (no database; a refusal is audited) -> the route's
-decoding of its inputs (a refusal is audited) -> the call's audit
-lifecycle is `service.crud.keyed_calls.KeyedCall`'s (ONE write transaction that re-checks the key and
-user, counts the request against the per-key rate limit, consumes the sample quota and writes the audit
-row; the keyed forward pass, the box key applied server-side; the row confirmed before the answer may
-leave). This module maps its outcomes to HTTP. Whatever changes the keyed answer (a licensee's watermark,
-say) belongs in `serve`, so that every protocol gets it. Both protocols audit under /distill-batch, so
-that reports, the console and the extraction watch count them as one.
+decoding of its inputs (a refusal is audited) -> the call's audit lifecycle is
+`service.crud.keyed_calls.KeyedCall`'s (ONE write transaction that re-checks the key and user, counts the
+request against the per-key rate limit, consumes the sample quota and writes the audit row; the keyed
+forward pass, the box key applied server-side; the row confirmed before the answer may leave). This module
+maps its outcomes to HTTP. A watermarked key's soft labels get its mark here, after the softmax
+(service/watermarks), so that every protocol answers them marked; the audit row names the mark. Both
+protocols audit under /distill-batch, so that reports, the console and the extraction watch count them as
+one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from service.core.deps import missing_token, unauthorized
@@ -32,6 +34,7 @@ from service.inference.registry import InferenceOverloaded, InferenceTimeout, Se
 from service.observability import metrics
 from service.outputs import NonFiniteOutputs, softmax
 from service.schemas import DistillRequest
+from service.watermarks.issuer import mark_answer
 
 ENDPOINT = audits.DISTILL_ENDPOINT
 
@@ -124,10 +127,26 @@ async def serve(
     call = KeyedCall(state.db, client, started=t0)
     rate = state.settings.distill_rate_per_minute
     try:
-        async with call.reserved(claims, model=model.name, x=x, rate_per_minute=rate) as grant:
+        marked = state.watermarks.enabled_for(model.name)
+        async with call.reserved(
+            claims, model=model.name, x=x, rate_per_minute=rate, watermark=marked
+        ) as grant:
             try:
                 logits = await model.infer("keyed", x)
                 labels = softmax(logits, temperature)
+                if grant.watermark_id is not None and grant.watermark_slot is not None:  # after the softmax
+                    labels, logits = await run_in_threadpool(
+                        mark_answer,
+                        state.watermarks,
+                        grant.key_id,
+                        grant.key_prefix,
+                        grant.watermark_slot,
+                        model,
+                        x,
+                        labels,
+                        logits,
+                        temperature,
+                    )
             except (InferenceTimeout, InferenceOverloaded) as exc:
                 http = inference_error(exc)
                 await call.settle(http.status_code)

@@ -2,8 +2,8 @@
 
 The call runs the keyed path's shared flow (service.flows.keyed, which the Open Inference Protocol's keyed
 `infer` uses too): token -> inputs -> one transaction (key and user re-checked, rate, quota, audit row)
--> keyed forward pass -> audit row confirmed. No soft labels leave without a committed audit row; refused
-calls are audited too.
+-> keyed forward pass (a watermarked key's soft labels get its mark, service/watermarks) -> audit row
+confirmed. No soft labels leave without a committed audit row; refused calls are audited too.
 """
 
 from __future__ import annotations
