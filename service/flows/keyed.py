@@ -124,10 +124,10 @@ async def serve(
     model, x, temperature = decoded.model, decoded.x, decoded.params.temperature
     if temperature is None:
         temperature = model.temperature
+    marked = state.watermarks.enabled_for(model.name)
     call = KeyedCall(state.db, client, started=t0)
     rate = state.settings.distill_rate_per_minute
     try:
-        marked = state.watermarks.enabled_for(model.name)
         async with call.reserved(
             claims, model=model.name, x=x, rate_per_minute=rate, watermark=marked
         ) as grant:

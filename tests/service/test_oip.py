@@ -282,6 +282,8 @@ def test_keyed_infer_is_distill_batchs_answer_and_counts_the_quota(
         assert [int(s.split(":")[1]) for s in row] == order.tolist()
     rows = audit_rows(db_url, "api_key_id = :k", {"k": key["id"]})
     assert [(row.endpoint, row.status, row.n_samples) for row in rows] == [("/distill-batch", 200, 3)] * 4
+    # The key is watermarked (the default): both protocols answered its marked soft labels, and say so.
+    assert key["watermarked"] and [row.watermark_id for row in rows] == [key["watermark_id"]] * 4
 
 
 def test_keyed_outputs_without_a_token_are_refused_never_answered_plain(
