@@ -72,6 +72,7 @@ class TraceEvalConfig:
     noise_std: float = 0.1  # input noise at query time, in units of the data's std
     finetune_epochs: int = 20
     removals: bool = True
+    innocents: bool = True  # False: leaked students only (a supplementary run)
 
 
 def trace_config_for(dataset: str, reduced: bool = False) -> TraceEvalConfig:
@@ -324,6 +325,8 @@ def run_trace_eval(
                     f"log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} "
                     f"framed {rec['framed']}"
                 )
+            if not tcfg.innocents:
+                continue
             innocents: dict[str, nn.Module] = {
                 "scratch": student_from(None, f"{spec} scratch"),
                 "label_only": student_from(
@@ -573,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--leakers", default="", help="size=count,... (default: the configuration's)")
     ap.add_argument("--no-removals", action="store_true")
+    ap.add_argument("--no-innocents", action="store_true", help="leaked students only")
     ap.add_argument("--teacher", default="", help="arch[:k=v,...]: replace the protocol's teacher (CPU time)")
     ap.add_argument("--teacher-epochs", type=int, default=0)
     ap.add_argument(
@@ -585,7 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = reduced_config(args.dataset) if args.reduced else protocol_for(args.dataset)
     cfg = replace(cfg, seeds=(args.seed,), progress=True)
     tcfg = trace_config_for(args.dataset, args.reduced)
-    tcfg = replace(tcfg, source=args.source, removals=tcfg.removals and not args.no_removals)
+    tcfg = replace(
+        tcfg,
+        source=args.source,
+        removals=tcfg.removals and not args.no_removals,
+        innocents=not args.no_innocents,
+    )
     if args.students:
         cfg = replace(cfg, students=tuple(args.students.split(";")))
     if args.teacher:
