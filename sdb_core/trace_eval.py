@@ -388,7 +388,7 @@ def _removals(
     seed: int,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Each removal attempt against licensee 0's soft labels with the protocol's first student family."""
+    """Each removal attempt against licensee 0's soft labels with the protocol's last student family."""
     spec = cfg.students[-1]
     arch, extra = parse_student(spec)
     t = cfg.temperature
