@@ -56,8 +56,8 @@ class TraceEvalConfig:
     licensees: int = 20
     transfers: tuple[int, ...] = (500, 10_000)
     leakers: dict[int, int] = field(default_factory=lambda: {500: 10, 10_000: 2})  # per size, per family
-    # families traced at each size: None = all of the protocol's students
-    families: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
+    # families traced at each size (a size not listed: none); empty: all of the protocol's students everywhere
+    families: dict[int, tuple[str, ...]] = field(default_factory=dict)
     sample_budget: int = 100_000  # a student sees at most this many samples (epochs scaled down for big sets)
     family_leakers: dict[str, int] = field(default_factory=dict)  # caps `leakers` for a family
     family_sample_budget: dict[str, int] = field(default_factory=dict)  # overrides `sample_budget`
@@ -284,7 +284,7 @@ def run_trace_eval(
         xt = transfer.x_train
         clean = _query(clean_logits, xt)
         soft = torch.softmax(clean / t, dim=1)
-        specs = tcfg.families.get(size) or cfg.students
+        specs = tcfg.families.get(size, ()) if tcfg.families else cfg.students
         n_leak = min(tcfg.leakers.get(size, 0), tcfg.licensees)
         for spec in specs:
             arch, extra = parse_student(spec)
