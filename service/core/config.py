@@ -169,8 +169,8 @@ class Settings(BaseSettings):
     def _check_secret(self) -> Settings:
         if self.extraction_window_s % 60 or 86400 % self.extraction_window_s:
             raise ValueError(
-                "SDB_EXTRACTION_WINDOW_S must be a whole number of minutes that divides a day (60, 300, 3600, "
-                "86400...): the per-client audit aggregates are kept per window"
+                "SDB_EXTRACTION_WINDOW_S must be a whole number of minutes that divides a day (60, 300, "
+                "3600, 86400...): the per-client audit aggregates are kept per window"
             )
         if self.jwt_secret is None:
             if not self.demo:

@@ -1,5 +1,5 @@
-"""The /distill-batch rollup: per-call rows (which stay: billing and security records) summed into `user_usage`
-(per user, model, status and hour) and `usage_minutes` (per minute, model and status).
+"""The /distill-batch rollup: per-call rows (which stay: billing and security records) summed into
+`user_usage` (per user, model, status and hour) and `usage_minutes` (per minute, model and status).
 
 It reads query_audits by id from the watermark in `audit_rollups` ('distill'), in batches, and stops before
 the first row that is not settled: still reserved (status 102, its status will change) or younger than
@@ -70,7 +70,11 @@ def roll_distill(db: Database, *, now: datetime | None = None, batch: int = BATC
             UsageMinute.__table__,
             ("minute", "endpoint", "model", "status"),
             select(
-                minute, literal(DISTILL_ENDPOINT), model, QueryAudit.status, func.count(),
+                minute,
+                literal(DISTILL_ENDPOINT),
+                model,
+                QueryAudit.status,
+                func.count(),
                 func.sum(QueryAudit.n_samples),
             )
             .where(rows)
@@ -83,8 +87,13 @@ def roll_distill(db: Database, *, now: datetime | None = None, batch: int = BATC
             UserUsage.__table__,
             ("minute", "user_id", "model", "status"),
             select(
-                hour, QueryAudit.user_id, model, QueryAudit.status, func.count(),
-                func.sum(QueryAudit.n_samples), func.max(QueryAudit.created_at),
+                hour,
+                QueryAudit.user_id,
+                model,
+                QueryAudit.status,
+                func.count(),
+                func.sum(QueryAudit.n_samples),
+                func.max(QueryAudit.created_at),
             )
             .where(rows, QueryAudit.user_id.is_not(None))
             .group_by(hour, QueryAudit.user_id, model, QueryAudit.status),
@@ -97,8 +106,9 @@ def roll_distill(db: Database, *, now: datetime | None = None, batch: int = BATC
         return int(n)
 
 
-def _insert_select(conn: Any, table: Any, keys: tuple[str, ...], query: Any, add: tuple[str, ...],
-                   peak: tuple[str, ...] = ()) -> None:
+def _insert_select(
+    conn: Any, table: Any, keys: tuple[str, ...], query: Any, add: tuple[str, ...], peak: tuple[str, ...] = ()
+) -> None:
     cols = [*keys, *add, *peak]
     ins = upsert(conn, table, keys).from_select(cols, query)
     set_: dict[str, Any] = {c: table.c[c] + ins.excluded[c] for c in add}

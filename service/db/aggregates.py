@@ -30,14 +30,22 @@ RowPolicy = Literal["on", "sampled", "off"]
 class Recorded(Protocol):
     """One recorded call (service.db.audit_queue.AuditRecord)."""
 
-    endpoint: str
-    model: str | None
-    client_id: str | None
-    n_samples: int
-    status: int
-    latency_ms: float | None
-    input_digest: str | None
-    created_at: datetime
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def client_id(self) -> str | None: ...
+    @property
+    def n_samples(self) -> int: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def latency_ms(self) -> float | None: ...
+    @property
+    def input_digest(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
 
 
 @dataclass
@@ -53,7 +61,7 @@ def minute_of(t: datetime) -> int:
     return int(t.timestamp()) // 60
 
 
-def upsert(conn: Connection, table: Table, keys: Sequence[str]) -> Any:
+def upsert(conn: Connection, table: Any, keys: Sequence[str]) -> Any:
     """INSERT ... ON CONFLICT (keys) for the connection's dialect (values and set_ are added by callers)."""
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)
@@ -64,8 +72,15 @@ def greatest(conn: Connection, a: Any, b: Any) -> Any:
     return func.greatest(a, b) if conn.dialect.name == "postgresql" else func.max(a, b)
 
 
-def increment(conn: Connection, table: Table, keys: Sequence[str], rows: list[dict[str, Any]],
-              add: Iterable[str], peak: Iterable[str] = (), returning: Sequence[str] = ()) -> list[Any]:
+def increment(
+    conn: Connection,
+    table: Table,
+    keys: Sequence[str],
+    rows: list[dict[str, Any]],
+    add: Iterable[str],
+    peak: Iterable[str] = (),
+    returning: Sequence[str] = (),
+) -> list[Any]:
     """Upsert `rows` (unique keys), adding the `add` columns and keeping the max of the `peak` columns."""
     if not rows:
         return []
@@ -137,7 +152,14 @@ class AggregateWriter:
             UsageMinute.__table__,  # type: ignore[arg-type]
             ("minute", "endpoint", "model", "status"),
             [
-                {"minute": k[0], "endpoint": k[1], "model": k[2], "status": k[3], "requests": v[0], "samples": v[1]}
+                {
+                    "minute": k[0],
+                    "endpoint": k[1],
+                    "model": k[2],
+                    "status": k[3],
+                    "requests": v[0],
+                    "samples": v[1],
+                }
                 for k, v in minutes.items()
             ],
             add=("requests", "samples"),
@@ -179,7 +201,13 @@ class AggregateWriter:
             ClientDay.__table__,  # type: ignore[arg-type]
             ("client_ref", "day"),
             [
-                {"client_ref": k[0], "day": k[1], "requests": v[0], "samples": v[1], "peak_window_samples": v[2]}
+                {
+                    "client_ref": k[0],
+                    "day": k[1],
+                    "requests": v[0],
+                    "samples": v[1],
+                    "peak_window_samples": v[2],
+                }
                 for k, v in days.items()
             ],
             add=("requests", "samples"),

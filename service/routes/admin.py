@@ -262,7 +262,11 @@ def list_audits(
 ) -> Page[AuditOut]:
     rows, total = reports.list_audits(s, f, limit=limit, offset=offset)
     return Page[AuditOut](
-        items=[AuditOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset
+        items=[AuditOut.model_validate(r) for r in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        total_capped=total.capped,
     )
 
 
@@ -339,17 +343,20 @@ def client_usage(
     start, end = _range(since, until, 86400)
     if (end - start).total_seconds() / bucket_s > MAX_BUCKETS:
         raise HTTPException(status_code=422, detail=f"more than {MAX_BUCKETS} buckets: widen bucket_s")
-    rows, total = reports.client_volumes(
-        s,
-        kind=kind,
-        since=start,
-        until=end,
-        bucket_s=bucket_s,
-        window_s=settings.extraction_window_s,
-        threshold=settings.extraction_sample_threshold,
-        limit=limit,
-        offset=offset,
-    )
+    try:
+        rows, total = reports.client_volumes(
+            s,
+            kind=kind,
+            since=start,
+            until=end,
+            bucket_s=bucket_s,
+            window_s=settings.extraction_window_s,
+            threshold=settings.extraction_sample_threshold,
+            limit=limit,
+            offset=offset,
+        )
+    except reports.GrainError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
     items = [ClientVolumeOut.model_validate(vars(r)) for r in rows]
     return Page[ClientVolumeOut](items=items, total=total, limit=limit, offset=offset)
 
@@ -369,18 +376,10 @@ def extraction(
     window = settings.extraction_window_s
     threshold = settings.extraction_sample_threshold
     start, end = _range(since, until, 7 * 86400)
-    rows, _ = reports.client_volumes(
-        s,
-        kind="anonymous",
-        since=start,
-        until=end,
-        bucket_s=window,
-        window_s=window,
-        threshold=threshold,
-        limit=1_000_000,
-        offset=0,
+    rows = reports.flagged_clients(
+        s, since=start, until=end, window_s=window, threshold=threshold, limit=limit
     )
-    flagged = [ClientVolumeOut.model_validate(vars(r)) for r in rows if r.flagged][:limit]
+    flagged = [ClientVolumeOut.model_validate(vars(r)) for r in rows]
     return ExtractionOut(
         rule=(
             f"an anonymous client is flagged when the /predict samples answered to it within one "
