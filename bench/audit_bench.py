@@ -15,8 +15,10 @@ client_usage (per client, SDB_EXTRACTION_WINDOW_S window and status) and client_
 window), and per-request rows for a random share --sample-rate (policy --policy: on, sampled, off).
 /distill-batch calls are per-call rows, summed by the service's own rollup (service.crud.rollup).
 
-Then the service (create_app, in process, no model) answers each admin read --runs times after one warm-up
-(median reported): /admin/usage (all time), /admin/usage/timeline and /admin/usage/clients (the last 24
+Then `sdb db prune`'s default policy runs (what a daily cron job keeps: sampled /predict rows 7 days,
+per-client windows 8 days, the rest 400 days; --no-prune to skip) and VACUUM FULL compacts the tables
+before their sizes are read. Then the service (create_app, in process, no model) answers each admin
+read --runs times after one warm-up (median reported): /admin/usage (all time), /admin/usage/timeline and /admin/usage/clients (the last 24
 hours of the data, hourly), /admin/extraction (its last 7 days), /admin/audits?limit=50 (first page).
 """
 
@@ -35,7 +37,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import make_url
 
-from service.crud import rollup
+from service.crud import retention, rollup
 from service.db import migrate
 from service.db.session import Database
 
@@ -311,6 +313,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="Keep the database (to rerun --reads-only).")
     p.add_argument("--reads-only", action="store_true", help="Time the reads of a kept database.")
     p.add_argument("--json", help="Write the results to this file too.")
+    p.add_argument("--no-prune", action="store_true", help="Measure before the default retention runs.")
     args = p.parse_args()
 
     url = _conninfo(args.pg_url, args.database)
@@ -331,6 +334,15 @@ def main() -> None:
             with psycopg.connect(url) as conn:
                 last = conn.execute("SELECT max(created_at) FROM query_audits").fetchone()[0]  # type: ignore[index]
             end = (last + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        if not args.no_prune:
+            # the default retention (`sdb db prune` with the settings' defaults), as a cron job would run it
+            t = time.perf_counter()
+            db = Database(sa_url)
+            result["prune"] = {"deleted": retention.prune(db, retention.RetentionPolicy())}
+            db.dispose()
+            result["prune"]["s"] = round(time.perf_counter() - t, 1)
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("VACUUM FULL ANALYZE")
         result["storage"] = storage(url)
         predict_calls = round(args.requests * PREDICT_SHARE)
         result["mb_per_million_predict"] = round(

@@ -217,6 +217,10 @@ def db_prune(
     aggregates_days: Annotated[
         float | None, _days("retain_aggregates_days", "Age past which usage aggregates go")
     ] = None,
+    client_windows_days: Annotated[
+        float | None,
+        _days("retain_client_windows_days", "Age past which per-client, per-window /predict aggregates go"),
+    ] = None,
     events_days: Annotated[
         float | None, _days("retain_events_days", "Age past which security events go")
     ] = None,
@@ -246,6 +250,7 @@ def db_prune(
         distill_rows_days=age(distill_rows_days, "retain_distill_rows_days"),
         aggregates_days=age(aggregates_days, "retain_aggregates_days"),
         events_days=age(events_days, "retain_events_days"),
+        client_windows_days=age(client_windows_days, "retain_client_windows_days"),
         batch=batch,
         pause_s=pause,
     )
@@ -266,6 +271,7 @@ def db_prune(
                     "predict_rows": policy.predict_rows_days,
                     "distill_rows": policy.distill_rows_days,
                     "aggregates": policy.aggregates_days,
+                    "client_windows": policy.client_windows_days,
                     "events": policy.events_days,
                 },
             }

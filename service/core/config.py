@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     retain_aggregates_days: float = Field(
         400, gt=0, description="`sdb db prune`: age past which usage aggregates are deleted."
     )
+    retain_client_windows_days: float = Field(
+        8,
+        gt=0,
+        description="`sdb db prune`: age past which per-client, per-window /predict aggregates are deleted "
+        "(per-client daily totals and largest windows stay for SDB_RETAIN_AGGREGATES_DAYS).",
+    )
     retain_events_days: float = Field(
         400, gt=0, description="`sdb db prune`: age past which security events are deleted."
     )

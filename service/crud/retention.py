@@ -37,6 +37,7 @@ class RetentionPolicy:
     predict_rows_days: float = 7  # per-request /predict rows (and any endpoint other than /distill-batch)
     distill_rows_days: float = 400  # per-call /distill-batch rows: billing records
     aggregates_days: float = 400
+    client_windows_days: float = 8  # client_usage: per client and window; client_days keeps the daily view
     events_days: float = 400
     batch: int = 5_000
     pause_s: float = 0.0  # between batches, to leave the database to the service
@@ -107,7 +108,7 @@ def prune(db: Database, policy: RetentionPolicy, *, now: datetime | None = None)
     agg = minute(policy.aggregates_days)
     out["aggregates"] = (
         _batched_buckets(db, UsageMinute.minute, agg, 60, policy)
-        + _batched_buckets(db, ClientUsage.minute, agg, 60, policy)
+        + _batched_buckets(db, ClientUsage.minute, max(agg, minute(policy.client_windows_days)), 60, policy)
         + _batched_buckets(db, ClientDay.day, agg, 1440, policy)
         + _batched_buckets(db, UserUsage.minute, agg, 1440, policy)
     )
