@@ -279,21 +279,32 @@ def _anonymous_volumes(
     in_range = [CU.status == 200, *_minute_range(CU.minute, since, until, grain)]
     if only is not None:
         in_range.append(CU.client_ref.in_(only))
-    totals_q = select(CU.client_ref, func.sum(CU.requests), func.sum(CU.samples)).where(*in_range)
-    totals = [(int(c), int(n), int(s or 0)) for c, n, s in session.execute(totals_q.group_by(CU.client_ref))]
-    names = _client_names(session, [c for c, _, _ in totals]) if len(totals) <= 1000 else None
-    if names is None:  # many clients: sort on the sums first, name only the page
-        totals.sort(key=lambda r: -r[2])
-        cut = totals[: offset + limit]
-        boundary = cut[-1][2] if cut else 0
-        cut = [t for t in totals if t[2] >= boundary]  # ties at the page's edge are ordered by name
-        names = _client_names(session, [c for c, _, _ in cut])
-        ordered = sorted(cut, key=lambda r: (-r[2], names[r[0]]))
-    else:
-        ordered = sorted(totals, key=lambda r: (-r[2], names[r[0]]))
-    page = ordered[offset : offset + limit]
+    sums = (
+        select(CU.client_ref.label("ref"), func.sum(CU.requests).label("n"), func.sum(CU.samples).label("s"))
+        .where(*in_range)
+        .group_by(CU.client_ref)
+        .subquery()
+    )
+    # sorted and paged in the database: most samples first, then by id (byte order, as Python sorts)
+    name = AuditClient.client_id
+    if session.get_bind().dialect.name == "postgresql":
+        name = name.collate("C")  # type: ignore[assignment]
+    q = (
+        select(sums.c.ref, sums.c.n, sums.c.s, AuditClient.client_id, func.count().over())
+        .join(AuditClient, AuditClient.id == sums.c.ref)
+        .order_by(sums.c.s.desc(), name)
+        .limit(limit)
+        .offset(offset)
+    )
+    names: dict[int, str] = {}
+    page: list[tuple[int, int, int]] = []
+    n_clients = 0
+    for ref, n, samples, client, total in session.execute(q):
+        page.append((int(ref), int(n), int(samples or 0)))
+        names[int(ref)] = str(client)
+        n_clients = int(total)
     if not page:
-        return [], len(totals)
+        return [], int(session.scalar(select(func.count()).select_from(sums)) or 0)
     ids = [c for c, _, _ in page]
     series: dict[int, dict[int, list[int]]] = {}
     windows: dict[int, dict[int, int]] = {}
@@ -319,7 +330,7 @@ def _anonymous_volumes(
                 series=_series(series.get(c, {}), bucket_s),
             )
         )
-    return out, len(totals)
+    return out, n_clients
 
 
 def _client_names(session: Session, refs: list[int]) -> dict[int, str]:
