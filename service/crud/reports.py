@@ -400,7 +400,7 @@ def flagged_clients(
 
     Candidates come from `client_days` (each client's largest window per day, indexed), so the time does
     not depend on how many clients stayed below the threshold; their windows are then read exactly."""
-    lo, hi = _floor(since, MINUTES_PER_DAY), _ceil(until, MINUTES_PER_DAY)
+    lo, hi = epoch_minute(since) // MINUTES_PER_DAY * MINUTES_PER_DAY, _ceil(until, MINUTES_PER_DAY) or 0
     refs = [
         int(c)
         for (c,) in session.execute(
@@ -412,7 +412,56 @@ def flagged_clients(
     if not refs:
         return []
     rows, _ = _anonymous_volumes(session, since, until, window_s, window_s, threshold, len(refs), 0, refs)
-    return [r for r in rows if r.flagged][:limit]
+    flagged = [r for r in rows if r.flagged]
+    pruned = sorted(set(refs) - set(_client_refs(session, [r.client for r in rows])))
+    if pruned:  # windows past SDB_RETAIN_CLIENT_WINDOWS_DAYS: the daily view (whole days, daily series)
+        flagged += _daily_volumes(session, pruned, lo, hi, threshold)
+        flagged.sort(key=lambda r: (-r.samples, r.client))
+    return flagged[:limit]
+
+
+def _client_refs(session: Session, clients: list[str]) -> list[int]:
+    if not clients:
+        return []
+    q = select(AuditClient.id).where(AuditClient.client_id.in_(clients))
+    return [int(i) for i in session.scalars(q)]
+
+
+def _daily_volumes(session: Session, refs: list[int], lo: int, hi: int, threshold: int) -> list[ClientVolume]:
+    names = _client_names(session, refs)
+    days: dict[int, list[tuple[int, int, int, int]]] = {}
+    q = select(
+        ClientDay.client_ref,
+        ClientDay.day,
+        ClientDay.requests,
+        ClientDay.samples,
+        ClientDay.peak_window_samples,
+    )
+    for ref, day, n, samples, peak in session.execute(
+        q.where(ClientDay.client_ref.in_(refs), ClientDay.day >= lo, ClientDay.day < hi)
+    ):
+        days.setdefault(int(ref), []).append((int(day), int(n), int(samples), int(peak)))
+    out = []
+    for ref, rows in days.items():
+        peak = max(r[3] for r in rows)
+        if peak <= threshold:
+            continue
+        out.append(
+            ClientVolume(
+                kind="anonymous",
+                client=names[ref],
+                name=None,
+                requests=sum(r[1] for r in rows),
+                samples=sum(r[2] for r in rows),
+                max_window_samples=peak,
+                flagged=True,
+                series=[
+                    {"start": datetime.fromtimestamp(d * 60, UTC), "requests": n, "samples": s}
+                    for d, n, s, _ in sorted(rows)
+                ],
+            )
+        )
+    return out
 
 
 @dataclass

@@ -107,8 +107,9 @@ def record(db: Database, predict: list[AuditRecord], distill: list[dict[str, Any
     for i in range(0, len(predict), 97):
         with db.write_connection() as conn:
             writer.write(conn, predict[i : i + 97], new_token())
-    with db.write_connection() as conn:
-        conn.execute(insert(QueryAudit), distill)
+    if distill:
+        with db.write_connection() as conn:
+            conn.execute(insert(QueryAudit), distill)
 
 
 def _v(rows: Any) -> list[dict[str, Any]]:
@@ -373,4 +374,51 @@ def test_prune_deletes_what_is_past_its_age_under_load_and_twice_is_a_no_op(data
         assert retention.prune(db, policy) == again
     finally:
         queue.close()
+        db.dispose()
+
+
+def test_the_extraction_watch_past_the_client_windows_answers_from_the_daily_view(database_url: str) -> None:
+    db = Database(database_url)
+    try:
+        now = utcnow()
+        start = _hour(now) - timedelta(days=20)
+        heavy = [
+            AuditRecord(
+                PREDICT_ENDPOINT, "alpha", "anon-heavy", 300, 200, 1.0, None, start + timedelta(minutes=i)
+            )
+            for i in range(5)
+        ]
+        light = [AuditRecord(PREDICT_ENDPOINT, "alpha", "anon-light", 10, 200, 1.0, None, start)]
+        record(db, heavy + light, [])
+        with db.session() as s:
+            before = _v(
+                reports.flagged_clients(
+                    s,
+                    since=now - timedelta(days=30),
+                    until=now,
+                    window_s=WINDOW_S,
+                    threshold=THRESHOLD,
+                    limit=10,
+                )
+            )
+        deleted = retention.prune(db, retention.RetentionPolicy(client_windows_days=8))
+        assert deleted["aggregates"] == 2  # the two clients' windows; their days stay
+        with db.session() as s:
+            after = _v(
+                reports.flagged_clients(
+                    s,
+                    since=now - timedelta(days=30),
+                    until=now,
+                    window_s=WINDOW_S,
+                    threshold=THRESHOLD,
+                    limit=10,
+                )
+            )
+        assert [(f["client"], f["samples"], f["max_window_samples"]) for f in before] == [
+            ("anon-heavy", 1500, 1500)
+        ]
+        assert [(f["client"], f["samples"], f["max_window_samples"]) for f in after] == [
+            ("anon-heavy", 1500, 1500)
+        ]
+    finally:
         db.dispose()
