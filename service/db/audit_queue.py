@@ -127,6 +127,7 @@ class AuditQueue:
             except Exception as exc:
                 self._put_back(batch)
                 self._unsure = (token, len(batch))
+                logger.debug("audit writer: batch failed", exc_info=True)
                 logger.warning(
                     "audit writer: database unavailable (%s), %d rows kept", type(exc).__name__, self.pending
                 )
