@@ -56,16 +56,21 @@ def _batched_ids(db: Database, model: Any, where: list[Any], policy: RetentionPo
 
 
 def _batched_buckets(db: Database, column: Any, cutoff: int, step: int, policy: RetentionPolicy) -> int:
-    """Delete rows whose bucket column < cutoff, `step` minutes per transaction, oldest first."""
+    """Delete rows whose bucket column < cutoff, `step` minutes per transaction, oldest first (each delete
+    a bounded range, so that it reads only its own pages)."""
+    with db.session() as s:
+        lo = s.execute(select(func.min(column)).where(column < cutoff)).scalar()
+    if lo is None:
+        return 0
     total = 0
-    while True:
+    lo = int(lo)
+    while lo < cutoff:
+        hi = min(lo + step, cutoff)
         with db.write_connection() as conn:
-            lo = conn.execute(select(func.min(column)).where(column < cutoff)).scalar()
-            if lo is None:
-                return total
-            table = column.table
-            total += conn.execute(delete(table).where(column < min(int(lo) + step, cutoff))).rowcount
+            total += conn.execute(delete(column.table).where(column >= lo, column < hi)).rowcount
+        lo = hi
         time.sleep(policy.pause_s)
+    return total
 
 
 def prune(db: Database, policy: RetentionPolicy, *, now: datetime | None = None) -> dict[str, int]:
