@@ -87,6 +87,13 @@ def serve(
         messages = "; ".join(str(e.get("msg", "")) for e in exc.errors(include_input=False))
         typer.echo(f"error: invalid settings: {messages}", err=True)
         raise typer.Exit(2) from None
+    from service.inference.loading import ModelLoadError, preflight
+
+    try:  # a sealed artifact that cannot be opened: one line here rather than a traceback per worker
+        preflight(settings)
+    except ModelLoadError as exc:
+        typer.echo(f"error: refusing to start: {exc}", err=True)
+        raise typer.Exit(1) from None
     if settings.demo:
         # Migrate once here rather than in every worker at the same time.
         from service.db.migrate import upgrade
