@@ -97,6 +97,7 @@ def test_aggregates_equal_the_answers_per_client_and_status(
         graceful_s=30,
         trusted_proxies='["127.0.0.1/32"]',
         client_ip_salt=SALT,
+        predict_audit_rows="sampled",  # the default policy (base_env keeps every row for other tests)
         predict_rate_per_minute=6,  # some 429s per client within the run
         distill_rate_per_minute=0,
     )
