@@ -198,7 +198,7 @@ def test_aggregates_answer_the_per_row_reports(database_url: str) -> None:
 
 def test_the_migration_backfills_the_aggregates_from_existing_rows(empty_database_url: str) -> None:
     url = empty_database_url
-    migrate.upgrade(url, "0001")
+    migrate.upgrade(url, "0002")
     db = Database(url)
     try:
         now = utcnow()
@@ -216,7 +216,7 @@ def test_the_migration_backfills_the_aggregates_from_existing_rows(empty_databas
         assert_same_reports(db, now)
         rollup.catch_up(db, now=now + timedelta(minutes=5))
         assert_same_reports(db, now)
-        migrate.downgrade(url, "0001")  # the rows stay
+        migrate.downgrade(url, "0002")  # the rows stay
         with db.session() as s:
             assert s.scalar(select(func.count()).select_from(QueryAudit)) == len(rows) + len(distill)
         migrate.upgrade(url)
