@@ -217,6 +217,11 @@ class Page(BaseModel, Generic[T]):
     total: int
     limit: int
     offset: int
+    total_capped: bool = Field(
+        False,
+        description="True when more rows match than were counted: `total` is then a lower bound (audit "
+        "listings count at most 10,000 rows past the page, so a page costs the same on any table size).",
+    )
 
 
 class UserCreate(BaseModel):
