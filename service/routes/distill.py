@@ -34,6 +34,7 @@ from service.schemas import (
     DistillRequest,
     DistillResponse,
     FastJSONResponse,
+    quota_headers,
     request_body_openapi,
 )
 
@@ -63,21 +64,6 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _quota_headers(quota: int | None, used: int | None) -> dict[str, str]:
-    if quota is None:
-        return {
-            "X-Quota-Limit": "unlimited",
-            "X-Quota-Remaining": "unlimited",
-            "X-Quota-Used": str(used or 0),
-        }
-    used = used or 0
-    return {
-        "X-Quota-Limit": str(quota),
-        "X-Quota-Used": str(used),
-        "X-Quota-Remaining": str(max(0, quota - used)),
-    }
-
-
 def _denied(d: DistillDenied, model: str) -> HTTPException:
     """The answer to a refusal of the quota transaction (the audit row holds the same status)."""
     if d.reason == "token":
@@ -105,7 +91,7 @@ def _denied(d: DistillDenied, model: str) -> HTTPException:
             "remaining": remaining,
             "resets": "never",
         },
-        headers=_quota_headers(d.quota, d.used),
+        headers=quota_headers(d.quota, d.used),
     )
 
 
@@ -161,11 +147,12 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
         raise HTTPException(
             status_code=503, detail="the call outlived its reservation; nothing was charged, retry"
         ) from None
-    headers = _quota_headers(grant.quota, grant.used)
+    metrics.record_samples(model.name, "keyed", grant.n_samples)
+    metrics.record_samples_distilled(model.name, grant.n_samples)
+    headers = quota_headers(grant.quota, grant.used)  # next to the response's render: one stay in schemas
     if grant.rate_limit > 0 and grant.rate_remaining is not None:
         headers["X-RateLimit-Limit"] = str(grant.rate_limit)
         headers["X-RateLimit-Remaining"] = str(grant.rate_remaining)
-    metrics.record_samples_distilled(model.name, grant.n_samples)
     body = {
         "model": model.name,
         "version": model.version,

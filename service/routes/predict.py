@@ -132,6 +132,7 @@ async def predict(request: Request) -> Response:
             raise non_finite_error(exc) from None
         payload = prediction_payload(served, probs, inputs.params.top_k)
         state.extraction_monitor.add(client, n)
+        metrics.record_samples(served.name, "plain", n)
         status = 200
         return FastJSONResponse(payload)
     except HTTPException as exc:
