@@ -32,6 +32,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+
+def error_body(scope: Scope, message: str) -> dict[str, Any]:
+    """An error body in the route's shape: `detail`, or the Open Inference Protocol's `error` under /v2."""
+    path = str(scope.get("path", ""))
+    return {"error": message} if path == "/v2" or path.startswith("/v2/") else {"detail": message}
+
+
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"cache-control", b"no-store"),
     (b"x-content-type-options", b"nosniff"),
@@ -78,10 +85,10 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await send_json(send, 400, {"detail": "invalid Content-Length header"})
+                    await send_json(send, 400, error_body(scope, "invalid Content-Length header"))
                     return
                 if declared > self.limit:
-                    await self._reject(send)
+                    await self._reject(scope, send)
                     return
         received = 0
         rejected = False
@@ -98,7 +105,7 @@ class BodyLimitMiddleware:
                     rejected = True
                     scope.setdefault("state", {})[BODY_STATUS_KEY] = 413
                     if not started:
-                        await self._reject(send)
+                        await self._reject(scope, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -112,11 +119,11 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
         await send_json(
             send,
             413,
-            {"detail": f"request body is larger than the limit of {self.limit} bytes"},
+            error_body(scope, f"request body is larger than the limit of {self.limit} bytes"),
             [(b"connection", b"close")],
         )
 
@@ -137,26 +144,30 @@ class _StartTracker:
 class DeadlineMiddleware:
     """Every request gets a deadline: past it, 504 with a JSON body (the worker goes on serving)."""
 
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
+    def __init__(self, app: ASGIApp, seconds: float, longer: dict[str, float] | None = None) -> None:
         self.app = app
         self.seconds = seconds
+        self.longer = longer or {}  # path -> its own deadline (POST /admin/trace queries a suspect)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         tracked = _StartTracker(send)
+        seconds = self.longer.get(scope["path"], self.seconds)
         try:
-            async with asyncio.timeout(self.seconds) as deadline:
+            async with asyncio.timeout(seconds) as deadline:
                 await self.app(scope, receive, tracked)
         except TimeoutError:
             if not deadline.expired():
                 raise
             logger.warning(
-                "request %s %s passed its %.1f s deadline", scope["method"], scope["path"], self.seconds
+                "request %s %s passed its %.1f s deadline", scope["method"], scope["path"], seconds
             )
             if not tracked.started:
-                await send_json(send, 504, {"detail": f"request did not complete within {self.seconds:g} s"})
+                await send_json(
+                    send, 504, error_body(scope, f"request did not complete within {seconds:g} s")
+                )
 
 
 class ServerErrorMiddleware:
@@ -182,7 +193,7 @@ class ServerErrorMiddleware:
             logger.exception("unhandled error on %s %s", scope["method"], clean(scope["path"]))
             if tracked.started:
                 raise
-            await send_json(send, 500, {"detail": "internal server error"})
+            await send_json(send, 500, error_body(scope, "internal server error"))
 
 
 class SecurityHeadersMiddleware:
@@ -240,7 +251,11 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     """Install the middleware stack on `app` (call once, from create_app)."""
     # add_middleware prepends: the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(DeadlineMiddleware, seconds=settings.inference_timeout_s + 5.0)
+    app.add_middleware(
+        DeadlineMiddleware,
+        seconds=settings.inference_timeout_s + 5.0,
+        longer={"/admin/trace": settings.trace_timeout_s + 10.0},
+    )
     app.add_middleware(ServerErrorMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
