@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import orjson
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE
 
@@ -30,7 +30,8 @@ def _example_b64() -> str:
 
 
 class InputsBody(BaseModel):
-    """Inputs as a nested JSON list, or as a base64-encoded float32 `.npy` array (faster, exact)."""
+    """Inputs as a nested JSON list, or as a base64-encoded float32 `.npy` array (faster, exact): exactly one
+    of the two, which `service.decode.decode_inputs` checks (422)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -43,12 +44,6 @@ class InputsBody(BaseModel):
     inputs_b64: str | None = Field(
         None, description="Base64 of a `.npy` file holding a float32 array of shape [N, *input_shape]."
     )
-
-    @model_validator(mode="after")
-    def _exactly_one_input(self) -> InputsBody:
-        if (self.inputs is None) == (self.inputs_b64 is None):
-            raise ValueError("give exactly one of `inputs` and `inputs_b64`")
-        return self
 
 
 class PredictRequest(InputsBody):
@@ -172,6 +167,22 @@ class FastJSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def quota_headers(quota: int | None, used: int | None) -> dict[str, str]:
+    """The X-Quota-* headers of a /distill-batch answer (200, or 429 once the quota is spent)."""
+    if quota is None:
+        return {
+            "X-Quota-Limit": "unlimited",
+            "X-Quota-Remaining": "unlimited",
+            "X-Quota-Used": str(used or 0),
+        }
+    used = used or 0
+    return {
+        "X-Quota-Limit": str(quota),
+        "X-Quota-Used": str(used),
+        "X-Quota-Remaining": str(max(0, quota - used)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ auth
