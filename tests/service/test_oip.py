@@ -63,6 +63,7 @@ def client(box_dir: Path, db_url: str) -> Iterator[TestClient]:
         distill_rate_per_minute=0,
         max_request_samples=MAX_SAMPLES,
         max_body_bytes=MAX_BODY,
+        predict_audit_rows="on",  # the plain-path audit test reads every call back as a row
     )
     with TestClient(create_app(settings)) as c:
         yield c
