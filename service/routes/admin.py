@@ -16,7 +16,7 @@ from service.core.security import new_api_key
 from service.core.state import StateDep
 from service.crud import accounts, catalog, events, reports
 from service.crud.accounts import ConflictError, NotFoundError
-from service.crud.principals import Principal
+from service.crud.principals import Principal, unknown_scopes, unknown_scopes_message
 from service.crud.reports import AuditFilter
 from service.db.models import ApiKey, User, utcnow
 from service.schemas import (
@@ -145,8 +145,13 @@ def enable_user(user_id: PathId, admin: AdminDep, db: DatabaseDep, request: Requ
     summary="Issue an API key (the secret is shown once)",
 )
 def issue_key(
-    user_id: PathId, body: KeyCreate, admin: AdminDep, db: DatabaseDep, request: Request
+    user_id: PathId, body: KeyCreate, admin: AdminDep, db: DatabaseDep, request: Request, state: StateDep
 ) -> KeyCreated:
+    # A key for a model that is not served is refused rather than kept for a later deployment: a typo would
+    # otherwise give a key that only fails when its holder first uses it.
+    unknown = unknown_scopes(body.scopes, state.models.names())
+    if unknown:
+        raise HTTPException(status_code=422, detail=unknown_scopes_message(unknown, state.models.names()))
     expires_at = body.expires_at
     if expires_at is not None:
         if expires_at.tzinfo is None:

@@ -92,6 +92,43 @@ def test_key_validation(api: ApiHelper, client: TestClient) -> None:
     assert client.post(url, json={"scopes": ["alpha"]}, headers=api.admin).status_code == 409
 
 
+def test_names_and_labels_refuse_a_trailing_newline(api: ApiHelper, client: TestClient) -> None:
+    # Python's `$` matches before a final newline; every pattern of the schemas must refuse "alice\n"
+    assert client.post("/admin/users", json={"name": "alice\n"}, headers=api.admin).status_code == 422
+    user = api.create_user("alice")
+    url = f"/admin/users/{user['id']}/keys"
+    assert client.post(url, json={"scopes": ["alpha"], "name": "lab\n"}, headers=api.admin).status_code == 422
+    assert client.get("/admin/audits?model=alpha%0A", headers=api.admin).status_code == 422
+
+
+def test_key_numbers_are_strict(api: ApiHelper, client: TestClient) -> None:
+    user = api.create_user()
+    url = f"/admin/users/{user['id']}/keys"
+    for bad in (
+        {"sample_quota": True},
+        {"sample_quota": "100"},
+        {"sample_quota": 1.5},
+        {"expires_in_s": True},
+        {"expires_in_s": "3600"},
+    ):
+        r = client.post(url, json={"scopes": ["alpha"], **bad}, headers=api.admin)
+        assert r.status_code == 422, (bad, r.text)
+    assert client.get(url, headers=api.admin).json()["total"] == 0
+
+
+def test_key_scopes_must_name_served_models(api: ApiHelper, client: TestClient) -> None:
+    user = api.create_user()
+    url = f"/admin/users/{user['id']}/keys"
+    for scopes in (["no-such-model"], ["alpha", "no-such-model"], ["alpha\n"], ["*\n"]):
+        r = client.post(url, json={"scopes": scopes}, headers=api.admin)
+        assert r.status_code == 422, (scopes, r.text)
+    r = client.post(url, json={"scopes": ["no-such-model"]}, headers=api.admin)
+    assert "no-such-model" in r.text and "alpha" in r.text, r.text  # names the unknown and the served models
+    assert client.get(url, headers=api.admin).json()["total"] == 0
+    ok = client.post(url, json={"scopes": ["alpha", "*"]}, headers=api.admin)
+    assert ok.status_code == 201 and ok.json()["scopes"] == ["*", "alpha"], ok.text
+
+
 def test_revoke_key(api: ApiHelper, client: TestClient) -> None:
     _, key, _ = api.user_with_key()
     r = client.post(f"/admin/keys/{key['id']}/revoke", headers=api.admin)
