@@ -189,6 +189,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     install_middleware(app, settings)
     install_error_handlers(app)
     app.include_router(health.router)
+    if settings.expose_metrics:
+        app.include_router(health.metrics_router)
     app.include_router(predict.router)
     app.include_router(auth.router)
     app.include_router(distill.router)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from typing import Any
 
 from fastapi.testclient import TestClient
 
-TEST_JWT_SECRET = "test-jwt-secret-" + "x" * 40
+# Drawn per test session: a secret written here would be a published one (the service refuses those).
+TEST_JWT_SECRET = secrets.token_urlsafe(48)
 TEST_ADMIN_TOKEN = "sdb_test-bootstrap-admin-" + uuid.uuid4().hex
 
 

@@ -40,7 +40,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
         demo=True, model_dir=d, torch_threads=1, predict_rate_per_minute=0, expose_metrics=True
     )
     models = load_registry(settings)
-    app = route_app(settings, predict.router, health.router, models=models)
+    app = route_app(settings, predict.router, health.router, health.metrics_router, models=models)
     with TestClient(app) as c:
         yield c
     models.close()
