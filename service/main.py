@@ -34,7 +34,7 @@ from service.inference.loading import load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
 from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
-from service.routes import admin, admin_reports, auth, console, distill, health, predict
+from service.routes import admin, admin_reports, auth, console, distill, health, key_info, predict
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         app.include_router(health.metrics_router)
     app.include_router(predict.router)
     app.include_router(auth.router)
+    app.include_router(key_info.router)
     app.include_router(distill.router)
     app.include_router(admin.router)
     app.include_router(admin_reports.router)

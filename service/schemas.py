@@ -400,3 +400,14 @@ class TimelineOut(BaseModel):
     until: datetime
     bucket_s: int
     series: list[TimelineSeriesOut]
+
+
+class OwnKeyOut(BaseModel):
+    id: int
+    name: str | None
+    prefix: str = Field(description="The key's first characters, to recognize it (not a secret).")
+    scopes: list[str] = Field(description="The models this token may distill (`*`: all).")
+    sample_quota: int | None = Field(description="Samples the key may pull in total; null = unlimited.")
+    samples_used: int
+    samples_remaining: int | None = Field(description="Samples left; null = unlimited.")
+    expires_at: datetime | None

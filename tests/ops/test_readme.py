@@ -101,3 +101,17 @@ def test_deployment_says_how_the_engine_and_compose_get_onto_the_machine() -> No
     assert "cli-plugins/docker-compose" in deployment
     commands = "\n".join(re.findall(r"```bash\n(.*?)```", deployment, flags=re.DOTALL))
     assert not re.search(r"^\s*sudo ", commands, flags=re.M), "a root shell without sudo cannot run these"
+
+
+def test_the_distill_example_uses_a_model_the_issued_key_may_distill() -> None:
+    import json
+
+    keys = _section("Issue API keys")
+    issued = re.search(r"/admin/users/2/keys .*?\n\s+-d '(\{.*?\})'\n# -> \{\"id\": 2", keys, flags=re.S)
+    assert issued, keys
+    scopes = json.loads(issued.group(1))["scopes"]
+    distill = _section("Distill as a licensed user")
+    model = re.search(r"sdb distill --remote \S+ --model (\S+)", distill)
+    assert model and (model.group(1) in scopes or "*" in scopes), (model, scopes)
+    # the samples the command will spend, and the quota left, are said before it starts (--yes above half)
+    assert "--yes" in distill

@@ -301,3 +301,17 @@ def test_auth_failures_are_counted_in_metrics(api: ApiHelper, client: TestClient
 
 def claims_of_token(token: str) -> dict[str, Any]:
     return dict(jwt.get_unverified_claims(token))
+
+
+def test_a_key_holder_reads_its_own_quota_left(api: ApiHelper, client: TestClient) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10, name="laptop")
+    assert api.distill(headers, n=4).status_code == 200
+    r = client.get("/auth/key", headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["name"], body["scopes"]) == (key["id"], "laptop", ["alpha"])
+    assert (body["sample_quota"], body["samples_used"], body["samples_remaining"]) == (10, 4, 6)
+    assert key["api_key"] not in r.text and "api_key" not in body
+    _, _, unlimited = api.user_with_key(scopes=["*"])
+    assert client.get("/auth/key", headers=unlimited).json()["samples_remaining"] is None
+    assert client.get("/auth/key").status_code == 401
