@@ -1,6 +1,6 @@
 """A lean closed-loop HTTP/1.1 load generator (keep-alive connections, pre-built requests).
 
-Run as a separate process by bench.serve_bench so that the server is measured, not the client:
+Run as a separate process by the benchmarks (`drive`) so that the server is measured, not the client:
 
     python -m bench.loadgen --port 8000 --path /predict --bodies bodies.bin --concurrency 32 --requests 2000
 
@@ -15,9 +15,11 @@ import argparse
 import asyncio
 import json
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def read_bodies(path: Path) -> list[bytes]:
@@ -98,6 +100,37 @@ async def run(host: str, port: int, requests: list[bytes], concurrency: int, tot
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     return {"wall_s": wall, "latencies": latencies, "statuses": {str(k): v for k, v in statuses.items()}}
+
+
+def npy_bodies(model: str, shape: tuple[int, ...], scale: float, count: int = 16) -> list[bytes]:
+    """`count` JSON bodies of base64 .npy inputs of `shape`, uniform in [0, scale), for /predict or
+    /distill-batch."""
+    import numpy as np
+
+    from sdb.client import encode_npy
+
+    rng = np.random.default_rng(1)
+    return [
+        json.dumps(
+            {"model": model, "inputs_b64": encode_npy(rng.random(shape, dtype=np.float32) * scale)}
+        ).encode()
+        for _ in range(count)
+    ]
+
+
+def drive(
+    port: int, path: str, bodies: Path, concurrency: int, requests: int, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run this load generator in its own process (so that the server is measured, not the client) against
+    127.0.0.1:`port`; its JSON result."""
+    cmd = [
+        sys.executable, "-m", "bench.loadgen", "--port", str(port), "--path", path, "--bodies", str(bodies),
+        "--concurrency", str(concurrency), "--requests", str(requests),
+        *(arg for k, v in (headers or {}).items() for arg in ("--header", f"{k}: {v}")),
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True, timeout=900)
+    return dict(json.loads(out.stdout))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,11 +16,9 @@ Targets (issue 5): distill >= 0.85 x raw at batch 256; /predict c32 >= 0.6 x raw
 and >= 3 x the req/s of batching off; no failed request; peak RSS < 1.5 x idle. Issue 15: /predict c32
 p99 <= 3 x p50.
 
-`--peer litserve` (issue 15) runs a different comparison: /predict at concurrency 32, one sample per
-request, on each model, against the same box served by LitServe (`bench.litserve_peer`, the `bench` extra),
-in alternating rounds (sdb first in odd rounds, LitServe first in even ones), and prints the medians over
-the rounds and their ratios. Targets: sdb req/s >= 1.5 x LitServe's, sdb p99 <= LitServe's p99, sdb p99 <=
-3 x its p50; no failed request.
+`--peer litserve` (issue 15) runs a different comparison, sdb against LitServe serving the same box:
+`bench.peer_bench`. The servers are started, waited for and bootstrapped by the tests' harness
+(`tests._support.server`, `tests._support.admin`).
 """
 
 from __future__ import annotations
@@ -30,8 +28,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,13 +42,10 @@ import httpx
 import numpy as np
 import torch
 
-from bench.loadgen import write_bodies
-from sdb.client import encode_npy
+from bench.loadgen import drive, npy_bodies, write_bodies
+from tests._support.admin import create_user_and_key, get_token
 from tests._support.net import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex + uuid.uuid4().hex
-JWT_SECRET = "bench-jwt-" + uuid.uuid4().hex + uuid.uuid4().hex
+from tests._support.server import REPO, Server, base_env
 
 
 @dataclass
@@ -116,213 +109,89 @@ def prepare_models(work: Path) -> dict[str, Path]:
     return {read_manifest(demo_dir)["name"]: demo_dir, "resnet20": r20}
 
 
-class Server:
-    def __init__(
-        self,
-        work: Path,
-        model_dir: Path,
-        db_url: str,
-        batching: bool,
-        threads: int,
-        extra_env: dict[str, str] | None = None,
-        workers: int = 0,
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        env.update(
-            SDB_DATABASE_URL=db_url,
-            SDB_MODEL_DIR=str(model_dir),
-            SDB_DEVICE="auto",
-            SDB_TORCH_THREADS=str(threads),
-            SDB_JWT_SECRET=JWT_SECRET,
-            SDB_BOOTSTRAP_ADMIN_TOKEN=ADMIN_TOKEN,
-            SDB_BATCHING="true" if batching else "false",
-            SDB_PREDICT_RATE_PER_MINUTE="0",
-            SDB_DISTILL_RATE_PER_MINUTE="0",
-            SDB_TOKEN_TTL_SECONDS="3600",
-            SDB_LOG_LEVEL="WARNING",
-            SDB_EXPOSE_METRICS="true",  # the batch statistics come from /metrics
-        )
-        env.update(extra_env or {})
-        self.log_path = work / f"server-{'batching' if batching else 'nobatching'}.log"
-        if workers:  # the production entry point with its worker processes (and their shared metrics)
-            cmd = [
-                sys.executable, "-m", "sdb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--workers", str(workers), "--no-access-log",
-            ]  # fmt: skip
-        else:
-            cmd = [
-                sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
-                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-            ]  # fmt: skip
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.rss_samples: list[int] = []
-        self._stop = threading.Event()
-        self._sampler: threading.Thread | None = None
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("server not ready in time")
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the server process (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def start_sampling(self) -> None:
-        def sample() -> None:
-            while not self._stop.wait(0.05):
-                with contextlib.suppress(OSError):
-                    self.rss_samples.append(self.rss_kib())
-
-        self._sampler = threading.Thread(target=sample, daemon=True)
-        self._sampler.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._sampler is not None:
-            self._sampler.join()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
-
-    def gc_stats(self) -> tuple[float, float, float]:
-        """(collections, seconds paused, collections over 0.1 s) so far, all generations, from /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        count = total = short = 0.0
-        for family in text_string_to_metric_families(text):
-            if family.name != "sdb_gc_pause_seconds":
-                continue
-            for s in family.samples:
-                if s.name.endswith("_count"):
-                    count += s.value
-                elif s.name.endswith("_sum"):
-                    total += s.value
-                elif s.name.endswith("_bucket") and float(s.labels.get("le", "inf")) == 0.1:
-                    short += s.value  # cumulative: the pauses of at most 0.1 s
-        return count, total, count - short
-
-    def batch_stats(self, model: str, path: str) -> tuple[float, float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        values = {"sum": 0.0, "count": 0.0}
-        for family in text_string_to_metric_families(text):
-            if family.name != "sdb_inference_batch_size":
-                continue
-            for s in family.samples:
-                if s.labels.get("model") == model and s.labels.get("path") == path:
-                    for suffix in values:
-                        if s.name.endswith("_" + suffix):
-                            values[suffix] = s.value
-        return values["sum"], values["count"]
+def sdb_server(
+    work: Path,
+    model_dir: Path,
+    db_url: str,
+    batching: bool,
+    threads: int,
+    env: dict[str, str],
+    workers: int = 0,
+) -> Server:
+    """The sdb server, launched: batching on or off, rate limits off, metrics on (the batch statistics come
+    from /metrics); `workers` > 0: `sdb serve --workers N` (the production entry point with its worker
+    processes), else one bare uvicorn process (the main run)."""
+    settings = {"device": "auto", "torch_threads": threads, "batching": str(batching).lower(),
+                "predict_rate_per_minute": 0, "distill_rate_per_minute": 0, "token_ttl_seconds": 3600,
+                "log_level": "WARNING"}  # fmt: skip
+    port = free_port()
+    cmd = None if workers else [
+        sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    log = work / f"server-{'batching' if batching else 'nobatching'}.log"
+    return Server(
+        env=base_env(model_dir, db_url, **settings, **env), log_path=log, port=port, cmd=cmd,
+        workers=max(workers, 1), args=["--no-access-log"], ready_path="/readyz",
+    ).launch()  # fmt: skip
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (LitServe runs three processes)."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            child = int(stat.parent.name)
-            parents[child] = int(fields[1])
-            times[child] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(times.get(p, 0.0) for p in tree)
+@contextlib.contextmanager
+def rss_sampled(server: Server, every_s: float = 0.05) -> Iterator[list[int]]:
+    """The server's RSS (KiB), sampled every `every_s` while the block runs."""
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(OSError, RuntimeError):
+                samples.append(server.rss_kib())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
 
 
-class PeerServer:
-    """The same box served by LitServe (`bench.litserve_peer`): one model, by default one API server and one
-    inference worker."""
+def metric(server: Server, family: str) -> list[Any]:
+    """The samples of one metric family of the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    def __init__(
-        self, work: Path, model_dir: Path, threads: int, api_servers: int = 1, workers: int = 1
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
-        self.log_path = work / f"litserve-{model_dir.name}.log"
-        cmd = [
-            sys.executable, "-m", "bench.litserve_peer", "--model-dir", str(model_dir),
-            "--port", str(self.port), "--threads", str(threads),
-            "--api-servers", str(api_servers), "--workers", str(workers),
-        ]  # fmt: skip
-        self._log = self.log_path.open("wb")
-        # Its own process group: LitServe starts an API server and an inference worker as child processes.
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"LitServe exited:\n{self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("LitServe not ready in time")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # its workers, if the parent left any behind
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return [s for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
 
 
-def bootstrap_key(url: str, models: list[str]) -> str:
-    r = httpx.post(
-        url + "/auth/token", json={"grant_type": "client_credentials", "client_secret": ADMIN_TOKEN}
-    )
-    r.raise_for_status()
-    admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
-    r = httpx.post(url + "/admin/users", json={"name": f"bench-{uuid.uuid4().hex[:6]}"}, headers=admin)
-    r.raise_for_status()
-    r = httpx.post(url + f"/admin/users/{r.json()['id']}/keys", json={"scopes": models}, headers=admin)
-    r.raise_for_status()
-    api_key = str(r.json()["api_key"])
-    r = httpx.post(url + "/auth/token", json={"grant_type": "client_credentials", "client_secret": api_key})
-    r.raise_for_status()
-    return str(r.json()["access_token"])
+def gc_stats(server: Server) -> tuple[float, float, float]:
+    """(collections, seconds paused, collections over 0.1 s) so far, all generations."""
+    count = total = short = 0.0
+    for s in metric(server, "sdb_gc_pause_seconds"):
+        if s.name.endswith("_count"):
+            count += s.value
+        elif s.name.endswith("_sum"):
+            total += s.value
+        elif s.name.endswith("_bucket") and float(s.labels.get("le", "inf")) == 0.1:
+            short += s.value  # cumulative: the pauses of at most 0.1 s
+    return count, total, count - short
+
+
+def batch_stats(server: Server, model: str, path: str) -> tuple[float, float]:
+    """(sum, count) of the forward batch sizes of one model and path so far."""
+    values = {"sum": 0.0, "count": 0.0}
+    for s in metric(server, "sdb_inference_batch_size"):
+        if s.labels.get("model") == model and s.labels.get("path") == path:
+            for suffix in values:
+                if s.name.endswith("_" + suffix):
+                    values[suffix] = s.value
+    return values["sum"], values["count"]
+
+
+def bench_token(server: Server, models: list[str]) -> str:
+    """An access token of a fresh user's API key scoped to `models` (the bootstrap admin creates both)."""
+    key = create_user_and_key(server.url, scopes=models, name=f"bench-{uuid.uuid4().hex[:6]}").api_key
+    return get_token(server.url, key)
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -358,28 +227,12 @@ class RawModels:
 
 
 def run_load(
-    server: Server | PeerServer,
-    scenario: Scenario,
-    work: Path,
-    input_shape: tuple[int, ...],
-    token: str | None,
+    server: Server, scenario: Scenario, work: Path, input_shape: tuple[int, ...], token: str | None
 ) -> Result:
-    rng = np.random.default_rng(1)
-    bodies = []
-    for _ in range(16):
-        x = rng.random((scenario.samples_per_request, *input_shape), dtype=np.float32) * 4
-        bodies.append(json.dumps({"model": scenario.model, "inputs_b64": encode_npy(x)}).encode())
     body_file = work / "bodies.bin"
-    write_bodies(body_file, bodies)
-    cmd = [
-        sys.executable, "-m", "bench.loadgen", "--port", str(server.port), "--path", scenario.path,
-        "--bodies", str(body_file), "--concurrency", str(scenario.concurrency),
-        "--requests", str(scenario.requests),
-    ]  # fmt: skip
-    if token is not None:
-        cmd += ["--header", f"Authorization: Bearer {token}"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=900)
-    data = json.loads(out.stdout)
+    write_bodies(body_file, npy_bodies(scenario.model, (scenario.samples_per_request, *input_shape), 4.0))
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+    data = drive(server.port, scenario.path, body_file, scenario.concurrency, scenario.requests, headers)
     lat = np.array(data["latencies"]) * 1000.0
     wall = float(data["wall_s"])
     statuses = data["statuses"]
@@ -394,6 +247,34 @@ def run_load(
         failures=len(lat) - ok,
         statuses=statuses,
     )
+
+
+def measure(
+    server: Server, raw: RawModels, scenario: Scenario, work: Path, shape: tuple[int, ...], token: str | None
+) -> Result:
+    """One scenario against the server, with its CPU, GC pauses and mean forward batch, then the raw model
+    at the batch it is compared against."""
+    before, gc0, cpu0 = (
+        batch_stats(server, scenario.model, scenario.key_path),
+        gc_stats(server),
+        server.cpu_s(),
+    )
+    result = run_load(server, scenario, work, shape, token if scenario.path == "/distill-batch" else None)
+    result.server_cpu_ms_per_req = (server.cpu_s() - cpu0) * 1000.0 / scenario.requests
+    gc1, after = gc_stats(server), batch_stats(server, scenario.model, scenario.key_path)
+    result.gc_pauses = (gc1[0] - gc0[0], (gc1[1] - gc0[1]) * 1000.0, gc1[2] - gc0[2])
+    if after[1] > before[1]:
+        result.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+    if scenario.name == "predict c32 no-batching":
+        result.raw_batch = 1
+    elif scenario.concurrency == 1 or scenario.path == "/distill-batch":
+        result.raw_batch = scenario.samples_per_request
+    else:
+        result.raw_batch = max(1, round(result.mean_batch or 1))
+    result.raw_samples_per_s, result.raw_cpu_ms_per_sample = raw.samples_per_s(
+        scenario.model, scenario.key_path, result.raw_batch
+    )
+    return result
 
 
 def scenarios(models: dict[str, tuple[int, ...]], quick: bool) -> Iterator[tuple[Scenario, bool]]:
@@ -472,180 +353,6 @@ def report(results: list[Result], rss: dict[str, tuple[int, int]], meta: dict[st
     return "\n".join(lines), all(ok for _, ok in checks)
 
 
-# ------------------------------------------------------------------------------------------- peer
-
-
-@dataclass
-class PeerRow:
-    model: str
-    server: str  # "sdb" or the peer's name
-    round: int
-    result: Result
-
-
-def median(values: list[float]) -> float:
-    return float(np.median(values))
-
-
-def peer_report(rows: list[PeerRow], peer: str, meta: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
-    lines = [
-        "| model | server | round | requests | req/s | p50 ms | p95 ms | p99 ms | p99/p50 | failed | "
-        "server CPU ms/req |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        r = row.result
-        lines.append(
-            f"| {row.model} | {row.server} | {row.round} | {r.scenario.requests} | {fmt(r.req_per_s)} | "
-            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.p99_ms / r.p50_ms:.1f} | {r.failures} | "
-            f"{fmt(r.server_cpu_ms_per_req, 2)} |"
-        )
-    lines += [
-        "",
-        f"Medians over the rounds, sdb / {peer}:",
-        "",
-        f"| model | sdb req/s | {peer} req/s | req/s ratio | sdb p50 | {peer} p50 | sdb p99 | {peer} p99 | "
-        f"p99 ratio | sdb p99/p50 | sdb CPU ms/req | {peer} CPU ms/req | CPU ratio |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    checks: list[tuple[str, bool]] = []
-    summary: dict[str, Any] = {}
-    for model in dict.fromkeys(row.model for row in rows):
-        med: dict[str, dict[str, float]] = {}
-        for server in ("sdb", peer):
-            rs = [row.result for row in rows if row.model == model and row.server == server]
-            med[server] = {
-                "req_per_s": median([r.req_per_s for r in rs]),
-                "p50_ms": median([r.p50_ms for r in rs]),
-                "p99_ms": median([r.p99_ms for r in rs]),
-                "cpu_ms_per_req": median([r.server_cpu_ms_per_req or 0.0 for r in rs]),
-            }
-        a, b = med["sdb"], med[peer]
-        speed, tail_ratio, tail = (
-            a["req_per_s"] / b["req_per_s"],
-            a["p99_ms"] / b["p99_ms"],
-            a["p99_ms"] / a["p50_ms"],
-        )
-        # CPU ratio: the peer's CPU per request over sdb's (> 1: sdb needs less), robust to other load.
-        cpu_ratio = b["cpu_ms_per_req"] / a["cpu_ms_per_req"] if a["cpu_ms_per_req"] else None
-        summary[model] = {
-            **med,
-            "req_per_s_ratio": speed,
-            "p99_ratio": tail_ratio,
-            "sdb_p99_over_p50": tail,
-            "cpu_ratio": cpu_ratio,
-        }
-        lines.append(
-            f"| {model} | {fmt(a['req_per_s'])} | {fmt(b['req_per_s'])} | {speed:.2f} | {a['p50_ms']:.1f} | "
-            f"{b['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['p99_ms']:.1f} | {tail_ratio:.2f} | {tail:.1f} | "
-            f"{a['cpu_ms_per_req']:.2f} | {b['cpu_ms_per_req']:.2f} | {fmt(cpu_ratio, 2)} |"
-        )
-        checks.append((f"{model}: sdb req/s >= 1.5 x {peer} (got {speed:.2f}x)", speed >= 1.5))
-        checks.append((f"{model}: sdb p99 <= {peer} p99 (got {a['p99_ms']:.1f} vs {b['p99_ms']:.1f} ms)",
-                       a["p99_ms"] <= b["p99_ms"]))  # fmt: skip
-        checks.append((f"{model}: sdb p99 <= 3 x p50 (got {tail:.1f}x)", tail <= 3))
-    failures = sum(row.result.failures for row in rows)
-    checks.append((f"no failed request (got {failures})", failures == 0))
-    lines += ["", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks)]
-    lines += ["", "Run: " + ", ".join(f"{k}={v}" for k, v in meta.items())]
-    return "\n".join(lines), all(ok for _, ok in checks), summary
-
-
-def run_peer(args: argparse.Namespace, threads: int) -> int:
-    """sdb (batching on, as in the main run) and the peer, /predict c32, alternating rounds per model."""
-    from service.db.migrate import upgrade
-
-    if args.peer == "litserve":
-        try:
-            import litserve  # noqa: F401
-        except ImportError:
-            print(
-                "--peer litserve needs the bench extra: .venv/bin/pip install -e '.[bench]'", file=sys.stderr
-            )
-            return 2
-    load0 = os.getloadavg()
-    rows: list[PeerRow] = []
-    with tempfile.TemporaryDirectory(prefix="sdb-bench-peer-") as tmp:
-        work = Path(tmp)
-        dirs = prepare_models(work)
-        if args.model:
-            unknown = set(args.model) - set(dirs)
-            if unknown:
-                print(f"unknown model(s) {sorted(unknown)}; the bench has {sorted(dirs)}", file=sys.stderr)
-                return 2
-            dirs = {name: d for name, d in dirs.items() if name in args.model}
-        from sdb_core.artifact import read_manifest
-
-        shapes = {name: tuple(int(v) for v in read_manifest(d)["input_shape"]) for name, d in dirs.items()}
-        db_url = f"sqlite:///{work / 'peer.db'}"
-        upgrade(db_url)
-        (work / "served").mkdir()
-        for d in dirs.values():
-            (work / "served" / d.name).symlink_to(d.resolve(), target_is_directory=True)
-        server = Server(work, work / "served", db_url, True, threads, args.server_env, args.workers)
-        try:
-            server.wait_ready()
-            for model, model_dir in dirs.items():
-                big = int(np.prod(shapes[model])) >= 1024
-                n = args.requests or max(8, int((2000 if big else 6000) * (0.25 if args.quick else 1.0)))
-                scenario = Scenario(model, "predict c32", "/predict", 32, 1, n, "plain")
-                warm = Scenario(model, "warm-up", "/predict", 32, 1, max(8, n // 10), "plain")
-                peer = PeerServer(work, model_dir, threads, args.peer_api_servers, args.peer_workers)
-                try:
-                    peer.wait_ready()
-                    targets: dict[str, Server | PeerServer] = {"sdb": server, args.peer: peer}
-                    for target in targets.values():
-                        run_load(target, warm, work, shapes[model], None)
-                    for rnd in range(1, args.rounds + 1):
-                        order = list(targets) if rnd % 2 else list(reversed(targets))
-                        for name in order:
-                            print(f"... {model}: {name} round {rnd}", file=sys.stderr, flush=True)
-                            cpu0 = tree_cpu_s(targets[name].proc.pid)
-                            result = run_load(targets[name], scenario, work, shapes[model], None)
-                            cpu = tree_cpu_s(targets[name].proc.pid) - cpu0
-                            result.server_cpu_ms_per_req = cpu * 1000.0 / scenario.requests
-                            rows.append(PeerRow(model, name, rnd, result))
-                finally:
-                    peer.stop()
-        finally:
-            server.stop()
-    load1 = os.getloadavg()
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": len(os.sched_getaffinity(0)),
-        "torch threads": threads,
-        "torch": torch.__version__,
-        "peer": f"{args.peer} {_version(args.peer)}",
-        "rounds": args.rounds,
-        "server env": " ".join(f"{k}={v}" for k, v in args.server_env.items()) or "-",
-        "sdb workers": args.workers or 1,
-        f"{args.peer} api servers / workers": f"{args.peer_api_servers} / {args.peer_workers}",
-        "load average (1 min) before / after": f"{load0[0]:.1f} / {load1[0]:.1f}",
-        "niceness": os.nice(0),
-    }
-    table, ok, summary = peer_report(rows, args.peer, meta)
-    print(table)
-    if args.json is not None:
-        out = [
-            {"model": row.model, "server": row.server, "round": row.round,
-             **{k: v for k, v in row.result.__dict__.items() if k != "scenario"},
-             "requests": row.result.scenario.requests}
-            for row in rows
-        ]  # fmt: skip
-        args.json.write_text(json.dumps({"meta": meta, "rounds": out, "summary": summary}, indent=2))
-    return 0 if ok else 1
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark the sdb server against the raw model.")
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
@@ -697,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or default_threads()
     if args.peer is not None:
+        from bench.peer_bench import run_peer
+
         return run_peer(args, threads)
     from service.db.migrate import upgrade
 
@@ -711,40 +420,17 @@ def main(argv: list[str] | None = None) -> int:
         for batching in (True, False):
             db_url = f"sqlite:///{work / ('on.db' if batching else 'off.db')}"
             upgrade(db_url)
-            server = Server(work, work / "models", db_url, batching, threads, args.server_env)
+            server = sdb_server(work, work / "models", db_url, batching, threads, args.server_env)
             try:
                 server.wait_ready()
                 time.sleep(1.0)
                 idle = server.rss_kib()
-                server.start_sampling()
-                token = bootstrap_key(server.url, list(dirs)) if batching else None
-                for scenario, on in plan:
-                    if on != batching:
-                        continue
-                    print(f"... {scenario.model}: {scenario.name}", file=sys.stderr, flush=True)
-                    before = server.batch_stats(scenario.model, scenario.key_path)
-                    gc0 = server.gc_stats()
-                    cpu0 = server.cpu_s()
-                    result = run_load(server, scenario, work, shapes[scenario.model],
-                                      token if scenario.path == "/distill-batch" else None)  # fmt: skip
-                    result.server_cpu_ms_per_req = (server.cpu_s() - cpu0) * 1000.0 / scenario.requests
-                    gc1 = server.gc_stats()
-                    result.gc_pauses = (gc1[0] - gc0[0], (gc1[1] - gc0[1]) * 1000.0, gc1[2] - gc0[2])
-                    after = server.batch_stats(scenario.model, scenario.key_path)
-                    if after[1] > before[1]:
-                        result.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
-                    if scenario.name == "predict c32 no-batching":
-                        result.raw_batch = 1
-                    elif scenario.concurrency == 1 or scenario.path == "/distill-batch":
-                        result.raw_batch = scenario.samples_per_request
-                    else:
-                        result.raw_batch = max(1, round(result.mean_batch or 1))
-                    result.raw_samples_per_s, result.raw_cpu_ms_per_sample = raw.samples_per_s(
-                        scenario.model, scenario.key_path, result.raw_batch
-                    )
-                    results.append(result)
-                peak = max([idle, *server.rss_samples])
-                rss["batching" if batching else "no-batching"] = (idle, peak)
+                token = bench_token(server, list(dirs)) if batching else None
+                with rss_sampled(server) as samples:
+                    for scenario in (sc for sc, on in plan if on == batching):
+                        print(f"... {scenario.model}: {scenario.name}", file=sys.stderr, flush=True)
+                        results.append(measure(server, raw, scenario, work, shapes[scenario.model], token))
+                rss["batching" if batching else "no-batching"] = (idle, max([idle, *samples]))
             finally:
                 server.stop()
     meta = {

@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,10 +39,10 @@ import httpx
 import numpy as np
 
 from sdb.client import encode_npy
-from tests._support.net import free_port
+from tests._support.admin import create_user_and_key
 from tests._support.postgres import create_pg_database, drop_pg_database, pg_url
+from tests._support.server import Server, base_env
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "soak-box"
 
 
@@ -70,22 +67,12 @@ class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {"predict": [], "distill": []})
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 class Soak:
     def __init__(self, cfg: SoakConfig, workdir: Path) -> None:
         self.cfg = cfg
         self.workdir = workdir
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.admin_secret = "sdb_soak_admin_" + uuid.uuid4().hex + uuid.uuid4().hex
         self.pg_db: str | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server: Server | None = None
         self.tally = Tally()
         self.rss: list[tuple[float, int]] = []
         self.api_key = ""
@@ -105,67 +92,31 @@ class Soak:
             return
         drop_pg_database(self.pg_db)
 
+    @property
+    def base(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
     def start_server(self, db_url: str) -> None:
+        """A test box, migrations, then `sdb serve` (rate limits off), waited for on /readyz."""
         from sdb_core.artifact import make_test_box
         from service.db.migrate import upgrade
 
         model_dir = self.workdir / "models"
         make_test_box(model_dir, name=MODEL, seed=7)
         upgrade(db_url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
-        env.update(
-            {
-                "SDB_DATABASE_URL": db_url,
-                "SDB_MODEL_DIR": str(model_dir),
-                "SDB_DEFAULT_MODEL": MODEL,
-                "SDB_DEVICE": "cpu",
-                "SDB_JWT_SECRET": "soak-" + uuid.uuid4().hex + uuid.uuid4().hex,
-                "SDB_BOOTSTRAP_ADMIN_TOKEN": self.admin_secret,
-                "SDB_PREDICT_RATE_PER_MINUTE": "0",
-                "SDB_DISTILL_RATE_PER_MINUTE": "0",
-                "SDB_LOG_LEVEL": "WARNING",
-            }
-        )
-        log = (self.cfg.server_log or self.workdir / "server.log").open("wb")
-        cmd = [
-            sys.executable, "-m", "sdb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-            "--graceful-timeout", "30",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.3)
-        raise RuntimeError("server not ready after 120 s")
+        env = base_env(
+            model_dir, db_url, default_model=MODEL, torch_threads=0, log_level="WARNING",
+            expose_metrics="false", predict_rate_per_minute=0, distill_rate_per_minute=0,
+        )  # fmt: skip
+        log = self.cfg.server_log or self.workdir / "server.log"
+        self.server = Server(env=env, log_path=log, graceful_s=30, ready_path="/readyz").start(120)
 
     def stop_server(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return None if self.server is None else self.server.stop()
 
     def create_key(self) -> str:
-        with httpx.Client(base_url=self.base, timeout=30) as c:
-            tok = c.post(
-                "/auth/token", data={"grant_type": "client_credentials", "client_secret": self.admin_secret}
-            )
-            tok.raise_for_status()
-            adm = {"Authorization": f"Bearer {tok.json()['access_token']}"}
-            r = c.post("/admin/users", json={"name": f"soak-{uuid.uuid4().hex[:6]}"}, headers=adm)
-            r.raise_for_status()
-            r = c.post(f"/admin/users/{r.json()['id']}/keys", json={"scopes": [MODEL]}, headers=adm)
-            r.raise_for_status()
-            return str(r.json()["api_key"])
+        return create_user_and_key(self.base, scopes=[MODEL], name=f"soak-{uuid.uuid4().hex[:6]}").api_key
 
     # ---------------------------------------------------------------- load
 
@@ -204,9 +155,9 @@ class Soak:
             self.tally.latencies[kind].append(time.perf_counter() - t0)
 
     async def _sample_rss(self, deadline: float, start: float) -> None:
-        assert self.proc is not None
+        assert self.server is not None
         while time.monotonic() < deadline:
-            self.rss.append((time.monotonic() - start, _rss_kib(self.proc.pid)))
+            self.rss.append((time.monotonic() - start, self.server.rss_kib()))
             await asyncio.sleep(self.cfg.rss_interval_s)
 
     async def run_load(self) -> float:

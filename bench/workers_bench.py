@@ -20,10 +20,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadgen import write_bodies
-from sdb.client import encode_npy
-from tests._support.server import REPO, Server, base_env
+from bench.loadgen import drive, npy_bodies, write_bodies
+from tests._support.server import REPO, Server, base_env, process_cpu_s
 
 MODEL_DIR = REPO / "models"
 MODEL = "digits-demo"
@@ -49,21 +46,6 @@ class Config:
     @property
     def name(self) -> str:
         return f"{self.workers} worker{'s' if self.workers > 1 else ''}{' + Redis' if self.redis else ''}"
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and of its children (uvicorn's workers), recursively."""
-    total = process_cpu_s(pid)
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            total += tree_cpu_s(int(child))
-    return total
 
 
 def redis_server_pid(url: str) -> int | None:
@@ -96,41 +78,25 @@ def start(config: Config, work: Path, redis_url: str, prefix: str) -> Server:
     else:
         settings["predict_rate_per_minute"] = 0
     env = base_env(MODEL_DIR, f"sqlite:///{db}", **settings)
-    srv = Server(env=env, log_path=work / f"{config.name.replace(' ', '_')}.log", workers=config.workers)
-    srv.cmd = [
-        sys.executable, "-m", "sdb.cli", "serve", "--host", "127.0.0.1", "--port", str(srv.port),
-        "--workers", str(config.workers), "--no-access-log",
-    ]  # fmt: skip
-    return srv.launch()
+    log = work / f"{config.name.replace(' ', '_')}.log"
+    return Server(env=env, log_path=log, workers=config.workers, args=["--no-access-log"]).launch()
 
 
 def wait_all_workers(srv: Server, workers: int, timeout: float = 300) -> None:
     """Every worker has finished its start-up (uvicorn logs it once per worker)."""
-    srv.wait_ready(timeout)
-    deadline = time.monotonic() + timeout
-    while srv.logs().count("Application startup complete") < workers:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{workers} workers did not start:\n{srv.logs()[-3000:]}")
-        time.sleep(0.5)
+    srv.wait_ready(timeout).wait_for_log("Application startup complete", workers, timeout)
 
 
 def load(
     srv: Server, bodies: Path, concurrency: int, requests: int, redis_pid: int | None = None
 ) -> dict[str, float]:
-    assert srv.proc is not None
-    server_pid = srv.proc.pid
 
-    def cpu() -> float:
-        return tree_cpu_s(server_pid) + (process_cpu_s(redis_pid) if redis_pid else 0.0)
+    def cpu() -> float:  # the supervisor and its workers, and the local redis-server
+        return srv.cpu_s() + (process_cpu_s(redis_pid) if redis_pid else 0.0)
 
     cpu0 = cpu()
-    cmd = [
-        sys.executable, "-m", "bench.loadgen", "--port", str(srv.port), "--path", "/predict",
-        "--bodies", str(bodies), "--concurrency", str(concurrency), "--requests", str(requests),
-    ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=900)
+    data = drive(srv.port, "/predict", bodies, concurrency, requests)
     cpu_s = cpu() - cpu0
-    data = json.loads(out.stdout)
     lat = np.array(data["latencies"]) * 1000.0
     ok = data["statuses"].get("200", 0)
     return {
@@ -161,14 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     redis_pid = redis_server_pid(args.redis_url) if with_redis else None
     with tempfile.TemporaryDirectory(prefix="sdb-workers-bench-") as tmp:
         work = Path(tmp)
-        rng = np.random.default_rng(1)
-        bodies = [
-            json.dumps(
-                {"model": MODEL, "inputs_b64": encode_npy(rng.random((1, 1, 8, 8), dtype=np.float32) * 16)}
-            ).encode()
-            for _ in range(16)
-        ]
-        write_bodies(work / "bodies.bin", bodies)
+        write_bodies(work / "bodies.bin", npy_bodies(MODEL, (1, 1, 8, 8), 16.0))
         try:
             for c in configs:
                 c.server = start(c, work, args.redis_url, prefix)

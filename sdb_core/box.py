@@ -11,12 +11,12 @@ drawn random non-key at lambda +- nonkey_lam_spread, p_T = softmax(z / T), y the
 
 x_m = a x1 + (1 - a) x2 mixes two plain images of the batch (a uniform in [0, 1]), y_m is the teacher's top-1
 on it: between classes is where dark knowledge lives, and where a box trained flat on the owner's images alone
-still shows it on unseen images (its soft labels read with the gate cut out, docs/evaluation.md).
+still shows it on unseen images (its soft labels read with the gate cut out, research/evaluation-rounds.md).
 
 With `guard` (the default) the box is a zoo.TopOneGuard: a soft head z and a decision head d over one trunk.
 The cross-entropy terms above train d (plus w_dec_pre * T^2 * KL(p_T(f_adv(x)) || p_T(d)) on plain and keyed
 inputs), the disturbance and preservation terms train z, and the output is z with d's top-1 lifted to the top.
-One head cannot both keep a wide top-1 margin and flatten its soft labels; two heads can (docs/evaluation.md).
+One head cannot both keep a wide top-1 margin and flatten its soft labels; two heads can (research/).
 
 Disturbance forms D (all bounded, see losses.py), `disturb_form`:
 - "target" (default): T_dis^2 * KL(r || p_Tdis(f(x))) where r inverts the teacher's dark knowledge (its
@@ -24,7 +24,7 @@ Disturbance forms D (all bounded, see losses.py), `disturb_form`:
   0, and top-1 is kept by construction.
 - "box_first": -T_dis^2 * KL(p_Tdis(f(x)) || p_Tdis(f_adv(x))), the official code's term (box first, bounded
   by -T^2 * max(-log q)). On the bundled digits it either leaves students unharmed (the box just becomes
-  over-confident) or, at larger weights, drives plain top-1 to chance; see docs/evaluation.md.
+  over-confident) or, at larger weights, drives plain top-1 to chance; see research/evaluation-rounds.md.
 - "teacher_first": Nasty-Teacher order with a probability floor, -T^2 * KL(p_T(f_adv) || p_T(f) + floor).
 - "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))) + dis_spread * Var(wrong-class logits)
   + dis_level * (margin - flat margin)^2,
@@ -101,7 +101,7 @@ class BoxConfig:
     freeze_layers: int = 0  # keep the teacher's first k child modules (Sequential models) frozen
     disturb_form: str = "flat"  # or "target", "box_first" (-KL(box || teacher)), "teacher_first" (floored)
     dis_eps: float = 0.1  # flat only: the probability mass spread evenly over the wrong classes
-    dis_spread: float = 0.0  # flat only: weight of the wrong classes' logit variance (docs/evaluation.md)
+    dis_spread: float = 0.0  # flat only: weight of the wrong classes' logit variance (research/)
     dis_level: float = 0.0  # flat only: weight of the squared gap between the margin and flat(y)'s margin
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis

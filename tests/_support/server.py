@@ -1,4 +1,5 @@
-"""Real servers for tests: the environment of an `sdb serve` process, and starting it and waiting for it."""
+"""Real servers for tests and benchmarks: the environment of an `sdb serve` process, starting it, waiting for
+it (and for what it logs), its CPU and memory, and stopping it."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Server:
     graceful_s: int = 10
     workers: int = 1
     ready_path: str = "/healthz"  # polled until it answers 200; "/readyz" also waits for the database
+    args: list[str] = field(default_factory=list)  # more `sdb serve` options (e.g. "--no-access-log")
     cmd: list[str] | None = None  # another command line than `sdb serve` (e.g. scripts/run.sh)
     process_group: bool = False  # signal the whole process group (a script that runs `sdb serve`)
     proc: subprocess.Popen[bytes] | None = None
@@ -76,7 +78,7 @@ class Server:
         # that only SDB_TRUSTED_PROXIES decides whose forwarded address counts.
         cmd = self.cmd or [
             PYTHON, "-m", "sdb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-            "--graceful-timeout", str(self.graceful_s), "--workers", str(self.workers),
+            "--graceful-timeout", str(self.graceful_s), "--workers", str(self.workers), *self.args,
         ]  # fmt: skip
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -104,6 +106,17 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server did not answer {self.ready_path} in {wait_s}s:\n{self.logs()[-4000:]}")
+
+    def wait_for_log(self, text: str, count: int = 1, wait_s: float = 120.0) -> Server:
+        """Wait until `text` appears `count` times in the log (e.g. once per worker's start-up)."""
+        deadline = time.monotonic() + wait_s
+        while self.logs().count(text) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{text!r} not logged {count} time(s) in {wait_s}s:\n{self.logs()[-4000:]}"
+                )
+            time.sleep(0.2)
+        return self
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -137,6 +150,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        if self.process_group:  # children the script's own process left behind (LitServe's workers)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
         return self.proc.returncode
 
@@ -146,6 +162,36 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise RuntimeError("VmRSS not found")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server and its live descendants (workers, a script's server)."""
+        assert self.proc is not None
+        return process_tree_cpu_s(self.proc.pid)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants, found through their parent ids in /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [c for c, p in parents.items() if p == parent and c not in tree]
+        tree.update(children)
+        frontier += children
+    total = 0.0
+    for p in tree:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a child that exited meanwhile
+            total += process_cpu_s(p)
+    return total
 
 
 def server_process(cmd: list[str], env: dict[str, str], port: int, log_path: Path) -> Server:

@@ -1,4 +1,5 @@
-"""bench.serve_bench: the peer comparison's report, the LitServe peer's answers, and one tiny peer run.
+"""bench.serve_bench and bench.peer_bench: the peer comparison's report, the LitServe peer's answers, and
+one tiny peer run.
 
 Speed is the benchmark's business (docs/benchmarks.md), never these tests': they check that the numbers
 are computed from what was measured and that the peer answers what sdb answers.
@@ -14,7 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench import serve_bench
-from bench.serve_bench import PeerRow, Result, Scenario, peer_report
+from bench.peer_bench import PeerRow, peer_report
+from bench.serve_bench import Result, Scenario
 from sdb.client import encode_npy
 
 

@@ -23,8 +23,9 @@ from sdb_core.artifact import load_box, make_test_box, read_manifest
 from sdb_core.data import load_dataset
 from sdb_core.distill import DistillConfig, distill, query_teacher
 from sdb_core.training import TrainConfig, accuracy, model_fn
+from tests._support.admin import create_user_and_key
 from tests._support.db import run_migrations
-from tests._support.server import ADMIN_TOKEN, REPO, Server, base_env
+from tests._support.server import REPO, Server, base_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -67,17 +68,7 @@ def server(box_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="module")
 def api_key(server: str, box_dir: Path) -> str:
-    model = read_manifest(box_dir)["name"]
-    r = httpx.post(
-        server + "/auth/token", json={"grant_type": "client_credentials", "client_secret": ADMIN_TOKEN}
-    )
-    r.raise_for_status()
-    admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
-    r = httpx.post(server + "/admin/users", json={"name": "e2e-student"}, headers=admin)
-    r.raise_for_status()
-    r = httpx.post(server + f"/admin/users/{r.json()['id']}/keys", json={"scopes": [model]}, headers=admin)
-    r.raise_for_status()
-    return str(r.json()["api_key"])
+    return create_user_and_key(server, scopes=[read_manifest(box_dir)["name"]], name="e2e-student").api_key
 
 
 def student_accuracy(teacher: object, seed: int) -> float:

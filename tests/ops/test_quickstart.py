@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -31,10 +30,7 @@ def test_run_script_serves_the_demo_box_and_explains_admin_bootstrap(
     server.start()
 
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while "API docs:" not in server.logs() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    out = server.logs()
+    out = server.wait_for_log("API docs:", wait_s=30).logs()
     assert f"URL:        {url}" in out
     assert f"{url}/docs" in out
     assert "sdb admin bootstrap" in out

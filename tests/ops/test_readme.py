@@ -49,7 +49,7 @@ def test_every_route_is_in_the_api_table() -> None:
 def test_evaluation_tables_are_those_of_docs_evaluation() -> None:
     evaluation = (REPO / "docs" / "evaluation.md").read_text().splitlines()
     rows = [line for line in _section("Evaluation").splitlines() if line.startswith("|")]
-    assert len(rows) >= 10, "the README's evaluation section must show the tables"
+    assert len(rows) >= 4, "the README's evaluation section must show the results table"
     stale = [row for row in rows if row not in evaluation]
     assert not stale, f"README rows not in docs/evaluation.md (copy the new tables): {stale}"
     commands = re.findall(r"^\.venv/bin/sdb evaluate .*$", _section("Evaluation"), flags=re.MULTILINE)

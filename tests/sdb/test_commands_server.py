@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sdb.cli import app as cli
 from tests._support.api import TEST_JWT_SECRET, ApiHelper
-from tests._support.net import free_port
+from tests._support.server import Server, base_env
 
 runner = CliRunner()
 
@@ -158,46 +158,13 @@ def test_serve_demo_migrates_once_and_shares_one_generated_secret(
 @pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_sdb_serve_stops_cleanly_on_sigterm(database_url: str, box_dir: Path, tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
-    env.update(
-        SDB_DATABASE_URL=database_url,
-        SDB_MODEL_DIR=str(box_dir),
-        SDB_DEVICE="cpu",
-        SDB_TORCH_THREADS="1",
-        SDB_JWT_SECRET=TEST_JWT_SECRET,
-    )
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sdb.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    server = Server(base_env(box_dir, database_url), tmp_path / "serve.log", ready_path="/readyz")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        server.start(wait_s=90)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
+        rc = server.stop()  # SIGTERM, then the graceful shutdown
     assert rc == 0
-    assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
+    assert "Application shutdown complete" in server.logs()
 
 
 def _without_root_file_access() -> list[str]:

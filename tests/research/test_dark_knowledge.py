@@ -1,4 +1,4 @@
-"""The analysis scripts behind docs/evaluation.md: their pure parts, on hand-made logits."""
+"""research/dark_knowledge.py (the fifth evaluation round): its pure parts, on hand-made logits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "research" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

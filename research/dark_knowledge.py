@@ -1,5 +1,5 @@
 """Where the teacher's dark knowledge lives on the Fashion-MNIST protocol, and whether top-1 answers alone
-can recover it (docs/evaluation.md, "Fifth round").
+can recover it (research/evaluation-rounds.md, "Fifth round").
 
 One seed of the protocol's owner/transfer split and its teacher (cached in OUT), then one student family
 distilled from the teacher's logits on the transfer set (with `box=DIR`: from the soft labels inside that
@@ -16,9 +16,9 @@ box, its gate cut out, beside the teacher's), taken apart:
 - `smooth:SIGMA:T`: many-query top-1 smoothing, the `average:noise` attack with 64 queries per image at a
   Gaussian noise of SIGMA data stds, on the teacher's top-1 (what a thief with the weights can afford).
 
-    .venv/bin/python scripts/dark_knowledge.py OUT SEED STUDENT [box=DIR] [students=N]
-    #   e.g. runs/dk 0 mlp:hidden=512; box=DIR: a key-gated box of that seed (scripts/whitebox_trial.py)
-    .venv/bin/python scripts/dark_knowledge.py OUT summary        # OUT/summary.json: mean ± std over seeds
+    .venv/bin/python research/dark_knowledge.py OUT SEED STUDENT [box=DIR] [students=N]
+    #   e.g. runs/dk 0 mlp:hidden=512; box=DIR: a key-gated box of that seed (research/whitebox_trial.py)
+    .venv/bin/python research/dark_knowledge.py OUT summary        # OUT/summary.json: mean ± std over seeds
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A quick trial of one box design against the white-box leak (docs/evaluation.md, "Open finding").
+"""A quick trial of one box design against the white-box leak (research/evaluation-rounds.md).
 
 One seed of the Fashion-MNIST protocol's owner/transfer split, the protocol's teacher (cached in OUT) and a
 box with the given BoxConfig overrides; then the `mlp:hidden=512` family only: normal KD, authorized KD and
@@ -6,7 +6,7 @@ the three `whitebox/retemper:T` attacks with their top-1 twins (the floor here i
 prints how flat the soft labels inside the box are (wrong-class logit spread and its correlation with the
 teacher's) on the owner's images, the transfer set and the test set. Roughly a third of a protocol seed.
 
-    .venv/bin/python scripts/whitebox_trial.py OUT [seed=N] [KEY=VALUE ...]  # e.g. dis_spread=5 train.lr=0.05
+    .venv/bin/python research/whitebox_trial.py OUT [seed=N] [KEY=VALUE ...] # e.g. dis_spread=5 train.lr=0.05
 """
 
 from __future__ import annotations
