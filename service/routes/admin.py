@@ -221,6 +221,13 @@ def list_user_keys(
     "/keys/{key_id}/revoke", response_model=KeyOut, summary="Revoke an API key (tokens stop at once)"
 )
 def revoke_key(key_id: PathId, admin: AdminDep, db: DatabaseDep, request: Request) -> KeyOut:
+    # Like disabling one's own account: the signed-in admin always keeps a working credential, so the last
+    # admin credential can never be revoked (`sdb admin bootstrap` refuses once an admin exists).
+    if key_id == admin.key_id:
+        raise HTTPException(
+            status_code=409,
+            detail="this is the API key you are signed in with: sign in with another admin key to revoke it",
+        )
     try:
         with db.write() as s:
             key = accounts.revoke_key(s, accounts.get_key(s, key_id))

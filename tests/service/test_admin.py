@@ -290,3 +290,20 @@ def test_hostile_admin_parameters_are_4xx_not_5xx(api: ApiHelper, client: TestCl
         f"/admin/users/{user['id']}/keys", json={"scopes": ["alpha"], "name": "a\x00b"}, headers=api.admin
     )
     assert r.status_code == 422
+
+
+def test_an_admin_cannot_revoke_the_key_they_are_signed_in_with(api: ApiHelper, client: TestClient) -> None:
+    # Revoking one's own key (or disabling one's own account) is the only way to remove the last working
+    # admin credential through the API: refused, so that an administrator can never lock everyone out.
+    me = client.get("/admin/keys", headers=api.admin).json()["items"][0]
+    r = client.post(f"/admin/keys/{me['id']}/revoke", headers=api.admin)
+    assert r.status_code == 409 and "signed in with" in r.json()["detail"], r.text
+    assert client.get("/admin/users", headers=api.admin).status_code == 200  # still signed in
+    # another admin may revoke it, and the first admin may revoke the other admin's key
+    admin2 = api.create_user("admin2", role="admin")
+    other = api.issue_key(admin2["id"], scopes=[])
+    other_headers = {"Authorization": f"Bearer {api.token(other['api_key'])}"}
+    r = client.post(f"/admin/keys/{other['id']}/revoke", headers=other_headers)
+    assert r.status_code == 409, r.text
+    assert client.post(f"/admin/keys/{me['id']}/revoke", headers=other_headers).status_code == 200
+    assert client.get("/admin/users", headers=other_headers).status_code == 200
