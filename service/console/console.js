@@ -196,15 +196,21 @@
   }
 
   async function setDisabled(user, disabled) {
+    if (disabled && !(await confirmDialog(`Disable user ${user.name}? Every token of their API keys stops working at once; Enable undoes it.`, "Disable"))) return;
     await api("POST", disabled ? `admin/users/${user.id}/disable` : `admin/users/${user.id}/enable`);
     setStatus(`User ${user.name} ${disabled ? "disabled" : "enabled"}.`, true);
     await loadUsers();
   }
 
+  // The API's own rule for user names (service/schemas.py NAME_RE), said in words rather than as a pattern.
+  const USER_NAME = /^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$/;
+
   async function createUser(event) {
     event.preventDefault();
     await run(async () => {
-      const u = await api("POST", "admin/users", { name: $("user-name").value.trim(), role: $("user-role").value });
+      const name = $("user-name").value.trim();
+      if (!USER_NAME.test(name)) throw new ApiError(422, "A user name is 1 to 100 letters, digits or . _ @ - (no spaces), starting with a letter or digit.");
+      const u = await api("POST", "admin/users", { name, role: $("user-role").value });
       $("user-name").value = "";
       setStatus(`User ${u.name} created.`, true);
       await loadUsers();
@@ -215,7 +221,8 @@
 
   function fillUserSelects(users) {
     const keep = $("keys-filter").value;
-    $("key-user").replaceChildren(...users.filter((u) => !u.disabled).map((u) => el("option", { value: String(u.id) }, `${u.name} (#${u.id})`)));
+    // No user is preselected: a key issued with the form's defaults must not be an admin credential.
+    $("key-user").replaceChildren(el("option", { value: "" }, "choose a user"), ...users.filter((u) => !u.disabled).map((u) => el("option", { value: String(u.id) }, `${u.name} (#${u.id}${u.role === "admin" ? ", admin" : ""})`)));
     $("keys-filter").replaceChildren(el("option", { value: "" }, "all users"), ...users.map((u) => el("option", { value: String(u.id) }, `${u.name} (#${u.id})`)));
     $("keys-filter").value = keep;
     if (keep) $("key-user").value = keep;
@@ -232,8 +239,15 @@
     return el("span", {}, el("meter", { min: 0, max: Math.max(1, k.sample_quota), value: k.samples_used, high: 0.9 * k.sample_quota }), ` ${fmtNum(k.samples_used)} / ${fmtNum(k.sample_quota)}`);
   }
 
+  async function fillScopes() {
+    if ($("key-scopes").options.length) return;
+    const models = (await api("GET", "admin/models")).filter((m) => m.loaded).map((m) => m.name);
+    $("key-scopes").replaceChildren(el("option", { value: "*" }, "* (every model)"), ...models.map((n) => el("option", { value: n }, n)));
+  }
+
   async function loadKeys() {
     fillUserSelects(await fetchUsers());
+    await fillScopes();
     const filter = $("keys-filter").value;
     const page = await api("GET", filter ? `admin/users/${filter}/keys?limit=1000` : "admin/keys?limit=1000");
     $("keys-table").tBodies[0].replaceChildren(
@@ -250,9 +264,10 @@
           el("td", {}, k.revoked_at ? "" : el("button", { type: "button", class: "danger", onclick: () => run(() => revokeKey(k)) }, "Revoke")))));
   }
 
-  function confirmDialog(text) {
+  function confirmDialog(text, okLabel = "Revoke") {
     const dialog = $("confirm");
     $("confirm-text").textContent = text;
+    $("confirm-ok").textContent = okLabel;
     return new Promise((resolve) => {
       dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
       dialog.returnValue = "cancel";
@@ -271,13 +286,15 @@
   async function issueKey(event) {
     event.preventDefault();
     await run(async () => {
-      const body = { scopes: $("key-scopes").value.split(/[\s,]+/).filter(Boolean) };
+      const body = { scopes: Array.from($("key-scopes").selectedOptions, (o) => o.value) };
       const name = $("key-name").value.trim();
       if (name) body.name = name;
       if ($("key-quota").value !== "") body.sample_quota = Number($("key-quota").value);
       if ($("key-expiry").value !== "") body.expires_in_s = Math.round(Number($("key-expiry").value) * 86400);
       const userId = $("key-user").value;
-      if (!userId) throw new ApiError(422, "create an active user first");
+      if (!userId) throw new ApiError(422, "choose the user the key is for");
+      const user = state.users.get(Number(userId));
+      if (user && user.role === "admin" && !(await confirmDialog(`${user.name} is an administrator: this key will be a full admin credential (users, keys, audits). Issue it?`, "Issue admin key"))) return;
       const created = await api("POST", `admin/users/${userId}/keys`, body);
       $("key-form").reset();
       showSecret(created);

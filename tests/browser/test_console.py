@@ -111,7 +111,7 @@ def test_full_round_trip(tab: Tab, console: Console) -> None:
     view(page, "keys", "#key-form")
     page.select_option("#key-user", user_id)
     page.fill("#key-name", "laptop")
-    page.fill("#key-scopes", MODEL)
+    page.select_option("#key-scopes", [MODEL])
     page.fill("#key-quota", "1000")
     page.fill("#key-expiry", "30")
     page.click("#key-form button[type=submit]")
@@ -199,6 +199,7 @@ def test_full_round_trip(tab: Tab, console: Console) -> None:
     # Disable the user from the Users page.
     view(page, "users", f'#users-table tbody tr[data-user="{name}"]')
     page.click(f'#users-table tbody tr[data-user="{name}"] button:has-text("Disable")')
+    page.click("#confirm-ok")  # Disable asks first
     page.wait_for_selector(f'#users-table tbody tr[data-user="{name}"] .badge.bad:has-text("disabled")')
 
     # Nothing secret was kept by the browser.
@@ -333,3 +334,60 @@ def test_console_cannot_be_framed(tab: Tab, console: Console) -> None:
     except Exception:  # an error page of another origin: not readable, so not the console either
         framed = False
     assert not framed
+
+
+def test_a_key_is_issued_for_a_chosen_user_and_an_admin_key_is_confirmed(tab: Tab, console: Console) -> None:
+    # The form used to preselect `admin (#1)` and return to it after every key: issued with the defaults, a
+    # key was a full admin credential.
+    name = "bob-" + uuid.uuid4().hex[:6]
+    user = admin_post(console, "/admin/users", {"name": name})
+    page = sign_in(tab, console)
+    view(page, "keys", "#key-form")
+    assert page.input_value("#key-user") == ""
+    page.select_option("#key-scopes", [MODEL])
+    page.click("#key-form button[type=submit]")  # no user chosen: nothing is issued
+    assert page.is_hidden("#new-secret") and page.is_hidden("#confirm")
+
+    admin_id = page.eval_on_selector(
+        "#key-user", "s => Array.from(s.options).find((o) => o.textContent.includes(', admin')).value"
+    )
+    page.select_option("#key-user", admin_id)  # the bootstrap administrator
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#confirm[open]")
+    assert "administrator" in page.inner_text("#confirm-text")
+    page.click("#confirm button[value=cancel]")
+    assert page.is_hidden("#new-secret")
+
+    page.select_option("#key-user", str(user["id"]))
+    page.select_option("#key-scopes", [MODEL])
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#new-secret:not([hidden])")
+    assert page.is_hidden("#confirm") and name in page.inner_text("#new-secret-about")
+    assert page.input_value("#key-user") == ""  # back to no user, not to the admin
+    # the scopes are picked from the served models (and `*`), not typed
+    options = page.eval_on_selector_all("#key-scopes option", "os => os.map(o => o.value)")
+    served = httpx.get(console.url + "/readyz", timeout=10).json()["models"]
+    assert set(options) == {"*", *served} and MODEL in served, options
+    assert_clean(tab)
+
+
+def test_disable_asks_first_and_user_name_errors_are_readable(tab: Tab, console: Console) -> None:
+    name = "carol-" + uuid.uuid4().hex[:6]
+    admin_post(console, "/admin/users", {"name": name})
+    page = sign_in(tab, console)
+    row = f'#users-table tbody tr[data-user="{name}"]'
+    page.wait_for_selector(row)
+    page.click(f"{row} button:has-text('Disable')")
+    page.wait_for_selector("#confirm[open]")
+    assert name in page.inner_text("#confirm-text")
+    page.click("#confirm button[value=cancel]")
+    assert "active" in page.inner_text(row)
+    page.click(f"{row} button:has-text('Disable')")
+    page.click("#confirm-ok")
+    page.wait_for_selector(f"{row}:has-text('disabled')")
+
+    page.fill("#user-name", "no spaces allowed")
+    page.click("#user-form button[type=submit]")
+    status = page.wait_for_selector("#status:has-text('user name')").inner_text()
+    assert "^" not in status and "pattern" not in status, status  # words, not the regular expression
+    assert_clean(tab)
