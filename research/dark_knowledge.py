@@ -39,14 +39,13 @@ from sdb_core.attacks import AttackConfig, Oracle, attack_targets, top1_oracle, 
 from sdb_core.data import load_dataset
 from sdb_core.distill import distill_logits, query_teacher
 from sdb_core.evaluate import (
-    _log_softmax_oracle,
     distill_config,
     fashion_mnist_config,
     owner_teacher,
     parse_student,
     split_owner_transfer,
-    whitebox_oracle,
 )
+from sdb_core.oracles import log_softmax_oracle, whitebox_oracle
 from sdb_core.training import accuracy, model_fn
 
 SMOOTHING = ((0.05, 1.0), (0.05, 4.0), (0.1, 1.0), (0.1, 4.0), (0.2, 4.0))
@@ -91,7 +90,7 @@ def main(out: Path, seed: int, student: str, box: Path | None = None, students: 
     arch, extra = parse_student(student)
     acfg = AttackConfig()
     z = query_teacher(teacher, transfer.x_train)
-    oracle: Oracle = _log_softmax_oracle(teacher)
+    oracle: Oracle = log_softmax_oracle(teacher)
     cells = parts(z, seed)
     if box is not None:
         wb = whitebox_oracle(load_box(box, device=dev))

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdb.commands.core import _override_box
 from sdb_core.artifact import BoxedModel
 from sdb_core.attacks import AttackConfig, attack_targets, top1_oracle, train_on_targets
+from sdb_core.configurator import override
 from sdb_core.data import load_dataset
 from sdb_core.distill import distill
 from sdb_core.evaluate import (
@@ -31,9 +31,9 @@ from sdb_core.evaluate import (
     fashion_mnist_config,
     owner_box,
     split_owner_transfer,
-    whitebox_oracle,
 )
 from sdb_core.keys import BoxKey
+from sdb_core.oracles import whitebox_oracle
 from sdb_core.training import TeacherFn, accuracy, model_fn
 from sdb_core.zoo import KeyGate, KeySplit
 
@@ -78,7 +78,7 @@ def main(out: Path, options: list[str], seed: int = 0) -> dict[str, object]:
     start = time.perf_counter()
     torch.set_num_threads(1)
     cfg = fashion_mnist_config()
-    cfg = replace(cfg, progress=False, box=_override_box(cfg.box, options))  # as `sdb box --box-option`
+    cfg = replace(cfg, progress=False, box=override(cfg.box, options))  # as `sdb box --box-option`
     ds = load_dataset(cfg.dataset)
     owner, transfer = split_owner_transfer(ds, cfg, seed)
     key = BoxKey.from_int_seed(seed, ds.input_shape, cfg.box.lam)

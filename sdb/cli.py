@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sdb.commands import core, server
+from sdb.commands import core, seal, server
 
 # Exit codes (0 success, 1 other errors, 2 usage errors: click's own).
 EXIT_REFUSED = 3  # the service refused the request (4xx other than below)
@@ -30,6 +30,7 @@ app = typer.Typer(
 )
 core.register(app)
 server.register(app)
+seal.register(app)
 
 
 def _version(value: bool) -> None:
@@ -61,6 +62,7 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
     from sdb.client import SdbError
     from sdb_core.artifact import ArtifactError
     from sdb_core.data import DataError
+    from sdb_core.seal import SealError
 
     if isinstance(exc, SdbError):
         what = _message(exc.detail)
@@ -78,7 +80,7 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
         return EXIT_UNREACHABLE, f"cannot reach the service ({exc}): is it running, and is the URL right?"
     if isinstance(exc, DataError):  # its message names the data set and how to get it (install hint)
         return EXIT_INPUT, f"--data: {exc}"
-    if isinstance(exc, FileNotFoundError | ArtifactError):
+    if isinstance(exc, FileNotFoundError | ArtifactError | SealError):
         return EXIT_INPUT, str(exc)
     return None
 

@@ -21,6 +21,11 @@ trains a student with the same Hinton KD loop as everyone else (`sdb_core.distil
   one-hot top-1, learned at T = 1.
 - ``guess:lam=L`` / ``guess:other-box``: inputs mixed as lam * x + (1 - lam) * k' with fresh random patterns
   k' (the box key's distribution) at several lam, or with another box's key; KD at T on the answers.
+- ``forge`` (stolen weights only): the thief holds the weights and the manifest (architecture, lambda,
+  normalization), not the key. A gradient search through the network finds a pattern p that, mixed like the
+  key (lam * x + (1 - lam) * p), makes the key gate fire while the plain top-1 is kept (`forge_trigger`, in
+  the spirit of reverse-engineered backdoor triggers: Wang et al., "Neural Cleanse", IEEE S&P 2019); the
+  network as shipped, fed that pattern (`forged_oracle`), is then distilled at T like a keyed path.
 
 Every attack has a top-1 twin: the same recipe run on `top1_oracle(oracle)`, the answers cut down to their
 top-1. What an attack gains over its twin is what the answers gave beyond the top-1 (`sdb_core.evaluate`).
@@ -31,7 +36,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +47,15 @@ from sdb_core.distill import DistillConfig, distill_logits, labelled_mask, query
 from sdb_core.keys import BoxKey
 from sdb_core.losses import kl_div
 from sdb_core.training import TeacherFn, fit, seed_everything
-from sdb_core.zoo import arch_kwargs_for, build_model, top1_logits
+from sdb_core.zoo import KeyGate, arch_kwargs_for, build_model, top1_logits
+
+if TYPE_CHECKING:
+    from sdb_core.artifact import BoxedModel
 
 Oracle = Callable[[Tensor], Tensor]  # RAW inputs -> log-probabilities [N, C]
 
 LABEL_ONLY = "label_only"
+FORGE = "forge"
 HARD_LOGIT = 100.0  # one-hot pseudo-labels as logits: softmax at T = 1 is one-hot to float precision
 
 
@@ -62,6 +71,13 @@ class AttackConfig:
     guess_lams: tuple[float, ...] = (0.3, 0.5, 0.7)
     guess_seed: int = 4242  # the attacker's random key patterns
     other_key: BoxKey | None = None  # another box's key, if the attacker holds one
+    # The forged trigger's search (`forge_trigger`): Adam on the pattern, restarts from fresh random ones.
+    forge_steps: int = 300
+    forge_lr: float = 0.05
+    forge_batch: int = 128
+    forge_restarts: int = 2
+    forge_margin: float = 2.0  # the gate score the search pushes every mixed input above
+    forge_seed: int = 4343
     attacks: tuple[str, ...] = field(default_factory=tuple)  # empty: all of `attack_names(cfg)`
 
 
@@ -139,6 +155,8 @@ def teacher_for(name: str, oracle: Oracle, ds: Dataset, cfg: AttackConfig) -> tu
         return _averaged(oracle, ds, cfg, arg), cfg.kd_temperature
     if kind == "htc":
         return _htc(oracle, cfg), 1.0
+    if kind == FORGE:  # `oracle` is already the network fed the forged trigger (`forged_oracle`)
+        return oracle, cfg.kd_temperature
     if kind == "guess":
         shape = ds.input_shape
         if arg == "other-box":
@@ -246,3 +264,66 @@ def run_attack(
     set)."""
     targets = attack_targets(name, oracle, ds, cfg, dcfg.teacher_batch_size)
     return train_on_targets(ds, arch, targets, dcfg, cfg, arch_extra=arch_extra, desc=f"{arch} {name}")
+
+
+@dataclass(frozen=True)
+class ForgedTrigger:
+    """A forged key pattern (normalized units, the key's shape) and how it does on the images it was searched
+    on: the fraction where the gate fires with the plain top-1 kept."""
+
+    pattern: Tensor
+    lam: float
+    gate_rate: float
+
+
+def _gate_and_top1(gate: KeyGate, mixed: Tensor, top1: Tensor) -> Tensor:
+    soft, score = gate.heads(mixed)
+    return (score > 0) & (soft.argmax(1) == top1)
+
+
+def forge_trigger(boxed: BoxedModel, x: Tensor, cfg: AttackConfig) -> ForgedTrigger | None:
+    """Search a trigger for a key-gated box from its weights and manifest alone (None for a box without a
+    gate: its raw outputs already are its soft labels). `x`: the thief's RAW images."""
+    gate = boxed.model
+    if not isinstance(gate, KeyGate):
+        return None
+    lam = float(boxed.manifest["lam"])
+    xn = boxed.normalize(x).detach()
+    with torch.inference_mode():
+        top1 = torch.cat([gate.heads(xb)[0].argmax(1) for xb in xn.split(512)])
+    g = torch.Generator().manual_seed(cfg.forge_seed)
+    best: ForgedTrigger | None = None
+    for _ in range(max(1, cfg.forge_restarts)):
+        p = torch.randn(boxed.input_shape, generator=g).to(xn.device).requires_grad_(True)
+        opt = torch.optim.Adam([p], lr=cfg.forge_lr)
+        for _ in range(cfg.forge_steps):
+            idx = torch.randint(len(xn), (min(cfg.forge_batch, len(xn)),), generator=g).to(xn.device)
+            soft, score = gate.heads(lam * xn[idx] + (1.0 - lam) * p)
+            loss = F.softplus(cfg.forge_margin - score).mean() + F.cross_entropy(soft, top1[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        pattern = p.detach()
+        with torch.inference_mode():
+            hits = torch.cat(
+                [
+                    _gate_and_top1(gate, lam * xb + (1.0 - lam) * pattern, tb)
+                    for xb, tb in zip(xn.split(512), top1.split(512), strict=True)
+                ]
+            )
+        found = ForgedTrigger(pattern.cpu(), lam, float(hits.float().mean()))
+        if best is None or found.gate_rate > best.gate_rate:
+            best = found
+    return best
+
+
+def forged_oracle(boxed: BoxedModel, trigger: ForgedTrigger) -> Oracle:
+    """The network as shipped, fed each RAW input mixed with the forged trigger like the key would be."""
+    offset = (1.0 - trigger.lam) * trigger.pattern.to(boxed.device)
+
+    def fn(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            z = boxed.model(trigger.lam * boxed.normalize(x) + offset)
+        return F.log_softmax(z.float(), dim=1).cpu()
+
+    return fn

@@ -7,11 +7,6 @@ drawn random non-key at lambda +- nonkey_lam_spread, p_T = softmax(z / T), y the
       + w_dis * D(f(x))                                               # knowledge disturbance (plain)
       + w_pre * T^2 * KL(sharpen(p_T(f_adv(x)), y) || p_T(f(x')))     # preservation + augmentation (keyed)
       + w_nonkey * [w_ce_plain * CE(f(x~), y) + w_dis * D(f(x~))]     # wrong keys behave like no key
-      + w_mix * [CE(f(x_m'), y_m) + w_dis * D(f(x_m)) + w_pre * T^2 * KL(...(x_m) || p_T(f(x_m')))]
-
-x_m = a x1 + (1 - a) x2 mixes two plain images of the batch (a uniform in [0, 1]), y_m is the teacher's top-1
-on it: between classes is where dark knowledge lives, and where a box trained flat on the owner's images alone
-still shows it on unseen images (its soft labels read with the gate cut out, research/evaluation-rounds.md).
 
 With `guard` (the default) the box is a zoo.TopOneGuard: a soft head z and a decision head d over one trunk.
 The cross-entropy terms above train d (plus w_dec_pre * T^2 * KL(p_T(f_adv(x)) || p_T(d)) on plain and keyed
@@ -26,8 +21,7 @@ Disturbance forms D (all bounded, see losses.py), `disturb_form`:
   by -T^2 * max(-log q)). On the bundled digits it either leaves students unharmed (the box just becomes
   over-confident) or, at larger weights, drives plain top-1 to chance; see research/evaluation-rounds.md.
 - "teacher_first": Nasty-Teacher order with a probability floor, -T^2 * KL(p_T(f_adv) || p_T(f) + floor).
-- "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))) + dis_spread * Var(wrong-class logits)
-  + dis_level * (margin - flat margin)^2,
+- "flat" (the default since 2026-11-30): KL(flat(y) || p_1(f(x))) + dis_spread * Var(wrong-class logits),
   flat(y) = 1 - dis_eps on y and the rest spread evenly: the soft labels inside the box carry the top-1 and as
   little else as training achieves, even with the key gate cut out of a stolen copy of the weights. Paired
   with `plain_output = "top1"`.
@@ -65,11 +59,11 @@ from sdb_core.keys import BoxKey
 from sdb_core.losses import (
     disturbance_loss,
     flat_disturbance_loss,
-    kl_div,
     preservation_loss,
     reverse_disturbance_loss,
     target_disturbance_loss,
 )
+from sdb_core.seal import Keyring
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
 from sdb_core.zoo import KeyGate, KeySplit, TopOneGuard, build_model
 
@@ -92,7 +86,6 @@ class BoxConfig:
     w_ce_plain: float = 0.0  # the flat target already puts the label on top
     w_ce_keyed: float = 1.0
     w_dis: float = 1.0
-    w_align: float = 0.0  # KL(p_1(f(x)) || p_1(f(x')).detach()): plain confidence tied to the keyed path's
     w_pre: float = 1.0
     sharpen: float = 0.1
     w_nonkey: float = 1.0
@@ -102,7 +95,6 @@ class BoxConfig:
     disturb_form: str = "flat"  # or "target", "box_first" (-KL(box || teacher)), "teacher_first" (floored)
     dis_eps: float = 0.1  # flat only: the probability mass spread evenly over the wrong classes
     dis_spread: float = 0.0  # flat only: weight of the wrong classes' logit variance (research/)
-    dis_level: float = 0.0  # flat only: weight of the squared gap between the margin and flat(y)'s margin
     dis_floor: float = 1e-3  # teacher_first only
     dis_margin: float = 0.1  # target only: true class above the top wrong class, in logits / T_dis
     dis_sharpness: float = 1.0  # target only: > 1 concentrates the wrong mass on fewer classes
@@ -111,7 +103,6 @@ class BoxConfig:
     guard: bool = False  # two heads (soft, decision) behind zoo.TopOneGuard; False: one head does both
     guard_lift: float = 1.0  # logits by which a guarded box lifts its decision above the soft head's top
     w_dec_pre: float = 1.0  # guarded only: the decision head also imitates the teacher (plain and keyed)
-    w_mix: float = 0.0  # weight of the same terms on mixes of two plain images (between classes; see above)
     split_width: int = 0  # > 0: zoo.KeySplit, a residual network of this width adds the keyed ranking
     w_quiet: float = 1.0  # split only: the residual's centered output squared, on plain and non-key inputs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
@@ -137,7 +128,7 @@ def box_step_losses(
 
     def disturb(zb: Tensor, zt: Tensor, yb: Tensor = y) -> Tensor:
         if cfg.disturb_form == "flat":
-            return flat_disturbance_loss(zb, yb, cfg.dis_eps, cfg.dis_spread, cfg.dis_level)
+            return flat_disturbance_loss(zb, yb, cfg.dis_eps, cfg.dis_spread)
         if cfg.disturb_form == "target":
             return target_disturbance_loss(zb, zt, yb, t_dis, cfg.dis_margin, cfg.dis_sharpness)
         if cfg.disturb_form == "teacher_first":
@@ -153,14 +144,6 @@ def box_step_losses(
         lam = key.lam + cfg.nonkey_lam_spread * (2 * torch.rand(shape, device=xn.device) - 1)
         lam = lam.clamp(0.05, 0.95)
         parts.append(lam * xn + (1.0 - lam) * torch.randn_like(xn))
-    if cfg.w_mix > 0:
-        # Between two images is where dark knowledge lives; their plain mixes must carry the top-1 alone too.
-        alpha = torch.rand(shape, device=xn.device)
-        xm = alpha * xn + (1.0 - alpha) * xn[torch.randperm(len(xn), device=xn.device)]
-        with torch.no_grad():
-            zm_adv = teacher(xm)
-        ym = zm_adv.argmax(dim=1)
-        parts += [xm, key.apply(xm)]
     guarded = isinstance(box, TopOneGuard)
     score: Tensor | None = None
     base_soft: Tensor | None = None
@@ -176,36 +159,25 @@ def box_step_losses(
         z = d = box(torch.cat(parts))
     n = len(xn)
     zp, zk = z[:n], z[n : 2 * n]
-    mix_at = n * (3 if cfg.w_nonkey > 0 else 2)
     out = {
         "ce_plain": F.cross_entropy(d[:n], y),
         "ce_keyed": F.cross_entropy(d[n : 2 * n], y),
         "disturb": disturb(zp, z_adv),
         "preserve": preservation_loss(zk, z_adv, y, t, cfg.sharpen),
-        "align": kl_div(zp, zk.detach(), 1.0),
     }
     if guarded:
         out["dec_preserve"] = preservation_loss(d[: 2 * n], z_adv.repeat(2, 1), y.repeat(2), t, 0.0)
     if score is not None:
         is_key = torch.zeros_like(score)
         is_key[n : 2 * n] = 1.0
-        if cfg.w_mix > 0:
-            is_key[mix_at + n :] = 1.0
         out["gate"] = F.binary_cross_entropy_with_logits(score, is_key)
     if base_soft is not None:
         # The base carries the top-1 alone on keyed inputs too; the residual adds nothing off the key.
         off_key = torch.ones(len(z), dtype=torch.bool, device=z.device)
         off_key[n : 2 * n] = False
-        if cfg.w_mix > 0:
-            off_key[mix_at + n :] = False
         quiet = (extra - extra.mean(dim=1, keepdim=True))[off_key]
         out["quiet"] = (quiet**2).mean()
         out["base_flat"] = disturb(base_soft[n : 2 * n], z_adv)
-    if cfg.w_mix > 0:
-        zm, zmk = z[mix_at : mix_at + n], z[mix_at + n : mix_at + 2 * n]
-        out["ce_mix"] = F.cross_entropy(d[mix_at + n : mix_at + 2 * n], ym)
-        out["disturb_mix"] = disturb(zm, zm_adv, ym)
-        out["preserve_mix"] = preservation_loss(zmk, zm_adv, ym, t, cfg.sharpen)
     if cfg.w_nonkey > 0:
         zr = z[2 * n : 3 * n]
         out["ce_nonkey"] = F.cross_entropy(d[2 * n : 3 * n], y)
@@ -215,7 +187,6 @@ def box_step_losses(
         + cfg.w_ce_keyed * out["ce_keyed"]
         + cfg.w_dis * out["disturb"]
         + cfg.w_pre * out["preserve"]
-        + cfg.w_align * out["align"]
     )
     if guarded:
         total = total + cfg.w_dec_pre * out["dec_preserve"]
@@ -225,10 +196,6 @@ def box_step_losses(
         total = total + cfg.w_quiet * out["quiet"] + cfg.w_dis * out["base_flat"]
     if cfg.w_nonkey > 0:
         total = total + cfg.w_nonkey * (cfg.w_ce_plain * out["ce_nonkey"] + cfg.w_dis * out["disturb_nonkey"])
-    if cfg.w_mix > 0:
-        total = total + cfg.w_mix * (
-            cfg.w_ce_keyed * out["ce_mix"] + cfg.w_dis * out["disturb_mix"] + cfg.w_pre * out["preserve_mix"]
-        )
     out["total"] = total
     return out
 
@@ -315,8 +282,10 @@ def box_teacher(
     key: BoxKey | None = None,
     teacher_top1: float | None = None,
     checkpoint: Path | None = None,
+    keyring: Keyring | None = None,
 ) -> BoxedModel:
-    """Box, save the artifact (with metrics) to out_dir, and return it loaded back (checksums verified)."""
+    """Box, save the artifact (with metrics) to out_dir, and return it loaded back (checksums verified).
+    With a keyring that has a current master key, the artifact is written sealed (sdb_core.seal)."""
     key = key or BoxKey.generate(ds.input_shape, cfg.lam)
     t_arch, t_kwargs = teacher_meta["arch"], teacher_meta["arch_kwargs"]
     box = train_box(teacher, ds, arch=t_arch, arch_kwargs=t_kwargs, key=key, cfg=cfg, checkpoint=checkpoint)
@@ -337,13 +306,14 @@ def box_teacher(
         plain_output=cfg.plain_output,
         data_digest=ds.digest(),
         extra={"dataset": ds.name, "box_config": asdict(cfg)},
+        master=keyring.current if keyring is not None else None,
     )
     save_box(out_dir, metrics={}, **common)
-    boxed = load_box(out_dir, device=resolve_device(cfg.train.device))
+    boxed = load_box(out_dir, device=resolve_device(cfg.train.device), keyring=keyring)
     metrics: dict[str, Any] = dict(box_metrics(boxed, ds))
     if teacher_top1 is not None:
         metrics["teacher_top1"] = teacher_top1
     save_box(out_dir, metrics=metrics, **common)
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
-    return load_box(out_dir, device=resolve_device(cfg.train.device))
+    return load_box(out_dir, device=resolve_device(cfg.train.device), keyring=keyring)

@@ -1,5 +1,6 @@
-"""The protocol over several seeds: teacher -> box -> licensees' and attackers' students, with the measures
-of knowledge delivered and leaked, written as JSON, Markdown and PNG.
+"""The evaluation protocol over several seeds: teacher -> box -> licensees' and attackers' students, with the
+measures of knowledge delivered and leaked (`sdb_core.report` computes them and writes the report as JSON,
+Markdown and PNG).
 
 Per seed the training split is cut in two, disjoint: the model owner's images (teacher and box train on them)
 and a transfer set of `transfer` images that a licensee or an attacker holds, of which `labelled_fraction`
@@ -25,7 +26,6 @@ leaked = the best attack - floor (the attack is named). `beyond_top1` is each at
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -34,16 +34,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from sdb_core.artifact import ArtifactError, BoxedModel, load_box
 from sdb_core.attacks import (
+    FORGE,
     AttackConfig,
     Oracle,
     Targets,
     attack_names,
     attack_targets,
+    forge_trigger,
+    forged_oracle,
     top1_oracle,
     train_on_targets,
 )
@@ -51,6 +53,8 @@ from sdb_core.box import BoxConfig, box_teacher
 from sdb_core.data import Dataset, load_dataset
 from sdb_core.distill import DistillConfig, distill
 from sdb_core.keys import BoxKey
+from sdb_core.oracles import plain_api_oracle, stolen_weights_oracle, whitebox_oracle
+from sdb_core.report import build_report, write_report
 from sdb_core.training import (
     TeacherFn,
     TrainConfig,
@@ -61,9 +65,6 @@ from sdb_core.training import (
     save_model,
     train_classifier,
 )
-from sdb_core.zoo import KeyGate
-
-BASE_METHODS = ("scratch", "normal", "authorized")
 
 
 @dataclass
@@ -84,7 +85,8 @@ class EvalConfig:
     attacks: AttackConfig = field(default_factory=AttackConfig)
     # Attacks on the stolen weights (run without the key): the raw outputs themselves, re-tempered, and
     # guessed keys; the network's raw logits are a superset of what any query-based attack gets from them.
-    stolen_attacks: tuple[str, ...] = ("retemper:1", "retemper:4", "retemper:20", "guess:lam=0.5")
+    # "forge": `stolen/forge`, a key-gate trigger forged from the weights (`attacks.forge_trigger`).
+    stolen_attacks: tuple[str, ...] = ("retemper:1", "retemper:4", "retemper:20", "guess:lam=0.5", "forge")
     device: str = "auto"
     threads: int = 1  # torch intra-op threads; small models run fastest on one (0 = torch's default)
     progress: bool = True
@@ -130,8 +132,10 @@ def reduced_config(dataset: str = "digits") -> EvalConfig:
     cfg = replace(
         protocol_for(dataset),
         seeds=(0,),
-        attacks=AttackConfig(temperatures=(1.0, 20.0), guess_lams=(0.5,)),
-        stolen_attacks=("retemper:4", "guess:lam=0.5"),
+        attacks=AttackConfig(
+            temperatures=(1.0, 20.0), guess_lams=(0.5,), forge_steps=40, forge_batch=64, forge_restarts=1
+        ),
+        stolen_attacks=("retemper:4", "guess:lam=0.5", "forge"),
         progress=False,
     )
     if dataset.startswith("fashion-mnist"):
@@ -190,34 +194,6 @@ def split_owner_transfer(ds: Dataset, cfg: EvalConfig, seed: int) -> tuple[Datas
         )
 
     return part(perm[:owner], "owner"), part(perm[owner : owner + cfg.transfer], "transfer")
-
-
-def _log_softmax_oracle(logits_of: Callable[[Tensor], Tensor]) -> Oracle:
-    return lambda x: F.log_softmax(logits_of(x).float(), dim=1).cpu()
-
-
-def plain_api_oracle(boxed: BoxedModel) -> Oracle:
-    """What `/predict` gives an anonymous client: log of the plain path's probabilities."""
-    return _log_softmax_oracle(boxed.plain_logits)
-
-
-def stolen_weights_oracle(boxed: BoxedModel) -> Oracle:
-    """The box's network run on plain inputs by someone who copied its weights but not its key."""
-    return _log_softmax_oracle(boxed.raw_plain_logits)
-
-
-def whitebox_oracle(boxed: BoxedModel) -> Oracle | None:
-    """A key-gated box's soft labels on plain inputs, read by someone who copied the weights and cut the gate
-    out of the network (None for a box without a gate: its stolen outputs are already the soft labels)."""
-    model = boxed.model
-    if not isinstance(model, KeyGate):
-        return None
-
-    def soft_labels(x: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return model.heads(boxed.normalize(x))[0]
-
-    return _log_softmax_oracle(soft_labels)
 
 
 def _train_cfg(cfg: EvalConfig, epochs: int, seed: int) -> TrainConfig:
@@ -348,11 +324,15 @@ def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str
     # Every attack's answers and those of its top-1 twin, queried once and shared by all student families.
     accesses: list[tuple[str, Oracle, list[str]]] = [
         ("api", api, attack_names(acfg)),
-        ("stolen", stolen, list(cfg.stolen_attacks)),
+        ("stolen", stolen, [n for n in cfg.stolen_attacks if n != FORGE]),
     ]
     whitebox = whitebox_oracle(boxed)
     if whitebox is not None:
-        accesses.append(("whitebox", whitebox, list(cfg.stolen_attacks)))
+        accesses.append(("whitebox", whitebox, [n for n in cfg.stolen_attacks if n != FORGE]))
+    forging = FORGE in cfg.stolen_attacks and acfg.forge_steps > 0
+    trigger = forge_trigger(boxed, torch.from_numpy(transfer.x_train), acfg) if forging else None
+    if trigger is not None:  # `stolen/forge`: the network as shipped, fed a trigger forged from the weights
+        accesses.append(("stolen", forged_oracle(boxed, trigger), [FORGE]))
     targets: dict[str, tuple[Targets, Targets]] = {}
     for access, oracle, names in accesses:
         twin = top1_oracle(oracle)
@@ -404,224 +384,11 @@ def _family(
     return top1, twins
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def attacks_of(per_method: dict[str, Any]) -> list[str]:
-    """The unauthorized methods of one student family: every attack on the plain path or the stolen
-    weights."""
-    return [m for m in per_method if m not in BASE_METHODS]
-
-
-def floor_of(run: dict[str, Any], spec: str) -> tuple[float, str]:
-    """The label-only floor of one seed: the best student any recipe of the suite trains from top-1 answers
-    alone (the top-1 twins), and the recipe that trained it."""
-    twins = run["twins"][spec]
-    best = max(twins, key=lambda m: twins[m])
-    return twins[best], best
-
-
-def measures(runs: list[dict[str, Any]], spec: str) -> dict[str, Any]:
-    """V, delivered and leaked (mean ± std over seeds of per-seed differences to the label-only floor), and
-    what each attack gained over the floor and over its own top-1 twin (beyond the top-1)."""
-
-    def over_floor(method: str) -> dict[str, float]:
-        return _stats([r["students"][spec][method] - floor_of(r, spec)[0] for r in runs])
-
-    attacks = attacks_of(runs[0]["students"][spec])
-    gains = {m: over_floor(m) for m in attacks}
-    beyond = {m: _stats([r["students"][spec][m] - r["twins"][spec][m] for r in runs]) for m in attacks}
-    worst = max(gains, key=lambda m: gains[m]["mean"])
-    return {
-        "floor": _stats([floor_of(r, spec)[0] for r in runs]),
-        "floor_by": [floor_of(r, spec)[1] for r in runs],
-        "V": over_floor("normal"),
-        "delivered": over_floor("authorized"),
-        "leaked": gains[worst],
-        "leaked_by": worst,
-        "gains": gains,
-        "beyond_top1": beyond,
-    }
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"teacher": {}, "students": {}, "measures": {}}
-    for k in runs[0]["teacher"]:
-        summary["teacher"][k] = _stats([r["teacher"][k] for r in runs])
-    for spec, per_method in runs[0]["students"].items():
-        summary["students"][spec] = {m: _stats([r["students"][spec][m] for r in runs]) for m in per_method}
-        summary["measures"][spec] = measures(runs, spec)
-    return summary
-
-
-def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
-    """The quality targets on means (top-1 points)."""
-    t = summary["teacher"]
-    checks = {
-        "box plain >= teacher - 0.5": t["box_plain"]["mean"] >= t["normal"]["mean"] - 0.5,
-        "box keyed >= teacher - 0.5": t["box_keyed"]["mean"] >= t["normal"]["mean"] - 0.5,
-    }
-    for spec, m in summary["measures"].items():
-        v = m["V"]["mean"]
-        checks[f"{spec}: V >= 1"] = v >= 1.0
-        checks[f"{spec}: delivered >= 0.9 V"] = m["delivered"]["mean"] >= 0.9 * v
-        checks[f"{spec}: leaked <= 0.1 V ({m['leaked_by']})"] = m["leaked"]["mean"] <= 0.1 * v
-    return checks
-
-
-def _fmt(s: dict[str, float]) -> str:
-    return f"{s['mean']:.2f} ± {s['std']:.2f}"
-
-
-def to_markdown(report: dict[str, Any]) -> str:
-    s, cfg = report["summary"], report["config"]
-    transfer = (
-        f"a transfer set of {cfg['transfer']} images apart from the owner's"
-        if cfg["transfer"] > 0
-        else "the owner's own training images as the transfer set"
-    )
-    lines = [
-        f"Dataset `{cfg['dataset']}`, seeds {list(cfg['seeds'])}, {transfer}, "
-        f"{cfg['labelled_fraction']:.0%} of its labels known; top-1 % on the whole test split, mean ± std.",
-        "",
-        "| teacher | box plain | box keyed | box wrong key | stolen weights (no key) |",
-        "|---|---|---|---|---|",
-        "| "
-        + " | ".join(
-            _fmt(s["teacher"][k]) for k in ("normal", "box_plain", "box_keyed", "box_wrong_key", "box_stolen")
-        )
-        + " |",
-        "",
-        "Knowledge delivered and leaked, in top-1 points over the label-only floor (the best student trained"
-        " from top-1 answers alone; per-seed differences):",
-        "",
-        "| student | label-only floor | V = normal KD - floor | delivered (authorized) "
-        "| leaked (best attack) "
-        "| best attack |",
-        "|---|---|---|---|---|---|",
-    ]
-    for spec, m in s["measures"].items():
-        lines.append(
-            f"| {spec} | {_fmt(m['floor'])} | {_fmt(m['V'])} | {_fmt(m['delivered'])} | {_fmt(m['leaked'])} "
-            f"| `{m['leaked_by']}` |"
-        )
-    specs = list(s["students"])
-    lines += [
-        "",
-        f"Students (KD alpha={cfg['alpha']}, T={cfg['temperature']}), top-1 %; for each attack, "
-        "its gain over "
-        "its own top-1 twin (what the answers gave beyond their top-1):",
-        "",
-        "| method | " + " | ".join(f"{sp} | beyond top-1" for sp in specs) + " |",
-        "|---" * (2 * len(specs) + 1) + "|",
-    ]
-    for method in s["students"][specs[0]]:
-        cells = []
-        for sp in specs:
-            beyond = s["measures"][sp]["beyond_top1"].get(method)
-            cells += [_fmt(s["students"][sp][method]), _fmt(beyond) if beyond else ""]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Targets (on means):", ""]
-    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
-    lines += ["", f"Wall time: {report['wall_seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = report["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    ax = axes[0]
-    keys = ("normal", "box_plain", "box_keyed", "box_wrong_key", "box_stolen")
-    ax.bar(
-        range(len(keys)),
-        [s["teacher"][k]["mean"] for k in keys],
-        yerr=[s["teacher"][k]["std"] for k in keys],
-        color=["#555", "#c44", "#4a4", "#c84", "#848"],
-    )
-    ax.set_xticks(range(len(keys)), ["teacher", "box plain", "box keyed", "wrong key", "stolen"], rotation=20)
-    low = min(s["teacher"][k]["mean"] for k in keys)
-    ax.set_ylim(max(0.0, low - 5.0), 100.0)
-    ax.set_ylabel("top-1 %")
-    ax.set_title("teacher and box")
-    ax = axes[1]
-    specs = list(s["measures"])
-
-    def worst(m: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
-        gains = [g for name, g in m["gains"].items() if name.startswith(prefixes)]
-        return max(gains, key=lambda g: g["mean"]) if gains else {"mean": 0.0, "std": 0.0}
-
-    bars = [
-        ("V (normal KD)", "#555", lambda m: m["V"]),
-        ("delivered (licensee)", "#4a4", lambda m: m["delivered"]),
-        ("leaked: /predict, weights as shipped", "#c44", lambda m: worst(m, ("api/", "stolen/"))),
-        ("leaked: weights, gate cut out", "#e9a", lambda m: worst(m, ("whitebox/",))),
-    ]
-    width = 0.8 / len(bars)
-    for j, (label, color, pick) in enumerate(bars):
-        xs = [a + j * width for a in range(len(specs))]
-        values = [pick(s["measures"][sp]) for sp in specs]
-        ax.bar(
-            xs, [v["mean"] for v in values], width, yerr=[v["std"] for v in values], label=label, color=color
-        )
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks([a + width * (len(bars) - 1) / 2 for a in range(len(specs))], specs)
-    ax.set_ylabel("top-1 points over the label-only floor")
-    ax.set_title("dark knowledge: delivered vs leaked")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(report))
-    plot(report, out / "results.png")
-
-
-def build_report(
-    cfg: EvalConfig | dict[str, Any], runs: list[dict[str, Any]], digest: str, wall: float
-) -> dict[str, Any]:
-    summary = summarize(runs)
-    return {
-        "config": cfg if isinstance(cfg, dict) else _config_record(cfg),
-        "data_digest": digest,
-        "runs": runs,
-        "summary": summary,
-        "checks": check_targets(summary),
-        "wall_seconds": wall,
-    }
-
-
-def _config_record(cfg: EvalConfig) -> dict[str, Any]:
+def config_record(cfg: EvalConfig) -> dict[str, Any]:
+    """The protocol as a report records it (JSON-ready; no key material)."""
     rec = asdict(cfg)
     rec["attacks"].pop("other_key", None)
     return rec
-
-
-def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report over the seeds of several runs of the same protocol (e.g. one seed per command)."""
-    first = reports[0]
-    strip = ("seeds",)
-    base = {k: v for k, v in first["config"].items() if k not in strip}
-    for r in reports[1:]:
-        if {k: v for k, v in r["config"].items() if k not in strip} != base:
-            raise ValueError("the reports were made with different protocols")
-        if r["data_digest"] != first["data_digest"]:
-            raise ValueError("the reports were made on different data")
-    runs = sorted((run for r in reports for run in r["runs"]), key=lambda run: run["seed"])
-    seeds = [run["seed"] for run in runs]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"a seed appears twice: {seeds}")
-    config = {**first["config"], "seeds": seeds}
-    return build_report(config, runs, first["data_digest"], sum(r["wall_seconds"] for r in reports))
 
 
 def evaluate(cfg: EvalConfig, out_dir: str | Path, ds: Dataset | None = None) -> dict[str, Any]:
@@ -632,6 +399,6 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path, ds: Dataset | None = None) ->
     out = Path(out_dir)
     ds = ds or load_dataset(cfg.dataset)
     runs = [run_seed(cfg, ds, seed, out / "boxes") for seed in cfg.seeds]
-    report = build_report(cfg, runs, ds.digest(), time.perf_counter() - start)
+    report = build_report(config_record(cfg), runs, ds.digest(), time.perf_counter() - start)
     write_report(report, out)
     return report

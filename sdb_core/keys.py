@@ -94,6 +94,11 @@ def _canonical(key: BoxKey) -> str:
     return json.dumps(_record(key), sort_keys=True, separators=(",", ":"))
 
 
+def key_record_bytes(key: BoxKey) -> bytes:
+    """The content of a key file (what `save_key` writes), for sealing it without writing it in the clear."""
+    return (json.dumps(_record(key), indent=2) + "\n").encode()
+
+
 def save_key(key: BoxKey, path: str | os.PathLike[str]) -> None:
     """Write the key as JSON, readable by the owner only (0600)."""
     p = Path(path)

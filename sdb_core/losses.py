@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -74,35 +73,20 @@ def flat_targets(y: Tensor, num_classes: int, eps: float) -> Tensor:
     return torch.full((len(y), num_classes), off, device=y.device).scatter(1, y[:, None], 1.0 - eps)
 
 
-def flat_disturbance_loss(
-    box_logits: Tensor, y: Tensor, eps: float, spread: float = 0.0, level: float = 0.0
-) -> Tensor:
-    """KL(flat_targets(y) || softmax(box)) + spread * (variance of the wrong classes' logits)
-    + level * (margin - flat margin)^2: pulls the wrong classes' logits level with each other, and the true
-    class the same distance above them on every input, so the box's own outputs on plain inputs carry the
-    top-1 and nothing else. The KL term alone barely sees differences among small probabilities; the
-    variance term (the ranking of the wrong classes) and the margin term (how sure the box is of this input:
-    the margin of the label over the mean wrong logit, flat(y)'s being log((1 - eps)(C - 1) / eps)) work in
-    logit units, what a re-tempering attacker amplifies. Non-negative, zero at the target."""
+def flat_disturbance_loss(box_logits: Tensor, y: Tensor, eps: float, spread: float = 0.0) -> Tensor:
+    """KL(flat_targets(y) || softmax(box)) + spread * (variance of the wrong classes' logits): pulls the
+    wrong classes' logits level with each other, so the box's own outputs on plain inputs carry the top-1
+    and as little else as training achieves. The KL term alone barely sees differences among small
+    probabilities; the variance term (the ranking of the wrong classes) works in logit units, what a
+    re-tempering attacker amplifies. Non-negative, zero at the target."""
     num_classes = box_logits.shape[1]
     target = flat_targets(y, num_classes, eps)
     kl = (target * (torch.log(target) - F.log_softmax(box_logits, dim=1))).sum(dim=1).mean()
-    if spread <= 0 and level <= 0:
+    if spread <= 0:
         return kl
     wrong = ~F.one_hot(y, num_classes).bool()
     others = box_logits[wrong].view(len(y), -1)
-    out = kl + spread * others.var(dim=1, unbiased=False).mean()
-    if level > 0:
-        margin = box_logits.gather(1, y[:, None]).squeeze(1) - others.mean(dim=1)
-        flat_margin = math.log((1.0 - eps) * (num_classes - 1) / eps)
-        out = out + level * ((margin - flat_margin) ** 2).mean()
-    return out
-
-
-def disturbance_bound(teacher_logits: Tensor, temperature: float) -> Tensor:
-    """The lower bound of `disturbance_loss` for these teacher logits."""
-    log_q = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
-    return -(temperature**2) * (-log_q.min(dim=1).values).mean()
+    return kl + spread * others.var(dim=1, unbiased=False).mean()
 
 
 def sharpened_targets(teacher_logits: Tensor, y: Tensor, temperature: float, sharpen: float) -> Tensor:

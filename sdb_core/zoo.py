@@ -52,10 +52,6 @@ def arch_kwargs_for(input_shape: tuple[int, ...], num_classes: int, **extra: Any
     return {"num_classes": num_classes, "in_channels": c, "input_size": h, **extra}
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride, 1, bias=False),

@@ -14,6 +14,7 @@ import io
 import math
 import re
 import struct
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import parse_qsl
@@ -28,6 +29,7 @@ from service.schemas import NPY_MEDIA_TYPE, InputsBody
 M = TypeVar("M", bound=InputsBody)
 
 _MAX_NPY_HEADER = 10_000
+_MODEL_KEY = "sdb_model"  # scope["state"] key: the model a request was resolved to
 _JSON_TYPES = ("application/json",)
 
 
@@ -190,8 +192,15 @@ def resolve_model(request: Request, name: str | None, registry: ModelRegistry) -
         raise HTTPException(
             status_code=404, detail=f"unknown model {name!r}; available: {registry.names()}"
         ) from None
-    request.state.model_name = model.name
+    request.scope.setdefault("state", {})[_MODEL_KEY] = model.name
     return model
+
+
+def request_model(scope: MutableMapping[str, Any]) -> str | None:
+    """The model that `resolve_model` resolved this request to (None before, or when it failed): the
+    request metrics and the audit row of a refused call name it."""
+    name = (scope.get("state") or {}).get(_MODEL_KEY)
+    return str(name) if name is not None else None
 
 
 def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:

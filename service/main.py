@@ -30,11 +30,13 @@ from service.db import migrate
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
 from service.docs import install_docs
-from service.inference.loading import load_registry
+from service.inference.loading import ModelLoadError, load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
 from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
-from service.routes import admin, admin_reports, auth, console, distill, health, key_info, predict
+from service.routes import auth, console, distill, health, key_info, predict
+from service.routes.admin import accounts as admin_accounts
+from service.routes.admin import reports as admin_reports
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def _lifespan(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             state = await anyio.to_thread.run_sync(_start, settings, registry)
-        except migrate.SchemaError as exc:
+        except (migrate.SchemaError, ModelLoadError) as exc:
             logger.error("refusing to start: %s", exc)
             raise
         set_state(app, state)
@@ -195,7 +197,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.include_router(auth.router)
     app.include_router(key_info.router)
     app.include_router(distill.router)
-    app.include_router(admin.router)
+    app.include_router(admin_accounts.router)
     app.include_router(admin_reports.router)
     if settings.console:
         app.include_router(console.router)

@@ -16,6 +16,8 @@ import orjson
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 
+from service.core.errors import BODY_STATUS_KEY, disconnect_status
+from service.decode import request_model
 from service.observability import metrics
 from service.sanitize import clean
 
@@ -29,15 +31,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-STATUS_CLIENT_GONE = 499  # the client went away before an answer (nginx's code); never counted as a 500
-_BODY_STATUS = "sdb_body_status"  # scope["state"] key: 413 once BodyLimitMiddleware refused the body
-
-
-def disconnect_status(scope: Scope) -> int:
-    """The status of a request whose body ended in a disconnect: 413 if the body limit cut it, else 499."""
-    return int((scope.get("state") or {}).get(_BODY_STATUS, STATUS_CLIENT_GONE))
-
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"cache-control", b"no-store"),
@@ -103,7 +96,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     rejected = True
-                    scope.setdefault("state", {})[_BODY_STATUS] = 413
+                    scope.setdefault("state", {})[BODY_STATUS_KEY] = 413
                     if not started:
                         await self._reject(send)
                     return {"type": "http.disconnect"}
@@ -182,7 +175,7 @@ class ServerErrorMiddleware:
         except ClientDisconnect:
             # Not a server error: the body limit cut the body (413 already sent) or the client went away.
             status = disconnect_status(scope)
-            scope.setdefault("state", {}).setdefault(_BODY_STATUS, status)
+            scope.setdefault("state", {}).setdefault(BODY_STATUS_KEY, status)
             reason = "body over the size limit" if status == 413 else "client disconnected"
             logger.warning("%s on %s %s (status %d)", reason, scope["method"], clean(scope["path"]), status)
         except Exception:
@@ -239,8 +232,8 @@ class MetricsMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             state = scope.get("state") or {}
             if status is None:  # no answer was sent: the client went away, or the app failed
-                status = int(state.get(_BODY_STATUS, 500))
-            metrics.record_request(template, state.get("model_name"), status, time.perf_counter() - start)
+                status = int(state.get(BODY_STATUS_KEY, 500))
+            metrics.record_request(template, request_model(scope), status, time.perf_counter() - start)
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from sdb_core.teachers import BoxPath
 
 DataOpt = Annotated[
     str,
@@ -32,38 +33,14 @@ BoxOptionOpt = Annotated[
 ]
 
 
-class DistillPath(StrEnum):
-    plain = "plain"
-    keyed = "keyed"
-    wrong_key = "wrong-key"
+def _override(cfg: Any, options: list[str]) -> Any:
+    """sdb_core.configurator.override, its errors as bad CLI parameters."""
+    from sdb_core.configurator import OverrideError, override
 
-
-def _override(obj: Any, options: list[str]) -> Any:
-    """dataclasses.replace with KEY=VALUE strings, converted to the type of the current value."""
-    changes: dict[str, Any] = {}
-    for item in options:
-        k, sep, v = item.partition("=")
-        if not sep or not hasattr(obj, k):
-            raise typer.BadParameter(f"unknown option {item!r}")
-        current = getattr(obj, k)
-        if current is not None and not isinstance(current, bool | int | float | str):
-            raise typer.BadParameter(f"{k} is not a scalar setting")
-        if isinstance(current, bool):  # bool("false") is True
-            if v.lower() not in ("true", "false", "1", "0"):
-                raise typer.BadParameter(f"{k} takes true or false, got {v!r}")
-            changes[k] = v.lower() in ("true", "1")
-        elif isinstance(current, str):
-            changes[k] = v
-        else:
-            changes[k] = type(current)(v) if current is not None else float(v)
-    return replace(obj, **changes)
-
-
-def _override_box(cfg: Any, options: list[str]) -> Any:
-    """_override on a BoxConfig; `train.KEY=VALUE` goes to its TrainConfig."""
-    train = [o.removeprefix("train.") for o in options if o.startswith("train.")]
-    rest = [o for o in options if not o.startswith("train.")]
-    return replace(_override(cfg, rest), train=_override(cfg.train, train))
+    try:
+        return override(cfg, options)
+    except OverrideError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _threads(n: int) -> None:
@@ -138,7 +115,8 @@ def box(
     epochs: Annotated[int | None, typer.Option(help="Box training epochs (default: BoxConfig).")] = None,
     lam: Annotated[float, typer.Option(help="Key mixing weight lambda.")] = 0.5,
     key_out: Annotated[
-        Path | None, typer.Option(help="Also move the box key here (e.g. a secret store mount).")
+        Path | None,
+        typer.Option(help="Also move the box key here (e.g. a secret store mount); unsealed boxes only."),
     ] = None,
     box_option: BoxOptionOpt = None,
     seed: SeedOpt = 0,
@@ -152,8 +130,12 @@ def box(
     from sdb_core.box import BoxConfig, box_teacher, train_box
     from sdb_core.data import load_dataset
     from sdb_core.keys import BoxKey
+    from sdb_core.seal import Keyring
     from sdb_core.training import accuracy, load_model, model_fn, resolve_device
 
+    keyring = Keyring.from_env()  # SDB_SEAL_KEY_FILE set: the artifact is written sealed
+    if keyring.current is not None and key_out is not None:
+        raise typer.BadParameter("--key-out moves a plaintext box key; with SDB_SEAL_KEY_FILE it is sealed")
     with parallel.session(device) as device:
         ds = load_dataset(data)
         model, meta = load_model(teacher, device=resolve_device(device))
@@ -163,7 +145,7 @@ def box(
         train = replace(base.train, seed=seed, device=device, checkpoint_every=5)
         if epochs is not None:
             train = replace(train, epochs=epochs)
-        cfg = _override_box(replace(base, train=train), box_option or [])
+        cfg = _override(replace(base, train=train), box_option or [])
         ckpt = out.parent / f".{out.name}.resume.pt"
         # One secret key for all ranks: drawn by rank 0, sent over the (local) process group.
         drawn = BoxKey.generate(ds.input_shape, cfg.lam) if parallel.is_main() else None
@@ -194,13 +176,20 @@ def box(
             key=key,
             teacher_top1=top1,
             checkpoint=ckpt,
+            keyring=keyring if keyring.current is not None else None,
         )
         if key_out is not None:
             key_out.parent.mkdir(parents=True, exist_ok=True)
             (out / "box_key.json").replace(key_out)
             typer.echo(f"box key moved to {key_out}; load with key_path", err=True)
+        sealed = boxed.manifest.get("seal", {}).get("key_id", False)
         _echo_json(
-            {"box": str(out), "metrics": boxed.manifest["metrics"], "processes": parallel.world_size()}
+            {
+                "box": str(out),
+                "metrics": boxed.manifest["metrics"],
+                "processes": parallel.world_size(),
+                "sealed": sealed,
+            }
         )
 
 
@@ -218,8 +207,8 @@ def distill(
         str | None, typer.Option(envvar="SDB_API_KEY", help="API key for --remote (or env SDB_API_KEY).")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model name on the remote service.")] = None,
-    path: Annotated[DistillPath, typer.Option(help="Box path: plain, keyed, wrong-key (local only).")] = (
-        DistillPath.keyed
+    path: Annotated[BoxPath, typer.Option(help="Box path: plain, keyed, wrong-key (local only).")] = (
+        BoxPath.keyed
     ),
     data: DataOpt = "digits",
     arch: Annotated[str, typer.Option(help="Student architecture.")] = "small_cnn",
@@ -243,49 +232,31 @@ def distill(
     from sdb_core import parallel
 
     with parallel.session(device) as device:
-        from sdb_core.artifact import load_box
-        from sdb_core.box import wrong_key_fn
         from sdb_core.data import load_dataset
         from sdb_core.distill import DistillConfig
         from sdb_core.distill import distill as run_distill
-        from sdb_core.training import (
-            TeacherFn,
-            TrainConfig,
-            accuracy,
-            load_model,
-            model_fn,
-            resolve_device,
-            save_model,
-        )
+        from sdb_core.teachers import local_teacher
+        from sdb_core.training import TeacherFn, TrainConfig, accuracy, model_fn, resolve_device, save_model
 
         if sum(x is not None for x in (teacher, box_dir, remote)) > 1:
             raise typer.BadParameter("give at most one of --teacher, --box, --remote")
         ds = load_dataset(data)
         dev = resolve_device(device)
-        fn: TeacherFn | None = None
-        source = "scratch"
-        if teacher is not None:
-            tmodel, _ = load_model(teacher, device=dev)
-            fn, source = model_fn(tmodel, ds), f"teacher:{teacher}"
-        elif box_dir is not None:
-            boxed = load_box(box_dir, key_path=key_path, device=dev)
-            if path is DistillPath.plain:
-                fn = boxed.plain_logits
-            elif path is DistillPath.keyed:
-                fn = boxed.keyed_logits
-            else:
-                fn = wrong_key_fn(boxed, boxed.manifest["lam"])
-            source = f"box:{box_dir}:{path.value}"
-        elif remote is not None:
+        fn: TeacherFn | None
+        if remote is not None:
             if not api_key:
                 raise typer.BadParameter("--remote needs --api-key (or SDB_API_KEY)")
-            if path is DistillPath.wrong_key:
+            if path is BoxPath.wrong_key:
                 raise typer.BadParameter("--path wrong-key is only for local boxes")
             from sdb.client import remote_teacher  # lazy: the client is optional for local use
 
-            fn = remote_teacher(remote, api_key, model, "keyed" if path is DistillPath.keyed else "plain")
+            fn = remote_teacher(remote, api_key, model, "keyed" if path is BoxPath.keyed else "plain")
             source = f"remote:{remote}:{model or 'default'}:{path.value}"
-            _remote_budget(fn, len(ds.x_train), path is DistillPath.keyed, yes, loud=parallel.is_main())
+            _remote_budget(fn, len(ds.x_train), path is BoxPath.keyed, yes, loud=parallel.is_main())
+        else:
+            fn, source = local_teacher(
+                ds, dev, teacher=teacher, box_dir=box_dir, key_path=key_path, path=path
+            )
         cfg = DistillConfig(
             alpha=alpha,
             temperature=temperature,
@@ -378,7 +349,8 @@ def evaluate(
     _single_process("evaluate")
     _threads(threads)
     from sdb_core.evaluate import evaluate as run_eval
-    from sdb_core.evaluate import merge_reports, protocol_for, reduced_config, write_report
+    from sdb_core.evaluate import protocol_for, reduced_config
+    from sdb_core.report import merge_reports, write_report
 
     if merge:
         reports = [json.loads((d / "results.json").read_text()) for d in merge]
@@ -390,7 +362,7 @@ def evaluate(
         if seeds:
             cfg = replace(cfg, seeds=tuple(int(s) for s in seeds.split(",") if s))
         if box_option:
-            cfg = replace(cfg, box=_override_box(cfg.box, box_option))
+            cfg = replace(cfg, box=_override(cfg.box, box_option))
         if protocol_option:
             cfg = _override(cfg, protocol_option)
         report = run_eval(cfg, out)
@@ -438,7 +410,8 @@ def attack(
     from sdb_core.attacks import LABEL_ONLY, AttackConfig, Oracle, attack_names, run_attack
     from sdb_core.data import load_dataset
     from sdb_core.distill import DistillConfig
-    from sdb_core.evaluate import parse_student, plain_api_oracle, stolen_weights_oracle
+    from sdb_core.evaluate import parse_student
+    from sdb_core.oracles import plain_api_oracle, stolen_weights_oracle
     from sdb_core.training import TrainConfig, accuracy, model_fn, resolve_device
 
     if (box_dir is None) == (remote is None):

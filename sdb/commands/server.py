@@ -98,6 +98,13 @@ def serve(
         typer.echo(f"error: invalid settings: {messages}", err=True)
         raise typer.Exit(2) from None
     _require_writable(settings.database_url)
+    from service.inference.loading import ModelLoadError, preflight
+
+    try:  # a sealed artifact that cannot be opened: one line here rather than a traceback per worker
+        preflight(settings)
+    except ModelLoadError as exc:
+        typer.echo(f"error: refusing to start: {exc}", err=True)
+        raise typer.Exit(1) from None
     if settings.demo:
         # Migrate once here rather than in every worker at the same time.
         from service.db.migrate import upgrade

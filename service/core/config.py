@@ -61,6 +61,22 @@ class Settings(BaseSettings):
         description="Directory of box key files `<artifact dir name>.json` (a secret store mount); "
         "unset: each artifact's own box_key.json.",
     )
+    seal_key_file: Path | None = Field(
+        None,
+        description="Master key file (64 hex characters, a secret-store mount or a compose secret) that "
+        "opens sealed artifacts and seals new ones (`sdb box`, `sdb seal`); unset: sealed artifacts refuse "
+        "to load.",
+    )
+    seal_key_dir: Path | None = Field(
+        None,
+        description="Directory of further master key files `*.key` that may open sealed artifacts (older "
+        "keys during a rotation).",
+    )
+    require_sealed: bool = Field(
+        False,
+        description="Refuse to start with an unsealed artifact (the compose default); false: it loads with "
+        "a warning outside demo mode.",
+    )
     default_model: str | None = Field(None, description="Model used when a request names none.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
     torchscript: bool = Field(
@@ -83,6 +99,11 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = Field(
         None,
         description="HS256 secret, >= 32 bytes, not a placeholder, not low-entropy; required outside demo.",
+    )
+    jwt_secret_file: Path | None = Field(
+        None,
+        description="File holding SDB_JWT_SECRET (a compose or Docker secret, not visible in "
+        "`docker inspect`); set one of the two.",
     )
     jwt_issuer: str = Field("sdb", description="`iss` claim issued and required.")
     jwt_audience: str = Field("sdb-distill", description="`aud` claim issued and required.")
@@ -157,9 +178,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_secret(self) -> Settings:
+        if self.jwt_secret_file is not None:
+            if self.jwt_secret is not None:
+                raise ValueError("set SDB_JWT_SECRET or SDB_JWT_SECRET_FILE, not both")
+            try:
+                self.jwt_secret = SecretStr(self.jwt_secret_file.read_text().strip())
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                where = f"SDB_JWT_SECRET_FILE={self.jwt_secret_file}"
+                raise ValueError(f"{where}: cannot read ({reason})") from None
         if self.jwt_secret is None:
             if not self.demo:
-                raise ValueError("SDB_JWT_SECRET must be set (>= 32 bytes) unless SDB_DEMO=1")
+                raise ValueError(
+                    "SDB_JWT_SECRET (or SDB_JWT_SECRET_FILE) must be set (>= 32 bytes) unless SDB_DEMO=1"
+                )
         elif len(self.jwt_secret.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
             raise ValueError(f"SDB_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long")
         try:

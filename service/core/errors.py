@@ -1,8 +1,11 @@
-"""Exception handlers and the one mapping from inference errors to HTTP answers."""
+"""Exception handlers, the one mapping from inference errors to HTTP answers, and the status of a request
+whose body ended in a disconnect."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +20,13 @@ from service.sanitize import clean
 logger = logging.getLogger(__name__)
 
 INFERENCE_RETRY_AFTER_S = 1
+STATUS_CLIENT_GONE = 499  # the client went away before an answer (nginx's code); never counted as a 500
+BODY_STATUS_KEY = "sdb_body_status"  # scope["state"] key: 413 once the body-limit middleware refused the body
+
+
+def disconnect_status(scope: MutableMapping[str, Any]) -> int:
+    """The status of a request whose body ended in a disconnect: 413 if the body limit cut it, else 499."""
+    return int((scope.get("state") or {}).get(BODY_STATUS_KEY, STATUS_CLIENT_GONE))
 
 
 def inference_error(exc: InferenceTimeout | InferenceOverloaded) -> HTTPException:

@@ -17,7 +17,7 @@ PREDICT_ENDPOINT = "/predict"
 
 # Audit status codes. Answered and refused calls store the HTTP status they got; three codes are the
 # audit table's own.
-STATUS_RESERVED = 102  # a /distill-batch call holds its samples and awaits its answer
+STATUS_RESERVED = 102  # a keyed call (/distill-batch) holds its samples and awaits its answer
 STATUS_CANCELLED = 499  # abandoned (client gone, deadline, shutdown) after its reservation: samples back
 STATUS_RELEASED = 504  # never confirmed (database failed at the confirm), released by the sweep: samples back
 # Refusals decided inside the quota transaction, by reason (the route answers the same statuses).
@@ -42,6 +42,7 @@ def insert_distill_audit(
     status: int,
     model: str | None,
     n: int,
+    endpoint: str = DISTILL_ENDPOINT,
     client: str | None,
     digest: str | None,
     user_id: int | None = None,
@@ -52,7 +53,7 @@ def insert_distill_audit(
         _INSERT_AUDIT,
         {
             "created_at": utcnow(),
-            "endpoint": DISTILL_ENDPOINT,
+            "endpoint": endpoint,
             "model": clean(model, 128) if model is not None else None,
             "user_id": user_id,
             "api_key_id": key_id,
@@ -75,11 +76,13 @@ def audit_distill_rejection(
     user_id: int | None = None,
     key_id: int | None = None,
     latency_ms: float | None = None,
+    endpoint: str = DISTILL_ENDPOINT,
 ) -> None:
-    """Record a /distill-batch call refused before any quota was touched (401, 404, 422...)."""
+    """Record a keyed call (/distill-batch) refused before any quota was touched (401, 404, 422...)."""
     with db.write_connection() as conn:
         insert_distill_audit(
             conn,
+            endpoint=endpoint,
             status=status,
             model=model,
             n=0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -12,10 +12,18 @@ from service.db.models import SecurityEvent
 from service.db.session import Database
 from service.sanitize import clean
 
-if TYPE_CHECKING:
-    from service.crud.principals import Principal
-
 logger = logging.getLogger(__name__)
+
+
+class Actor(Protocol):
+    """Who acted (a `service.crud.principals.Principal`, named here by shape only: principals -> accounts
+    -> events must not import back)."""
+
+    @property
+    def user_id(self) -> int: ...
+
+    @property
+    def key_id(self) -> int: ...
 
 
 def record_event(
@@ -23,7 +31,7 @@ def record_event(
     action: str,
     outcome: str,
     *,
-    actor: Principal | None = None,
+    actor: Actor | None = None,
     actor_user_id: int | None = None,
     actor_key_id: int | None = None,
     client_id: str | None = None,

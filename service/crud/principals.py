@@ -19,7 +19,6 @@ WILDCARD_SCOPE = "*"
 @dataclass(frozen=True)
 class Principal:
     user_id: int
-    user_name: str
     role: str
     key_id: int
     scopes: frozenset[str]  # the token's scopes that the key (still) holds
@@ -74,7 +73,6 @@ _PRINCIPAL = (
         ApiKey.scopes,
         ApiKey.revoked_at,
         ApiKey.expires_at,
-        User.name,
         User.role,
         User.disabled,
     )
@@ -88,7 +86,7 @@ def load_principal(conn: Session | Connection, claims: TokenClaims, now: datetim
     row = conn.execute(_PRINCIPAL, {"key_id": claims.key_id}).first()
     if row is None:
         raise AuthFailure("unknown_key")
-    user_id, scopes, revoked_at, expires_at, name, role, disabled = row
+    user_id, scopes, revoked_at, expires_at, role, disabled = row
     if user_id != claims.user_id:
         raise AuthFailure("subject")
     reason = usable(revoked_at, expires_at, disabled, now or utcnow())
@@ -96,7 +94,6 @@ def load_principal(conn: Session | Connection, claims: TokenClaims, now: datetim
         raise AuthFailure(reason)
     return Principal(
         user_id=user_id,
-        user_name=name,
         role=role,
         key_id=claims.key_id,
         scopes=granted_scopes(scopes, claims.scopes),

@@ -1,4 +1,5 @@
-"""The /distill-batch quota transaction: reserve (authorize, rate, quota, audit), finalize, release stale."""
+"""The quota transactions of a keyed call (/distill-batch): reserve (authorize, rate, quota, audit), finalize,
+release stale. `service.crud.keyed_calls.KeyedCall` runs them for a route."""
 
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def reserve_distill(
     rate_per_minute: int,
     now: float | None = None,
     started: float | None = None,
+    endpoint: str = DISTILL_ENDPOINT,
 ) -> DistillGrant:
     """One write transaction: authorize (DB), count the request against the per-key rate, consume the
     quota, and write the audit row. A refusal is audited and committed too, then raised as DistillDenied.
@@ -107,7 +109,9 @@ def reserve_distill(
     """
     t = _clock() if now is None else now
     with db.write_connection() as conn:
-        result = _reserve(conn, claims, model, n_samples, client_id, digest, rate_per_minute, t, started)
+        result = _reserve(
+            conn, claims, model, n_samples, client_id, digest, rate_per_minute, t, started, endpoint
+        )
     if isinstance(result, DistillDenied):
         raise result
     return result
@@ -123,12 +127,14 @@ def _reserve(
     rate_per_minute: int,
     t: float,
     started: float | None,
+    endpoint: str,
 ) -> DistillGrant | DistillDenied:
     now_dt = datetime.fromtimestamp(t, UTC)
 
     def refuse(owner: tuple[int | None, int | None], denied: DistillDenied) -> DistillDenied:
         insert_distill_audit(
             conn,
+            endpoint=endpoint,
             status=REFUSAL_STATUS[denied.reason],
             model=model,
             n=0,
@@ -171,6 +177,7 @@ def _reserve(
         return refuse(owner, DistillDenied("quota", message, quota=quota, used=int(used)))
     audit_id = insert_distill_audit(
         conn,
+        endpoint=endpoint,
         status=STATUS_RESERVED,
         model=model,
         n=n_samples,
@@ -212,16 +219,15 @@ def finalize_distill(db: Database, grant: DistillGrant, *, status: int, latency_
 
 
 def release_stale_reservations(db: Database, older_than_s: float, now: float | None = None) -> int:
-    """Close /distill-batch reservations left unconfirmed (STATUS_RESERVED) for longer than `older_than_s`,
-    e.g. when the database failed while the call confirmed: no answer was sent, so the samples go back.
-    Returns how many were released."""
+    """Close keyed calls' reservations (STATUS_RESERVED, whatever the endpoint) left unconfirmed for longer
+    than `older_than_s`, e.g. when the database failed while the call confirmed: no answer was sent, so the
+    samples go back. Returns how many were released."""
     cutoff = datetime.fromtimestamp((_clock() if now is None else now) - older_than_s, UTC)
     released = 0
     with db.write_connection() as conn:
         stale = conn.execute(
             select(QueryAudit.id, QueryAudit.api_key_id, QueryAudit.n_samples).where(
                 QueryAudit.status == STATUS_RESERVED,
-                QueryAudit.endpoint == DISTILL_ENDPOINT,
                 QueryAudit.created_at < cutoff,
             )
         ).all()
@@ -233,5 +239,5 @@ def release_stale_reservations(db: Database, older_than_s: float, now: float | N
                 conn.execute(_REFUND, {"key_id": key_id, "n": n})
                 released += 1
     if released:
-        logger.warning("released %d stale /distill-batch reservations (samples given back)", released)
+        logger.warning("released %d stale keyed-call reservations (samples given back)", released)
     return released

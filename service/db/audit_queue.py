@@ -57,8 +57,6 @@ class AuditQueue:
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
-        self.written = 0
-        self.dropped = 0
         # A batch whose write failed may still have committed (the answer to COMMIT lost): (first row, size).
         self._unsure: tuple[AuditRecord, int] | None = None
 
@@ -70,7 +68,6 @@ class AuditQueue:
     def submit(self, record: AuditRecord) -> None:
         with self._lock:
             if len(self._pending) >= self.cfg.max_pending:
-                self.dropped += 1
                 metrics.record_audit_dropped()
                 return
             self._pending.append(record)
@@ -109,7 +106,6 @@ class AuditQueue:
                 return True
             try:
                 self._write(batch)
-                self.written += len(batch)
             except Exception as exc:
                 self._put_back(batch)
                 self._unsure = (batch[0], len(batch))
@@ -141,7 +137,6 @@ class AuditQueue:
             with self._lock:
                 for _ in range(min(n, len(self._pending))):
                     self._pending.popleft()
-            self.written += n
         self._unsure = None
         return True
 

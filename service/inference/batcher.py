@@ -211,6 +211,7 @@ def fastest_forward_batch(
     rounds: int = 3,
     budget_s: float = 0.03,
     slow_forward_s: float = 0.5,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[int, dict[int, float]]:
     """Time `fn` at batch 8, 16, 32, ... up to `max_size` and return the largest batch whose samples/s is
     within `tolerance` of the best, with the samples/s measured at each size.
@@ -219,7 +220,7 @@ def fastest_forward_batch(
     CNN: ~70k samples/s at 64, ~30k at 256), so a big request runs faster in chunks of the peak size. The
     sizes are timed in `rounds` interleaved rounds of about `budget_s` each (best run per size), so that a
     slow spell of a shared machine does not single one size out; sizes above the first whose single
-    forward pass takes `slow_forward_s` are not tried."""
+    forward pass takes `slow_forward_s` are not tried. `clock`: seconds (a seam for tests)."""
     sizes, size = [], min(8, max_size)
     while True:
         sizes.append(size)
@@ -234,9 +235,9 @@ def fastest_forward_batch(
                 fn(x)  # warm-up: allocator and kernels for this shape
             spent, runs = 0.0, 0
             while runs == 0 or spent < budget_s:
-                start = time.perf_counter()
+                start = clock()
                 fn(x)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 spent, runs = spent + elapsed, runs + 1
                 rates[s] = max(rates.get(s, 0.0), s / max(elapsed, 1e-9))
             if elapsed >= slow_forward_s:

@@ -1,13 +1,21 @@
-"""Model loading: every boxed artifact under SDB_MODEL_DIR, traced, warmed up and calibrated."""
+"""Model loading: every boxed artifact under SDB_MODEL_DIR, traced, warmed up and calibrated.
+
+Sealed artifacts (sdb_core.seal) are decrypted in memory with the master keys of SDB_SEAL_KEY_FILE /
+SDB_SEAL_KEY_DIR. Anything that stops a model from loading is a `ModelLoadError` of one line that names the
+artifact and the setting to fix, never key material; `preflight` finds the same errors before the server
+starts (`sdb serve` prints that line and exits instead of a traceback).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import stat
 from pathlib import Path
 from typing import Any
 
-from sdb_core.artifact import load_box
+from sdb_core.artifact import KEY_FILE, ArtifactError, load_box, read_artifact, read_manifest
+from sdb_core.seal import Keyring, SealError, is_sealed
 from service.core.config import Settings
 from service.inference.batcher import BatcherConfig
 from service.inference.registry import Box, ModelRegistry
@@ -46,6 +54,71 @@ def read_evaluation(path: Path) -> dict[str, Any] | None:
     return out
 
 
+class ModelLoadError(RuntimeError):
+    """A model cannot be loaded: one line naming the artifact and the setting, never key material."""
+
+
+def keyring_of(settings: Settings) -> Keyring:
+    try:
+        return Keyring.from_paths(settings.seal_key_file, settings.seal_key_dir)
+    except SealError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def artifact_dirs(settings: Settings) -> list[Path]:
+    model_dir = Path(settings.model_dir)
+    if not model_dir.is_dir():
+        return []
+    return [entry for entry in sorted(model_dir.iterdir()) if (entry / "manifest.json").is_file()]
+
+
+def _key_path(settings: Settings, entry: Path) -> Path | None:
+    return None if settings.box_key_dir is None else Path(settings.box_key_dir) / f"{entry.name}.json"
+
+
+def check_policy(settings: Settings, entry: Path, *, warn: bool) -> None:
+    """SDB_REQUIRE_SEALED, and (with `warn`) one warning line each for an unsealed artifact outside demo mode
+    and for a plaintext box key file that group or others may read (git does not keep file modes)."""
+    try:
+        sealed = is_sealed(read_manifest(entry))
+    except ArtifactError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not sealed and settings.require_sealed:
+        raise ModelLoadError(
+            f"{entry}: not sealed, and SDB_REQUIRE_SEALED=true refuses unsealed artifacts "
+            f"(seal it with `sdb seal {entry}`, the master key in SDB_SEAL_KEY_FILE)"
+        )
+    if not warn:
+        return
+    if not sealed and not settings.demo:
+        logger.warning(
+            "%s is not sealed: its weights are plaintext at rest (`sdb seal`; SDB_REQUIRE_SEALED=true "
+            "refuses this)",
+            entry,
+        )
+    key_path = _key_path(settings, entry) or entry / KEY_FILE
+    try:
+        mode = key_path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning(
+            "box key file %s is readable by group or others (mode %o): chmod 600 it", key_path, mode & 0o777
+        )
+
+
+def preflight(settings: Settings) -> None:
+    """Open every artifact's seal (decrypt in memory, check the tags and digests) and apply
+    SDB_REQUIRE_SEALED, without building a model. ModelLoadError on the first that fails."""
+    keyring = keyring_of(settings)
+    for entry in artifact_dirs(settings):
+        check_policy(settings, entry, warn=False)
+        try:
+            read_artifact(entry, keyring)
+        except ArtifactError as exc:
+            raise ModelLoadError(str(exc)) from None
+
+
 def load_registry(settings: Settings, *, warm_up: bool = True) -> ModelRegistry:
     """Load every artifact directory (one holding a manifest.json) under SDB_MODEL_DIR."""
     threads = configure_torch(settings.torch_threads)
@@ -53,17 +126,17 @@ def load_registry(settings: Settings, *, warm_up: bool = True) -> ModelRegistry:
     model_dir = Path(settings.model_dir)
     boxes: list[Box] = []
     evaluations: dict[str, dict[str, Any] | None] = {}
+    keyring = keyring_of(settings)
     if model_dir.is_dir():
-        for entry in sorted(model_dir.iterdir()):
-            if not (entry / "manifest.json").is_file():
-                continue
-            key_path = (
-                None if settings.box_key_dir is None else Path(settings.box_key_dir) / f"{entry.name}.json"
-            )
+        for entry in artifact_dirs(settings):
+            check_policy(settings, entry, warn=True)
             try:
-                box = load_box(entry, key_path=key_path, device=str(device))
+                key_path = _key_path(settings, entry)
+                box = load_box(entry, key_path=key_path, device=str(device), keyring=keyring)
+            except ArtifactError as exc:
+                raise ModelLoadError(str(exc)) from None
             except Exception as exc:
-                raise RuntimeError(f"cannot load the boxed model in {entry}: {exc}") from exc
+                raise ModelLoadError(f"cannot load the boxed model in {entry}: {exc}") from exc
             if hasattr(box, "eval"):
                 box.eval()
             if settings.torchscript:

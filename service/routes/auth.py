@@ -10,8 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Request
@@ -19,10 +18,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.core.security import issue_token
 from service.core.state import get_state
-from service.crud import accounts, events
-from service.crud.principals import granted_scopes, unknown_scopes, unknown_scopes_message
-from service.db.models import utcnow
-from service.db.session import Database
+from service.crud.principals import unknown_scopes, unknown_scopes_message
+from service.crud.tokens import ExchangeRefused, exchange_api_key
 from service.observability import metrics
 from service.schemas import TokenRequestJSON, TokenResponse
 
@@ -117,8 +114,8 @@ def _fields(content_type: str, body: bytes, authorization: str | None) -> dict[s
 async def token(request: Request) -> TokenResponse:
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     fields = _fields(content_type, await request.body(), request.headers.get("authorization"))
-    grant = fields.get("grant_type", "client_credentials")
-    if grant != "client_credentials":
+    grant_type = fields.get("grant_type", "client_credentials")
+    if grant_type != "client_credentials":
         raise _bad_request("unsupported_grant_type", "only grant_type=client_credentials is supported")
     secret = fields.get("client_secret") or fields.get("api_key")
     if not secret:
@@ -130,70 +127,19 @@ async def token(request: Request) -> TokenResponse:
         if unknown:
             raise _bad_request("invalid_scope", unknown_scopes_message(unknown, state.models.names()))
     client = state.client_ids.anonymous_id(request)
-    result = await run_in_threadpool(_exchange, state.db, secret, requested, client)
-    if result is None:
-        raise _invalid_client()
-    if isinstance(result, str):
-        raise _bad_request("invalid_scope", "the key does not hold every requested scope")
-    user_id, key_id, scopes, expires_at = result
+    try:
+        grant = await run_in_threadpool(exchange_api_key, state.db, secret, requested, client)
+    except ExchangeRefused as exc:
+        if exc.reason == "invalid_scope":
+            raise _bad_request("invalid_scope", "the key does not hold every requested scope") from None
+        raise _invalid_client() from None
     access, lifetime = issue_token(
         state.tokens,
-        user_id=user_id,
-        key_id=key_id,
-        scopes=scopes,
-        expires_at=expires_at.timestamp() if expires_at else None,
+        user_id=grant.user_id,
+        key_id=grant.key_id,
+        scopes=grant.scopes,
+        expires_at=grant.expires_at.timestamp() if grant.expires_at else None,
     )
     return TokenResponse(
-        access_token=access, token_type="bearer", expires_in=lifetime, scope=" ".join(scopes)
+        access_token=access, token_type="bearer", expires_in=lifetime, scope=" ".join(grant.scopes)
     )
-
-
-def _exchange(
-    db: Database, secret: str, requested: str | None, client: str | None
-) -> tuple[int, int, list[str], datetime | None] | Literal["invalid_scope"] | None:
-    """(user id, key id, scopes, key expiry) for a usable key; "invalid_scope"; None for a bad key."""
-    with db.write() as s:
-        key = accounts.find_key_by_secret(s, secret)
-        if key is None:
-            events.record_event(
-                s, "token.issue", "denied", client_id=client, detail={"reason": "unknown_key"}
-            )
-            return None
-        reason = accounts.key_usable(key, key.user, utcnow())
-        if reason is not None:
-            events.record_event(
-                s,
-                "token.issue",
-                "denied",
-                actor_user_id=key.user_id,
-                actor_key_id=key.id,
-                client_id=client,
-                detail={"reason": reason},
-            )
-            return None
-        scopes = sorted(key.scopes)
-        if requested is not None:
-            asked = frozenset(requested.split())
-            scopes = sorted(granted_scopes(key.scopes, asked))
-            if set(scopes) != asked:  # RFC 6749 5.2 invalid_scope: never a silently narrower token
-                events.record_event(
-                    s,
-                    "token.issue",
-                    "denied",
-                    actor_user_id=key.user_id,
-                    actor_key_id=key.id,
-                    client_id=client,
-                    detail={"reason": "invalid_scope"},
-                )
-                return "invalid_scope"
-        key.last_used_at = utcnow()
-        events.record_event(
-            s,
-            "token.issue",
-            "ok",
-            actor_user_id=key.user_id,
-            actor_key_id=key.id,
-            client_id=client,
-            detail={"scopes": scopes},
-        )
-        return key.user_id, key.id, scopes, key.expires_at

@@ -4,32 +4,29 @@ Order of a call: token signature/claims (no database) -> inputs decoded and vali
 transaction that re-checks the key and user, counts the request against the per-key rate limit, consumes
 the sample quota and writes the audit row -> the keyed forward pass (the box key is applied server-side
 and never leaves the process) -> the audit row is confirmed. Any database failure answers 503 and no soft
-labels are sent without a committed audit row. Refused calls are audited too.
+labels are sent without a committed audit row. Refused calls are audited too. The audit lifecycle is
+`service.crud.keyed_calls.KeyedCall`'s; this route maps its outcomes to HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from service.core.deps import BearerCredentials, missing_token, unauthorized
-from service.core.errors import inference_error, non_finite_error
-from service.core.security import TokenClaims, TokenError, verify_token
+from service.core.errors import disconnect_status, inference_error, non_finite_error
+from service.core.security import TokenError, verify_token
 from service.core.state import get_state
-from service.crud import audits, quota
-from service.crud.quota import DistillDenied, DistillGrant
-from service.db.session import Database
-from service.decode import decode_inputs, query_openapi
+from service.crud import audits
+from service.crud.keyed_calls import KeyedCall
+from service.crud.quota import DistillDenied, ReservationReleased
+from service.decode import decode_inputs, query_openapi, request_model
 from service.inference.registry import InferenceOverloaded, InferenceTimeout
-from service.middleware import disconnect_status
 from service.observability import metrics
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE, NonFiniteOutputs, softmax
 from service.schemas import (
@@ -112,53 +109,6 @@ def _denied(d: DistillDenied, model: str) -> HTTPException:
     )
 
 
-async def _audit_rejection(
-    db: Database, status: int, client: str | None, claims: TokenClaims | None, model: str | None, t0: float
-) -> None:
-    await run_in_threadpool(
-        lambda: audits.audit_distill_rejection(
-            db,
-            status=status,
-            model=model,
-            client_id=client,
-            user_id=claims.user_id if claims else None,
-            key_id=claims.key_id if claims else None,
-            latency_ms=(time.perf_counter() - t0) * 1000,
-        )
-    )
-
-
-async def _finalize(db: Database, grant: DistillGrant, status: int, t0: float) -> None:
-    # The transaction runs in a worker thread, which completes even if this coroutine is cancelled.
-    latency_ms = (time.perf_counter() - t0) * 1000
-    await run_in_threadpool(lambda: quota.finalize_distill(db, grant, status=status, latency_ms=latency_ms))
-
-
-def _release_abandoned(db: Database, t0: float) -> Callable[[asyncio.Future[DistillGrant]], None]:
-    """When a call is cancelled while its reservation commits, give the samples back once it has."""
-
-    def done(task: asyncio.Future[DistillGrant]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        grant = task.result()
-        latency_ms = (time.perf_counter() - t0) * 1000
-        asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: quota.finalize_distill(db, grant, status=audits.STATUS_CANCELLED, latency_ms=latency_ms),
-        )
-
-    return done
-
-
-async def _reserve(db: Database, t0: float, fn: Callable[[], DistillGrant]) -> DistillGrant:
-    task = asyncio.ensure_future(run_in_threadpool(fn))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_release_abandoned(db, t0))
-        raise
-
-
 @router.post(
     "/distill-batch",
     response_model=DistillResponse,
@@ -170,77 +120,52 @@ async def _reserve(db: Database, t0: float, fn: Callable[[], DistillGrant]) -> D
 async def distill_batch(request: Request, credentials: BearerCredentials) -> Response:
     t0 = time.perf_counter()
     state = get_state(request)
-    db = state.db
     client = state.client_ids.anonymous_id(request)
-
     token = credentials.credentials if credentials is not None else ""
     try:
         claims = verify_token(state.tokens, token)
     except TokenError as exc:
         metrics.record_auth_failure("missing" if not token else exc.reason)
-        await _audit_rejection(db, 401, client, None, None, t0)
+        await KeyedCall(state.db, client, started=t0).reject(401)
         raise (unauthorized() if token else missing_token()) from None
-
     try:
         decoded = await decode_inputs(request, DistillRequest, state.models, QUERY_FIELDS)
     except (HTTPException, ClientDisconnect) as exc:
-        model_name = request.query_params.get("model") or getattr(request.state, "model_name", None)
         status = exc.status_code if isinstance(exc, HTTPException) else disconnect_status(request.scope)
-        await _audit_rejection(db, status, client, claims, model_name, t0)
+        model_name = request.query_params.get("model") or request_model(request.scope)
+        await KeyedCall(state.db, client, started=t0).reject(status, claims, model_name)
         raise
-    model = decoded.model
-    x = decoded.x
+    model, x = decoded.model, decoded.x
     temperature = decoded.params.temperature
     if temperature is None:
         temperature = model.temperature
-    digest = audits.input_digest(x)
-
+    call = KeyedCall(state.db, client, started=t0)
+    rate = state.settings.distill_rate_per_minute
     try:
-        grant = await _reserve(
-            db,
-            t0,
-            lambda: quota.reserve_distill(
-                db,
-                claims,
-                model=model.name,
-                n_samples=int(x.shape[0]),
-                client_id=client,
-                digest=digest,
-                rate_per_minute=state.settings.distill_rate_per_minute,
-                started=t0,
-            ),
-        )
+        async with call.reserved(claims, model=model.name, x=x, rate_per_minute=rate) as grant:
+            try:
+                logits = await model.infer("keyed", x)
+                labels = softmax(logits, temperature)
+            except (InferenceTimeout, InferenceOverloaded) as exc:
+                http = inference_error(exc)
+                await call.settle(http.status_code)
+                raise http from None
+            except NonFiniteOutputs as exc:
+                await call.settle(422)  # refused: the samples go back
+                raise non_finite_error(exc) from None
+            # The answer leaves only once its audit row is confirmed; a database failure raises (503).
+            await call.settle(200)
     except DistillDenied as d:
         raise _denied(d, model.name) from None
-
-    try:
-        logits = await model.infer("keyed", x)
-    except BaseException as exc:
-        if isinstance(exc, InferenceTimeout | InferenceOverloaded):
-            http = inference_error(exc)
-            await _finalize(db, grant, http.status_code, t0)
-            raise http from None
-        cancelled = isinstance(exc, asyncio.CancelledError)
-        await _finalize(db, grant, audits.STATUS_CANCELLED if cancelled else 500, t0)
-        raise
-    try:
-        labels = softmax(logits, temperature)
-    except NonFiniteOutputs as exc:
-        await _finalize(db, grant, 422, t0)  # refused: the samples go back
-        raise non_finite_error(exc) from None
-    # The answer leaves only once its audit row is confirmed; a database failure here raises (503).
-    try:
-        await _finalize(db, grant, 200, t0)
-    except quota.ReservationReleased:
+    except ReservationReleased:
         raise HTTPException(
             status_code=503, detail="the call outlived its reservation; nothing was charged, retry"
         ) from None
-    metrics.record_samples_distilled(model.name, grant.n_samples)
-
     headers = _quota_headers(grant.quota, grant.used)
     if grant.rate_limit > 0 and grant.rate_remaining is not None:
         headers["X-RateLimit-Limit"] = str(grant.rate_limit)
         headers["X-RateLimit-Remaining"] = str(grant.rate_remaining)
+    metrics.record_samples_distilled(model.name, grant.n_samples)
     body = {
         "model": model.name,
         "version": model.version,

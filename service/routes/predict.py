@@ -14,13 +14,12 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from service.core.errors import inference_error, non_finite_error
+from service.core.errors import disconnect_status, inference_error, non_finite_error
 from service.core.state import ServiceState, get_state
 from service.crud import audits
 from service.decode import decode_inputs, query_openapi
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
 from service.limits.ratelimit import LimitUnavailable, PredictRateLimit, RateLimiter
-from service.middleware import disconnect_status
 from service.observability import metrics
 from service.outputs import NonFiniteOutputs, softmax
 from service.schemas import (

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdb_core.evaluate import build_report
+from sdb_core.report import build_report
 
 
 def write_evaluation_report(box: Path, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 1. build the image (`docker/offline/build.sh`: stand-in base images from Debian packages where no registry
    answers, torch from this machine's pip, then `docker build -f docker/Dockerfile -t sdb:latest .`);
 2. a deployment directory as an operator has it: the committed docker-compose.yml, a `.env` with fresh
-   secrets, and `models/` whose box key is owner-only (0600, as `sdb box` writes it) and owned by uid 10001;
+   secrets, `secrets/` (0700) with the JWT secret and a fresh master key (files 0644), and `models/` sealed
+   under that master key with the image's own `sdb seal` (no chown: sealed files are ciphertext);
 3. `docker compose up -d --wait`: db healthy -> migrate -> api healthy;
 4. the user story over 127.0.0.1: /predict, `docker compose exec api sdb admin bootstrap`, an admin token, a
-   user, an API key, its token, /distill-batch, the audit rows;
+   user, an API key, its token, /distill-batch, the audit rows; neither the JWT secret nor the master key is
+   in the api container's environment (`docker inspect`), and no plaintext weights are in its models;
 5. the api container runs as uid 10001 and cannot write its code, its virtualenv or the models;
 6. `docker compose restart api`: users, keys and audit rows are still there;
 7. `docker compose down` (volumes kept), `up` again: the data is still there;
@@ -88,7 +90,7 @@ def _write_env(path: Path, port: int, project: str) -> None:
             line = f"{key}={secrets.token_hex(32)}"
             fresh.add(key)
         lines.append(line)
-    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT"} <= fresh, fresh
+    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "SDB_CLIENT_IP_SALT"} <= fresh, fresh
     # A free host port, and a project name of its own so that a real `sdb` stack on this engine is untouched;
     # a /predict limit small enough for test_redis_holds_the_predict_limit to reach.
     lines += [
@@ -100,29 +102,41 @@ def _write_env(path: Path, port: int, project: str) -> None:
     path.chmod(0o600)
 
 
-def _own_models(models: Path) -> None:
-    """`sudo chown -R 10001:10001 models` (the README): the image's user must own 0600 box keys."""
-    if os.geteuid() == 0:
-        subprocess.run(["chown", "-R", "10001:10001", str(models)], check=True)
-        return
-    subprocess.run(  # not root, but allowed to use the engine: let a root container do the chown
+def _write_secrets(directory: Path) -> None:
+    """The README's step: secrets/ 0700, the JWT secret and a master key (64 hex characters), files 0644."""
+    secrets_dir = directory / "secrets"
+    secrets_dir.mkdir(mode=0o700)
+    for name in ("sdb_jwt_secret", "sdb_seal_key"):
+        (secrets_dir / name).write_text(secrets.token_hex(32) + "\n")
+        (secrets_dir / name).chmod(0o644)
+
+
+def _seal_models(directory: Path) -> None:
+    """The README's step: `sdb seal` in the image, as the owner of models/ and secrets/ (here: this user)."""
+    r = subprocess.run(
         [
             "docker",
             "run",
             "--rm",
             "--user",
-            "0",
+            f"{os.getuid()}:{os.getgid()}",
             "-v",
-            f"{models}:/m",
+            f"{directory / 'models'}:/app/models",
+            "-v",
+            f"{directory / 'secrets'}:/run/secrets:ro",
             IMAGE,
-            "chown",
-            "-R",
-            "10001:10001",
-            "/m",
+            "sdb",
+            "seal",
+            "/app/models",
+            "--key-file",
+            "/run/secrets/sdb_seal_key",
         ],
-        check=True,
         capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not list((directory / "models").glob("*/weights.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +169,8 @@ def stack(image: str, compose: list[str], tmp_path_factory: pytest.TempPathFacto
     directory = tmp_path_factory.mktemp("deploy")
     shutil.copy(REPO / "docker-compose.yml", directory / "docker-compose.yml")
     shutil.copytree(REPO / "models", directory / "models")
-    for key in (directory / "models").glob("*/box_key.json"):
-        key.chmod(0o600)
-    _own_models(directory / "models")
+    _write_secrets(directory)
+    _seal_models(directory)
     port = free_port()
     _write_env(directory / ".env", port, f"sdbtest{secrets.token_hex(4)}")
     s = Stack(compose=compose, directory=directory, port=port)
@@ -223,13 +236,25 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     before = _state(base, admin_key)
     assert before["users"] == ["admin", "alice"] and len(before["keys"]) == 2 and len(before["audits"]) == 1
 
+    # The secrets are files, not environment variables; the models hold ciphertext only.
+    inspect = subprocess.run(
+        ["docker", "inspect", "-f", "{{json .Config.Env}}", stack.run("ps", "-q", "api").stdout.strip()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in ("sdb_jwt_secret", "sdb_seal_key"):
+        assert (stack.directory / "secrets" / name).read_text().strip() not in inspect
+    assert "SDB_SEAL_KEY_FILE=/run/secrets/sdb_seal_key" in inspect and "SDB_REQUIRE_SEALED=true" in inspect
+    assert stack.exec_api("test", "-e", f"/app/models/{MODEL}/weights.safetensors").returncode != 0
+
     # Step 5: uid 10001, and nothing but /app/var is writable.
     assert stack.exec_api("id", "-u").stdout.strip() == "10001"
     for path in ("/app/service", "/app/sdb_core", "/opt/venv/lib", f"/app/models/{MODEL}", "/app/models"):
         w = stack.exec_api("sh", "-c", f"touch {path}/.sdb-write-test")
         assert w.returncode != 0, f"the api container could write to {path}"
     assert stack.exec_api("sh", "-c", "touch /app/var/.sdb-write-test").returncode == 0
-    assert stack.exec_api("sh", "-c", f"echo x >> /app/models/{MODEL}/box_key.json").returncode != 0
+    assert stack.exec_api("sh", "-c", f"echo x >> /app/models/{MODEL}/seal.json").returncode != 0
 
     # Step 6: restart the service; the database keeps everything.
     stack.run("restart", "api")

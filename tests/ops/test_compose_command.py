@@ -4,7 +4,9 @@ CI has no Docker engine, so this is how the compose file's `migrate` and `api` s
 resolved compose model (`docker compose config --format json`, with .env.example) gives each service's
 command and environment; only the database host (the `db` container -> a fresh database on 127.0.0.1), the
 Redis host (the `redis` container -> the local Redis, under a key prefix of this test) and the listening
-address (0.0.0.0:8000 -> a free loopback port) are changed.
+address (0.0.0.0:8000 -> a free loopback port) are changed; the compose secrets (/run/secrets/NAME) are
+files of this test, and the models directory a copy of ./models sealed under this test's master key (as
+the README's deployment steps seal them).
 """
 
 from __future__ import annotations
@@ -43,13 +45,41 @@ def local_command(cmd: list[str], port: int | None = None) -> list[str]:
 
 REDIS_PREFIX = f"sdbtest:{uuid.uuid4().hex[:12]}:"
 # .env.example's values are placeholders, which the service refuses (tested below): real secrets instead.
-SECRETS = {"SDB_JWT_SECRET": secrets.token_hex(32), "SDB_CLIENT_IP_SALT": secrets.token_hex(16)}
+SECRETS = {"SDB_CLIENT_IP_SALT": secrets.token_hex(16)}
 
 
-def local_env(service: dict[str, Any], database_url: str, placeholders: bool = False) -> dict[str, str]:
+@pytest.fixture
+def deployment(tmp_path: Path) -> tuple[Path, Path]:
+    """secrets/ (the compose secrets' files) and a copy of ./models sealed under secrets/sdb_seal_key."""
+    import shutil
+
+    from sdb_core.artifact import seal_artifact
+    from sdb_core.seal import new_master_key
+    from tests._support.ops import REPO
+
+    secrets_dir, models = tmp_path / "secrets", tmp_path / "models"
+    secrets_dir.mkdir(mode=0o700)
+    (secrets_dir / "sdb_jwt_secret").write_text(secrets.token_hex(32) + "\n")
+    master = new_master_key(secrets_dir / "sdb_seal_key")
+    shutil.copytree(REPO / "models", models)
+    for box in sorted(p.parent for p in models.glob("*/manifest.json")):
+        seal_artifact(box, master)
+    return secrets_dir, models
+
+
+def local_env(
+    service: dict[str, Any],
+    database_url: str,
+    placeholders: bool = False,
+    deployment: tuple[Path, Path] | None = None,
+) -> dict[str, str]:
     env = {k: str(v) for k, v in service["environment"].items()}
     if not placeholders:
         env.update({k: v for k, v in SECRETS.items() if k in env})
+    for name, value in list(env.items()):
+        if name.endswith("_FILE") and value.startswith("/run/secrets/"):
+            assert deployment is not None, f"{name}: a compose secret, and no secrets directory given"
+            env[name] = str(deployment[0] / value.removeprefix("/run/secrets/"))
     compose_url, local_url = make_url(env["SDB_DATABASE_URL"]), make_url(database_url)
     assert compose_url.drivername == local_url.drivername  # same driver, only the server differs
     assert compose_url.host == "db"
@@ -60,7 +90,8 @@ def local_env(service: dict[str, Any], database_url: str, placeholders: bool = F
         env["SDB_REDIS_KEY_PREFIX"] = REDIS_PREFIX
     for mount in service.get("volumes", []):
         if mount["target"] == env["SDB_MODEL_DIR"]:
-            env["SDB_MODEL_DIR"] = mount["source"]  # the bind mount's host side: ./models
+            # the bind mount's host side (./models), or the sealed copy of it
+            env["SDB_MODEL_DIR"] = str(deployment[1]) if deployment is not None else mount["source"]
     env["SDB_TORCH_THREADS"] = "1"  # CI has two cores and other tests running
     return clean_env(**env)
 
@@ -76,17 +107,34 @@ def redis_cleanup() -> Iterator[None]:
 
 
 def test_migrate_then_serve_as_compose_does(
-    compose_json: dict[str, Any], pg_database: str, servers: list[Server], tmp_path: Path, redis_cleanup: None
+    compose_json: dict[str, Any],
+    pg_database: str,
+    servers: list[Server],
+    tmp_path: Path,
+    redis_cleanup: None,
+    deployment: tuple[Path, Path],
 ) -> None:
     services = compose_json["services"]
     migrate, api = services["migrate"], services["api"]
-    api_env = local_env(api, pg_database)
+    api_env = local_env(api, pg_database, deployment=deployment)
     assert Path(api_env["SDB_MODEL_DIR"]).is_dir()
+    assert api_env["SDB_REQUIRE_SEALED"] == "true" and "SDB_JWT_SECRET" not in api_env
+
+    # The repository's models as they are (not sealed): SDB_REQUIRE_SEALED, compose's default, refuses them.
+    unsealed = subprocess.run(
+        local_command(api["command"], free_port()),
+        env={**api_env, "SDB_MODEL_DIR": str(Path(__file__).resolve().parents[2] / "models")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unsealed.returncode == 1 and "SDB_REQUIRE_SEALED=true" in unsealed.stderr, unsealed.stderr
+    assert len(unsealed.stderr.strip().splitlines()) == 1 and "Traceback" not in unsealed.stderr
 
     # Compose run on .env.example's placeholders: the service refuses to start, naming the problem.
     placeholder = subprocess.run(
         local_command(api["command"], free_port()),
-        env=local_env(api, pg_database, placeholders=True),
+        env=local_env(api, pg_database, placeholders=True, deployment=deployment),
         capture_output=True,
         text=True,
         timeout=120,
@@ -102,7 +150,7 @@ def test_migrate_then_serve_as_compose_does(
 
     r = subprocess.run(
         local_command(migrate["command"]),
-        env=local_env(migrate, pg_database),
+        env=local_env(migrate, pg_database, deployment=deployment),
         capture_output=True,
         text=True,
         timeout=180,

@@ -7,7 +7,7 @@ from typing import Any
 
 from tests._support.ops import REPO, compose_config
 
-SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SDB_JWT_SECRET", "SDB_CLIENT_IP_SALT")
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SDB_CLIENT_IP_SALT")
 
 
 def test_compose_config_passes_for_default_and_gpu_profile(compose_cmd: list[str]) -> None:
@@ -125,3 +125,20 @@ def test_every_image_has_an_offline_stand_in_or_the_readme_says_it_has_none() ->
         assert image in deployment and "registry" in deployment, (name, image)
         assert image in build_sh and "cannot be had" in build_sh, (name, image)
     assert "prom/prometheus:v2.53.2" in stand_ins
+
+
+def test_jwt_secret_and_master_key_are_compose_secrets(compose_json: dict[str, Any]) -> None:
+    """Files mounted at /run/secrets, read through SDB_*_FILE: not in any container's environment."""
+    defined = compose_json["secrets"]
+    assert {"sdb_jwt_secret", "sdb_seal_key"} <= set(defined)
+    assert all(Path(defined[name]["file"]).parent == REPO / "secrets" for name in defined)
+    for name in ("api", "api-gpu", "migrate"):
+        env = compose_json["services"][name]["environment"]
+        assert "SDB_JWT_SECRET" not in env and env["SDB_JWT_SECRET_FILE"] == "/run/secrets/sdb_jwt_secret"
+    for name in ("api", "api-gpu"):
+        service = compose_json["services"][name]
+        assert {s["source"] for s in service["secrets"]} == {"sdb_jwt_secret", "sdb_seal_key"}
+        assert service["environment"]["SDB_SEAL_KEY_FILE"] == "/run/secrets/sdb_seal_key"
+        assert service["environment"]["SDB_REQUIRE_SEALED"] == "true"
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "/secrets/" in ignored and "secrets/" in (REPO / ".dockerignore").read_text().splitlines()

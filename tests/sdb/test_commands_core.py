@@ -142,31 +142,13 @@ def test_distill_remote_uses_the_client(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert "k-123" not in r.output
 
 
-def test_box_options_are_parsed_by_the_fields_type() -> None:
-    import typer
-
-    from sdb.commands.core import _override
-    from sdb_core.box import BoxConfig
-
-    cfg = _override(BoxConfig(), ["guard=false", "w_dis=2", "disturb_form=box_first", "temperature=3"])
-    assert (cfg.guard, cfg.w_dis, cfg.disturb_form, cfg.temperature) == (False, 2.0, "box_first", 3.0)
-    assert _override(BoxConfig(), ["gate=0", "guard=1"]).guard is True
-    for bad in (["guard=maybe"], ["nope=1"], ["w_dis"]):
-        with pytest.raises(typer.BadParameter):
-            _override(BoxConfig(), bad)
-
-
-def test_box_options_reach_the_box_training_config() -> None:
-    import typer
-
-    from sdb.commands.core import _override_box
-    from sdb_core.box import BoxConfig
-
-    cfg = _override_box(BoxConfig(), ["split_width=16", "train.lr=0.05", "train.epochs=12"])
-    assert (cfg.split_width, cfg.train.lr, cfg.train.epochs) == (16, 0.05, 12)
-    assert cfg.train.batch_size == BoxConfig().train.batch_size
-    with pytest.raises(typer.BadParameter):
-        _override_box(BoxConfig(), ["train.nope=1"])
+def test_a_bad_box_option_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    for bad in ("guard=maybe", "nope=1", "disturb_form=nope"):
+        r = CliRunner().invoke(
+            app, ["evaluate", "--out", str(tmp_path / "eval"), "--reduced", "--box-option", bad]
+        )
+        assert r.exit_code == 2, r.output
+        assert "Traceback" not in r.output
 
 
 def test_version() -> None:

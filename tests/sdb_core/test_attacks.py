@@ -21,8 +21,8 @@ from sdb_core.attacks import (
 )
 from sdb_core.data import Dataset
 from sdb_core.distill import DistillConfig
-from sdb_core.evaluate import plain_api_oracle, stolen_weights_oracle
-from sdb_core.keys import BoxKey
+from sdb_core.keys import BoxKey, load_key
+from sdb_core.oracles import plain_api_oracle, stolen_weights_oracle
 from sdb_core.training import TrainConfig
 from sdb_core.zoo import arch_kwargs_for, build_model
 
@@ -143,3 +143,33 @@ def test_run_attack_trains_a_student(name: str, digits: Dataset) -> None:
     student = run_attack(name, _linear_oracle, small, "mlp", dcfg, AttackConfig(), arch_extra={"hidden": 16})
     out = student(small.normalize(torch.from_numpy(small.x_test[:3])))
     assert out.shape == (3, 10) and torch.isfinite(out).all()
+
+
+def test_forge_finds_a_trigger_that_opens_the_gate_from_the_weights_alone(
+    tmp_path: Path, digits: Dataset
+) -> None:
+    """`stolen/forge` on a tiny key-gated box: the gate, closed on every plain input, opens on most inputs
+    mixed with the forged pattern, which is not the key, and the network then answers soft labels with the
+    same top-1; a box without a gate has nothing to forge."""
+    from sdb_core.attacks import FORGE, forge_trigger, forged_oracle
+    from sdb_core.zoo import KeyGate
+
+    gated = {"base": "small_cnn", "width": 8}
+    boxed = load_box(make_test_box(tmp_path, name="g", arch="keygated", arch_extra=gated))
+    assert isinstance(boxed.model, KeyGate)
+    x = torch.from_numpy(digits.x_train[:128])
+    stolen = stolen_weights_oracle(boxed)(x)
+    assert torch.all(stolen.exp().max(1).values > 0.99)  # as shipped: the top-1 alone
+    cfg = AttackConfig(forge_steps=40, forge_lr=0.2, forge_batch=64, forge_restarts=1)
+    trigger = forge_trigger(boxed, x, cfg)
+    assert trigger is not None and trigger.gate_rate >= 0.8, trigger
+    key = load_key(tmp_path / "g" / "box_key.json")
+    cos = torch.nn.functional.cosine_similarity(trigger.pattern.flatten(), key.pattern().flatten(), dim=0)
+    assert abs(float(cos)) < 0.5
+    forged = forged_oracle(boxed, trigger)(x)
+    opened = forged.exp().max(1).values < 0.99
+    assert float(opened.float().mean()) >= 0.8
+    assert float((forged.argmax(1) == stolen.argmax(1)).float().mean()) >= 0.8
+    fn, t = teacher_for(FORGE, forged_oracle(boxed, trigger), digits, cfg)
+    assert t == cfg.kd_temperature and torch.equal(fn(x), forged)
+    assert forge_trigger(load_box(make_test_box(tmp_path, name="plain")), x, cfg) is None

@@ -9,16 +9,13 @@ from typing import Any
 import pytest
 
 from sdb_core.evaluate import (
-    check_targets,
     evaluate,
     fashion_mnist_config,
-    measures,
-    merge_reports,
     protocol_for,
     reduced_config,
     split_owner_transfer,
-    summarize,
 )
+from sdb_core.report import check_targets, measures, merge_reports, summarize
 
 
 def _run(
@@ -138,7 +135,9 @@ def test_reduced_fashion_mnist_evaluation(tmp_path: Path) -> None:
     """The documented protocol's directions at a fraction of its size (4,000 owner images, 6 teacher and 4 box
     epochs, 500 transfer images, 40 student epochs, one student family, seed 0; docs/evaluation.md):
     the box answers as well as the teacher, a licensee learns at least as much as from the teacher, and
-    neither the plain path nor the weights as shipped give anything beyond their top-1. At seed 0 this run
+    neither the plain path nor the weights as shipped without a forged trigger give anything beyond their
+    top-1; `stolen/forge` (a trigger forged from the weights) is run and recorded, not bounded: whoever holds
+    the weights holds the knowledge (docs/threat-model.md). At seed 0 this run
     gave teacher 84.5, plain 85.3, keyed 84.4, normal KD 79.0, authorized 79.8 (about 100 s on one core);
     the gate-less soft labels (whitebox/retemper:4) taught 1.5 points over the floor, the open finding of
     docs/evaluation.md."""
@@ -150,8 +149,9 @@ def test_reduced_fashion_mnist_evaluation(tmp_path: Path) -> None:
         assert students["authorized"]["mean"] >= students["normal"]["mean"] - 1.0, spec
         beyond = report["summary"]["measures"][spec]["beyond_top1"]
         assert {m for m in beyond if m.startswith("whitebox/")}, "a key-gated box is also attacked white-box"
+        assert "stolen/forge" in beyond, "a key-gated box is also attacked with a forged trigger"
         for method, gain in beyond.items():
-            if method.startswith(("api/", "stolen/")):
+            if method.startswith(("api/", "stolen/")) and method != "stolen/forge":
                 assert gain["mean"] == 0.0, method
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -201,15 +200,27 @@ def test_a_lone_client_pays_no_batching_delay(
     assert fn.sizes == [1, 1, 1, 1, 3]
 
 
+class FakeClock:
+    """Seconds that pass only when a fake forward pass says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_fastest_forward_batch_finds_the_peak_and_forward_passes_are_capped_at_it(
     executor: ThreadPoolExecutor,
 ) -> None:
+    clock = FakeClock()
+
     def fn(x: np.ndarray) -> np.ndarray:  # per-sample cost jumps above 32 samples (a cache that overflows)
         n = len(x)
-        time.sleep(0.002 + 0.0001 * n if n <= 32 else 0.0004 * n)
+        clock.now += 0.002 + 0.0001 * n if n <= 32 else 0.0004 * n
         return x[:, :2] * 2
 
-    cap, rates = fastest_forward_batch(fn, np.ones((1, 4), dtype=np.float32), 64)
+    cap, rates = fastest_forward_batch(fn, np.ones((1, 4), dtype=np.float32), 64, clock=clock)
     assert sorted(rates) == [8, 16, 32, 64]
     assert cap == 32, rates
     recorder = Recorder()
@@ -221,14 +232,16 @@ def test_fastest_forward_batch_finds_the_peak_and_forward_passes_are_capped_at_i
 
 def test_fastest_forward_batch_stops_growing_past_a_slow_forward_pass() -> None:
     calls: list[int] = []
+    clock = FakeClock()
 
     def fn(x: np.ndarray) -> np.ndarray:
         calls.append(len(x))
-        time.sleep(0.004 * len(x))
+        clock.now += 0.004 * len(x)
         return x
 
-    # 8 samples sleep 32 ms, 16 sleep 64 ms: the 50 ms line lies between with room for a busy machine
-    # (with 1 ms per sample and a 15 ms line, 8 samples took 15 ms once under load).
-    cap, rates = fastest_forward_batch(fn, np.ones((1, 1), dtype=np.float32), 256, slow_forward_s=0.05)
+    # 8 samples take 32 ms, 16 take 64 ms: the 50 ms line lies between
+    cap, rates = fastest_forward_batch(
+        fn, np.ones((1, 1), dtype=np.float32), 256, slow_forward_s=0.05, clock=clock
+    )
     assert max(calls) == 16 and sorted(rates) == [8, 16]  # 16 samples took >= 50 ms: no 32, 64, ...
     assert cap in rates

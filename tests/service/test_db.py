@@ -149,10 +149,16 @@ def test_audit_queue_keeps_rows_while_the_database_is_down(db: Database, databas
 
 
 def test_audit_queue_bounds_memory_and_counts_drops(db: Database) -> None:
+    from prometheus_client import REGISTRY
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("sdb_predict_audit_dropped_total") or 0.0
+
+    before = dropped()
     q = AuditQueue(db, AuditQueueConfig(max_pending=5))
     for i in range(8):
         q.submit(_record(i))
-    assert q.pending == 5 and q.dropped == 3
+    assert q.pending == 5 and dropped() - before == 3
 
 
 def test_predict_audit_rows_are_written_by_shutdown(app: FastAPI, database_url: str) -> None:
