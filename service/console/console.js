@@ -260,6 +260,8 @@
           el("td", {}, k.scopes.join(" ")),
           el("td", {}, quotaMeter(k)),
           el("td", {}, fmtTime(k.expires_at) || "never"),
+          el("td", {}, fmtTime(k.created_at)),
+          el("td", {}, fmtTime(k.last_used_at) || "never"),
           el("td", {}, keyStatus(k)),
           el("td", {}, k.revoked_at ? "" : el("button", { type: "button", class: "danger", onclick: () => run(() => revokeKey(k)) }, "Revoke")))));
   }
@@ -354,6 +356,7 @@
     const opts = {
       title, width, height: 220,
       scales: { x: { time: true } },
+      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),  // UTC, like every table of the console
       series: [{}, ...series.map(([label, stroke]) => ({ label, stroke, width: 2, points: { show: true } }))],
       axes: [{}, { size: 60 }],
     };
@@ -440,8 +443,9 @@
           el("td", { class: "num" }, fmtNum(a.n_samples)),
           el("td", { class: "num" }, a.status),
           el("td", { class: "num" }, a.latency_ms === null ? "" : a.latency_ms.toFixed(1)))));
-    const first = page.total === 0 ? 0 : page.offset + 1;
-    $("audit-range").textContent = `rows ${first} to ${page.offset + page.items.length} of ${fmtNum(page.total)}`;
+    $("audit-range").textContent = page.total === 0
+      ? "No audit row matches these filters."
+      : `rows ${page.offset + 1} to ${page.offset + page.items.length} of ${fmtNum(page.total)}`;
     $("audit-prev").disabled = page.offset === 0;
     $("audit-next").disabled = page.offset + page.items.length >= page.total;
   }
@@ -538,7 +542,8 @@
     $("copy-secret").addEventListener("click", copySecret);
     $("dismiss-secret").addEventListener("click", clearSecret);
     $("usage-period").addEventListener("change", () => run(loadUsage));
-    $("audit-form").addEventListener("submit", (e) => { e.preventDefault(); state.auditOffset = 0; run(loadAudits); });
+    // a new filter: the banner of an earlier action (e.g. "Exported N rows") no longer describes the page
+    $("audit-form").addEventListener("submit", (e) => { e.preventDefault(); setStatus(""); state.auditOffset = 0; run(loadAudits); });
     $("audit-prev").addEventListener("click", () => { state.auditOffset = Math.max(0, state.auditOffset - PAGE); run(loadAudits); });
     $("audit-next").addEventListener("click", () => { state.auditOffset += PAGE; run(loadAudits); });
     $("audit-export").addEventListener("click", exportAudits);

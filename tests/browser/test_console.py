@@ -391,3 +391,34 @@ def test_disable_asks_first_and_user_name_errors_are_readable(tab: Tab, console:
     status = page.wait_for_selector("#status:has-text('user name')").inner_text()
     assert "^" not in status and "pattern" not in status, status  # words, not the regular expression
     assert_clean(tab)
+
+
+def test_small_screen_empty_audits_banner_and_key_columns(browser: Any, console: Console) -> None:
+    # 390x844 (a phone): tables scroll inside the page instead of pushing row buttons off it
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    t = Tab(page)
+    try:
+        page = sign_in(t, console)
+        view(page, "keys", "#keys-table tbody tr")
+        headers = page.eval_on_selector_all("#keys-table th", "hs => hs.map(h => h.textContent)")
+        assert "created" in headers and "last used" in headers, headers
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page is {width} px wide at 390"
+        button = page.query_selector("#keys-table tbody tr button")
+        if button is not None:  # a row button can be scrolled to and is not cut off by the page
+            button.scroll_into_view_if_needed()
+            box = button.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+
+        view(page, "audits", "#audit-form")
+        page.click("#audit-export")
+        page.wait_for_selector("#status:has-text('Exported')")
+        page.fill("#audit-since", "2001-01-01T00:00")
+        page.fill("#audit-until", "2001-01-02T00:00")
+        page.click("#audit-form button[type=submit]")
+        page.wait_for_selector("#audit-range:has-text('No audit row')")
+        assert "Exported" not in (page.inner_text("#status") if page.is_visible("#status") else "")
+    finally:
+        context.close()
