@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sdb.commands import core, seal, server
+from sdb.commands import core, seal, server, trace
 
 # Exit codes (0 success, 1 other errors, 2 usage errors: click's own).
 EXIT_REFUSED = 3  # the service refused the request (4xx other than below)
@@ -31,6 +31,7 @@ app = typer.Typer(
 core.register(app)
 server.register(app)
 seal.register(app)
+trace.register(app)
 
 
 def _version(value: bool) -> None:
@@ -81,6 +82,13 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, DataError):  # its message names the data set and how to get it (install hint)
         return EXIT_INPUT, f"--data: {exc}"
     if isinstance(exc, FileNotFoundError | ArtifactError | SealError):
+        return EXIT_INPUT, str(exc)
+    from service.watermarks.suspect import SuspectFailed
+    from service.watermarks.tracing import NothingToTrace, WatermarkMismatch
+
+    if isinstance(exc, SuspectFailed):
+        return EXIT_UNREACHABLE, f"the suspect gave no usable answer: {exc}"
+    if isinstance(exc, NothingToTrace | WatermarkMismatch):
         return EXIT_INPUT, str(exc)
     return None
 

@@ -65,6 +65,7 @@ from sdb_core.losses import (
 )
 from sdb_core.seal import Keyring
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
+from sdb_core.watermark import BASIS_KEY, fit_basis
 from sdb_core.zoo import KeyGate, KeySplit, TopOneGuard, build_model
 
 
@@ -305,7 +306,8 @@ def box_teacher(
         temperature_dis=t_dis,
         plain_output=cfg.plain_output,
         data_digest=ds.digest(),
-        extra={"dataset": ds.name, "box_config": asdict(cfg)},
+        # public, for per-licensee watermarks on this box's soft labels (sdb_core.watermark)
+        extra={"dataset": ds.name, "box_config": asdict(cfg), BASIS_KEY: fit_basis(ds.x_train).to_dict()},
         master=keyring.current if keyring is not None else None,
     )
     save_box(out_dir, metrics={}, **common)

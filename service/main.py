@@ -26,6 +26,7 @@ from service.core.errors import install_error_handlers
 from service.core.security import TokenConfig, api_key_from_secret
 from service.core.state import ServiceState, set_state
 from service.crud import accounts, catalog, quota
+from service.crud import watermarks as crud_watermarks
 from service.db import migrate
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
@@ -34,9 +35,11 @@ from service.inference.loading import ModelLoadError, load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
 from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
-from service.routes import auth, console, distill, health, key_info, predict
+from service.routes import auth, console, distill, health, key_info, predict, trace
 from service.routes.admin import accounts as admin_accounts
 from service.routes.admin import reports as admin_reports
+from service.watermarks.issuer import Watermarker
+from service.watermarks.secret import WatermarkSecretError, resolve_watermark_secret
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +122,40 @@ def _start(settings: Settings, registry: ModelRegistry | None) -> ServiceState:
     except BaseException:
         db.dispose()
         raise
+    tokens = _token_config(settings)
+    try:
+        marks = _watermarker(settings, db, tokens.secret)
+    except BaseException:
+        db.dispose()
+        raise
     queue = AuditQueue(db)
     queue.start()
-    tokens = _token_config(settings)
-    return ServiceState.build(settings, db=db, models=models, tokens=tokens, audit_queue=queue)
+    return ServiceState.build(
+        settings, db=db, models=models, tokens=tokens, audit_queue=queue, watermarks=marks
+    )
+
+
+CHECKED_WATERMARKS = 1000  # the newest keys whose stored watermark id is checked against the secret at start
+
+
+def _watermarker(settings: Settings, db: Database, jwt_secret: str) -> Watermarker:
+    """The process's watermarks; refuses to start (outside demo mode) on a secret that does not give the
+    watermark ids stored on the keys: serving new marks under another secret would leave every student
+    distilled so far untraceable, silently."""
+    marks = Watermarker(resolve_watermark_secret(settings, jwt_secret), settings.watermark_disabled_models)
+    with db.session() as s:
+        issued = crud_watermarks.issued_watermarks(s, limit=CHECKED_WATERMARKS)
+    bad = marks.mismatched((w.key_id, w.prefix, w.watermark_id) for w in issued)
+    if bad:
+        message = (
+            f"{len(bad)} of the {len(issued)} newest watermarked API keys were issued under another "
+            "watermark secret: set SDB_WATERMARK_SECRET (or SDB_WATERMARK_SECRET_FILE, or the SDB_JWT_SECRET "
+            "it was derived from) to the secret they were issued under (docs/operations.md#watermark-secret)"
+        )
+        if not settings.demo:
+            raise WatermarkSecretError(message)
+        logger.warning("demo mode: %s; their soft labels now carry marks a trace will not find", message)
+    return marks
 
 
 SWEEP_INTERVAL_S = 60.0
@@ -150,7 +183,7 @@ def _lifespan(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             state = await anyio.to_thread.run_sync(_start, settings, registry)
-        except (migrate.SchemaError, ModelLoadError) as exc:
+        except (migrate.SchemaError, ModelLoadError, WatermarkSecretError) as exc:
             logger.error("refusing to start: %s", exc)
             raise
         set_state(app, state)
@@ -199,6 +232,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.include_router(distill.router)
     app.include_router(admin_accounts.router)
     app.include_router(admin_reports.router)
+    app.include_router(trace.router)
     if settings.console:
         app.include_router(console.router)
     return app

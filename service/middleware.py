@@ -137,26 +137,28 @@ class _StartTracker:
 class DeadlineMiddleware:
     """Every request gets a deadline: past it, 504 with a JSON body (the worker goes on serving)."""
 
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
+    def __init__(self, app: ASGIApp, seconds: float, longer: dict[str, float] | None = None) -> None:
         self.app = app
         self.seconds = seconds
+        self.longer = longer or {}  # path -> its own deadline (POST /admin/trace queries a suspect)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         tracked = _StartTracker(send)
+        seconds = self.longer.get(scope["path"], self.seconds)
         try:
-            async with asyncio.timeout(self.seconds) as deadline:
+            async with asyncio.timeout(seconds) as deadline:
                 await self.app(scope, receive, tracked)
         except TimeoutError:
             if not deadline.expired():
                 raise
             logger.warning(
-                "request %s %s passed its %.1f s deadline", scope["method"], scope["path"], self.seconds
+                "request %s %s passed its %.1f s deadline", scope["method"], scope["path"], seconds
             )
             if not tracked.started:
-                await send_json(send, 504, {"detail": f"request did not complete within {self.seconds:g} s"})
+                await send_json(send, 504, {"detail": f"request did not complete within {seconds:g} s"})
 
 
 class ServerErrorMiddleware:
@@ -240,7 +242,11 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     """Install the middleware stack on `app` (call once, from create_app)."""
     # add_middleware prepends: the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(DeadlineMiddleware, seconds=settings.inference_timeout_s + 5.0)
+    app.add_middleware(
+        DeadlineMiddleware,
+        seconds=settings.inference_timeout_s + 5.0,
+        longer={"/admin/trace": settings.trace_timeout_s + 10.0},
+    )
     app.add_middleware(ServerErrorMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)

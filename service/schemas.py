@@ -270,6 +270,11 @@ class KeyCreate(BaseModel):
         None, gt=0, le=10 * 365 * 86400, description="Expiry, seconds from now."
     )
     name: str | None = Field(None, max_length=100, pattern=TEXT, description="A label for the key.")
+    watermark: bool = Field(
+        True,
+        description="Mark this key's /distill-batch soft labels with its own watermark (traceable with "
+        "`sdb trace`); top-1 unchanged.",
+    )
 
     @field_validator("scopes")
     @classmethod
@@ -294,6 +299,12 @@ class KeyOut(BaseModel):
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    watermarked: bool = Field(
+        description="Whether this key's /distill-batch soft labels carry its watermark."
+    )
+    watermark_id: str | None = Field(
+        description="Public id of the key's watermark (never its parameters); set once it was first on."
+    )
 
 
 class KeyCreated(KeyOut):
@@ -316,6 +327,7 @@ class AuditOut(BaseModel):
     status: int
     latency_ms: float | None
     input_digest: str | None
+    watermark_id: str | None = Field(None, description="The watermark that served this call, if any.")
 
 
 class EventOut(BaseModel):
@@ -411,3 +423,81 @@ class OwnKeyOut(BaseModel):
     samples_used: int
     samples_remaining: int | None = Field(description="Samples left; null = unlimited.")
     expires_at: datetime | None
+
+
+# ------------------------------------------------------------------------------------------------ trace
+
+
+class WatermarkToggle(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"enabled": True}]})
+
+    enabled: bool = Field(description="Mark this key's /distill-batch soft labels from now on, or stop.")
+
+
+class TraceRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"model": "fashion-mnist", "suspect_url": "https://models.example/predict"}]
+        },
+    )
+
+    model: str | None = Field(
+        None, min_length=1, max_length=128, description="The served box the suspect may come from."
+    )
+    suspect_url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="An endpoint answering like POST /predict (probabilities); its host must be in "
+        "SDB_TRACE_ALLOWED_HOSTS.",
+    )
+    suspect_model: str | None = Field(
+        None, min_length=1, max_length=128, pattern=TEXT, description="`model` field sent to the suspect."
+    )
+    probes: StrictInt = Field(10_000, ge=100, le=100_000, description="Probe images sent to the suspect.")
+    decoys: StrictInt = Field(  # sdb_core.trace.MIN_DECOYS: the null is calibrated on them
+        1000, ge=100, le=3000, description="Never-issued watermarks the null is calibrated on."
+    )
+    probe_draw: StrictInt = Field(0, ge=0, le=2**31 - 1, description="Which probe images are drawn.")
+
+
+class TraceKeyOut(BaseModel):
+    watermark_id: str
+    key_id: int
+    key_prefix: str
+    key_name: str | None
+    user_id: int
+    user_name: str
+    key_state: str = Field(description="active, revoked, expired or `watermark off`.")
+    statistic: float | None = Field(description="Matched-filter z (standard normal without the mark).")
+    log10_p: float | None
+    p_value: float
+    log10_corrected_p: float | None
+    corrected_p: float = Field(description="Holm-corrected over the watermarks tested.")
+    verdict: str = Field(description="`match` (corrected p < alpha) or `no evidence`.")
+    rank: int
+    decoys_above: int = Field(description="Decoys whose statistic is at least this one's.")
+
+
+class TraceDecoysOut(BaseModel):
+    count: int
+    null: str = Field(description="`decoys`: z centred and scaled by the decoys' median and spread.")
+    null_location: float
+    null_scale: float
+    false_positive_rate: float
+    false_positive_rate_corrected: float
+    ks: float = Field(description="Kolmogorov-Smirnov distance of the decoys' p-values from uniform.")
+    z_mean: float
+    z_std: float
+
+
+class TraceOut(BaseModel):
+    model: str
+    suspect: str
+    probes: int
+    alpha: float
+    correction: str
+    watermarks_tested: int
+    matches: list[TraceKeyOut]
+    keys: list[TraceKeyOut] = Field(description="Every watermark ever issued, best first.")
+    decoys: TraceDecoysOut

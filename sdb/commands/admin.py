@@ -20,7 +20,7 @@ Offset = Annotated[int, typer.Option(min=0, help="Rows to skip.")]
 
 users_app = typer.Typer(help="Users: list, create, disable, enable.", no_args_is_help=True)
 keys_app = typer.Typer(
-    help="API keys: list, create (the secret is shown once), revoke.", no_args_is_help=True
+    help="API keys: list, create (the secret is shown once), revoke, watermark on/off.", no_args_is_help=True
 )
 
 
@@ -88,11 +88,14 @@ def keys_create(
     quota: Annotated[int | None, typer.Option(help="Samples the key may pull in total.")] = None,
     expires_in_s: Annotated[int | None, typer.Option(help="Expiry, seconds from now.")] = None,
     name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
+    watermark: Annotated[
+        bool, typer.Option(help="Mark the key's /distill-batch soft labels with its own watermark.")
+    ] = True,
     url: Url = None,
     admin_key: AdminKey = None,
 ) -> None:
     """Issue an API key; its secret is printed ONCE (field `api_key`)."""
-    body: dict[str, Any] = {"scopes": scope or []}
+    body: dict[str, Any] = {"scopes": scope or [], "watermark": watermark}
     for field, value in (("sample_quota", quota), ("expires_in_s", expires_in_s), ("name", name)):
         if value is not None:
             body[field] = value
@@ -103,6 +106,17 @@ def keys_create(
 def keys_revoke(key_id: int, url: Url = None, admin_key: AdminKey = None) -> None:
     """Revoke an API key (its live tokens stop at once)."""
     _run(url, admin_key, "POST", f"/admin/keys/{key_id}/revoke")
+
+
+@keys_app.command("watermark")
+def keys_watermark(
+    key_id: int,
+    on: Annotated[bool, typer.Option("--on/--off", help="Turn the key's watermark on or off.")] = True,
+    url: Url = None,
+    admin_key: AdminKey = None,
+) -> None:
+    """Turn an API key's watermark on or off (its watermark id stays: the key stays traceable)."""
+    _run(url, admin_key, "POST", f"/admin/keys/{key_id}/watermark", json={"enabled": on})
 
 
 def audits(

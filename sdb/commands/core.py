@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -343,6 +345,13 @@ def evaluate(
     ] = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the traceability evaluation (per-licensee watermarks, sdb_core.trace_eval) on the "
+            "first seed's box, into OUT/traceability.json."
+        ),
+    ] = False,
 ) -> None:
     """Run the protocol of --data (teacher, box, licensees' and attackers' students) over several seeds and
     report the knowledge the box delivers and leaks."""
@@ -366,6 +375,11 @@ def evaluate(
         if protocol_option:
             cfg = _override(cfg, protocol_option)
         report = run_eval(cfg, out)
+        if trace:
+            from sdb_core.trace_eval import trace_config_for, trace_evaluate, trace_summary
+
+            traced = trace_evaluate(cfg, trace_config_for(data, reduced), out, command=shlex.join(sys.argv))
+            typer.echo(trace_summary(traced))
     typer.echo((out / "results.md").read_text())
     if not all(report["checks"].values()):
         typer.echo("some targets were not met (see above)", err=True)

@@ -137,6 +137,7 @@
     clearSecret();
     for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== "view-signin";
     for (const t of document.querySelectorAll("tbody")) t.replaceChildren();
+    $("trace-summary").textContent = "";
     for (const c of state.charts) c.destroy();
     state.charts = [];
     setStatus(message || "");
@@ -145,7 +146,7 @@
 
   // ------------------------------------------------------------------------------------------ views
 
-  const loaders = { users: loadUsers, keys: loadKeys, usage: loadUsage, audits: loadAudits, extraction: loadExtraction, models: loadModels };
+  const loaders = { users: loadUsers, keys: loadKeys, usage: loadUsage, audits: loadAudits, extraction: loadExtraction, models: loadModels, trace: loadTrace };
 
   async function show(view) {
     state.view = view;
@@ -263,7 +264,17 @@
           el("td", {}, fmtTime(k.created_at)),
           el("td", {}, fmtTime(k.last_used_at) || "never"),
           el("td", {}, keyStatus(k)),
-          el("td", {}, k.revoked_at ? "" : el("button", { type: "button", class: "danger", onclick: () => run(() => revokeKey(k)) }, "Revoke")))));
+          el("td", {}, k.watermark_id ? el("code", {}, k.watermark_id) : "", k.watermark_id && !k.watermarked ? " (off)" : k.watermark_id ? "" : "none"),
+          el("td", {},
+            k.revoked_at ? "" : el("button", { type: "button", onclick: () => run(() => setWatermark(k, !k.watermarked)) }, k.watermarked ? "Mark off" : "Mark on"),
+            " ",
+            k.revoked_at ? "" : el("button", { type: "button", class: "danger", onclick: () => run(() => revokeKey(k)) }, "Revoke")))));
+  }
+
+  async function setWatermark(k, enabled) {
+    const out = await api("POST", `admin/keys/${k.id}/watermark`, { enabled });
+    setStatus(`Key ${k.prefix}…: watermark ${enabled ? "on" : "off"} (${out.watermark_id || "none"}).`, true);
+    await loadKeys();
   }
 
   function confirmDialog(text, okLabel = "Revoke") {
@@ -293,6 +304,7 @@
       if (name) body.name = name;
       if ($("key-quota").value !== "") body.sample_quota = Number($("key-quota").value);
       if ($("key-expiry").value !== "") body.expires_in_s = Math.round(Number($("key-expiry").value) * 86400);
+      body.watermark = $("key-watermark").checked;
       const userId = $("key-user").value;
       if (!userId) throw new ApiError(422, "choose the user the key is for");
       const user = state.users.get(Number(userId));
@@ -532,6 +544,53 @@
 
   // ------------------------------------------------------------------------------------------ wiring
 
+  // ------------------------------------------------------------------------------------------ trace
+
+  async function loadTrace() {
+    const models = await api("GET", "admin/models");
+    const keep = $("trace-model").value;
+    $("trace-model").replaceChildren(...models.filter((m) => m.loaded).map((m) => el("option", { value: m.name }, m.name)));
+    if (keep) $("trace-model").value = keep;
+  }
+
+  const fmtP = (log10, p) => (log10 === null ? "0" : log10 > -300 ? Number(p).toExponential(2) : `1e${Math.round(log10)}`);
+
+  async function runTrace(event) {
+    event.preventDefault();
+    await run(async () => {
+      const body = { model: $("trace-model").value, suspect_url: $("trace-url").value.trim(), probes: Number($("trace-probes").value), decoys: Number($("trace-decoys").value) };
+      const suspectModel = $("trace-suspect-model").value.trim();
+      if (suspectModel) body.suspect_model = suspectModel;
+      setStatus("");
+      $("trace-summary").textContent = "Tracing: querying the suspect…";
+      $("trace-table").tBodies[0].replaceChildren();
+      let report;
+      try {
+        report = await api("POST", "admin/trace", body);
+      } catch (e) {
+        $("trace-summary").textContent = "";
+        throw e;
+      }
+      const d = report.decoys;
+      const named = report.matches.map((m) => `key #${m.key_id} (${m.user_name})`).join(", ");
+      $("trace-summary").textContent = `${report.probes} probes, ${report.watermarks_tested} watermarks tested (${report.correction}, alpha ${report.alpha}): ` +
+        (named ? `match: ${named}.` : "no watermark matches.") +
+        (d.count ? ` Decoys: ${d.count}, false positives ${(100 * d.false_positive_rate).toFixed(2)} %, z ${d.z_mean.toFixed(2)} ± ${d.z_std.toFixed(2)}.` : "");
+      $("trace-table").tBodies[0].replaceChildren(
+        ...report.keys.map((k) =>
+          el("tr", { class: k.verdict === "match" ? "flagged" : "", dataset: { key: String(k.key_id) } },
+            el("td", { class: "num" }, k.rank),
+            el("td", {}, el("span", { class: k.verdict === "match" ? "badge bad" : "badge" }, k.verdict)),
+            el("td", {}, `#${k.key_id} `, el("code", {}, k.key_prefix), k.key_name ? ` ${k.key_name}` : ""),
+            el("td", {}, `${k.user_name} (#${k.user_id})`),
+            el("td", {}, k.key_state),
+            el("td", {}, el("code", {}, k.watermark_id)),
+            el("td", { class: "num" }, k.statistic === null ? "" : k.statistic.toFixed(2)),
+            el("td", { class: "num" }, fmtP(k.log10_p, k.p_value)),
+            el("td", { class: "num" }, fmtP(k.log10_corrected_p, k.corrected_p)))));
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     $("signin-form").addEventListener("submit", signIn);
     $("signout").addEventListener("click", () => signOut("Signed out."));
@@ -547,6 +606,7 @@
     $("audit-prev").addEventListener("click", () => { state.auditOffset = Math.max(0, state.auditOffset - PAGE); run(loadAudits); });
     $("audit-next").addEventListener("click", () => { state.auditOffset += PAGE; run(loadAudits); });
     $("audit-export").addEventListener("click", exportAudits);
+    $("trace-form").addEventListener("submit", runTrace);
     $("signin-key").focus();
   });
 })();

@@ -119,6 +119,37 @@ class Settings(BaseSettings):
         default_factory=list, description="Peers whose X-Forwarded-For is used."
     )
 
+    # Traceable licensees (docs/operations.md#watermark-secret)
+    watermark_secret: SecretStr | None = Field(
+        None,
+        description="Secret (>= 32 bytes) the per-API-key watermarks of /distill-batch are derived from; "
+        "back it up: without it no leaked student can be traced. Unset: SDB_WATERMARK_SECRET_FILE, else "
+        "derived from SDB_JWT_SECRET (HKDF; a warning at start).",
+    )
+    watermark_secret_file: Path | None = Field(
+        None, description="File holding the watermark secret (a secret store mount), instead of the variable."
+    )
+    watermark_disabled_models: list[str] = Field(
+        default_factory=list,
+        description="Models whose /distill-batch soft labels carry no watermark (JSON list of names).",
+    )
+    trace_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts (names, IP addresses or CIDR networks) that POST /admin/trace may query as a "
+        "suspect; empty: none. A private or loopback address needs its own address or network listed.",
+    )
+    trace_probe_data: str | None = Field(
+        None,
+        description="Dataset spec of the owner's probe images for POST /admin/trace (as `sdb trace "
+        "--data`); unset: the route answers 409.",
+    )
+    trace_max_probes: int = Field(
+        10_000, gt=0, le=100_000, description="Most probe images one POST /admin/trace may send a suspect."
+    )
+    trace_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Time limit of one POST /admin/trace, suspect queries included."
+    )
+
     # Limits
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body (413 above).")
     max_request_samples: int = Field(1024, gt=0, description="Largest batch in one request (422 above).")
@@ -198,9 +229,15 @@ class Settings(BaseSettings):
             password = make_url(self.database_url).password
         except ArgumentError:
             password = None  # not a URL: the engine refuses it with its own message
+        if self.watermark_secret is not None and self.watermark_secret_file is not None:
+            raise ValueError("give SDB_WATERMARK_SECRET or SDB_WATERMARK_SECRET_FILE, not both")
+        wm_secret = self.watermark_secret.get_secret_value() if self.watermark_secret else None
+        if wm_secret is not None and len(wm_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"SDB_WATERMARK_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long")
         for name, secret in (
             ("SDB_JWT_SECRET", self.jwt_secret.get_secret_value() if self.jwt_secret else None),
             ("SDB_CLIENT_IP_SALT", self.client_ip_salt.get_secret_value() if self.client_ip_salt else None),
+            ("SDB_WATERMARK_SECRET", wm_secret),
         ):
             problem = None if secret is None else secret_problem(secret)
             if problem is not None:

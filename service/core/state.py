@@ -16,6 +16,8 @@ from service.limits.clients import ClientIdentifier
 from service.limits.extraction import ExtractionMonitor
 from service.limits.ratelimit import PredictRateLimit
 from service.limits.redis_backend import RedisBackend
+from service.watermarks.issuer import Watermarker
+from service.watermarks.secret import resolve_watermark_secret
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class ServiceState:
     predict_limiter: PredictRateLimit
     extraction_monitor: ExtractionMonitor
     redis: RedisBackend | None  # SDB_REDIS_URL: the limiter's and the monitor's shared counters
+    watermarks: Watermarker  # the per-API-key marks of /distill-batch (service/watermarks)
 
     @classmethod
     def build(
@@ -39,6 +42,7 @@ class ServiceState:
         models: ModelRegistry,
         tokens: TokenConfig,
         audit_queue: AuditQueue,
+        watermarks: Watermarker | None = None,
     ) -> ServiceState:
         """The state of one process; the limiter, the monitor and the client ids come from settings.
 
@@ -65,6 +69,11 @@ class ServiceState:
                 settings.extraction_window_s, settings.extraction_sample_threshold, redis=redis
             ),
             redis=redis,
+            watermarks=watermarks
+            or Watermarker(
+                resolve_watermark_secret(settings, tokens.secret, warn=False),
+                settings.watermark_disabled_models,
+            ),
         )
 
 

@@ -5,10 +5,11 @@ audits. Raises the data layer's NotFoundError / ConflictError; the routes map th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from service.core.security import NewApiKey
-from service.crud import accounts, events, reports
+from service.crud import accounts, events, reports, watermarks
 from service.crud.accounts import ConflictError
 from service.crud.events import Actor
 from service.crud.reports import AuditFilter
@@ -58,8 +59,12 @@ def issue_key(
     name: str | None,
     actor: Actor,
     client_id: str | None,
+    watermark_id: Callable[[int, str], str] | None = None,
+    bank_size: int = 0,
 ) -> ApiKey:
-    """Store `new` (its prefix and digest, never the secret) as a key of an enabled user."""
+    """Store `new` (its prefix and digest, never the secret) as a key of an enabled user; with
+    `watermark_id` (key id, prefix -> public id) its /distill-batch watermark is on (WatermarkBankFull when
+    the bank of `bank_size` slots is spent)."""
     with db.write() as s:
         user = accounts.get_user(s, user_id)
         if user.disabled:
@@ -74,6 +79,8 @@ def issue_key(
             expires_at=expires_at,
             name=name,
         )
+        if watermark_id is not None:
+            watermarks.set_key_watermark(s, key, True, watermark_id=watermark_id, bank_size=bank_size)
         events.record_event(
             s,
             "key.issue",
@@ -81,7 +88,12 @@ def issue_key(
             actor=actor,
             client_id=client_id,
             target=f"key:{key.id}",
-            detail={"user_id": user_id, "scopes": scopes, "sample_quota": sample_quota},
+            detail={
+                "user_id": user_id,
+                "scopes": scopes,
+                "sample_quota": sample_quota,
+                "watermarked": watermark_id is not None,
+            },
         )
         return key
 

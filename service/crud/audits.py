@@ -48,6 +48,7 @@ def insert_distill_audit(
     user_id: int | None = None,
     key_id: int | None = None,
     latency_ms: float | None = None,
+    watermark_id: str | None = None,
 ) -> int:
     audit_id = conn.execute(
         _INSERT_AUDIT,
@@ -62,6 +63,7 @@ def insert_distill_audit(
             "status": status,
             "latency_ms": latency_ms,
             "input_digest": digest,
+            "watermark_id": watermark_id,
         },
     ).scalar_one()
     return int(audit_id)

@@ -73,10 +73,11 @@ class KeyedCall:
 
     @asynccontextmanager
     async def reserved(
-        self, claims: TokenClaims, *, model: str, x: np.ndarray, rate_per_minute: int
+        self, claims: TokenClaims, *, model: str, x: np.ndarray, rate_per_minute: int, watermark: bool = True
     ) -> AsyncIterator[DistillGrant]:
         """Authorize, rate-limit, take `len(x)` samples from the quota and write the audit row (one
-        transaction; DistillDenied, audited, on a refusal), then run the block, which must `settle` the
+        transaction; DistillDenied, audited, on a refusal; the key's watermark id on the row when its mark is
+        on and `watermark`: the model allows marks), then run the block, which must `settle` the
         call; a block left unsettled settles it as abandoned (499, cancelled) or failed (500)."""
 
         def transaction() -> DistillGrant:
@@ -90,6 +91,7 @@ class KeyedCall:
                 rate_per_minute=rate_per_minute,
                 started=self.started,
                 endpoint=self.endpoint,
+                watermark=watermark,
             )
 
         task = asyncio.ensure_future(run_in_threadpool(transaction))

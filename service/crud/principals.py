@@ -22,6 +22,9 @@ class Principal:
     role: str
     key_id: int
     scopes: frozenset[str]  # the token's scopes that the key (still) holds
+    key_prefix: str = ""
+    watermark_id: str | None = None  # the key's /distill-batch watermark, when it is on
+    watermark_slot: int | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -75,6 +78,10 @@ _PRINCIPAL = (
         ApiKey.expires_at,
         User.role,
         User.disabled,
+        ApiKey.prefix,
+        ApiKey.watermarked,
+        ApiKey.watermark_id,
+        ApiKey.watermark_slot,
     )
     .join(User, ApiKey.user_id == User.id)
     .where(ApiKey.id == bindparam("key_id"))
@@ -86,7 +93,7 @@ def load_principal(conn: Session | Connection, claims: TokenClaims, now: datetim
     row = conn.execute(_PRINCIPAL, {"key_id": claims.key_id}).first()
     if row is None:
         raise AuthFailure("unknown_key")
-    user_id, scopes, revoked_at, expires_at, role, disabled = row
+    user_id, scopes, revoked_at, expires_at, role, disabled, prefix, watermarked, wid, slot = row
     if user_id != claims.user_id:
         raise AuthFailure("subject")
     reason = usable(revoked_at, expires_at, disabled, now or utcnow())
@@ -97,4 +104,7 @@ def load_principal(conn: Session | Connection, claims: TokenClaims, now: datetim
         role=role,
         key_id=claims.key_id,
         scopes=granted_scopes(scopes, claims.scopes),
+        key_prefix=prefix,
+        watermark_id=wid if watermarked and slot is not None else None,
+        watermark_slot=slot,
     )

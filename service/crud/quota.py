@@ -41,6 +41,9 @@ class DistillGrant:
     used: int
     rate_limit: int
     rate_remaining: int | None
+    key_prefix: str = ""
+    watermark_id: str | None = None  # the key's mark serves this call (recorded on its audit row)
+    watermark_slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,17 +103,29 @@ def reserve_distill(
     rate_per_minute: int,
     now: float | None = None,
     started: float | None = None,
+    watermark: bool = True,
     endpoint: str = DISTILL_ENDPOINT,
 ) -> DistillGrant:
     """One write transaction: authorize (DB), count the request against the per-key rate, consume the
-    quota, and write the audit row. A refusal is audited and committed too, then raised as DistillDenied.
+    quota, and write the audit row (with the key's watermark id when its mark is on and `watermark`: the
+    model allows marks). A refusal is audited and committed too, then raised as DistillDenied.
     The quota is consumed by a conditional UPDATE (`used + n <= quota`) so that concurrent calls can never
     overspend it, on PostgreSQL (row lock, re-checked predicate) and on SQLite (BEGIN IMMEDIATE).
     """
     t = _clock() if now is None else now
     with db.write_connection() as conn:
         result = _reserve(
-            conn, claims, model, n_samples, client_id, digest, rate_per_minute, t, started, endpoint
+            conn,
+            claims,
+            model,
+            n_samples,
+            client_id,
+            digest,
+            rate_per_minute,
+            t,
+            started,
+            watermark,
+            endpoint,
         )
     if isinstance(result, DistillDenied):
         raise result
@@ -127,6 +142,7 @@ def _reserve(
     rate_per_minute: int,
     t: float,
     started: float | None,
+    watermark: bool,
     endpoint: str,
 ) -> DistillGrant | DistillDenied:
     now_dt = datetime.fromtimestamp(t, UTC)
@@ -175,6 +191,7 @@ def _reserve(
             "total for the key's life and never resets: ask an administrator for a larger quota or a new key"
         )
         return refuse(owner, DistillDenied("quota", message, quota=quota, used=int(used)))
+    wid = principal.watermark_id if watermark else None
     audit_id = insert_distill_audit(
         conn,
         endpoint=endpoint,
@@ -185,6 +202,7 @@ def _reserve(
         digest=digest,
         user_id=principal.user_id,
         key_id=principal.key_id,
+        watermark_id=wid,
     )
     return DistillGrant(
         audit_id=audit_id,
@@ -195,6 +213,9 @@ def _reserve(
         used=int(row[0]),
         rate_limit=rate_per_minute,
         rate_remaining=rate_remaining,
+        key_prefix=principal.key_prefix,
+        watermark_id=wid,
+        watermark_slot=principal.watermark_slot,
     )
 
 

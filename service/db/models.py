@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -101,6 +102,12 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Per-licensee watermark of the /distill-batch soft labels (service/watermarks): whether it is on now,
+    # and its public id, set the first time it is turned on and never cleared (revoked keys stay traceable).
+    watermarked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    watermark_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    # Which mode of the watermark bank the key holds: distinct slots give orthogonal marks (no framing).
+    watermark_slot: Mapped[int | None] = mapped_column(Integer, default=None, unique=True)
 
     user: Mapped[User] = relationship(back_populates="keys")
 
@@ -128,6 +135,7 @@ class QueryAudit(Base):
     status: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float, default=None)
     input_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    watermark_id: Mapped[str | None] = mapped_column(String(64), default=None)  # the mark that served it
 
 
 class ModelRecord(Base):

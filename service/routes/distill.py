@@ -5,7 +5,8 @@ transaction that re-checks the key and user, counts the request against the per-
 the sample quota and writes the audit row -> the keyed forward pass (the box key is applied server-side
 and never leaves the process) -> the audit row is confirmed. Any database failure answers 503 and no soft
 labels are sent without a committed audit row. Refused calls are audited too. The audit lifecycle is
-`service.crud.keyed_calls.KeyedCall`'s; this route maps its outcomes to HTTP.
+`service.crud.keyed_calls.KeyedCall`'s; this route maps its outcomes to HTTP. A watermarked key's soft
+labels carry its mark (service/watermarks), applied after the softmax; the audit row names the mark.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
@@ -36,6 +38,7 @@ from service.schemas import (
     FastJSONResponse,
     request_body_openapi,
 )
+from service.watermarks.issuer import mark_answer
 
 router = APIRouter(tags=["distill"])
 
@@ -142,10 +145,26 @@ async def distill_batch(request: Request, credentials: BearerCredentials) -> Res
     call = KeyedCall(state.db, client, started=t0)
     rate = state.settings.distill_rate_per_minute
     try:
-        async with call.reserved(claims, model=model.name, x=x, rate_per_minute=rate) as grant:
+        marked = state.watermarks.enabled_for(model.name)
+        async with call.reserved(
+            claims, model=model.name, x=x, rate_per_minute=rate, watermark=marked
+        ) as grant:
             try:
                 logits = await model.infer("keyed", x)
                 labels = softmax(logits, temperature)
+                if grant.watermark_id is not None and grant.watermark_slot is not None:  # after the softmax
+                    labels, logits = await run_in_threadpool(
+                        mark_answer,
+                        state.watermarks,
+                        grant.key_id,
+                        grant.key_prefix,
+                        grant.watermark_slot,
+                        model,
+                        x,
+                        labels,
+                        logits,
+                        temperature,
+                    )
             except (InferenceTimeout, InferenceOverloaded) as exc:
                 http = inference_error(exc)
                 await call.settle(http.status_code)

@@ -54,6 +54,7 @@ def create_user_and_key(
     scopes: list[str],
     quota: int | None = None,
     name: str | None = None,
+    watermark: bool | None = None,
 ) -> Credentials:
     adm = admin_headers(base_url)
     uname = name or f"user-{uuid.uuid4().hex[:8]}"
@@ -63,6 +64,8 @@ def create_user_and_key(
     body: dict[str, Any] = {"scopes": scopes}
     if quota is not None:
         body["sample_quota"] = quota
+    if watermark is not None:
+        body["watermark"] = watermark
     r = httpx.post(base_url + f"/admin/users/{user['id']}/keys", json=body, headers=adm, timeout=10)
     r.raise_for_status()
     key = r.json()

@@ -75,6 +75,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         default_model=MODEL,
         token_ttl_seconds=600,
         extraction_sample_threshold=EXTRACTION_THRESHOLD,
+        trace_allowed_hosts='["127.0.0.1"]',  # the Trace page's suspect runs on loopback
+        trace_probe_data="digits",
     )
     srv = Server(env, work / "server.log", ready_path="/readyz")
     shots = Path(os.environ.get("SDB_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))

@@ -422,3 +422,32 @@ def test_small_screen_empty_audits_banner_and_key_columns(browser: Any, console:
         assert "Exported" not in (page.inner_text("#status") if page.is_visible("#status") else "")
     finally:
         context.close()
+
+
+def test_trace_page(tab: Tab, console: Console) -> None:
+    """The Trace page runs POST /admin/trace against a suspect on loopback and lists every issued watermark;
+    a host outside SDB_TRACE_ALLOWED_HOSTS shows the service's refusal. The keys page shows watermark ids."""
+    from tests._support.admin import create_user_and_key
+    from tests._support.suspects import predict_endpoint
+
+    key = create_user_and_key(console.url, scopes=[MODEL], name=f"tracee-{uuid.uuid4().hex[:6]}")
+    page = sign_in(tab, console)
+    view(page, "keys", f"#keys-table tbody tr[data-key='{key.key_id}']")
+    assert key.key_info["watermark_id"] in page.inner_text(f"#keys-table tbody tr[data-key='{key.key_id}']")
+    view(page, "trace", "#trace-form")
+    page.wait_for_selector(f"#trace-model option[value='{MODEL}']", state="attached")
+    page.select_option("#trace-model", MODEL)
+    page.fill("#trace-url", "http://localhost:9/predict")
+    page.fill("#trace-probes", "500")
+    page.fill("#trace-decoys", "100")
+    page.click("#trace-form button[type=submit]")
+    page.wait_for_selector("#status:has-text('is not in SDB_TRACE_ALLOWED_HOSTS')")
+    with predict_endpoint(lambda x: np.full((len(x), 10), 0.1)) as url:  # knows nothing: no evidence
+        page.fill("#trace-url", url)
+        page.click("#trace-form button[type=submit]")
+        page.wait_for_selector(f"#trace-table tbody tr[data-key='{key.key_id}']", timeout=120_000)
+    row = page.inner_text(f"#trace-table tbody tr[data-key='{key.key_id}']")
+    assert "no evidence" in row and key.key_info["watermark_id"] in row
+    assert "watermarks tested" in page.inner_text("#trace-summary")
+    shot(page, console, "trace")
+    assert_clean(tab)

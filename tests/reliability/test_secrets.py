@@ -1,7 +1,8 @@
 """Secrets never leak: every endpoint gets good and bad requests while all logging is captured at DEBUG;
 then every response (body and headers), every log record, the stdout/stderr of the process, the metrics
 text, the OpenAPI schema and every row of every database table are searched for the box key (seed as
-hex/base64/bytes, pattern values as text and float32 bytes), every API key secret and the JWT secret.
+hex/base64/bytes, pattern values as text and float32 bytes), every API key secret, the JWT secret and the
+watermark secret (API keys are watermarked by default).
 Issued access tokens are also searched for outside the /auth/token answers that hand them out.
 """
 
@@ -33,6 +34,8 @@ from tests._support.db import run_migrations
 from tests._support.server import ADMIN_TOKEN, JWT_SECRET
 
 pytestmark = pytest.mark.slow
+
+WATERMARK_SECRET = "rel-watermark-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 
 
 @dataclass
@@ -67,6 +70,7 @@ def _needles(box: BoxSecrets, api_keys: list[str]) -> dict[str, list[bytes]]:
         ],
         "box pattern": [],
         "JWT secret": [JWT_SECRET.encode(), JWT_SECRET[-32:].encode()],
+        "watermark secret": [WATERMARK_SECRET.encode(), WATERMARK_SECRET[-32:].encode()],
     }
     pattern = np.asarray(box.pattern_values, dtype=np.float32)
     for scale in (1.0, 0.5):  # the pattern and the pre-scaled offset (1 - lam) * pattern the model holds
@@ -104,6 +108,7 @@ def app_and_db(model_dir: Path, tmp_path: Path) -> Iterator[tuple[FastAPI, str]]
         default_model=MODEL,
         device="cpu",
         jwt_secret=JWT_SECRET,
+        watermark_secret=WATERMARK_SECRET,
         bootstrap_admin_token=ADMIN_TOKEN,
         log_level="DEBUG",
         predict_rate_per_minute=0,

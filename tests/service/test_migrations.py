@@ -88,3 +88,61 @@ def test_refuses_to_start_on_an_unknown_revision(make_settings: Any, database_ur
 def test_demo_mode_migrates_by_itself(make_settings: Any, empty_database_url: str) -> None:
     _start(make_settings, empty_database_url, demo=True, jwt_secret=None)
     assert tables(empty_database_url) == TABLES
+
+
+def test_0002_watermarks_upgrades_and_downgrades_a_database_with_data(empty_database_url: str) -> None:
+    """From revision 0001 with users, keys and audits in it: 0002 adds the watermark columns (existing keys
+    unwatermarked, their rows intact), and the downgrade drops them again without losing the rows."""
+    from sqlalchemy import text
+
+    url = empty_database_url
+    migrate.upgrade(url, "0001")
+    db = Database(url)
+    try:
+        with db.write() as s:
+            s.execute(
+                text(
+                    "INSERT INTO users (id, name, role, disabled, created_at) "
+                    "VALUES (1, 'alice', 'user', false, CURRENT_TIMESTAMP)"
+                )
+            )
+            s.execute(
+                text(
+                    "INSERT INTO api_keys (id, user_id, prefix, key_hash, scopes, samples_used, rate_window, "
+                    "rate_count, created_at) VALUES (1, 1, 'sdb_abc', 'h1', '[]', 5, 0, 0, CURRENT_TIMESTAMP)"
+                )
+            )
+            s.execute(
+                text(
+                    "INSERT INTO query_audits (created_at, endpoint, user_id, api_key_id, n_samples, status) "
+                    "VALUES (CURRENT_TIMESTAMP, '/distill-batch', 1, 1, 5, 200)"
+                )
+            )
+    finally:
+        db.dispose()
+    migrate.upgrade(url, "0002")
+    db = Database(url)
+    try:
+        with db.session() as s:
+            key = s.execute(
+                text("SELECT samples_used, watermarked, watermark_id, watermark_slot FROM api_keys")
+            ).one()
+            assert tuple(key) == (5, False, None, None)
+            assert s.execute(text("SELECT watermark_id, n_samples FROM query_audits")).one() == (None, 5)
+        with db.write() as s:  # the slot is unique
+            s.execute(
+                text("UPDATE api_keys SET watermarked = true, watermark_id = 'wm-1', watermark_slot = 0")
+            )
+            s.execute(text("UPDATE query_audits SET watermark_id = 'wm-1'"))
+    finally:
+        db.dispose()
+    migrate.downgrade(url, "0001")
+    db = Database(url)
+    try:
+        with db.session() as s:
+            assert s.execute(text("SELECT samples_used FROM api_keys")).scalar_one() == 5
+            assert s.execute(text("SELECT count(*) FROM query_audits")).scalar_one() == 1
+        assert "watermark_id" not in {c["name"] for c in inspect(db.engine).get_columns("api_keys")}
+    finally:
+        db.dispose()
+    migrate.upgrade(url)

@@ -17,6 +17,7 @@ from service.core.state import StateDep
 from service.crud import accounts, admin_actions, catalog
 from service.crud.accounts import ConflictError, NotFoundError
 from service.crud.principals import Principal, unknown_scopes, unknown_scopes_message
+from service.crud.watermarks import WatermarkBankFull
 from service.db.models import ApiKey, User, utcnow
 from service.db.session import Database
 from service.routes.admin.common import MAX_ID, Limit, Offset, PathId, admin_router, not_found
@@ -124,10 +125,12 @@ def issue_key(
             name=body.name,
             actor=admin,
             client_id=client_id_of(request),
+            watermark_id=state.watermarks.watermark_id if body.watermark else None,
+            bank_size=state.watermarks.bank_size,
         )
     except NotFoundError as exc:
         raise not_found(exc) from None
-    except ConflictError as exc:
+    except (ConflictError, WatermarkBankFull) as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     return KeyCreated(**_key(key).model_dump(), api_key=new.secret)
 

@@ -1,0 +1,301 @@
+"""Trace a suspect model back to the licensee whose watermarked soft labels taught it.
+
+The owner queries the suspect (black box: raw inputs -> probabilities) and its own clean reference (the box's
+keyed soft labels without any watermark, or the teacher) on the same probe images. Both answers are brought
+to the watermark's temperature (softmax(log p / T)); the residual r_i = suspect - reference on the reference's
+top-1 class is what a learned watermark moves. For each watermark the matched filter d_i is the exact change
+that watermark made to that top-1 probability (`watermark.mark_deltas`), and the statistic is the
+self-normalised sum, r and d centred within each reference top-1 class,
+
+    z = sum_i r_i d_i / sqrt(sum_i (r_i d_i)^2),
+
+standard normal in the limit when the residual carries nothing of that watermark (the terms then have mean
+zero; subtracting the reference removes the class structure every model of the task shares, and centring
+within classes removes a suspect's overall over- or under-confidence, which would otherwise shift every z by
+the mark's mean).
+
+The limit is not the truth on real students: a student's residual is a smooth function of the image, not
+noise, and its projections on low-frequency marks spread wider or narrower than N(0, 1)
+(research/traceability/NOTES.md). By default (`null="decoys"`) z is therefore centred and scaled by the
+median and robust spread (1.4826 MAD) of the decoys' z on the same answers: `decoys` watermarks never issued,
+drawn exactly like issued ones (uniformly random directions of the same space), so they share the null of
+every issued watermark that the suspect did not learn; an empirical null in Efron's sense. The p-value is
+one-sided, P(N(0,1) >= z), kept in log10 so that tiny ones stay exact; it is corrected over the issued
+watermarks tested (Holm by default, or Bonferroni), and a watermark is named when its corrected p-value is
+below `alpha`. The report gives the decoys' own false-positive rate at `alpha`, the Kolmogorov-Smirnov
+distance of their p-values from uniform, and each issued watermark's rank and the number of decoys above it.
+The innocent students of `sdb_core.trace_eval` check the calibration out of sample.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdb_core.watermark import Watermark, WatermarkConfig, decoy_watermarks, mark_deltas, retemper
+
+CORRECTIONS = ("holm", "bonferroni")
+NULLS = ("decoys", "analytic")
+MIN_DECOYS = 100
+LN10 = math.log(10.0)
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    probes: int = 10_000  # at most this many probe images are sent to the suspect
+    decoys: int = 1_000  # watermarks never issued, tested alongside as the null's check
+    alpha: float = 1e-3  # a watermark is named when its corrected p-value is below this
+    correction: str = "holm"  # over the issued watermarks tested: "holm" or "bonferroni"
+    batch_size: int = 500  # probes per query to the suspect
+    # "decoys": z is centred and scaled by the decoys' median and robust spread (1.4826 MAD) before the
+    # normal tail is read (decoys and issued watermarks are drawn alike: random directions); "analytic": z
+    # against N(0, 1) as it stands (over-confident on real students, research/traceability/NOTES.md)
+    null: str = "decoys"
+
+    def __post_init__(self) -> None:
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"unknown correction {self.correction!r}; one of {', '.join(CORRECTIONS)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError("alpha must be in (0, 1)")
+        if self.null not in NULLS:
+            raise ValueError(f"unknown null {self.null!r}; one of {', '.join(NULLS)}")
+        if self.null == "decoys" and self.decoys < MIN_DECOYS:
+            raise ValueError(f"the decoy-calibrated null needs at least {MIN_DECOYS} decoys")
+        if self.probes < 1 or self.decoys < 0 or self.batch_size < 1:
+            raise ValueError("probes and batch_size must be >= 1 and decoys >= 0")
+
+
+@dataclass(frozen=True)
+class WatermarkResult:
+    wid: str
+    statistic: float  # z, calibrated (see TraceConfig.null)
+    raw_statistic: float  # z before calibration
+    log10_p: float
+    p_value: float  # 10 ** log10_p (0.0 below float range: read log10_p)
+    log10_corrected_p: float
+    corrected_p: float
+    verdict: str  # "match" or "no evidence"
+    rank: int  # 1 = the largest statistic among the issued watermarks
+    decoys_above: int  # decoys whose statistic is at least this one's
+
+
+@dataclass
+class TraceReport:
+    results: list[WatermarkResult]
+    probes: int
+    alpha: float
+    correction: str
+    decoys: int
+    decoy_false_positive_rate: float  # decoys with uncorrected p < alpha
+    decoy_false_positive_rate_corrected: float  # decoys that would be named after the same correction
+    decoy_ks: float  # Kolmogorov-Smirnov distance of the decoys' p-values from uniform
+    null: str
+    null_location: float  # subtracted from the raw z
+    null_scale: float  # the raw z divided by this
+    decoy_z_mean: float
+    decoy_z_std: float
+    decoy_statistics: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def matches(self) -> list[WatermarkResult]:
+        return [r for r in self.results if r.verdict == "match"]
+
+    @property
+    def best(self) -> WatermarkResult | None:
+        return min(self.results, key=lambda r: r.rank) if self.results else None
+
+    def result(self, wid: str) -> WatermarkResult:
+        for r in self.results:
+            if r.wid == wid:
+                return r
+        raise KeyError(wid)
+
+    def to_dict(self, *, with_decoy_statistics: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_decoy_statistics:
+            d.pop("decoy_statistics")
+        d["matches"] = [r.wid for r in self.matches]
+        for r in d["results"]:  # JSON has no infinities
+            for k in ("statistic", "log10_p", "log10_corrected_p"):
+                if not math.isfinite(r[k]):
+                    r[k] = None
+        return d
+
+
+def _query(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int, what: str) -> Tensor:
+    outs = []
+    for s in range(0, len(x), batch):
+        with torch.no_grad():
+            outs.append(torch.as_tensor(fn(x[s : s + batch])).detach().float().cpu())
+    p = torch.cat(outs)
+    if p.shape[0] != len(x) or p.dim() != 2:
+        raise ValueError(f"the {what} answered shape {tuple(p.shape)} for {len(x)} probes")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"the {what} answered values that are not probabilities")
+    return p / p.sum(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _centred(v: Tensor, groups: Tensor | None) -> Tensor:
+    """v [N, M] minus its mean within each group (all rows one group when None)."""
+    if groups is None:
+        return v - v.mean(0, keepdim=True)
+    n_groups = int(groups.max()) + 1
+    sums = torch.zeros(n_groups, v.shape[1], dtype=v.dtype).index_add_(0, groups, v)
+    counts = torch.bincount(groups, minlength=n_groups).clamp_min(1).to(v.dtype)
+    return v - (sums / counts[:, None])[groups]
+
+
+def statistics(residual: Tensor, deltas: Tensor, groups: Tensor | None = None) -> Tensor:
+    """z per column of deltas [N, M] against residual [N], both centred within each group (the reference's
+    top-1 class): a suspect that is on the whole less or more sure of a class than the reference, as every
+    student is, shifts the residual's mean, which is not a mark."""
+    r = _centred(residual.double()[:, None], groups)
+    terms = r * _centred(deltas.double(), groups)
+    den = terms.pow(2).sum(0).sqrt()
+    z = terms.sum(0) / den.clamp_min(1e-300)
+    return torch.where(den > 0, z, torch.zeros_like(z))
+
+
+def log10_p_upper(z: Tensor) -> Tensor:
+    """log10 P(N(0,1) >= z), exact far into the tail."""
+    return torch.special.log_ndtr(-z.double()) / LN10
+
+
+def corrected_log10(log10_p: Tensor, method: str) -> Tensor:
+    """Family-wise corrected p-values (log10) over the m tests: Bonferroni m p, or Holm's step-down."""
+    m = len(log10_p)
+    if m == 0:
+        return log10_p
+    lm = math.log10(m)
+    if method == "bonferroni":
+        return (log10_p + lm).clamp(max=0.0)
+    order = torch.argsort(log10_p)
+    steps = torch.log10(torch.arange(m, 0, -1, dtype=torch.float64))
+    adj = (log10_p[order] + steps).clamp(max=0.0)
+    adj = torch.cummax(adj, dim=0).values
+    out = torch.empty_like(adj)
+    out[order] = adj
+    return out
+
+
+def _ks_uniform(p: Tensor) -> float:
+    if len(p) == 0:
+        return 0.0
+    s = torch.sort(p.double()).values
+    n = len(s)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - s, s - (i - 1) / n).max())
+
+
+def trace(
+    suspect: Callable[[Tensor], Tensor],
+    reference: Callable[[Tensor], Tensor],
+    probes: Tensor,
+    watermarks: Sequence[Watermark],
+    cfg: TraceConfig = TraceConfig(),
+    *,
+    decoy_secret: bytes | None = None,
+    watermark_cfg: WatermarkConfig | None = None,
+) -> TraceReport:
+    """Test every issued watermark (and `cfg.decoys` decoys) on the suspect's answers to `probes`.
+
+    suspect, reference: raw inputs [N, *input_shape] -> probabilities [N, C] (at temperature 1, as `/predict`
+    answers). `decoy_secret` seeds the decoys (random when None); `watermark_cfg` is the configuration the
+    watermarks were derived with (the decoys' frequency; taken from the watermarks when None)."""
+    if not watermarks:
+        raise ValueError("no watermarks to test")
+    basis = watermarks[0].basis
+    temperature = watermarks[0].temperature
+    if any(w.basis != basis or w.temperature != temperature for w in watermarks[1:]):
+        raise ValueError("the watermarks were derived with different bases or temperatures")
+    x = torch.as_tensor(probes, dtype=torch.float32)[: cfg.probes]
+    ref = retemper(_query(reference, x, cfg.batch_size, "reference"), temperature)
+    sus = retemper(_query(suspect, x, cfg.batch_size, "suspect"), temperature)
+    if sus.shape != ref.shape:
+        raise ValueError(f"suspect answers {tuple(sus.shape)} but the reference {tuple(ref.shape)}")
+    top = ref.argmax(dim=1, keepdim=True)
+    residual = (sus.gather(1, top) - ref.gather(1, top))[:, 0]
+    groups = top[:, 0]
+
+    wcfg = watermark_cfg or WatermarkConfig(
+        epsilon=watermarks[0].epsilon, temperature=temperature, frequency=watermarks[0].mode.frequency
+    )
+    decoys = (
+        decoy_watermarks(
+            cfg.decoys,
+            basis=basis,
+            num_classes=watermarks[0].num_classes,
+            cfg=wcfg,
+            seed=decoy_secret or secrets.token_bytes(16),
+        )
+        if cfg.decoys
+        else []
+    )
+    z_issued = statistics(residual, mark_deltas(list(watermarks), x, ref), groups)
+    z_decoy = (
+        torch.cat(
+            [
+                statistics(residual, mark_deltas(decoys[s : s + 200], x, ref), groups)
+                for s in range(0, len(decoys), 200)
+            ]
+        )
+        if decoys
+        else torch.zeros(0, dtype=torch.float64)
+    )
+
+    loc, scale = 0.0, 1.0
+    if cfg.null == "decoys":
+        med = z_decoy.median()
+        loc = float(med)
+        scale = max(1e-6, float(1.4826 * (z_decoy - med).abs().median()))
+    z_raw_issued = z_issued
+    z_issued = (z_issued - loc) / scale
+    z_decoy = (z_decoy - loc) / scale
+    lp = log10_p_upper(z_issued)
+    lpc = corrected_log10(lp, cfg.correction)
+    log_alpha = math.log10(cfg.alpha)
+    order = torch.argsort(-z_issued)
+    ranks = torch.empty(len(order), dtype=torch.long)
+    ranks[order] = torch.arange(1, len(order) + 1)
+    results = [
+        WatermarkResult(
+            wid=w.wid,
+            statistic=float(z_issued[i]),
+            raw_statistic=float(z_raw_issued[i]),
+            log10_p=float(lp[i]),
+            p_value=float(10 ** lp[i]),
+            log10_corrected_p=float(lpc[i]),
+            corrected_p=float(10 ** lpc[i]),
+            verdict="match" if float(lpc[i]) < log_alpha else "no evidence",
+            rank=int(ranks[i]),
+            decoys_above=int((z_decoy >= z_issued[i]).sum()),
+        )
+        for i, w in enumerate(watermarks)
+    ]
+    lp_decoy = log10_p_upper(z_decoy)
+    m = len(watermarks)
+    return TraceReport(
+        results=results,
+        probes=len(x),
+        alpha=cfg.alpha,
+        correction=cfg.correction,
+        decoys=len(decoys),
+        decoy_false_positive_rate=float((lp_decoy < log_alpha).double().mean()) if decoys else 0.0,
+        # A decoy is named after correction when m p < alpha (Bonferroni's bound; Holm names no more).
+        decoy_false_positive_rate_corrected=float((lp_decoy + math.log10(m) < log_alpha).double().mean())
+        if decoys
+        else 0.0,
+        decoy_ks=_ks_uniform(10**lp_decoy),
+        null=cfg.null,
+        null_location=loc,
+        null_scale=scale,
+        decoy_z_mean=float(z_decoy.mean()) if decoys else 0.0,
+        decoy_z_std=float(z_decoy.std()) if len(decoys) > 1 else 0.0,
+        decoy_statistics=[float(v) for v in z_decoy],
+    )

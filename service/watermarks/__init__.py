@@ -1,0 +1,1 @@
+"""Traceable licensees: the watermark secret, the per-API-key marks of /distill-batch, tracing suspects."""

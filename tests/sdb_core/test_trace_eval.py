@@ -1,0 +1,47 @@
+"""The traceability evaluation in its reduced (digits) configuration: the box, 5 licensees, leaked and
+innocent students, traced for real (slow: trains about 20 small students)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdb_core.evaluate import reduced_config
+from sdb_core.trace_eval import check_trace_targets, reduced_trace_config, trace_evaluate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("trace")
+    trace_evaluate(reduced_config("digits"), reduced_trace_config("digits"), out, command="pytest")
+    assert (Path(out) / "traceability.json").is_file()
+    return json.loads((Path(out) / "traceability.json").read_text())
+
+
+def test_innocent_students_accuse_nobody(report: dict) -> None:
+    """Threshold: at corrected p < 1e-3, no accusation in >= 99 % of (innocent student, watermark) tests
+    (seed 0; 4 innocent students x 5 watermarks here, so any accusation fails)."""
+    innocent = report["result"]["innocent"]
+    assert {r["student"] for r in innocent} == {"scratch", "label_only", "normal_kd", "clean_kd"}
+    tests = sum(len(r["z"]) for r in innocent)
+    accused = sum(len(r["named"]) for r in innocent)
+    assert tests == 20
+    assert accused / tests <= 0.01
+
+
+def test_decoys_hold_the_nominal_rate_on_innocent_students(report: dict) -> None:
+    """Decoy false-positive rate at alpha = 1e-3 (200 decoys per trace, 4 innocent students): at most 2 %
+    per trace (4 decoys of 200; expected 0.2)."""
+    for r in report["result"]["innocent"]:
+        assert r["decoy_fpr"] <= 0.02, r
+
+
+def test_top1_identical_and_report_complete(report: dict) -> None:
+    result = report["result"]
+    assert result["top1_identical"] is True
+    assert len(result["leaked"]) == 3 and all("leakers" in r for r in result["leaked"])
+    assert report["command"] == "pytest" and report["checks"] == check_trace_targets(result, 0)
