@@ -371,9 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=("litserve",),
         help="instead of the scenarios above: /predict c32 against this peer serving the same box",
     )
-    p.add_argument("--rounds", type=int, default=3, help="--peer: alternating rounds per model")
+    p.add_argument(
+        "--oip",
+        action="store_true",
+        help="instead of the scenarios above: Open Inference Protocol infer (JSON, binary) beside /predict",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--peer, --oip: alternating rounds per model")
     p.add_argument("--model", action="append", help="--peer: only this model (repeatable)")
-    p.add_argument("--requests", type=int, help="--peer: requests per round (default by model size)")
+    p.add_argument("--requests", type=int, help="--peer, --oip: requests per round (default by model size)")
     p.add_argument(
         "--workers",
         type=int,
@@ -407,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.peer_bench import run_peer
 
         return run_peer(args, threads)
+    if args.oip:
+        from bench.oip_bench import run_oip
+
+        return run_oip(args, threads)
     from service.db.migrate import upgrade
 
     results: list[Result] = []

@@ -56,8 +56,8 @@ class TraceEvalConfig:
     licensees: int = 20
     transfers: tuple[int, ...] = (500, 10_000)
     leakers: dict[int, int] = field(default_factory=lambda: {500: 10, 10_000: 2})  # per size, per family
-    # families traced at each size: None = all of the protocol's students
-    families: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
+    # families traced at each size (a size not listed: none); empty: all of the protocol's students everywhere
+    families: dict[int, tuple[str, ...]] = field(default_factory=dict)
     sample_budget: int = 100_000  # a student sees at most this many samples (epochs scaled down for big sets)
     family_leakers: dict[str, int] = field(default_factory=dict)  # caps `leakers` for a family
     family_sample_budget: dict[str, int] = field(default_factory=dict)  # overrides `sample_budget`
@@ -72,6 +72,7 @@ class TraceEvalConfig:
     noise_std: float = 0.1  # input noise at query time, in units of the data's std
     finetune_epochs: int = 20
     removals: bool = True
+    innocents: bool = True  # False: leaked students only (a supplementary run)
 
 
 def trace_config_for(dataset: str, reduced: bool = False) -> TraceEvalConfig:
@@ -283,7 +284,7 @@ def run_trace_eval(
         xt = transfer.x_train
         clean = _query(clean_logits, xt)
         soft = torch.softmax(clean / t, dim=1)
-        specs = tcfg.families.get(size) or cfg.students
+        specs = tcfg.families.get(size, ()) if tcfg.families else cfg.students
         n_leak = min(tcfg.leakers.get(size, 0), tcfg.licensees)
         for spec in specs:
             arch, extra = parse_student(spec)
@@ -324,6 +325,8 @@ def run_trace_eval(
                     f"log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} "
                     f"framed {rec['framed']}"
                 )
+            if not tcfg.innocents:
+                continue
             innocents: dict[str, nn.Module] = {
                 "scratch": student_from(None, f"{spec} scratch"),
                 "label_only": student_from(
@@ -385,7 +388,7 @@ def _removals(
     seed: int,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Each removal attempt against licensee 0's soft labels with the protocol's first student family."""
+    """Each removal attempt against licensee 0's soft labels with the protocol's last student family."""
     spec = cfg.students[-1]
     arch, extra = parse_student(spec)
     t = cfg.temperature
@@ -573,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--leakers", default="", help="size=count,... (default: the configuration's)")
     ap.add_argument("--no-removals", action="store_true")
+    ap.add_argument("--no-innocents", action="store_true", help="leaked students only")
     ap.add_argument("--teacher", default="", help="arch[:k=v,...]: replace the protocol's teacher (CPU time)")
     ap.add_argument("--teacher-epochs", type=int, default=0)
     ap.add_argument(
@@ -585,7 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = reduced_config(args.dataset) if args.reduced else protocol_for(args.dataset)
     cfg = replace(cfg, seeds=(args.seed,), progress=True)
     tcfg = trace_config_for(args.dataset, args.reduced)
-    tcfg = replace(tcfg, source=args.source, removals=tcfg.removals and not args.no_removals)
+    tcfg = replace(
+        tcfg,
+        source=args.source,
+        removals=tcfg.removals and not args.no_removals,
+        innocents=not args.no_innocents,
+    )
     if args.students:
         cfg = replace(cfg, students=tuple(args.students.split(";")))
     if args.teacher:

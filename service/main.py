@@ -35,7 +35,8 @@ from service.inference.loading import ModelLoadError, load_registry
 from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
 from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
-from service.routes import auth, console, distill, health, key_info, predict, trace
+from service.oip.errors import install_error_shape
+from service.routes import auth, console, distill, health, key_info, oip, predict, trace
 from service.routes.admin import accounts as admin_accounts
 from service.routes.admin import reports as admin_reports
 from service.watermarks.issuer import Watermarker
@@ -50,6 +51,8 @@ Serve a boxed classifier to everyone, and let only licensed users distill it.
 * `POST /predict` — anyone, no token: the plain path's class probabilities.
 * `POST /auth/token` — exchange an API key for a short-lived access token (JWT).
 * `POST /distill-batch` — `Authorization: Bearer <token>`: the keyed path's soft labels and logits.
+* `/v2/*` — the Open Inference Protocol (KServe v2 / Triton REST): anyone gets the plain outputs,
+  a bearer token with the model in scope the keyed outputs (`soft_labels`, `logits`).
 * `/admin/*` — administrators: users, API keys, audits, usage, extraction watch, models.
 """
 
@@ -223,10 +226,12 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     install_docs(app)
     install_middleware(app, settings)
     install_error_handlers(app)
+    install_error_shape(app)  # {"error": ...} under /v2, the Open Inference Protocol's shape
     app.include_router(health.router)
     if settings.expose_metrics:
         app.include_router(health.metrics_router)
     app.include_router(predict.router)
+    app.include_router(oip.router)  # early: the hot infer route is matched after few others
     app.include_router(auth.router)
     app.include_router(key_info.router)
     app.include_router(distill.router)

@@ -32,6 +32,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+
+def error_body(scope: Scope, message: str) -> dict[str, Any]:
+    """An error body in the route's shape: `detail`, or the Open Inference Protocol's `error` under /v2."""
+    path = str(scope.get("path", ""))
+    return {"error": message} if path == "/v2" or path.startswith("/v2/") else {"detail": message}
+
+
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"cache-control", b"no-store"),
     (b"x-content-type-options", b"nosniff"),
@@ -78,10 +85,10 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await send_json(send, 400, {"detail": "invalid Content-Length header"})
+                    await send_json(send, 400, error_body(scope, "invalid Content-Length header"))
                     return
                 if declared > self.limit:
-                    await self._reject(send)
+                    await self._reject(scope, send)
                     return
         received = 0
         rejected = False
@@ -98,7 +105,7 @@ class BodyLimitMiddleware:
                     rejected = True
                     scope.setdefault("state", {})[BODY_STATUS_KEY] = 413
                     if not started:
-                        await self._reject(send)
+                        await self._reject(scope, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -112,11 +119,11 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
         await send_json(
             send,
             413,
-            {"detail": f"request body is larger than the limit of {self.limit} bytes"},
+            error_body(scope, f"request body is larger than the limit of {self.limit} bytes"),
             [(b"connection", b"close")],
         )
 
@@ -158,7 +165,9 @@ class DeadlineMiddleware:
                 "request %s %s passed its %.1f s deadline", scope["method"], scope["path"], seconds
             )
             if not tracked.started:
-                await send_json(send, 504, {"detail": f"request did not complete within {seconds:g} s"})
+                await send_json(
+                    send, 504, error_body(scope, f"request did not complete within {seconds:g} s")
+                )
 
 
 class ServerErrorMiddleware:
@@ -184,7 +193,7 @@ class ServerErrorMiddleware:
             logger.exception("unhandled error on %s %s", scope["method"], clean(scope["path"]))
             if tracked.started:
                 raise
-            await send_json(send, 500, {"detail": "internal server error"})
+            await send_json(send, 500, error_body(scope, "internal server error"))
 
 
 class SecurityHeadersMiddleware:

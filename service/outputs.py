@@ -25,3 +25,8 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     e = np.exp(z)
     out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
     return out
+
+
+def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
+    """The k most probable classes of each row, most probable first (ties: lower index first)."""
+    return np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]

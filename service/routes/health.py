@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from service.core.state import StateDep
+from service.core.state import ServiceState, StateDep
 from service.db.session import Database
 from service.limits.redis_backend import RedisBackend, render_redis_metrics
 from service.observability.metrics import render_metrics
@@ -59,6 +60,12 @@ async def _redis_state(redis: RedisBackend | None) -> str:
 async def readyz(state: StateDep) -> Response:
     """`status` is `ready`, `not ready` (503), or `degraded` (200): Redis is unreachable, and with
     SDB_REDIS_FAILURE_MODE=open /predict counts its rate limit in each process until it is back."""
+    ready, body = await readiness(state)
+    return FastJSONResponse(body, status_code=200 if ready else 503)
+
+
+async def readiness(state: ServiceState) -> tuple[bool, dict[str, Any]]:
+    """(ready, the /readyz body): models loaded, database reachable, Redis unless it may fail open."""
     models = state.models.names()
     database, redis = await asyncio.gather(_database_state(state.db), _redis_state(state.redis))
     redis_down = redis == "unreachable"
@@ -70,7 +77,7 @@ async def readyz(state: StateDep) -> Response:
         "database": database,
         "redis": redis,
     }
-    return FastJSONResponse(body, status_code=200 if ready else 503)
+    return ready, body
 
 
 # Its own router, included only with SDB_EXPOSE_METRICS (create_app): off, /metrics is a 404 that the

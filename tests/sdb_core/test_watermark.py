@@ -8,10 +8,12 @@ import torch
 
 from sdb_core.data import Dataset
 from sdb_core.watermark import (
+    BASIS_KEY,
     WatermarkBasis,
     WatermarkConfig,
     apply_watermark,
     bank_size,
+    basis_from_manifest,
     capacity,
     decoy_watermarks,
     derive_watermark,
@@ -150,3 +152,9 @@ def test_default_basis_works_without_data(digits: Dataset) -> None:
     p = retemper(_hard_rows(100, 10, 5), 4.0)
     q = apply_watermark(wm, x, p)
     assert torch.equal(q.argmax(1), p.argmax(1)) and not torch.equal(q, p)
+
+
+def test_basis_from_manifest(basis: WatermarkBasis) -> None:
+    assert basis_from_manifest({"extra": {BASIS_KEY: basis.to_dict()}}) == basis
+    assert basis_from_manifest({"extra": {"dataset": "digits"}}) is None  # a box from before watermarks
+    assert basis_from_manifest({}) is None

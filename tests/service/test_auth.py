@@ -36,6 +36,16 @@ PUBLIC_ROUTES = {
     # the admin console's static files: no data in them, the page signs in with an admin key (test_console.py)
     ("GET", "/console"),
     ("GET", "/console/{asset:path}"),
+    # the Open Inference Protocol: public as /predict; its keyed outputs need a token (test_oip.py)
+    ("GET", "/v2"),
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/v2/models/{name}"),
+    ("GET", "/v2/models/{name}/versions/{version}"),
+    ("GET", "/v2/models/{name}/ready"),
+    ("GET", "/v2/models/{name}/versions/{version}/ready"),
+    ("POST", "/v2/models/{name}/infer"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer"),
 }
 
 
