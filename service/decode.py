@@ -23,14 +23,18 @@ import numpy as np
 from fastapi import HTTPException, Request
 from pydantic import ValidationError
 
-from service.inference.registry import ModelRegistry, ServedModel, UnknownModelError
+from service.inference.registry import ModelRegistry, ServedModel
 from service.schemas import NPY_MEDIA_TYPE, InputsBody
 
 M = TypeVar("M", bound=InputsBody)
 
 _MAX_NPY_HEADER = 10_000
-_MODEL_KEY = "sdb_model"  # scope["state"] key: the model a request was resolved to
+# scope["state"] key: the name of the served model a request was resolved to, set by `resolve_model`; the
+# request metrics (MetricsMiddleware) and the audit row of a refused call read it.
+MODEL_KEY = "sdb_model"
 _JSON_TYPES = ("application/json",)
+# Checked here rather than by a schema validator: the decoder is where the two forms part ways.
+_ONE_INPUT = "Value error, give exactly one of `inputs` and `inputs_b64`"
 
 
 @dataclass
@@ -184,22 +188,20 @@ def validate_batch(arr: np.ndarray, input_shape: tuple[int, ...], max_samples: i
 
 def resolve_model(request: Request, name: str | None, registry: ModelRegistry) -> ServedModel:
     """The served model `name` (the default when None); 404 naming the loaded ones if unknown."""
-    if not registry.ready:
-        raise HTTPException(status_code=503, detail="no model is loaded", headers={"Retry-After": "5"})
-    try:
-        model = registry.get(name)
-    except UnknownModelError:
-        raise HTTPException(
-            status_code=404, detail=f"unknown model {name!r}; available: {registry.names()}"
-        ) from None
-    request.scope.setdefault("state", {})[_MODEL_KEY] = model.name
+    key = registry.default_name if name is None else name
+    model = registry.by_name.get(key) if key is not None else None  # a lookup: no method call per request
+    if model is None:
+        if not registry.by_name:
+            raise HTTPException(status_code=503, detail="no model is loaded", headers={"Retry-After": "5"})
+        raise HTTPException(status_code=404, detail=f"unknown model {name!r}; available: {registry.names()}")
+    request.scope.setdefault("state", {})[MODEL_KEY] = model.name
     return model
 
 
 def request_model(scope: MutableMapping[str, Any]) -> str | None:
     """The model that `resolve_model` resolved this request to (None before, or when it failed): the
     request metrics and the audit row of a refused call name it."""
-    name = (scope.get("state") or {}).get(_MODEL_KEY)
+    name = (scope.get("state") or {}).get(MODEL_KEY)
     return str(name) if name is not None else None
 
 
@@ -251,6 +253,8 @@ async def decode_inputs(
             if not _is_utf8(body):
                 raise _unprocessable("the JSON body is not valid UTF-8") from None
             raise _unprocessable(_validation_detail(exc)) from None
+        if (params.inputs is None) == (params.inputs_b64 is None):
+            raise _unprocessable([{"loc": [], "msg": _ONE_INPUT, "type": "value_error"}])
         if "model" in query and params.model is not None and params.model != query["model"]:
             raise _unprocessable("the model named in the query differs from the body's `model`")
         extra = {k: v for k, v in query.items() if getattr(params, k, None) is None}
@@ -259,7 +263,7 @@ async def decode_inputs(
         if params.inputs_b64 is not None:
             arr = decode_b64_npy(params.inputs_b64)
         else:
-            assert params.inputs is not None
+            assert params.inputs is not None  # checked above
             arr = json_to_array(params.inputs, max_samples)
         params = params.model_copy(update={**extra, "inputs": None, "inputs_b64": None})  # one copy
     else:

@@ -25,9 +25,10 @@ from service.core.config import Settings, get_settings
 from service.core.errors import install_error_handlers
 from service.core.security import TokenConfig, api_key_from_secret
 from service.core.state import ServiceState, set_state
-from service.crud import accounts, catalog, quota
+from service.crud import accounts, catalog, quota, rollup
 from service.crud import watermarks as crud_watermarks
 from service.db import migrate
+from service.db.aggregates import AggregateConfig, AggregateWriter
 from service.db.audit_queue import AuditQueue
 from service.db.session import Database
 from service.docs import install_docs
@@ -131,7 +132,14 @@ def _start(settings: Settings, registry: ModelRegistry | None) -> ServiceState:
     except BaseException:
         db.dispose()
         raise
-    queue = AuditQueue(db)
+    writer = AggregateWriter(
+        AggregateConfig(
+            window_min=settings.extraction_window_s // 60,
+            rows=settings.predict_audit_rows,
+            sample_rate=settings.predict_audit_sample_rate,
+        )
+    )
+    queue = AuditQueue(db, writer=writer, maintenance=lambda: rollup.maintain(db))
     queue.start()
     return ServiceState.build(
         settings, db=db, models=models, tokens=tokens, audit_queue=queue, watermarks=marks

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 
 from service.core.errors import BODY_STATUS_KEY, disconnect_status
-from service.decode import request_model
+from service.decode import MODEL_KEY
 from service.observability import metrics
 from service.sanitize import clean
 
@@ -244,7 +244,7 @@ class MetricsMiddleware:
             state = scope.get("state") or {}
             if status is None:  # no answer was sent: the client went away, or the app failed
                 status = int(state.get(BODY_STATUS_KEY, 500))
-            metrics.record_request(template, request_model(scope), status, time.perf_counter() - start)
+            metrics.record_request(template, state.get(MODEL_KEY), status, time.perf_counter() - start)
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import orjson
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE
 
@@ -30,7 +30,8 @@ def _example_b64() -> str:
 
 
 class InputsBody(BaseModel):
-    """Inputs as a nested JSON list, or as a base64-encoded float32 `.npy` array (faster, exact).
+    """Inputs as a nested JSON list, or as a base64-encoded float32 `.npy` array (faster, exact): exactly one
+    of the two, which `service.decode.decode_inputs` checks (422).
 
     Strict: a JSON `true` is not the number 1 and "4" is not 4 (the query parameters of a raw `.npy` request,
     text by nature, are validated with strict=False).
@@ -47,12 +48,6 @@ class InputsBody(BaseModel):
     inputs_b64: str | None = Field(
         None, description="Base64 of a `.npy` file holding a float32 array of shape [N, *input_shape]."
     )
-
-    @model_validator(mode="after")
-    def _exactly_one_input(self) -> InputsBody:
-        if (self.inputs is None) == (self.inputs_b64 is None):
-            raise ValueError("give exactly one of `inputs` and `inputs_b64`")
-        return self
 
 
 class PredictRequest(InputsBody):
@@ -180,6 +175,22 @@ class FastJSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def quota_headers(quota: int | None, used: int | None) -> dict[str, str]:
+    """The X-Quota-* headers of a /distill-batch answer (200, or 429 once the quota is spent)."""
+    if quota is None:
+        return {
+            "X-Quota-Limit": "unlimited",
+            "X-Quota-Remaining": "unlimited",
+            "X-Quota-Used": str(used or 0),
+        }
+    used = used or 0
+    return {
+        "X-Quota-Limit": str(quota),
+        "X-Quota-Used": str(used),
+        "X-Quota-Remaining": str(max(0, quota - used)),
+    }
+
+
 # ------------------------------------------------------------------------------------------------ auth
 
 
@@ -225,6 +236,11 @@ class Page(BaseModel, Generic[T]):
     total: int
     limit: int
     offset: int
+    total_capped: bool = Field(
+        False,
+        description="True when more rows match than were counted: `total` is then a lower bound (audit "
+        "listings count at most 10,000 rows past the page, so a page costs the same on any table size).",
+    )
 
 
 class UserCreate(BaseModel):

@@ -184,6 +184,8 @@ def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
             "distill_rate_per_minute": 0,
             "log_level": "DEBUG",
             "expose_metrics": True,
+            # the tests read /predict calls back as rows (the default, sampled: test_aggregates.py)
+            "predict_audit_rows": "on",
         }
         values.update(overrides)
         return Settings(**values)

@@ -1,4 +1,4 @@
-"""Service commands: `sdb serve`, `sdb admin bootstrap`, `sdb db upgrade|downgrade|current`.
+"""Service commands: `sdb serve`, `sdb admin bootstrap`, `sdb db upgrade|downgrade|current|prune`.
 
 Settings come from SDB_* environment variables (service.core.config.Settings); the options below only set the
 matching variables for this run. `sdb db` and `sdb admin` need only the database URL, not the JWT secret.
@@ -13,7 +13,7 @@ import shutil
 import signal
 import tempfile
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -220,6 +220,83 @@ def db_current(database_url: Annotated[str | None, typer.Option(help=DATABASE_UR
     head = head_revision()
     typer.echo(
         f"current: {current or '(empty)'}  head: {head}  {'up to date' if current == head else 'OUTDATED'}"
+    )
+
+
+def _days(name: str, help_: str) -> Any:
+    return typer.Option(min=0.001, help=f"{help_} (default: SDB_{name.upper()}, else the settings' default).")
+
+
+@db_app.command("prune")
+def db_prune(
+    predict_rows_days: Annotated[
+        float | None, _days("retain_predict_rows_days", "Age in days past which per-request /predict rows go")
+    ] = None,
+    distill_rows_days: Annotated[
+        float | None, _days("retain_distill_rows_days", "Age past which per-call /distill-batch rows go")
+    ] = None,
+    aggregates_days: Annotated[
+        float | None, _days("retain_aggregates_days", "Age past which usage aggregates go")
+    ] = None,
+    client_windows_days: Annotated[
+        float | None,
+        _days("retain_client_windows_days", "Age past which per-client, per-window /predict aggregates go"),
+    ] = None,
+    events_days: Annotated[
+        float | None, _days("retain_events_days", "Age past which security events go")
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Rows deleted per transaction.")] = 5_000,
+    pause: Annotated[float, typer.Option(min=0, help="Seconds to wait between two batches.")] = 0.0,
+    database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None,
+) -> None:
+    """Delete audit rows, aggregates and security events past their retention ages (safe while serving,
+    idempotent; docs/operations.md). Prints what went, as JSON."""
+    import json
+
+    from service.core.config import Settings
+    from service.crud.retention import RetentionPolicy, prune
+    from service.db.migrate import SchemaError, check_schema
+    from service.db.session import Database
+
+    fields = Settings.model_fields
+
+    def age(value: float | None, name: str) -> float:
+        if value is not None:
+            return value
+        env = os.environ.get(f"SDB_{name.upper()}")
+        return float(env) if env else float(fields[name].default)
+
+    policy = RetentionPolicy(
+        predict_rows_days=age(predict_rows_days, "retain_predict_rows_days"),
+        distill_rows_days=age(distill_rows_days, "retain_distill_rows_days"),
+        aggregates_days=age(aggregates_days, "retain_aggregates_days"),
+        events_days=age(events_days, "retain_events_days"),
+        client_windows_days=age(client_windows_days, "retain_client_windows_days"),
+        batch=batch,
+        pause_s=pause,
+    )
+    db = Database(_database_url(database_url))
+    try:
+        check_schema(db.engine)
+        deleted = prune(db, policy)
+    except SchemaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    typer.echo(
+        json.dumps(
+            {
+                "deleted": deleted,
+                "policy_days": {
+                    "predict_rows": policy.predict_rows_days,
+                    "distill_rows": policy.distill_rows_days,
+                    "aggregates": policy.aggregates_days,
+                    "client_windows": policy.client_windows_days,
+                    "events": policy.events_days,
+                },
+            }
+        )
     )
 
 

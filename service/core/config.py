@@ -172,6 +172,33 @@ class Settings(BaseSettings):
     extraction_sample_threshold: int = Field(
         50_000, gt=0, description="Samples per window above which an anonymous client is flagged."
     )
+    # Audit trail (docs/architecture.md, "The audit trail at scale"; docs/operations.md, retention)
+    predict_audit_rows: Literal["on", "sampled", "off"] = Field(
+        "sampled",
+        description="Per-request /predict audit rows besides the aggregates: `on` (every call, ~380 bytes "
+        "each), `sampled` (a random share SDB_PREDICT_AUDIT_SAMPLE_RATE of the calls) or `off`.",
+    )
+    predict_audit_sample_rate: float = Field(
+        0.01, ge=0, le=1, description="With SDB_PREDICT_AUDIT_ROWS=sampled: the share of calls kept."
+    )
+    retain_predict_rows_days: float = Field(
+        7, gt=0, description="`sdb db prune`: age past which per-request /predict audit rows are deleted."
+    )
+    retain_distill_rows_days: float = Field(
+        400, gt=0, description="`sdb db prune`: age past which per-call /distill-batch rows are deleted."
+    )
+    retain_aggregates_days: float = Field(
+        400, gt=0, description="`sdb db prune`: age past which usage aggregates are deleted."
+    )
+    retain_client_windows_days: float = Field(
+        8,
+        gt=0,
+        description="`sdb db prune`: age past which per-client, per-window /predict aggregates are deleted "
+        "(per-client daily totals and largest windows stay for SDB_RETAIN_AGGREGATES_DAYS).",
+    )
+    retain_events_days: float = Field(
+        400, gt=0, description="`sdb db prune`: age past which security events are deleted."
+    )
     redis_url: SecretStr | None = Field(
         None,
         description="Redis URL (`redis://[:password@]host:6379/0`) where the /predict rate limit and the "
@@ -209,6 +236,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_secret(self) -> Settings:
+        if self.extraction_window_s % 60 or 86400 % self.extraction_window_s:
+            raise ValueError(
+                "SDB_EXTRACTION_WINDOW_S must be a whole number of minutes that divides a day (60, 300, "
+                "3600, 86400...): the per-client audit aggregates are kept per window"
+            )
         if self.jwt_secret_file is not None:
             if self.jwt_secret is not None:
                 raise ValueError("set SDB_JWT_SECRET or SDB_JWT_SECRET_FILE, not both")

@@ -1,4 +1,6 @@
-"""Reports over the audit table: audit queries, per-user usage, and per-client volumes over time."""
+"""Reports over the audit trail: audit queries (per-call rows, counted up to a cap), and per-user usage,
+per-client volumes over time, the extraction watch and the timeline, from the aggregates
+(service.db.aggregates, service.crud.rollup) whose size does not grow with the number of calls recorded."""
 
 from __future__ import annotations
 
@@ -6,11 +8,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Integer, and_, case, cast, func, select
+from sqlalchemy import BigInteger, Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from service.crud.audits import DISTILL_ENDPOINT, PREDICT_ENDPOINT
-from service.db.models import QueryAudit, User
+from service.crud import rollup
+from service.crud.audits import DISTILL_ENDPOINT
+from service.crud.rollup import epoch_minute
+from service.db.aggregates import MINUTES_PER_DAY
+from service.db.models import AuditClient, ClientDay, QueryAudit, User
+from service.db.models import ClientUsage as CU
+from service.db.models import UsageMinute as UM
+from service.db.models import UserUsage as UU
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,35 @@ class AuditFilter:
         return q.where(and_(*conds)) if conds else q
 
 
-def list_audits(session: Session, f: AuditFilter, *, limit: int, offset: int) -> tuple[list[QueryAudit], int]:
+COUNT_CAP = 10_000  # audit listings count at most this many rows past the page (total_capped says so)
+
+
+class Total(int):
+    """A row count that may be capped: `capped` when more rows match than were counted."""
+
+    capped: bool = False
+
+    @classmethod
+    def of(cls, n: int, capped: bool) -> Total:
+        t = cls(n)
+        t.capped = capped
+        return t
+
+
+def capped_count(session: Session, q: Any, cap: int) -> Total:
+    """Rows of `q`, counting at most cap + 1: the time is bounded by the cap, not by the table."""
+    n = int(session.scalar(select(func.count()).select_from(q.limit(cap + 1).subquery())) or 0)
+    return Total.of(min(n, cap), n > cap)
+
+
+def list_audits(
+    session: Session, f: AuditFilter, *, limit: int, offset: int
+) -> tuple[list[QueryAudit], Total]:
+    """A page of audit rows, newest first, and their count up to offset + limit + COUNT_CAP."""
     q = f.apply(select(QueryAudit))
-    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    total = capped_count(session, f.apply(select(QueryAudit.id)), offset + limit + COUNT_CAP)
     rows = session.scalars(q.order_by(QueryAudit.id.desc()).limit(limit).offset(offset)).all()
-    return list(rows), int(total)
+    return list(rows), total
 
 
 @dataclass
@@ -66,35 +98,101 @@ class UserUsage:
     by_model: dict[str, int] = field(default_factory=dict)
 
 
+class GrainError(ValueError):
+    """A bucket finer than the aggregates it is computed from."""
+
+
+def _floor(t: datetime | None, grain_min: int) -> int | None:
+    return None if t is None else epoch_minute(t) // grain_min * grain_min
+
+
+def _ceil(t: datetime | None, grain_min: int) -> int | None:
+    if t is None:
+        return None
+    seconds = int(t.astimezone(UTC).timestamp())
+    m = -(-seconds // 60)
+    return -(-m // grain_min) * grain_min
+
+
+def _minute_range(col: Any, since: datetime | None, until: datetime | None, grain_min: int) -> list[Any]:
+    """[since, until) widened to whole buckets of `grain_min` minutes (aggregates hold whole buckets)."""
+    conds = []
+    lo, hi = _floor(since, grain_min), _ceil(until, grain_min)
+    if lo is not None:
+        conds.append(col >= lo)
+    if hi is not None:
+        conds.append(col < hi)
+    return conds
+
+
+def _time_range(since: datetime | None, until: datetime | None, grain_min: int) -> tuple[Any, Any]:
+    lo, hi = _floor(since, grain_min), _ceil(until, grain_min)
+    return (
+        None if lo is None else datetime.fromtimestamp(lo * 60, UTC),
+        None if hi is None else datetime.fromtimestamp(hi * 60, UTC),
+    )
+
+
+def _unrolled(session: Session, since: datetime | None, until: datetime | None, grain_min: int) -> list[Any]:
+    """Conditions for the /distill-batch rows the rollup has not summed yet (above its watermark)."""
+    lo, hi = _time_range(since, until, grain_min)
+    conds = [QueryAudit.id > rollup.watermark(session), QueryAudit.endpoint == DISTILL_ENDPOINT]
+    if lo is not None:
+        conds.append(QueryAudit.created_at >= lo)
+    if hi is not None:
+        conds.append(QueryAudit.created_at < hi)
+    return conds
+
+
 def usage_summary(session: Session, *, since: datetime | None, until: datetime | None) -> list[UserUsage]:
-    """Per user: requests, answered requests, samples answered (status 200) and refusals, by model."""
-    f = AuditFilter(since=since, until=until)
+    """Per user: requests, answered requests, samples answered (status 200) and refusals, by model.
+
+    From `user_usage` (hours) plus the /distill-batch rows not rolled up yet; the range is widened to whole
+    hours."""
     users = {u.id: UserUsage(u.id, u.name, u.role, u.disabled) for u in session.scalars(select(User))}
-    ok = QueryAudit.status == 200
-    q = f.apply(
+    grain = rollup.USER_BUCKET_MIN
+    agg = (
+        select(
+            UU.user_id,
+            UU.model,
+            UU.status,
+            func.sum(UU.requests),
+            func.sum(UU.samples),
+            func.max(UU.last_at),
+        )
+        .where(*_minute_range(UU.minute, since, until, grain))
+        .group_by(UU.user_id, UU.model, UU.status)
+    )
+    model = func.coalesce(QueryAudit.model, "")
+    raw = (
         select(
             QueryAudit.user_id,
-            QueryAudit.model,
+            model,
+            QueryAudit.status,
             func.count(),
-            func.sum(ok.cast(Integer)),
-            func.sum(QueryAudit.n_samples * ok.cast(Integer)),
-            func.sum((QueryAudit.status >= 400).cast(Integer)),
+            func.sum(QueryAudit.n_samples),
             func.max(QueryAudit.created_at),
-        ).where(QueryAudit.user_id.is_not(None))
-    ).group_by(QueryAudit.user_id, QueryAudit.model)
-    for user_id, model, n, answered, samples, rejected, last in session.execute(q):
-        u = users.get(user_id)
-        if u is None:
-            continue
-        u.requests += int(n)
-        u.answered += int(answered or 0)
-        u.samples += int(samples or 0)
-        u.rejected += int(rejected or 0)
-        if model is not None and samples:
-            u.by_model[model] = u.by_model.get(model, 0) + int(samples)
-        last = _as_utc(last)
-        if last is not None and (u.last_seen is None or last > u.last_seen):
-            u.last_seen = last
+        )
+        .where(*_unrolled(session, since, until, grain), QueryAudit.user_id.is_not(None))
+        .group_by(QueryAudit.user_id, model, QueryAudit.status)
+    )
+    for q in (agg, raw):
+        for user_id, model_name, status, n, samples, last in session.execute(q):
+            u = users.get(user_id) if user_id is not None else None
+            if u is None:
+                continue
+            n, samples = int(n), int(samples or 0)
+            u.requests += n
+            if status == 200:
+                u.answered += n
+                u.samples += samples
+                if model_name and samples:
+                    u.by_model[model_name] = u.by_model.get(model_name, 0) + samples
+            if status >= 400:
+                u.rejected += n
+            seen = _as_utc(last)
+            if seen is not None and (u.last_seen is None or seen > u.last_seen):
+                u.last_seen = seen
     return sorted(users.values(), key=lambda u: u.user_id)
 
 
@@ -140,60 +238,230 @@ def client_volumes(
 
     The extraction flag: an anonymous client is flagged when the /predict samples it pulled in any fixed
     window of `window_s` seconds (aligned on the Unix epoch) exceed `threshold`. Users are licensed to
-    distill and bounded by their quota, so their volume is reported but not flagged.
+    distill and bounded by their quota, so their volume is reported but not flagged. Anonymous volumes come
+    from `client_usage` (one row per client, window and status), users' from `user_usage` (hours) plus the
+    rows not rolled up yet: the range is widened to whole windows (hours), and `bucket_s` must be a
+    multiple of them (GrainError).
     """
-    epoch = _epoch(session)
     if kind == "user":
-        who: Any = QueryAudit.user_id
-        base = AuditFilter(endpoint=DISTILL_ENDPOINT, status=200, since=since, until=until)
-        cond: Any = QueryAudit.user_id.is_not(None)
-    else:
-        who = QueryAudit.client_id
-        base = AuditFilter(endpoint=PREDICT_ENDPOINT, status=200, since=since, until=until)
-        cond = and_(QueryAudit.client_id.is_not(None), QueryAudit.user_id.is_(None))
-    totals_q = base.apply(select(who, func.count(), func.sum(QueryAudit.n_samples)).where(cond)).group_by(who)
-    totals = sorted(
-        ((c, int(n), int(s or 0)) for c, n, s in session.execute(totals_q)), key=lambda r: (-r[2], str(r[0]))
+        return _user_volumes(session, since, until, bucket_s, limit, offset)
+    return _anonymous_volumes(session, since, until, bucket_s, window_s, threshold, limit, offset, None)
+
+
+def _check_grain(bucket_s: int, grain_min: int) -> None:
+    if bucket_s % (grain_min * 60):
+        raise GrainError(
+            f"bucket_s must be a multiple of {grain_min * 60} s: the usage aggregates are kept per "
+            f"{grain_min * 60} s"
+        )
+
+
+def _series(points: dict[int, list[int]], bucket_s: int) -> list[dict[str, Any]]:
+    return [
+        {"start": datetime.fromtimestamp(k * bucket_s, UTC), "requests": v[0], "samples": v[1]}
+        for k, v in sorted(points.items())
+    ]
+
+
+def _anonymous_volumes(
+    session: Session,
+    since: datetime,
+    until: datetime,
+    bucket_s: int,
+    window_s: int,
+    threshold: int,
+    limit: int,
+    offset: int,
+    only: list[int] | None,
+) -> tuple[list[ClientVolume], int]:
+    grain = window_s // 60
+    _check_grain(bucket_s, grain)
+    in_range = [CU.status == 200, *_minute_range(CU.minute, since, until, grain)]
+    if only is not None:
+        in_range.append(CU.client_ref.in_(only))
+    sums = (
+        select(CU.client_ref.label("ref"), func.sum(CU.requests).label("n"), func.sum(CU.samples).label("s"))
+        .where(*in_range)
+        .group_by(CU.client_ref)
+        .subquery()
     )
-    page = totals[offset : offset + limit]
+    # sorted and paged in the database: most samples first, then by id (byte order, as Python sorts)
+    name = AuditClient.client_id
+    if session.get_bind().dialect.name == "postgresql":
+        name = name.collate("C")  # type: ignore[assignment]
+    q = (
+        select(sums.c.ref, sums.c.n, sums.c.s, AuditClient.client_id, func.count().over())
+        .join(AuditClient, AuditClient.id == sums.c.ref)
+        .order_by(sums.c.s.desc(), name)
+        .limit(limit)
+        .offset(offset)
+    )
+    names: dict[int, str] = {}
+    page: list[tuple[int, int, int]] = []
+    n_clients = 0
+    for ref, n, samples, client, total in session.execute(q):
+        page.append((int(ref), int(n), int(samples or 0)))
+        names[int(ref)] = str(client)
+        n_clients = int(total)
+    if not page:
+        return [], int(session.scalar(select(func.count()).select_from(sums)) or 0)
     ids = [c for c, _, _ in page]
-    if not ids:
-        return [], len(totals)
-
-    def buckets(size: int) -> dict[Any, dict[int, tuple[int, int]]]:
-        b = epoch // size
-        q = base.apply(
-            select(who, b, func.count(), func.sum(QueryAudit.n_samples)).where(cond, who.in_(ids))
-        ).group_by(who, b)
-        out: dict[Any, dict[int, tuple[int, int]]] = {}
-        for c, k, n, s in session.execute(q):
-            out.setdefault(c, {})[int(k)] = (int(n), int(s or 0))
-        return out
-
-    series = buckets(bucket_s)
-    windows = buckets(window_s) if kind != "user" else {}
-    names: dict[Any, str] = {}
-    if kind == "user":
-        names = {u.id: u.name for u in session.scalars(select(User).where(User.id.in_(ids)))}
-    result = []
+    series: dict[int, dict[int, list[int]]] = {}
+    windows: dict[int, dict[int, int]] = {}
+    q = select(CU.client_ref, CU.minute, CU.requests, CU.samples).where(CU.client_ref.in_(ids), *in_range)
+    for c, minute, n, s in session.execute(q):
+        point = series.setdefault(c, {}).setdefault(minute * 60 // bucket_s, [0, 0])
+        point[0] += n
+        point[1] += s
+        w = windows.setdefault(c, {})
+        w[minute * 60 // window_s] = w.get(minute * 60 // window_s, 0) + s
+    out = []
     for c, n, s in page:
-        max_win = max((v[1] for v in windows.get(c, {}).values()), default=0)
-        result.append(
+        max_win = max(windows.get(c, {}).values(), default=0)
+        out.append(
             ClientVolume(
-                kind=kind,
-                client=str(c),
-                name=names.get(c),
+                kind="anonymous",
+                client=names[c],
+                name=None,
                 requests=n,
                 samples=s,
                 max_window_samples=max_win,
-                flagged=kind != "user" and max_win > threshold,
+                flagged=max_win > threshold,
+                series=_series(series.get(c, {}), bucket_s),
+            )
+        )
+    return out, n_clients
+
+
+def _client_names(session: Session, refs: list[int]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for i in range(0, len(refs), 5000):
+        chunk = refs[i : i + 5000]
+        q = select(AuditClient.id, AuditClient.client_id).where(AuditClient.id.in_(chunk))
+        out.update((int(i), str(c)) for i, c in session.execute(q))
+    return out
+
+
+def _user_volumes(
+    session: Session, since: datetime, until: datetime, bucket_s: int, limit: int, offset: int
+) -> tuple[list[ClientVolume], int]:
+    grain = rollup.USER_BUCKET_MIN
+    _check_grain(bucket_s, grain)
+    points: dict[int, dict[int, list[int]]] = {}
+    agg = (
+        select(UU.user_id, UU.minute, func.sum(UU.requests), func.sum(UU.samples))
+        .where(UU.status == 200, *_minute_range(UU.minute, since, until, grain))
+        .group_by(UU.user_id, UU.minute)
+    )
+    for user_id, minute, n, s in session.execute(agg):
+        p = points.setdefault(int(user_id), {}).setdefault(minute * 60 // bucket_s, [0, 0])
+        p[0] += int(n)
+        p[1] += int(s or 0)
+    bucket = _epoch(session) // bucket_s
+    raw = (
+        select(QueryAudit.user_id, bucket, func.count(), func.sum(QueryAudit.n_samples))
+        .where(
+            *_unrolled(session, since, until, grain),
+            QueryAudit.status == 200,
+            QueryAudit.user_id.is_not(None),
+        )
+        .group_by(QueryAudit.user_id, bucket)
+    )
+    for user_id, k, n, s in session.execute(raw):
+        p = points.setdefault(int(user_id), {}).setdefault(int(k), [0, 0])
+        p[0] += int(n)
+        p[1] += int(s or 0)
+    totals = sorted(
+        ((u, sum(v[0] for v in pts.values()), sum(v[1] for v in pts.values())) for u, pts in points.items()),
+        key=lambda r: (-r[2], str(r[0])),
+    )
+    page = totals[offset : offset + limit]
+    ids = [u for u, _, _ in page]
+    names = {u.id: u.name for u in session.scalars(select(User).where(User.id.in_(ids)))} if ids else {}
+    return [
+        ClientVolume(
+            kind="user",
+            client=str(u),
+            name=names.get(u),
+            requests=n,
+            samples=s,
+            max_window_samples=0,
+            flagged=False,
+            series=_series(points[u], bucket_s),
+        )
+        for u, n, s in page
+    ], len(totals)
+
+
+def flagged_clients(
+    session: Session, *, since: datetime, until: datetime, window_s: int, threshold: int, limit: int
+) -> list[ClientVolume]:
+    """Anonymous clients over the extraction threshold in [since, until), most samples first.
+
+    Candidates come from `client_days` (each client's largest window per day, indexed), so the time does
+    not depend on how many clients stayed below the threshold; their windows are then read exactly."""
+    lo, hi = epoch_minute(since) // MINUTES_PER_DAY * MINUTES_PER_DAY, _ceil(until, MINUTES_PER_DAY) or 0
+    refs = [
+        int(c)
+        for (c,) in session.execute(
+            select(ClientDay.client_ref)
+            .where(ClientDay.day >= lo, ClientDay.day < hi, ClientDay.peak_window_samples > threshold)
+            .distinct()
+        )
+    ]
+    if not refs:
+        return []
+    rows, _ = _anonymous_volumes(session, since, until, window_s, window_s, threshold, len(refs), 0, refs)
+    flagged = [r for r in rows if r.flagged]
+    pruned = sorted(set(refs) - set(_client_refs(session, [r.client for r in rows])))
+    if pruned:  # windows past SDB_RETAIN_CLIENT_WINDOWS_DAYS: the daily view (whole days, daily series)
+        flagged += _daily_volumes(session, pruned, lo, hi, threshold)
+        flagged.sort(key=lambda r: (-r.samples, r.client))
+    return flagged[:limit]
+
+
+def _client_refs(session: Session, clients: list[str]) -> list[int]:
+    if not clients:
+        return []
+    q = select(AuditClient.id).where(AuditClient.client_id.in_(clients))
+    return [int(i) for i in session.scalars(q)]
+
+
+def _daily_volumes(session: Session, refs: list[int], lo: int, hi: int, threshold: int) -> list[ClientVolume]:
+    names = _client_names(session, refs)
+    days: dict[int, list[tuple[int, int, int, int]]] = {}
+    q = select(
+        ClientDay.client_ref,
+        ClientDay.day,
+        ClientDay.requests,
+        ClientDay.samples,
+        ClientDay.peak_window_samples,
+    )
+    for ref, day, n, samples, peak in session.execute(
+        q.where(ClientDay.client_ref.in_(refs), ClientDay.day >= lo, ClientDay.day < hi)
+    ):
+        days.setdefault(int(ref), []).append((int(day), int(n), int(samples), int(peak)))
+    out = []
+    for ref, rows in days.items():
+        peak = max(r[3] for r in rows)
+        if peak <= threshold:
+            continue
+        out.append(
+            ClientVolume(
+                kind="anonymous",
+                client=names[ref],
+                name=None,
+                requests=sum(r[1] for r in rows),
+                samples=sum(r[2] for r in rows),
+                max_window_samples=peak,
+                flagged=True,
                 series=[
-                    {"start": datetime.fromtimestamp(k * bucket_s, UTC), "requests": v[0], "samples": v[1]}
-                    for k, v in sorted(series.get(c, {}).items())
+                    {"start": datetime.fromtimestamp(d * 60, UTC), "requests": n, "samples": s}
+                    for d, n, s, _ in sorted(rows)
                 ],
             )
         )
-    return result, len(totals)
+    return out
 
 
 @dataclass
@@ -208,31 +476,52 @@ class TimelineBucket:
 def request_timeline(
     session: Session, since: datetime, until: datetime, bucket_s: int
 ) -> dict[str, list[TimelineBucket]]:
-    """Calls per endpoint and bucket of `bucket_s` seconds in [since, until), from the audit table."""
-    bucket = _epoch(session) // bucket_s
-    ok = QueryAudit.status == 200
-    q = (
+    """Calls per endpoint and bucket of `bucket_s` seconds in [since, until) widened to whole minutes, from
+    `usage_minutes` plus the /distill-batch rows not rolled up yet. A minute counts in the bucket where it
+    starts."""
+    acc: dict[tuple[str, int], list[int]] = {}
+    ok = UM.status == 200
+    bucket = cast(UM.minute, BigInteger) * 60 // bucket_s
+    agg = (
+        select(
+            UM.endpoint,
+            bucket,
+            func.sum(UM.requests),
+            func.sum(case((ok, UM.requests), else_=0)),
+            func.sum(case((UM.status >= 400, UM.requests), else_=0)),
+            func.sum(case((ok, UM.samples), else_=0)),
+        )
+        .where(*_minute_range(UM.minute, since, until, 1))
+        .group_by(UM.endpoint, bucket)
+    )
+    raw_ok = QueryAudit.status == 200
+    raw_bucket = _epoch(session) // bucket_s
+    raw = (
         select(
             QueryAudit.endpoint,
-            bucket,
+            raw_bucket,
             func.count(),
-            func.sum(case((ok, 1), else_=0)),
+            func.sum(case((raw_ok, 1), else_=0)),
             func.sum(case((QueryAudit.status >= 400, 1), else_=0)),
-            func.sum(case((ok, QueryAudit.n_samples), else_=0)),
+            func.sum(case((raw_ok, QueryAudit.n_samples), else_=0)),
         )
-        .where(QueryAudit.created_at >= since, QueryAudit.created_at < until)
-        .group_by(QueryAudit.endpoint, bucket)
-        .order_by(QueryAudit.endpoint, bucket)
+        .where(*_unrolled(session, since, until, 1))
+        .group_by(QueryAudit.endpoint, raw_bucket)
     )
+    for q in (agg, raw):
+        for endpoint, k, *values in session.execute(q):
+            a = acc.setdefault((endpoint, int(k)), [0, 0, 0, 0])
+            for i, v in enumerate(values):
+                a[i] += int(v or 0)
     out: dict[str, list[TimelineBucket]] = {}
-    for endpoint, k, n, answered, refused, samples in session.execute(q):
+    for (endpoint, k), (n, answered, refused, samples) in sorted(acc.items()):
         out.setdefault(endpoint, []).append(
             TimelineBucket(
-                start=datetime.fromtimestamp(int(k) * bucket_s, UTC),
-                requests=int(n),
-                answered=int(answered or 0),
-                refused=int(refused or 0),
-                samples=int(samples or 0),
+                start=datetime.fromtimestamp(k * bucket_s, UTC),
+                requests=n,
+                answered=answered,
+                refused=refused,
+                samples=samples,
             )
         )
     return out

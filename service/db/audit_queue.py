@@ -1,5 +1,6 @@
-"""The /predict audit writer: rows are queued in memory and written by a background thread, so that a slow
-or stopped database never blocks or fails /predict.
+"""The /predict audit writer: calls are queued in memory and recorded by a background thread (aggregates and,
+per SDB_PREDICT_AUDIT_ROWS, per-request rows: service.db.aggregates), so that a slow or stopped database
+never blocks or fails /predict.
 """
 
 from __future__ import annotations
@@ -8,12 +9,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import select
 
-from service.db.models import QueryAudit
+from service.db.aggregates import AggregateWriter, new_token
+from service.db.models import AuditFlush
 from service.db.session import Database
 from service.observability import metrics
 
@@ -39,6 +42,7 @@ class AuditQueueConfig:
     interval_s: float = 0.25
     retry_s: float = 1.0
     flush_timeout_s: float = 10.0
+    maintenance_s: float = 5.0  # how often `maintenance` (the /distill-batch rollup) runs in the writer
 
 
 class AuditQueue:
@@ -47,9 +51,18 @@ class AuditQueue:
     returns; `close()` flushes what is left (called at shutdown, after uvicorn finished in-flight requests).
     """
 
-    def __init__(self, db: Database, config: AuditQueueConfig | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        config: AuditQueueConfig | None = None,
+        writer: AggregateWriter | None = None,
+        maintenance: Callable[[], object] | None = None,
+    ) -> None:
         self.db = db
         self.cfg = config or AuditQueueConfig()
+        self.writer = writer or AggregateWriter()
+        self.maintenance = maintenance
+        self._last_maintenance = 0.0
         self._pending: deque[AuditRecord] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -57,8 +70,8 @@ class AuditQueue:
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
-        # A batch whose write failed may still have committed (the answer to COMMIT lost): (first row, size).
-        self._unsure: tuple[AuditRecord, int] | None = None
+        # A batch whose write failed may still have committed (the answer to COMMIT lost): (marker, size).
+        self._unsure: tuple[str, int] | None = None
 
     def start(self) -> None:
         if self._thread is None:
@@ -89,9 +102,9 @@ class AuditQueue:
         with self._lock:
             self._pending.extendleft(reversed(batch))
 
-    def _write(self, batch: list[AuditRecord]) -> None:
-        with self.db.write() as s:
-            s.execute(insert(QueryAudit), [asdict(r) for r in batch])
+    def _write(self, batch: list[AuditRecord], token: str) -> None:
+        with self.db.write_connection() as conn:
+            self.writer.write(conn, batch, token)
 
     def _drain(self) -> bool:
         """Write everything pending; False if the database refused (the rows stay queued)."""
@@ -104,11 +117,13 @@ class AuditQueue:
                     if not self._pending:
                         self._idle.set()
                 return True
+            token = new_token()
             try:
-                self._write(batch)
+                self._write(batch, token)
             except Exception as exc:
                 self._put_back(batch)
-                self._unsure = (batch[0], len(batch))
+                self._unsure = (token, len(batch))
+                logger.debug("audit writer: batch failed", exc_info=True)
                 logger.warning(
                     "audit writer: database unavailable (%s), %d rows kept", type(exc).__name__, self.pending
                 )
@@ -118,19 +133,10 @@ class AuditQueue:
         """Before retrying a failed batch, look whether it committed after all, so that no row is written
         twice. False while the database cannot be asked."""
         assert self._unsure is not None
-        first, n = self._unsure
+        token, n = self._unsure
         try:
             with self.db.session() as s:
-                found = s.scalar(
-                    select(func.count())
-                    .select_from(QueryAudit)
-                    .where(
-                        QueryAudit.endpoint == first.endpoint,
-                        QueryAudit.created_at == first.created_at,
-                        QueryAudit.client_id == first.client_id,
-                        QueryAudit.latency_ms == first.latency_ms,
-                    )
-                )
+                found = s.scalar(select(AuditFlush.token).where(AuditFlush.token == token))
         except Exception:
             return False
         if found:  # the batch is a prefix of the queue (put back in front): drop it, it is written
@@ -146,6 +152,17 @@ class AuditQueue:
             self._wake.clear()
             if not self._drain():
                 self._stop.wait(self.cfg.retry_s)
+                continue
+            self._maintain()
+
+    def _maintain(self) -> None:
+        if self.maintenance is None or time.monotonic() - self._last_maintenance < self.cfg.maintenance_s:
+            return
+        self._last_maintenance = time.monotonic()
+        try:
+            self.maintenance()
+        except Exception as exc:  # the database may be down: the next round retries
+            logger.info("audit maintenance skipped: %s", type(exc).__name__)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is written (True) or the timeout passes (False)."""

@@ -167,3 +167,99 @@ class SecurityEvent(Base):
     client_id: Mapped[str | None] = mapped_column(String(64), default=None)
     target: Mapped[str | None] = mapped_column(String(128), default=None)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+# ------------------------------------------------------------------------------- audit aggregates (0003)
+# Minutes are whole minutes since the Unix epoch (INTEGER): small rows, and the same arithmetic on SQLite
+# and PostgreSQL. Each aggregate row is keyed by the start minute of its bucket.
+
+
+class AuditClient(Base):
+    """The anonymous client ids seen by /predict, interned: aggregates hold a 4-byte reference."""
+
+    __tablename__ = "audit_clients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class UsageMinute(Base):
+    """Calls per minute, endpoint, model ('' for none) and status: the timeline's source."""
+
+    __tablename__ = "usage_minutes"
+
+    minute: Mapped[int] = mapped_column(Integer, primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
+
+
+class ClientUsage(Base):
+    """Anonymous /predict calls per client, status and bucket of SDB_EXTRACTION_WINDOW_S (the watch's window).
+
+    The primary key leads with the client (per-client series, the upsert); the BRIN index on `minute` serves
+    time ranges over all clients (rows arrive in time order, so it stays a few pages).
+    """
+
+    __tablename__ = "client_usage"
+    __table_args__ = (Index("ix_client_usage_minute", "minute", postgresql_using="brin"),)
+
+    client_ref: Mapped[int] = mapped_column(
+        ForeignKey("audit_clients.id", ondelete="CASCADE"), primary_key=True
+    )
+    minute: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer)
+    samples: Mapped[int] = mapped_column(BigInteger)
+
+
+class ClientDay(Base):
+    """Per anonymous client and UTC day: answered calls, samples, and the largest window's samples (the
+    extraction flag's candidates, found without reading every window)."""
+
+    __tablename__ = "client_days"
+    __table_args__ = (Index("ix_client_days_day_peak", "day", "peak_window_samples"),)
+
+    client_ref: Mapped[int] = mapped_column(
+        ForeignKey("audit_clients.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[int] = mapped_column(Integer, primary_key=True)  # start minute of the UTC day
+    requests: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
+    peak_window_samples: Mapped[int] = mapped_column(BigInteger)
+
+
+class UserUsage(Base):
+    """/distill-batch calls per user, model, status and hour, rolled up from the per-call rows."""
+
+    __tablename__ = "user_usage"
+
+    minute: Mapped[int] = mapped_column(Integer, primary_key=True)  # start minute of the hour
+    user_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
+    last_at: Mapped[datetime] = mapped_column()
+
+
+class AuditRollup(Base):
+    """How far a rollup of per-call rows has gone (`name` 'distill': query_audits ids up to `last_id`)."""
+
+    __tablename__ = "audit_rollups"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditFlush(Base):
+    """One row per audit-writer batch, written in the batch's transaction: after a failed COMMIT the writer
+    looks for it to know whether the batch landed (pruned after an hour)."""
+
+    __tablename__ = "audit_flushes"
+
+    token: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

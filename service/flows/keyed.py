@@ -14,8 +14,7 @@ one.
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import HTTPException, Request
@@ -33,34 +32,18 @@ from service.decode import DecodedRequest, request_model
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
 from service.observability import metrics
 from service.outputs import NonFiniteOutputs, softmax
-from service.schemas import DistillRequest
+from service.schemas import DistillRequest, quota_headers
 from service.watermarks.issuer import mark_answer
 
 ENDPOINT = audits.DISTILL_ENDPOINT
 
 
-@dataclass(frozen=True)
-class KeyedAnswer:
+class KeyedAnswer(NamedTuple):  # a tuple, not a dataclass: its constructor is no call back into this module
     model: ServedModel
     temperature: float
     soft_labels: np.ndarray  # float32 [N, C]: softmax(keyed logits / temperature)
     logits: np.ndarray  # float32 [N, C]: the keyed path's logits
     headers: dict[str, str]  # X-Quota-* and X-RateLimit-*
-
-
-def quota_headers(quota: int | None, used: int | None) -> dict[str, str]:
-    if quota is None:
-        return {
-            "X-Quota-Limit": "unlimited",
-            "X-Quota-Remaining": "unlimited",
-            "X-Quota-Used": str(used or 0),
-        }
-    used = used or 0
-    return {
-        "X-Quota-Limit": str(quota),
-        "X-Quota-Used": str(used),
-        "X-Quota-Remaining": str(max(0, quota - used)),
-    }
 
 
 def _denied(d: DistillDenied, model: str) -> HTTPException:
@@ -162,7 +145,10 @@ async def serve(
         raise HTTPException(
             status_code=503, detail="the call outlived its reservation; nothing was charged, retry"
         ) from None
-    headers = quota_headers(grant.quota, grant.used)
+    # Counted here, once, on a 200: `ServedModel.infer` does not count (a refused call answers none).
+    metrics.record_samples(model.name, "keyed", grant.n_samples)
+    metrics.record_samples_distilled(model.name, grant.n_samples)
+    headers = quota_headers(grant.quota, grant.used)  # last before the answer's render, also in schemas
     if grant.rate_limit > 0 and grant.rate_remaining is not None:
         headers["X-RateLimit-Limit"] = str(grant.rate_limit)
         headers["X-RateLimit-Remaining"] = str(grant.rate_remaining)
@@ -173,5 +159,4 @@ async def serve(
         logits=np.ascontiguousarray(logits, dtype=np.float32),
         headers=headers,
     )
-    metrics.record_samples_distilled(model.name, grant.n_samples)
     return answer

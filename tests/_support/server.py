@@ -40,6 +40,8 @@ def base_env(model_dir: Path, database_url: str, **overrides: Any) -> dict[str, 
             "SDB_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
             "SDB_LOG_LEVEL": "DEBUG",
             "SDB_EXPOSE_METRICS": "true",
+            # tests count /predict calls as rows (the default, sampled: reliability/test_audit_counts.py)
+            "SDB_PREDICT_AUDIT_ROWS": "on",
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -1,4 +1,4 @@
-"""`sdb db upgrade|current|downgrade`, `sdb admin bootstrap` (the first admin key, printed once) and the
+"""`sdb db upgrade|current|downgrade|prune`, `sdb admin bootstrap` (the first admin key, printed once) and the
 settings check of `sdb serve`, run in-process through typer's CliRunner.
 """
 
@@ -48,6 +48,40 @@ def test_db_upgrade_current_downgrade(empty_database_url: str) -> None:
     r = runner.invoke(cli, ["db", "downgrade", "base", "--database-url", empty_database_url])
     assert r.exit_code == 0
     assert "OUTDATED" in runner.invoke(cli, ["db", "current", "--database-url", empty_database_url]).output
+
+
+def test_db_prune_deletes_old_rows_once_and_reads_its_ages(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    from datetime import timedelta
+
+    from service.db.models import QueryAudit, SecurityEvent, utcnow
+    from service.db.session import Database
+
+    clean_env(monkeypatch)
+    db = Database(database_url)
+    with db.write() as s:
+        for days in (10, 3):
+            at = utcnow() - timedelta(days=days)
+            s.add(QueryAudit(endpoint="/predict", n_samples=1, status=200, created_at=at))
+            s.add(SecurityEvent(action="x", outcome="ok", detail={}, created_at=at))
+    db.dispose()
+    monkeypatch.setenv("SDB_RETAIN_EVENTS_DAYS", "5")
+    args = ["db", "prune", "--predict-rows-days", "5", "--database-url", database_url]
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    out = json.loads(first.output)
+    assert out["deleted"]["predict_rows"] == 1 and out["deleted"]["events"] == 1
+    assert out["policy_days"] == {
+        "predict_rows": 5.0,
+        "distill_rows": 400.0,
+        "aggregates": 400.0,
+        "client_windows": 8.0,
+        "events": 5.0,
+    }
+    second = json.loads(runner.invoke(cli, args).output)
+    assert set(second["deleted"].values()) == {0}  # idempotent
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

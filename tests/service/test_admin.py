@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.db.models import QueryAudit
+from service.db.audit_queue import AuditRecord
 from tests._support.api import TEST_ADMIN_TOKEN, ApiHelper
 
 
@@ -179,7 +179,7 @@ def test_usage_summary(api: ApiHelper, client: TestClient) -> None:
     api.distill(h1, n=3, model="beta")
     assert api.distill(h1, n=1).status_code == 429
     page = client.get("/admin/usage", headers=api.admin).json()
-    assert set(page) == {"items", "total", "limit", "offset"}  # the shape of every list endpoint
+    assert set(page) == {"items", "total", "limit", "offset", "total_capped"}  # every list endpoint
     rows = {u["user_id"]: u for u in page["items"]}
     assert page["total"] >= len(page["items"]) >= 2
     one = client.get("/admin/usage", params={"limit": 1, "offset": 1}, headers=api.admin).json()
@@ -202,18 +202,20 @@ def test_samples_over_time_per_user_and_per_anonymous_client(make_settings: Any,
         _predict(client, 4)
         _predict(client, 3)  # 7 > 5 within the window: flagged
         app.state.sdb.audit_queue.flush()
-        # an older window, written directly: a second anonymous client below the threshold
-        with app.state.sdb.db.write() as s:
-            s.add(
-                QueryAudit(
-                    endpoint="/predict",
-                    model="alpha",
-                    client_id="anon-old",
-                    n_samples=2,
-                    status=200,
-                    created_at=datetime.now(UTC) - timedelta(hours=5),
-                )
+        # an older window, recorded through the audit queue: a second anonymous client below the threshold
+        app.state.sdb.audit_queue.submit(
+            AuditRecord(
+                endpoint="/predict",
+                model="alpha",
+                client_id="anon-old",
+                n_samples=2,
+                status=200,
+                latency_ms=1.0,
+                input_digest=None,
+                created_at=datetime.now(UTC) - timedelta(hours=5),
             )
+        )
+        app.state.sdb.audit_queue.flush()
 
         users = client.get("/admin/usage/clients", params={"kind": "user"}, headers=api.admin).json()
         mine = next(i for i in users["items"] if i["client"] == str(u1["id"]))

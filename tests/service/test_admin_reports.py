@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.db.audit_queue import AuditRecord
 from service.db.models import QueryAudit
 from tests._support.api import ApiHelper
 from tests._support.evaluation import write_evaluation_report
@@ -114,10 +115,10 @@ def test_timeline_counts_calls_per_endpoint_and_bucket(api: ApiHelper, client: T
     assert api.distill(headers, n=3).status_code == 429  # over the quota: refused
     now = datetime.now(UTC)
     two_hours_ago = now - timedelta(hours=2)
-    with app.state.sdb.db.write() as s:
-        s.add(QueryAudit(endpoint="/predict", n_samples=7, status=200, created_at=two_hours_ago))
-        s.add(QueryAudit(endpoint="/predict", n_samples=4, status=200, created_at=two_hours_ago))
-        s.add(QueryAudit(endpoint="/predict", n_samples=9, status=200, created_at=now - timedelta(days=3)))
+    queue = app.state.sdb.audit_queue
+    for n, at in ((7, two_hours_ago), (4, two_hours_ago), (9, now - timedelta(days=3))):
+        queue.submit(AuditRecord("/predict", None, "anon-t", n, 200, 1.0, None, at))
+    assert queue.flush()
     r = client.get("/admin/usage/timeline", params={"bucket_s": 3600}, headers=api.admin)
     assert r.status_code == 200
     t = r.json()

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from service.core.security import new_api_key
 from service.crud import accounts
+from service.db.aggregates import AggregateConfig, AggregateWriter
 from service.db.audit_queue import AuditQueue, AuditQueueConfig, AuditRecord
 from service.db.models import ROLE_USER, QueryAudit, User, utcnow
 from service.db.session import Database, normalize_url
@@ -106,8 +107,13 @@ def _record(i: int) -> AuditRecord:
     )
 
 
+def rows_on() -> AggregateWriter:
+    """A writer that keeps every /predict row (these tests read them back)."""
+    return AggregateWriter(AggregateConfig(rows="on"))
+
+
 def test_audit_queue_writes_in_the_background_and_flushes_on_close(db: Database, database_url: str) -> None:
-    q = AuditQueue(db, AuditQueueConfig(interval_s=0.05, batch_size=50))
+    q = AuditQueue(db, AuditQueueConfig(interval_s=0.05, batch_size=50), writer=rows_on())
     q.start()
     for i in range(120):
         q.submit(_record(i))
@@ -115,7 +121,7 @@ def test_audit_queue_writes_in_the_background_and_flushes_on_close(db: Database,
     assert len(audit_rows(database_url)) == 120
     q.close()
     # rows submitted just before close are not lost
-    q2 = AuditQueue(db, AuditQueueConfig(interval_s=30))
+    q2 = AuditQueue(db, AuditQueueConfig(interval_s=30), writer=rows_on())
     q2.start()
     for i in range(40):
         q2.submit(_record(i))
@@ -124,15 +130,15 @@ def test_audit_queue_writes_in_the_background_and_flushes_on_close(db: Database,
 
 
 def test_audit_queue_keeps_rows_while_the_database_is_down(db: Database, database_url: str) -> None:
-    q = AuditQueue(db, AuditQueueConfig(interval_s=0.02, retry_s=0.05))
+    q = AuditQueue(db, AuditQueueConfig(interval_s=0.02, retry_s=0.05), writer=rows_on())
     broken = threading.Event()
     broken.set()
     real_write = q._write
 
-    def flaky(batch: list[AuditRecord]) -> None:
+    def flaky(batch: list[AuditRecord], token: str) -> None:
         if broken.is_set():
             raise OperationalError("INSERT", {}, Exception("database is down"))
-        real_write(batch)
+        real_write(batch, token)
 
     q._write = flaky  # type: ignore[method-assign]
     q.start()

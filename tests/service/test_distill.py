@@ -182,6 +182,26 @@ def test_answers_are_finite_or_refused_with_422_and_nothing_charged(
     ]
 
 
+def test_answered_samples_are_counted_once(api: ApiHelper, client: TestClient) -> None:
+    """The route counts the samples it answers (sdb_samples_total, path keyed, and
+    sdb_samples_distilled_total) once, at the end: a 200 of 3 adds 3, refused calls add nothing."""
+    from prometheus_client import REGISTRY
+
+    _, _, headers = api.user_with_key(scopes=["alpha"], sample_quota=5)
+
+    def counts() -> tuple[float, float]:
+        keyed = REGISTRY.get_sample_value("sdb_samples_total", {"model": "alpha", "path": "keyed"})
+        distilled = REGISTRY.get_sample_value("sdb_samples_distilled_total", {"model": "alpha"})
+        return keyed or 0.0, distilled or 0.0
+
+    before = counts()
+    assert api.distill(headers, n=3).status_code == 200
+    assert api.distill(headers, n=3).status_code == 429  # the quota is spent
+    assert api.distill(headers, n=2, temperature=5e-324).status_code == 422
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (3.0, 3.0)
+
+
 def test_exactly_one_audit_row_per_call_with_its_outcome(
     api: ApiHelper, client: TestClient, database_url: str
 ) -> None:

@@ -16,7 +16,21 @@ from service.db import migrate
 from service.db.models import Base
 from service.db.session import Database
 
-TABLES = {"users", "api_keys", "query_audits", "models", "security_events"}
+TABLES = {
+    "users",
+    "api_keys",
+    "query_audits",
+    "models",
+    "security_events",
+    # 0003: the audit aggregates
+    "audit_clients",
+    "usage_minutes",
+    "client_usage",
+    "client_days",
+    "user_usage",
+    "audit_rollups",
+    "audit_flushes",
+}
 
 
 def tables(url: str) -> set[str]:

@@ -243,6 +243,25 @@ def test_plain_infer_is_audited_as_the_plain_path(client: TestClient, db_url: st
     assert [(r.status, r.n_samples, r.model) for r in rows] == [(200, 7, "alpha"), (400, 0, None)]
 
 
+def test_answered_samples_are_counted_once_on_both_paths(client: TestClient, api: ApiHelper) -> None:
+    """The shared flows count what they answer (sdb_samples_total; `ServedModel.infer` does not): a 200 of
+    N adds N on its path, once; a refused call adds nothing."""
+    from prometheus_client import REGISTRY
+
+    def count(path: str) -> float:
+        return REGISTRY.get_sample_value("sdb_samples_total", {"model": "alpha", "path": path}) or 0.0
+
+    _, _, headers = api.user_with_key(scopes=["alpha"], sample_quota=4)
+    keyed = [{"name": "soft_labels"}]
+    plain0, keyed0 = count("plain"), count("keyed")
+    assert client.post(INFER, json=json_request(inputs(5))).status_code == 200
+    assert client.post(INFER, json={"inputs": "nope"}).status_code == 400
+    predict(client, inputs(2))
+    assert client.post(INFER, json=json_request(inputs(3), outputs=keyed), headers=headers).status_code == 200
+    assert client.post(INFER, json=json_request(inputs(3), outputs=keyed), headers=headers).status_code == 429
+    assert (count("plain") - plain0, count("keyed") - keyed0) == (7.0, 3.0)
+
+
 # ------------------------------------------------------------------------------------------ keyed path
 
 

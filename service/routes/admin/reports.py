@@ -13,7 +13,7 @@ import csv
 import io
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
@@ -87,7 +87,11 @@ def list_audits(
 ) -> Page[AuditOut]:
     rows, total = reports.list_audits(s, f, limit=limit, offset=offset)
     return Page[AuditOut](
-        items=[AuditOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset
+        items=[AuditOut.model_validate(r) for r in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        total_capped=total.capped,
     )
 
 
@@ -141,17 +145,20 @@ def client_usage(
     settings = state.settings
     start, end = time_range(since, until, 86400)
     check_buckets(start, end, bucket_s)
-    rows, total = reports.client_volumes(
-        s,
-        kind=kind,
-        since=start,
-        until=end,
-        bucket_s=bucket_s,
-        window_s=settings.extraction_window_s,
-        threshold=settings.extraction_sample_threshold,
-        limit=limit,
-        offset=offset,
-    )
+    try:
+        rows, total = reports.client_volumes(
+            s,
+            kind=kind,
+            since=start,
+            until=end,
+            bucket_s=bucket_s,
+            window_s=settings.extraction_window_s,
+            threshold=settings.extraction_sample_threshold,
+            limit=limit,
+            offset=offset,
+        )
+    except reports.GrainError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
     items = [ClientVolumeOut.model_validate(vars(r)) for r in rows]
     return Page[ClientVolumeOut](items=items, total=total, limit=limit, offset=offset)
 
@@ -171,18 +178,10 @@ def extraction(
     window = settings.extraction_window_s
     threshold = settings.extraction_sample_threshold
     start, end = time_range(since, until, 7 * 86400)
-    rows, _ = reports.client_volumes(
-        s,
-        kind="anonymous",
-        since=start,
-        until=end,
-        bucket_s=window,
-        window_s=window,
-        threshold=threshold,
-        limit=1_000_000,
-        offset=0,
+    rows = reports.flagged_clients(
+        s, since=start, until=end, window_s=window, threshold=threshold, limit=limit
     )
-    flagged = [ClientVolumeOut.model_validate(vars(r)) for r in rows if r.flagged][:limit]
+    flagged = [ClientVolumeOut.model_validate(vars(r)) for r in rows]
     return ExtractionOut(
         rule=(
             f"an anonymous client is flagged when the /predict samples answered to it within one "
