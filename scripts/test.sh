@@ -2,7 +2,9 @@
 # Quick start 2: install the test dependencies into .venv and run the whole test suite:
 #   lint (ruff check, ruff format --check, mypy), then one pytest run: quick tests, then slow / e2e / PostgreSQL /
 #   browser tests, and last the Docker tests (tests/docker: the images and the compose stack on a local
-#   engine). As root (CI), it first installs the Debian packages those need (chromium, prometheus for promtool).
+#   engine). As root (CI), it first installs the Debian packages those need (chromium, prometheus for promtool,
+#   docker.io and debootstrap through docker/offline/engine.sh). Its closing lines give the totals and each
+#   reason tests were skipped for.
 # PostgreSQL tests use SDB_TEST_POSTGRES_URL (default: the server at 127.0.0.1:5432, user postgres).
 # SDB_SKIP_SETUP=1 skips the install step; SDB_SKIP_LINT=1 skips the linters.
 set -uo pipefail
@@ -34,6 +36,14 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The Docker stage (tests/docker, last) needs a Docker engine and debootstrap: installed as root, as CI does
+# (docker/offline/engine.sh; the tests start dockerd themselves when none answers).
+if [ "$(id -u)" = 0 ]; then
+  bash docker/offline/engine.sh install || echo "test: warning: docker.io could not be installed; the Docker tests will skip" >&2
+elif ! command -v docker >/dev/null 2>&1; then
+  echo "test: warning: no docker CLI and not root: the Docker tests will be skipped" >&2
+fi
+
 if ! pg_isready -q -h 127.0.0.1 2>/dev/null && [ -z "${SDB_TEST_POSTGRES_URL:-}" ]; then
   echo "test: warning: no PostgreSQL answers on 127.0.0.1:5432; the PostgreSQL tests will fail" >&2
 fi
@@ -53,21 +63,8 @@ rc=$?
 if [ $rc -eq 5 ]; then echo "test: no test selected"; rc=0; fi
 [ $rc -ne 0 ] && failed+=("pytest")
 
-# One closing line, so a CI reader sees the totals.
-python - "$REPORTS" <<'PY'
-import sys
-import xml.etree.ElementTree as ET
-from pathlib import Path
-
-tot = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-for f in sorted(Path(sys.argv[1]).glob("*.xml")):
-    for suite in ET.parse(f).getroot().iter("testsuite"):
-        for k in tot:
-            tot[k] += int(suite.get(k, 0))
-failed = tot["failures"] + tot["errors"]
-passed = tot["tests"] - failed - tot["skipped"]
-print(f"\ntotal: {passed} passed, {failed} failed, {tot['skipped']} skipped")
-PY
+# The closing lines: the totals, then each skip reason with its count, so a reader sees what did not run.
+python scripts/test_summary.py "$REPORTS"
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "test: FAILED: ${failed[*]}" >&2

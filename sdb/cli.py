@@ -62,6 +62,7 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
 
     from sdb.client import SdbError
     from sdb_core.artifact import ArtifactError
+    from sdb_core.data import DataError
     from sdb_core.seal import SealError
 
     if isinstance(exc, SdbError):
@@ -78,6 +79,8 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
         return EXIT_REFUSED, f"the service refused the request (HTTP {exc.status_code}: {what})"
     if isinstance(exc, httpx.TransportError):
         return EXIT_UNREACHABLE, f"cannot reach the service ({exc}): is it running, and is the URL right?"
+    if isinstance(exc, DataError):  # its message names the data set and how to get it (install hint)
+        return EXIT_INPUT, f"--data: {exc}"
     if isinstance(exc, FileNotFoundError | ArtifactError | SealError):
         return EXIT_INPUT, str(exc)
     from service.watermarks.suspect import SuspectFailed

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Retries are said at once, as warnings (printed on stderr when the application configured no logging).
+logger = logging.getLogger(__name__)
 TOKEN_MARGIN_S = 30.0
 
 
@@ -128,10 +131,19 @@ class SdbClient:
                 headers["Authorization"] = f"Bearer {self.token()}"
             try:
                 response = self._http.request(method, path, headers=headers, **kwargs)
-            except httpx.TransportError:  # connection refused/reset, timeouts
+            except httpx.TransportError as exc:  # connection refused/reset, timeouts
                 if attempt >= self.max_retries:
                     raise
-                self._sleep(self._backoff(attempt))
+                backoff = self._backoff(attempt)
+                logger.warning(
+                    "cannot reach %s (%s): retrying in %.1f s (%d of %d)",
+                    self.base_url,
+                    exc or type(exc).__name__,
+                    backoff,
+                    attempt + 1,
+                    self.max_retries,
+                )
+                self._sleep(backoff)
                 attempt += 1
                 continue
             if response.status_code == 401 and auth and not refreshed:
@@ -142,7 +154,17 @@ class SdbClient:
                 wait = _retry_after(response)
                 if response.status_code == 429 and wait is None:
                     raise SdbError(429, _detail(response))  # quota spent: waiting does not help
-                self._sleep(min(self.max_backoff_s, wait) if wait is not None else self._backoff(attempt))
+                pause = min(self.max_backoff_s, wait) if wait is not None else self._backoff(attempt)
+                logger.warning(
+                    "%s %s answered %d: retrying in %.1f s (%d of %d)",
+                    method,
+                    path,
+                    response.status_code,
+                    pause,
+                    attempt + 1,
+                    self.max_retries,
+                )
+                self._sleep(pause)
                 attempt += 1
                 continue
             if response.status_code >= 400:
@@ -169,6 +191,11 @@ class SdbClient:
         return self._token
 
     # ------------------------------------------------------------------------------------- endpoints
+
+    def own_key(self) -> dict[str, Any]:
+        """GET /auth/key: this key's scopes, sample_quota, samples_used, samples_remaining and expiry."""
+        result: dict[str, Any] = self.call("GET", "/auth/key")
+        return result
 
     def predict(
         self, x: np.ndarray | torch.Tensor, model: str | None = None, top_k: int | None = None
@@ -215,8 +242,11 @@ class SdbClient:
         progress: bool = True,
     ) -> DistillResult:
         """/distill-batch over a whole dataset, in batches, with a progress bar."""
-        parts = list(self._batches(x, batch_size, progress, "distill"))
-        results = [self.distill_batch(part, model=model, temperature=temperature) for part in parts]
+        # The bar advances as each answer arrives (one request per batch, sent as the bar asks for it).
+        results = [
+            self.distill_batch(part, model=model, temperature=temperature)
+            for part in self._batches(x, batch_size, progress, "distill")
+        ]
         if not results:
             raise ValueError("empty dataset")
         return DistillResult(

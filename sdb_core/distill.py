@@ -31,6 +31,7 @@ class DistillConfig:
     temperature: float = 4.0
     labelled_fraction: float = 1.0  # < 1: the transfer set's labels are mostly unknown (CE on this fraction)
     teacher_batch_size: int = 256
+    teacher_progress: bool = False  # a progress bar while the teacher answers (a remote one takes a while)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
 
 
@@ -68,7 +69,9 @@ def distill(
     (CE on the labelled fraction only)."""
     if teacher is not None and not cfg.train.augment:
         # Under torchrun rank 0 asks the teacher once and sends the answers to the other ranks.
-        logits = parallel.from_main(lambda: query_teacher(teacher, ds.x_train, cfg.teacher_batch_size))
+        logits = parallel.from_main(
+            lambda: query_teacher(teacher, ds.x_train, cfg.teacher_batch_size, cfg.teacher_progress)
+        )
         return distill_logits(ds, arch, logits, cfg, arch_extra=arch_extra, desc=desc)
     student, mask = _new_student(ds, arch, cfg, arch_extra)
     if teacher is not None:  # augmented batches: the teacher is asked about each one

@@ -56,6 +56,26 @@ _NPY_HEADER = re.compile(
 
 _DTYPES: dict[bytes, np.dtype[Any]] = {}
 
+# A shape dimension of 19 or more digits is never a real batch; refusing it up front also keeps numbers past
+# Python's int/str conversion limit (4,300 digits: ValueError) out of int() and out of error messages.
+_HUGE_INT = re.compile(rb"\d{19}")
+
+
+def _refuse_huge_shape(data: bytes) -> None:
+    """422 when the .npy header (1.0: a 2-byte length, 2.0/3.0: 4 bytes) holds an integer of 19+ digits."""
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
+        return
+    if data[6] == 1:
+        start, (length,) = 10, struct.unpack_from("<H", data, 8)
+    elif len(data) >= 12:
+        start, (length,) = 12, struct.unpack_from("<I", data, 8)
+    else:
+        return
+    if _HUGE_INT.search(data, start, start + min(length, 1 << 16)):  # numpy's parser reads 10,000 at most
+        raise _unprocessable(
+            "inputs are not a valid .npy array: its shape holds a dimension of 19 or more digits"
+        )
+
 
 def _fast_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int] | None:
     """np.save's own float header (format 1.0), parsed without ast.literal_eval; None for anything else."""
@@ -75,6 +95,7 @@ def _fast_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int
 
 def parse_npy(data: bytes) -> np.ndarray:
     """Parse the bytes of a `.npy` file (format 1.0 or 2.0) without pickle and without trusting its header."""
+    _refuse_huge_shape(data)
     fast = _fast_header(data)
     if fast is not None:
         shape, fortran, dtype, offset = fast
@@ -105,8 +126,10 @@ def _npy_view(
     count = math.prod(shape)
     expected = count * dtype.itemsize
     if len(data) - offset != expected:
+        # never str() a product of many dimensions: past 4,300 digits that raises ValueError
+        announced = f"{expected} bytes" if expected < 2**63 else "more than 2**63 bytes"
         raise _unprocessable(
-            f"inputs .npy is truncated or padded: its header announces {expected} bytes of data, "
+            f"inputs .npy is truncated or padded: its header announces {announced} of data, "
             f"the body holds {len(data) - offset}"
         )
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
@@ -214,7 +237,7 @@ async def decode_inputs(
     max_samples = registry.max_request_samples
     if query:  # validated (and typed) by the same schema as the body fields
         try:
-            typed = schema.model_validate({**query, "inputs": []})
+            typed = schema.model_validate({**query, "inputs": []}, strict=False)
         except ValidationError as exc:
             raise _unprocessable(_validation_detail(exc)) from None
         query = {k: getattr(typed, k) for k in query}

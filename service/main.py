@@ -37,7 +37,7 @@ from service.inference.registry import ModelRegistry
 from service.middleware import install_middleware
 from service.observability.gc_tuning import observe_gc_pauses, release_gc, tune_gc
 from service.oip.errors import install_error_shape
-from service.routes import auth, console, distill, health, oip, predict, trace
+from service.routes import auth, console, distill, health, key_info, oip, predict, trace
 from service.routes.admin import accounts as admin_accounts
 from service.routes.admin import reports as admin_reports
 from service.watermarks.issuer import Watermarker
@@ -236,9 +236,12 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     install_error_handlers(app)
     install_error_shape(app)  # {"error": ...} under /v2, the Open Inference Protocol's shape
     app.include_router(health.router)
+    if settings.expose_metrics:
+        app.include_router(health.metrics_router)
     app.include_router(predict.router)
     app.include_router(oip.router)  # early: the hot infer route is matched after few others
     app.include_router(auth.router)
+    app.include_router(key_info.router)
     app.include_router(distill.router)
     app.include_router(admin_accounts.router)
     app.include_router(admin_reports.router)

@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import orjson
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE
 
@@ -31,9 +31,13 @@ def _example_b64() -> str:
 
 class InputsBody(BaseModel):
     """Inputs as a nested JSON list, or as a base64-encoded float32 `.npy` array (faster, exact): exactly one
-    of the two, which `service.decode.decode_inputs` checks (422)."""
+    of the two, which `service.decode.decode_inputs` checks (422).
 
-    model_config = ConfigDict(extra="forbid")
+    Strict: a JSON `true` is not the number 1 and "4" is not 4 (the query parameters of a raw `.npy` request,
+    text by nature, are validated with strict=False).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(
         None, min_length=1, max_length=128, description="Model name; the default model when omitted."
@@ -49,6 +53,7 @@ class InputsBody(BaseModel):
 class PredictRequest(InputsBody):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"model": "demo", "inputs": [[_EXAMPLE_ROW * 8]], "top_k": 3}]},
     )
 
@@ -58,6 +63,7 @@ class PredictRequest(InputsBody):
 class DistillRequest(InputsBody):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"model": "demo", "inputs_b64": _example_b64(), "temperature": 4.0}]},
     )
 
@@ -218,7 +224,9 @@ class TokenRequestJSON(BaseModel):
 # ------------------------------------------------------------------------------------------------ admin
 
 T = TypeVar("T")
-SCOPE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
+# SCOPE_RE is used with fullmatch (Python's `$` also matches before a trailing newline). The two `pattern=`
+# strings run on pydantic's Rust regex engine, where `$` is the end of the text only (tested).
+SCOPE_RE = re.compile(r"\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$"
 TEXT = r"^[^\x00-\x1f\x7f]*$"  # no control characters (NUL is refused by PostgreSQL)
 
@@ -270,11 +278,13 @@ class KeyCreate(BaseModel):
         max_length=100,
         description="Model names this key may distill (`*`: all models).",
     )
-    sample_quota: int | None = Field(
+    sample_quota: StrictInt | None = Field(
         None, ge=0, le=10**15, description="Samples the key may pull in total; none = unlimited."
     )
     expires_at: datetime | None = Field(None, description="Expiry (UTC); or use expires_in_s.")
-    expires_in_s: int | None = Field(None, gt=0, le=10 * 365 * 86400, description="Expiry, seconds from now.")
+    expires_in_s: StrictInt | None = Field(
+        None, gt=0, le=10 * 365 * 86400, description="Expiry, seconds from now."
+    )
     name: str | None = Field(None, max_length=100, pattern=TEXT, description="A label for the key.")
     watermark: bool = Field(
         True,
@@ -286,7 +296,7 @@ class KeyCreate(BaseModel):
     @classmethod
     def _scopes(cls, v: list[str]) -> list[str]:
         for s in v:
-            if not SCOPE_RE.match(s):
+            if not SCOPE_RE.fullmatch(s):
                 raise ValueError("a scope is a model name (letters, digits, . _ -) or `*`")
         return sorted(set(v))
 
@@ -420,6 +430,17 @@ class TimelineOut(BaseModel):
     series: list[TimelineSeriesOut]
 
 
+class OwnKeyOut(BaseModel):
+    id: int
+    name: str | None
+    prefix: str = Field(description="The key's first characters, to recognize it (not a secret).")
+    scopes: list[str] = Field(description="The models this token may distill (`*`: all).")
+    sample_quota: int | None = Field(description="Samples the key may pull in total; null = unlimited.")
+    samples_used: int
+    samples_remaining: int | None = Field(description="Samples left; null = unlimited.")
+    expires_at: datetime | None
+
+
 # ------------------------------------------------------------------------------------------------ trace
 
 
@@ -449,11 +470,11 @@ class TraceRequest(BaseModel):
     suspect_model: str | None = Field(
         None, min_length=1, max_length=128, pattern=TEXT, description="`model` field sent to the suspect."
     )
-    probes: int = Field(10_000, ge=100, le=100_000, description="Probe images sent to the suspect.")
-    decoys: int = Field(  # sdb_core.trace.MIN_DECOYS: the null is calibrated on them
+    probes: StrictInt = Field(10_000, ge=100, le=100_000, description="Probe images sent to the suspect.")
+    decoys: StrictInt = Field(  # sdb_core.trace.MIN_DECOYS: the null is calibrated on them
         1000, ge=100, le=3000, description="Never-issued watermarks the null is calibrated on."
     )
-    probe_draw: int = Field(0, ge=0, le=2**31 - 1, description="Which probe images are drawn.")
+    probe_draw: StrictInt = Field(0, ge=0, le=2**31 - 1, description="Which probe images are drawn.")
 
 
 class TraceKeyOut(BaseModel):

@@ -19,7 +19,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, ApiHelper
+from tests._support.api import TEST_ADMIN_TOKEN, TEST_JWT_SECRET, TEST_WATERMARK_SECRET, ApiHelper
 from tests._support.postgres import PG_ADMIN_URL, create_pg_database, drop_pg_database, pg_available, pg_url
 from tests._support.redis import SKIP_REASON, redis_available, redis_prefix
 
@@ -174,6 +174,7 @@ def make_settings(database_url: str, box_dir: Path) -> Callable[..., Any]:
             "device": "cpu",
             "torch_threads": 1,
             "jwt_secret": TEST_JWT_SECRET,
+            "watermark_secret": TEST_WATERMARK_SECRET,
             "bootstrap_admin_token": TEST_ADMIN_TOKEN,
             "client_ip_salt": "test-salt-" + uuid.uuid4().hex,
             "max_batch_delay_ms": 1.0,

@@ -4,6 +4,8 @@
 # `docker build -f docker/Dockerfile -t sdb:latest .` instead and never need this.
 #   bash docker/offline/build.sh         stand-in base images (only those missing), then sdb:latest
 #   SDB_OFFLINE_REBUILD=1 bash ...       rebuild the stand-in base images too
+#   bash docker/offline/build.sh monitoring   also the compose `monitoring` profile's Prometheus stand-in
+#                                        (prometheus.Dockerfile); Grafana has none (see below)
 # 1. Stand-ins for the three Docker Hub images that docker/Dockerfile and docker-compose.yml name, built from
 #    Debian packages: `debootstrap --variant=minbase bookworm` imported as sdb-offline/debian:bookworm, then
 #    python:3.11-slim-bookworm (python.Dockerfile), postgres:16-bookworm (postgres.Dockerfile, which runs
@@ -51,8 +53,10 @@ cp "$OFFLINE"/*.Dockerfile "$OFFLINE"/postgres-entrypoint.sh "$work/ctx/"
 cp /etc/ssl/certs/ca-certificates.crt "$work/ctx/host-ca-certificates.crt"
 # A stand-in is rebuilt when its own inputs change (its Dockerfile and the files it copies; label
 # sdb.offline.inputs); a real image (no label) is kept.
-for spec in python:3.11-slim-bookworm=python.Dockerfile postgres:16-bookworm=postgres.Dockerfile \
-  redis:7-bookworm=redis.Dockerfile; do
+specs=(python:3.11-slim-bookworm=python.Dockerfile postgres:16-bookworm=postgres.Dockerfile
+  redis:7-bookworm=redis.Dockerfile)
+[ "${1:-}" = monitoring ] && specs+=(prom/prometheus:v2.53.2=prometheus.Dockerfile)
+for spec in "${specs[@]}"; do
   name=${spec%%=*}
   dockerfile=$work/ctx/${spec#*=}
   copied=$(awk '$1 == "COPY" { for (i = 2; i < NF; i++) print $i }' "$dockerfile")
@@ -65,6 +69,11 @@ for spec in python:3.11-slim-bookworm=python.Dockerfile postgres:16-bookworm=pos
   docker build -q --network host --label "sdb.offline.inputs=$inputs" -f "$work/ctx/${spec#*=}" -t "$name" "$work/ctx"
 done
 echo "offline: base images ready ($((SECONDS - t0)) s)"
+if [ "${1:-}" = monitoring ] && ! docker image inspect grafana/grafana-oss:11.2.2 >/dev/null 2>&1; then
+  # Debian ships no Grafana package, so there is no stand-in to build: say so rather than let compose fail later.
+  echo "offline: grafana/grafana-oss:11.2.2 cannot be had without a registry (no Debian package):" \
+    "run \`docker compose --profile monitoring up -d prometheus\` for Prometheus and its alerts alone" >&2
+fi
 
 t1=$SECONDS
 mkdir -p "$work/wheels"

@@ -222,6 +222,10 @@ def distill(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", help="With --remote: go ahead when the run takes over half the quota left."),
+    ] = False,
 ) -> None:
     """Distill a student (Hinton KD) from a teacher, a local box, or a remote box; no teacher = scratch.
     Runs under torchrun too (rank 0 alone asks the teacher): `torchrun --standalone --nproc-per-node N -m sdb
@@ -250,6 +254,7 @@ def distill(
 
             fn = remote_teacher(remote, api_key, model, "keyed" if path is BoxPath.keyed else "plain")
             source = f"remote:{remote}:{model or 'default'}:{path.value}"
+            _remote_budget(fn, len(ds.x_train), path is BoxPath.keyed, yes, loud=parallel.is_main())
         else:
             fn, source = local_teacher(
                 ds, dev, teacher=teacher, box_dir=box_dir, key_path=key_path, path=path
@@ -259,6 +264,7 @@ def distill(
             temperature=temperature,
             labelled_fraction=labelled_fraction,
             train=TrainConfig(epochs=epochs, seed=seed, device=device),
+            teacher_progress=remote is not None and parallel.is_main(),
         )
         extra = {"width": width} if width is not None else {}
         student = run_distill(ds, arch, fn, cfg, arch_extra=extra)
@@ -284,6 +290,34 @@ def distill(
                 "processes": parallel.world_size(),
             }
         )
+
+
+def _remote_budget(teacher: Any, n: int, keyed: bool, yes: bool, loud: bool) -> None:
+    """Before a remote distillation: say how many samples it sends and, on the keyed path, how much of the
+    key's quota is left; stop when that is not enough, or without --yes when the run takes over half of it."""
+    say = (lambda line: typer.echo(line, err=True)) if loud else (lambda line: None)
+    if not keyed:
+        say(f"distill: sending {n:,} samples to /predict (the plain path: no quota)")
+        return
+    info = teacher.client.own_key()  # GET /auth/key
+    left, quota = info.get("samples_remaining"), info.get("sample_quota")
+    if left is None:
+        say(f"distill: sending {n:,} samples to /distill-batch; this API key has no sample quota")
+        return
+    say(
+        f"distill: sending {n:,} samples to /distill-batch; "
+        f"this API key has {left:,} of {quota:,} samples left"
+    )
+    if n > left:
+        typer.echo(f"error: this run needs {n:,} samples and the API key has {left:,} left", err=True)
+        raise typer.Exit(5)  # EXIT_LIMIT, as a 429 for a spent quota
+    if 2 * n > left and not yes:
+        typer.echo(
+            f"error: this run would spend {n:,} of the {left:,} samples left, more than half: "
+            "run it again with --yes to go ahead",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def evaluate(

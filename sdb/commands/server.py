@@ -32,6 +32,16 @@ def _database_url(option: str | None) -> str:
     return str(default)
 
 
+def _require_writable(url: str) -> None:
+    """One line and exit 1 when this process cannot write the SQLite database (no traceback from SQLite)."""
+    from service.db.preflight import sqlite_write_problem
+
+    problem = sqlite_write_problem(url)
+    if problem is not None:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1)
+
+
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
@@ -87,6 +97,7 @@ def serve(
         messages = "; ".join(str(e.get("msg", "")) for e in exc.errors(include_input=False))
         typer.echo(f"error: invalid settings: {messages}", err=True)
         raise typer.Exit(2) from None
+    _require_writable(settings.database_url)
     from service.inference.loading import ModelLoadError, preflight
 
     try:  # a sealed artifact that cannot be opened: one line here rather than a traceback per worker
@@ -148,6 +159,7 @@ def bootstrap(
     from service.db.migrate import SchemaError, check_schema
     from service.db.session import Database
 
+    _require_writable(_database_url(database_url))
     db = Database(_database_url(database_url))
     try:
         check_schema(db.engine)
@@ -176,6 +188,7 @@ def db_upgrade(
     """Apply the migrations (alembic upgrade head)."""
     from service.db.migrate import upgrade
 
+    _require_writable(_database_url(database_url))
     upgrade(_database_url(database_url), revision)
     typer.echo(f"database upgraded to {revision}")
 
@@ -188,6 +201,7 @@ def db_downgrade(
     """Revert migrations (alembic downgrade REVISION)."""
     from service.db.migrate import downgrade
 
+    _require_writable(_database_url(database_url))
     downgrade(_database_url(database_url), revision)
     typer.echo(f"database downgraded to {revision}")
 

@@ -197,15 +197,21 @@
   }
 
   async function setDisabled(user, disabled) {
+    if (disabled && !(await confirmDialog(`Disable user ${user.name}? Every token of their API keys stops working at once; Enable undoes it.`, "Disable"))) return;
     await api("POST", disabled ? `admin/users/${user.id}/disable` : `admin/users/${user.id}/enable`);
     setStatus(`User ${user.name} ${disabled ? "disabled" : "enabled"}.`, true);
     await loadUsers();
   }
 
+  // The API's own rule for user names (service/schemas.py NAME_RE), said in words rather than as a pattern.
+  const USER_NAME = /^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$/;
+
   async function createUser(event) {
     event.preventDefault();
     await run(async () => {
-      const u = await api("POST", "admin/users", { name: $("user-name").value.trim(), role: $("user-role").value });
+      const name = $("user-name").value.trim();
+      if (!USER_NAME.test(name)) throw new ApiError(422, "A user name is 1 to 100 letters, digits or . _ @ - (no spaces), starting with a letter or digit.");
+      const u = await api("POST", "admin/users", { name, role: $("user-role").value });
       $("user-name").value = "";
       setStatus(`User ${u.name} created.`, true);
       await loadUsers();
@@ -216,7 +222,8 @@
 
   function fillUserSelects(users) {
     const keep = $("keys-filter").value;
-    $("key-user").replaceChildren(...users.filter((u) => !u.disabled).map((u) => el("option", { value: String(u.id) }, `${u.name} (#${u.id})`)));
+    // No user is preselected: a key issued with the form's defaults must not be an admin credential.
+    $("key-user").replaceChildren(el("option", { value: "" }, "choose a user"), ...users.filter((u) => !u.disabled).map((u) => el("option", { value: String(u.id) }, `${u.name} (#${u.id}${u.role === "admin" ? ", admin" : ""})`)));
     $("keys-filter").replaceChildren(el("option", { value: "" }, "all users"), ...users.map((u) => el("option", { value: String(u.id) }, `${u.name} (#${u.id})`)));
     $("keys-filter").value = keep;
     if (keep) $("key-user").value = keep;
@@ -233,8 +240,15 @@
     return el("span", {}, el("meter", { min: 0, max: Math.max(1, k.sample_quota), value: k.samples_used, high: 0.9 * k.sample_quota }), ` ${fmtNum(k.samples_used)} / ${fmtNum(k.sample_quota)}`);
   }
 
+  async function fillScopes() {
+    if ($("key-scopes").options.length) return;
+    const models = (await api("GET", "admin/models")).filter((m) => m.loaded).map((m) => m.name);
+    $("key-scopes").replaceChildren(el("option", { value: "*" }, "* (every model)"), ...models.map((n) => el("option", { value: n }, n)));
+  }
+
   async function loadKeys() {
     fillUserSelects(await fetchUsers());
+    await fillScopes();
     const filter = $("keys-filter").value;
     const page = await api("GET", filter ? `admin/users/${filter}/keys?limit=1000` : "admin/keys?limit=1000");
     $("keys-table").tBodies[0].replaceChildren(
@@ -247,6 +261,8 @@
           el("td", {}, k.scopes.join(" ")),
           el("td", {}, quotaMeter(k)),
           el("td", {}, fmtTime(k.expires_at) || "never"),
+          el("td", {}, fmtTime(k.created_at)),
+          el("td", {}, fmtTime(k.last_used_at) || "never"),
           el("td", {}, keyStatus(k)),
           el("td", {}, k.watermark_id ? el("code", {}, k.watermark_id) : "", k.watermark_id && !k.watermarked ? " (off)" : k.watermark_id ? "" : "none"),
           el("td", {},
@@ -261,9 +277,10 @@
     await loadKeys();
   }
 
-  function confirmDialog(text) {
+  function confirmDialog(text, okLabel = "Revoke") {
     const dialog = $("confirm");
     $("confirm-text").textContent = text;
+    $("confirm-ok").textContent = okLabel;
     return new Promise((resolve) => {
       dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
       dialog.returnValue = "cancel";
@@ -282,14 +299,16 @@
   async function issueKey(event) {
     event.preventDefault();
     await run(async () => {
-      const body = { scopes: $("key-scopes").value.split(/[\s,]+/).filter(Boolean) };
+      const body = { scopes: Array.from($("key-scopes").selectedOptions, (o) => o.value) };
       const name = $("key-name").value.trim();
       if (name) body.name = name;
       if ($("key-quota").value !== "") body.sample_quota = Number($("key-quota").value);
       if ($("key-expiry").value !== "") body.expires_in_s = Math.round(Number($("key-expiry").value) * 86400);
       body.watermark = $("key-watermark").checked;
       const userId = $("key-user").value;
-      if (!userId) throw new ApiError(422, "create an active user first");
+      if (!userId) throw new ApiError(422, "choose the user the key is for");
+      const user = state.users.get(Number(userId));
+      if (user && user.role === "admin" && !(await confirmDialog(`${user.name} is an administrator: this key will be a full admin credential (users, keys, audits). Issue it?`, "Issue admin key"))) return;
       const created = await api("POST", `admin/users/${userId}/keys`, body);
       $("key-form").reset();
       showSecret(created);
@@ -349,6 +368,7 @@
     const opts = {
       title, width, height: 220,
       scales: { x: { time: true } },
+      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),  // UTC, like every table of the console
       series: [{}, ...series.map(([label, stroke]) => ({ label, stroke, width: 2, points: { show: true } }))],
       axes: [{}, { size: 60 }],
     };
@@ -435,8 +455,9 @@
           el("td", { class: "num" }, fmtNum(a.n_samples)),
           el("td", { class: "num" }, a.status),
           el("td", { class: "num" }, a.latency_ms === null ? "" : a.latency_ms.toFixed(1)))));
-    const first = page.total === 0 ? 0 : page.offset + 1;
-    $("audit-range").textContent = `rows ${first} to ${page.offset + page.items.length} of ${fmtNum(page.total)}`;
+    $("audit-range").textContent = page.total === 0
+      ? "No audit row matches these filters."
+      : `rows ${page.offset + 1} to ${page.offset + page.items.length} of ${fmtNum(page.total)}`;
     $("audit-prev").disabled = page.offset === 0;
     $("audit-next").disabled = page.offset + page.items.length >= page.total;
   }
@@ -580,7 +601,8 @@
     $("copy-secret").addEventListener("click", copySecret);
     $("dismiss-secret").addEventListener("click", clearSecret);
     $("usage-period").addEventListener("change", () => run(loadUsage));
-    $("audit-form").addEventListener("submit", (e) => { e.preventDefault(); state.auditOffset = 0; run(loadAudits); });
+    // a new filter: the banner of an earlier action (e.g. "Exported N rows") no longer describes the page
+    $("audit-form").addEventListener("submit", (e) => { e.preventDefault(); setStatus(""); state.auditOffset = 0; run(loadAudits); });
     $("audit-prev").addEventListener("click", () => { state.auditOffset = Math.max(0, state.auditOffset - PAGE); run(loadAudits); });
     $("audit-next").addEventListener("click", () => { state.auditOffset += PAGE; run(loadAudits); });
     $("audit-export").addEventListener("click", exportAudits);

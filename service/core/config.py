@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from functools import lru_cache
@@ -19,11 +20,21 @@ MIN_JWT_SECRET_BYTES = 32
 PLACEHOLDER_MARKERS = ("change-me", "changeme", "replace-me", "your-secret")
 GENERATE = "python3 -c 'import secrets; print(secrets.token_hex(32))'"
 MIN_SECRET_BITS = 80  # a rough Shannon estimate; generated secrets (secrets.token_hex) have far more
+# SHA-256 of secrets committed to this repository (its test suite's, before the tests drew them at random):
+# public, so none may sign tokens, in demo mode or not.
+PUBLISHED_SECRET_SHA256 = frozenset(
+    {
+        "b1ae7294d65a2a0c2913cda8aae170541f9837c6eb5a924214f55d5dbb16b342",
+        "b7df58a43b29d434dd4e5446f696acc8ff2690b3c62d261943bb1fcfe6049160",
+    }
+)
 
 
 def secret_problem(value: str) -> str | None:
     """Why `value` cannot be a secret (a repository placeholder, obviously low entropy), or None."""
     lowered = value.lower()
+    if hashlib.sha256(value.encode()).hexdigest() in PUBLISHED_SECRET_SHA256:
+        return f"is published in the sdb repository (a test value): generate one ({GENERATE})"
     if any(marker in lowered for marker in PLACEHOLDER_MARKERS):
         return f"is a placeholder from the repository: generate one ({GENERATE})"
     counts = Counter(value)

@@ -59,6 +59,17 @@ def granted_scopes(key_scopes: Sequence[str], requested: Sequence[str] | frozens
     return frozenset(requested) & frozenset(key_scopes)
 
 
+def unknown_scopes(scopes: Sequence[str] | frozenset[str], served: Sequence[str]) -> list[str]:
+    """The scopes that name no served model (`*` always names every model), sorted."""
+    return sorted(set(scopes) - set(served) - {WILDCARD_SCOPE})
+
+
+def unknown_scopes_message(unknown: Sequence[str], served: Sequence[str]) -> str:
+    names = ", ".join(repr(n) for n in unknown)
+    offered = ", ".join(repr(n) for n in served) or "no model"
+    return f"unknown scope {names}: a scope names a served model ({offered}) or is `*` for every model"
+
+
 _PRINCIPAL = (
     select(
         ApiKey.user_id,

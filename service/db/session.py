@@ -2,13 +2,17 @@
 
 SQLite: WAL journal, a busy timeout and `BEGIN IMMEDIATE` for write transactions (a deferred transaction
 that later upgrades to a write lock ignores the busy timeout and fails at once with "database is locked");
-a connection that fails a write as read-only is dropped, and the readiness ping tests a write.
+a connection that fails a write as read-only is dropped.
+Readiness (`probe`) commits a real write on both backends (a no-op UPDATE of `alembic_version`) and, on
+SQLite, also wants `sqlite_min_free_bytes` free on the database's file system: a full disk is reported as
+such even while SQLite can still reuse the space of its write-ahead log.
 PostgreSQL: psycopg 3, `pool_pre_ping` so that the pool recovers by itself after the server comes back, and
 short connect/pool timeouts so that a dead database answers fast instead of hanging.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ class DatabaseConfig:
     pool_size: int = 10
     max_overflow: int = 20
     pool_timeout_s: float = 5.0
+    sqlite_min_free_bytes: int = 1024 * 1024  # /readyz: below this on the SQLite file's file system, "full"
 
 
 WRITE = {"sdb_write": True}  # Session.connection(execution_options=WRITE) -> BEGIN IMMEDIATE on SQLite
@@ -99,7 +104,8 @@ class Database:
 
     def __init__(self, url: str, config: DatabaseConfig | None = None) -> None:
         self.url = normalize_url(url)
-        self.engine = make_engine(self.url, config)
+        self.config = config or DatabaseConfig()
+        self.engine = make_engine(self.url, self.config)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -127,20 +133,31 @@ class Database:
             with conn.begin():
                 yield conn
 
-    def ping(self) -> bool:
-        """Whether the database answers and, on SQLite, accepts writes (a no-op UPDATE, rolled back)."""
+    def probe(self) -> str:
+        """What readiness reports: "ok" when a write commits; "full" (no space left; on SQLite, also less
+        than `sqlite_min_free_bytes` free on the file's file system), "read-only", or "unreachable"."""
         try:
+            path = make_url(self.url).database if self.engine.dialect.name == "sqlite" else None
+            if path and path != ":memory:" and not path.startswith("file:"):
+                free = shutil.disk_usage(Path(path).expanduser().absolute().parent).free
+                if free < self.config.sqlite_min_free_bytes:
+                    return "full"
             with self.engine.connect() as c:
-                if self.engine.dialect.name != "sqlite":
-                    c.exec_driver_sql("SELECT 1")
-                    return True
                 c.execution_options(**WRITE)
-                with c.begin() as transaction:
+                with c.begin():  # committed: a rolled-back write never reaches the disk
                     c.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
-                    transaction.rollback()
-            return True
-        except Exception:
-            return False
+            return "ok"
+        except Exception as exc:
+            text = str(exc).lower()
+            if "disk is full" in text or "no space left" in text:
+                return "full"
+            if "readonly" in text or "read-only" in text:
+                return "read-only"
+            return "unreachable"
+
+    def ping(self) -> bool:
+        """Whether the database answers and takes a write (`probe` says why not)."""
+        return self.probe() == "ok"
 
     def dispose(self) -> None:
         self.engine.dispose()

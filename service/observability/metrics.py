@@ -95,9 +95,29 @@ GC_PAUSES = Histogram(
 _known_models: set[str] = set()
 
 
+# The label values of the event counters, created at 0 when the models are registered (start-up): a series
+# first exported at 1 gives increase() nothing to see, so the first event would raise no alert and the
+# dashboard panels would say "No data" rather than 0 (deploy/monitoring/).
+EXTRACTION_KINDS = ("anonymous", "user")
+PATHS = ("plain", "keyed")
+LIMITED_ROUTES = ("/predict", "/distill-batch")
+REDIS_FALLBACK_LABELS = (("rate_limit", "local"), ("rate_limit", "refused"), ("extraction", "local"))
+
+
 def register_models(names: list[str] | set[str]) -> None:
-    """Declare the loaded model names: any other name is exported as `unknown` (bounded label cardinality)."""
+    """Declare the loaded model names: any other name is exported as `unknown` (bounded label cardinality).
+    Also creates the event counters' series for them (and the fixed vocabularies) at 0."""
     _known_models.update(names)
+    for kind in EXTRACTION_KINDS:
+        _child(EXTRACTION_FLAGS, kind)
+    for route in LIMITED_ROUTES:
+        _child(RATE_LIMITED, route)
+    for operation, action in REDIS_FALLBACK_LABELS:
+        _child(REDIS_FALLBACKS, operation, action)
+    for name in names:
+        _child(QUOTA_REJECTIONS, name)
+        for path in PATHS:
+            _child(INFERENCE_TIMEOUTS, name, path)
 
 
 def model_label(name: str | None) -> str:

@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.core.security import issue_token
 from service.core.state import get_state
+from service.crud.principals import unknown_scopes, unknown_scopes_message
 from service.crud.tokens import ExchangeRefused, exchange_api_key
 from service.observability import metrics
 from service.schemas import TokenRequestJSON, TokenResponse
@@ -89,6 +90,8 @@ def _fields(content_type: str, body: bytes, authorization: str | None) -> dict[s
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError):
             raise _bad_request("invalid_request", "malformed JSON body") from None
+        except RecursionError:  # json.loads recurses once per nesting level
+            raise _bad_request("invalid_request", "malformed JSON body: nested too deeply") from None
         if not isinstance(data, dict) or not all(isinstance(v, str | None) for v in data.values()):
             raise _bad_request("invalid_request", "the JSON body must be an object of strings")
         fields.update({k: v for k, v in data.items() if v is not None})
@@ -119,6 +122,10 @@ async def token(request: Request) -> TokenResponse:
         raise _bad_request("invalid_request", "client_secret (your API key) is required")
     requested = fields.get("scope")
     state = get_state(request)
+    if requested is not None:  # checked like the body's syntax, before the key (the model names are public)
+        unknown = unknown_scopes(requested.split(), state.models.names())
+        if unknown:
+            raise _bad_request("invalid_scope", unknown_scopes_message(unknown, state.models.names()))
     client = state.client_ids.anonymous_id(request)
     try:
         grant = await run_in_threadpool(exchange_api_key, state.db, secret, requested, client)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
 CONSOLE_DIR = Path(__file__).resolve().parent.parent / "console"
 
@@ -58,8 +58,10 @@ def console_page() -> FileResponse:
     return _file("index.html", "text/html; charset=utf-8")
 
 
-@router.get("/console/{asset:path}")
-def console_asset(asset: str) -> FileResponse:
+@router.get("/console/{asset:path}", response_model=None)
+def console_asset(asset: str) -> FileResponse | RedirectResponse:
+    if asset == "":  # /console/: the page's relative asset URLs are meant for /console
+        return RedirectResponse("/console", status_code=308)
     found = ASSETS.get(asset)
     if found is None:
         raise HTTPException(status_code=404, detail="Not Found")

@@ -31,12 +31,13 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _database_ok(db: Database) -> bool:
+async def _database_state(db: Database) -> str:
+    """The database state for /readyz: ok, full, read-only or unreachable (Database.probe)."""
     try:
-        # The ping runs in a thread: a hung database costs this request its timeout, never the event loop.
-        return bool(await asyncio.wait_for(asyncio.to_thread(db.ping), DB_PING_TIMEOUT_S))
+        # The probe runs in a thread: a hung database costs this request its timeout, never the event loop.
+        return str(await asyncio.wait_for(asyncio.to_thread(db.probe), DB_PING_TIMEOUT_S))
     except Exception:
-        return False
+        return "unreachable"
 
 
 async def _redis_state(redis: RedisBackend | None) -> str:
@@ -47,11 +48,12 @@ async def _redis_state(redis: RedisBackend | None) -> str:
 
 @router.get(
     "/readyz",
-    summary="Readiness: models loaded, database reachable and, with SDB_REDIS_URL, Redis (503 otherwise)",
+    summary="Readiness: models loaded, database takes a write and, with SDB_REDIS_URL, Redis (503 otherwise)",
     responses={
         503: {
-            "description": "Not ready: no model loaded, the database is unreachable, or Redis is "
-            "unreachable with SDB_REDIS_FAILURE_MODE=closed."
+            "description": "Not ready: no model loaded, the database does not take a committed write "
+            "(`database`: `full`, `read-only` or `unreachable`), or Redis is unreachable with "
+            "SDB_REDIS_FAILURE_MODE=closed."
         }
     },
 )
@@ -65,19 +67,25 @@ async def readyz(state: StateDep) -> Response:
 async def readiness(state: ServiceState) -> tuple[bool, dict[str, Any]]:
     """(ready, the /readyz body): models loaded, database reachable, Redis unless it may fail open."""
     models = state.models.names()
-    database, redis = await asyncio.gather(_database_ok(state.db), _redis_state(state.redis))
+    database, redis = await asyncio.gather(_database_state(state.db), _redis_state(state.redis))
     redis_down = redis == "unreachable"
-    ready = bool(models) and database and not (redis_down and state.settings.redis_failure_mode == "closed")
+    redis_blocks = redis_down and state.settings.redis_failure_mode == "closed"
+    ready = bool(models) and database == "ok" and not redis_blocks
     body = {
         "status": ("degraded" if redis_down else "ready") if ready else "not ready",
         "models": models,
-        "database": "ok" if database else "unreachable",
+        "database": database,
         "redis": redis,
     }
     return ready, body
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+# Its own router, included only with SDB_EXPOSE_METRICS (create_app): off, /metrics is a 404 that the
+# OpenAPI schema does not list either.
+metrics_router = APIRouter(tags=["health"])
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def prometheus_metrics(state: StateDep) -> Response:
     if not state.settings.expose_metrics:
         return FastJSONResponse({"detail": "Not Found"}, status_code=404)

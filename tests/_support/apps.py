@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -32,7 +33,7 @@ def route_app(
         app.include_router(router)
     database = db if db is not None else Database("sqlite://")
     tokens = TokenConfig(
-        secret="route-test-secret-" + "x" * 40,
+        secret=secrets.token_urlsafe(48),  # never a value written in the repository
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         ttl_seconds=settings.token_ttl_seconds,

@@ -23,8 +23,13 @@ def npy_with_header(header: str, data: bytes = b"") -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + data
 
 
-# Headers numpy itself fails on with exceptions other than ValueError (tokenize.TokenError, TypeError).
+# Headers numpy itself fails on with exceptions other than ValueError (tokenize.TokenError, TypeError),
+# and shapes whose integers (or their product) are past Python's 4,300-digit int/str conversion limit.
 MALFORMED_NPY_HEADERS = {
     "unclosed": "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 8, 8, }",
     "bool-in-shape": "{'descr': '<f4', 'fortran_order': False, 'shape': (True,1,8,8), }",
+    "huge-dimension": "{'descr': '<f4', 'fortran_order': False, 'shape': (1" + "0" * 4400 + ", 1, 8, 8), }",
+    "huge-dimension-numpy-parser": "{'shape': (1" + "0" * 4400 + ", 1, 8, 8), 'fortran_order': False, "
+    "'descr': '<f4'}",
+    "huge-count": "{'descr': '<f4', 'fortran_order': False, 'shape': (" + ("9" * 18 + ", ") * 250 + "1), }",
 }

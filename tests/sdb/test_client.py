@@ -197,3 +197,21 @@ def test_remote_teachers(server: FakeServer) -> None:
         torch.testing.assert_close(torch.softmax(log_p / t, 1), torch.softmax(z / t, 1), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError):
         remote_teacher("http://sdb.test", None, path="other")  # type: ignore[arg-type]
+
+
+def test_an_unreachable_server_is_reported_at_once_with_the_retry(caplog: pytest.LogCaptureFixture) -> None:
+    from tests._support.net import free_port
+
+    seen_before_first_wait: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        if not seen_before_first_wait:
+            seen_before_first_wait.extend(r.getMessage() for r in caplog.records)
+
+    url = f"http://127.0.0.1:{free_port()}"
+    client = SdbClient(url, max_retries=2, sleep=sleep)
+    with caplog.at_level("WARNING", logger="sdb.client"), client, pytest.raises(httpx.ConnectError):
+        client.predict(np.zeros((1, 1, 8, 8), np.float32))
+    assert seen_before_first_wait, "nothing said before the first wait"
+    first = seen_before_first_wait[0]
+    assert url in first and "retrying" in first and "1 of 2" in first, first

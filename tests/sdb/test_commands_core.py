@@ -112,7 +112,7 @@ def test_distill_remote_uses_the_client(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     calls: list[tuple[object, ...]] = []
 
-    def fake_remote_teacher(base_url: str, api_key: str, model: str | None, path: str) -> object:
+    def fake_remote_teacher(base_url: str, api_key: str, model: str | None, path: str, **kw: Any) -> object:
         calls.append((base_url, api_key, model, path))
         return lambda x: torch.zeros(len(x), 10)
 
@@ -203,3 +203,84 @@ def test_ordinary_errors_are_one_line_with_their_own_exit_code(
     monkeypatch.setattr(sys, "argv", [*argv[:1], "--debug", *argv[1:]])
     with pytest.raises(type(error())):  # --debug: the exception and its traceback, as before
         sdb.cli.main()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["distill"], ["train-teacher"], ["box", "--teacher", "runs/none"], ["evaluate", "--reduced"]],
+)
+@pytest.mark.parametrize("data", ["no-such-data", "fashion-mnist:/no/such/dir"])
+def test_a_missing_or_unknown_data_set_is_one_line_with_the_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str], data: str
+) -> None:
+    import sys
+
+    import sdb.cli
+
+    monkeypatch.setattr(sys, "argv", ["sdb", *command, "--data", data, "--out", "runs/never"])
+    with pytest.raises(SystemExit) as exit_info:
+        sdb.cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == sdb.cli.EXIT_INPUT, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--data" in err and ("fashion-mnist:DIR" in err or "npz:FILE" in err), err
+
+
+class _QuotaClient:
+    """Stands in for the SdbClient of a remote teacher: GET /auth/key only."""
+
+    def __init__(self, quota: int | None, used: int) -> None:
+        self.answer = {
+            "sample_quota": quota,
+            "samples_used": used,
+            "samples_remaining": None if quota is None else quota - used,
+        }
+
+    def own_key(self) -> dict[str, Any]:
+        return self.answer
+
+
+def _remote_distill(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, quota: int | None, used: int, *extra: str
+) -> tuple[Any, list[int]]:
+    import torch
+
+    import sdb.client
+
+    asked: list[int] = []
+
+    def fake_remote_teacher(*args: Any, **kwargs: Any) -> Any:
+        def teacher(x: Any) -> Any:
+            asked.append(len(x))
+            return torch.zeros(len(x), 10)
+
+        teacher.client = _QuotaClient(quota, used)  # type: ignore[attr-defined]
+        return teacher
+
+    monkeypatch.setattr(sdb.client, "remote_teacher", fake_remote_teacher)
+    argv = ["distill", "--remote", "http://svc", "--api-key", "k-1", "--epochs", "1", "--device", "cpu"]
+    r = runner.invoke(app, [*argv, "--out", str(tmp_path / "s"), *extra])
+    return r, asked
+
+
+def test_remote_distill_says_what_it_will_spend_and_wants_yes_above_half_the_quota_left(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sdb_core.data import load_dataset
+
+    n = len(load_dataset("digits").x_train)
+    r, asked = _remote_distill(monkeypatch, tmp_path, 100 * n, 0)
+    assert r.exit_code == 0, r.output
+    assert f"{n:,} samples" in r.output and f"{100 * n:,} of {100 * n:,}" in r.output
+    assert sum(asked) == n
+    assert "teacher:" in r.output and "%|" in r.output  # the progress bar while the answers arrive
+    r, asked = _remote_distill(
+        monkeypatch, tmp_path, 3 * n, n + n // 2
+    )  # takes more than half of what is left
+    assert r.exit_code == 1 and "--yes" in r.output and not asked, r.output
+    r, asked = _remote_distill(monkeypatch, tmp_path, 3 * n, n + n // 2, "--yes")
+    assert r.exit_code == 0 and sum(asked) == n, r.output
+    r, asked = _remote_distill(monkeypatch, tmp_path, n, 1)  # not enough left: nothing is spent
+    assert r.exit_code == 5 and f"{n - 1:,}" in r.output and not asked, r.output
+    r, asked = _remote_distill(monkeypatch, tmp_path, None, 0)
+    assert r.exit_code == 0 and "no sample quota" in r.output, r.output

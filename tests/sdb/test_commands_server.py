@@ -199,3 +199,68 @@ def test_sdb_serve_stops_cleanly_on_sigterm(database_url: str, box_dir: Path, tm
         rc = server.stop()  # SIGTERM, then the graceful shutdown
     assert rc == 0
     assert "Application shutdown complete" in server.logs()
+
+
+def _without_root_file_access() -> list[str]:
+    """A command prefix under which this process's permission bits apply: none for an ordinary user; as root,
+    setpriv dropping the capabilities that let root write any file (else the test is skipped)."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, "true"], check=False).returncode != 0:
+        pytest.skip("running as root without a working setpriv: every file is writable to this process")
+    return prefix
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "command"),
+    [
+        ("file", ["serve"]),
+        ("file", ["db", "upgrade"]),
+        ("file", ["admin", "bootstrap"]),
+        ("directory", ["serve"]),
+        ("directory", ["serve", "--demo"]),
+    ],
+)
+def test_an_unwritable_database_is_one_line_naming_the_file(
+    tmp_path: Path, case: str, command: list[str]
+) -> None:
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    from service.db.migrate import upgrade
+
+    prefix = _without_root_file_access()
+    var = tmp_path / "var"
+    var.mkdir()
+    db_file = var / "sdb.db"
+    if case == "file":  # a migrated database that this user may read but not write
+        upgrade(f"sqlite:///{db_file}")
+        db_file.chmod(0o444)
+    else:  # no database yet, in a directory this user may not write
+        var.chmod(0o555)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")}
+    env.update(SDB_DATABASE_URL=f"sqlite:///{db_file}", SDB_JWT_SECRET=secrets.token_hex(32))
+    try:
+        r = subprocess.run(
+            [*prefix, sys.executable, "-m", "sdb.cli", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        var.chmod(0o755)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(lines) == 1, r.stderr[-3000:]
+    shown = str(var if case == "directory" else db_file)
+    assert shown in lines[0] and "not writable" in lines[0] and "SDB_DATABASE_URL" in lines[0], lines[0]

@@ -92,6 +92,43 @@ def test_key_validation(api: ApiHelper, client: TestClient) -> None:
     assert client.post(url, json={"scopes": ["alpha"]}, headers=api.admin).status_code == 409
 
 
+def test_names_and_labels_refuse_a_trailing_newline(api: ApiHelper, client: TestClient) -> None:
+    # Python's `$` matches before a final newline; every pattern of the schemas must refuse "alice\n"
+    assert client.post("/admin/users", json={"name": "alice\n"}, headers=api.admin).status_code == 422
+    user = api.create_user("alice")
+    url = f"/admin/users/{user['id']}/keys"
+    assert client.post(url, json={"scopes": ["alpha"], "name": "lab\n"}, headers=api.admin).status_code == 422
+    assert client.get("/admin/audits?model=alpha%0A", headers=api.admin).status_code == 422
+
+
+def test_key_numbers_are_strict(api: ApiHelper, client: TestClient) -> None:
+    user = api.create_user()
+    url = f"/admin/users/{user['id']}/keys"
+    for bad in (
+        {"sample_quota": True},
+        {"sample_quota": "100"},
+        {"sample_quota": 1.5},
+        {"expires_in_s": True},
+        {"expires_in_s": "3600"},
+    ):
+        r = client.post(url, json={"scopes": ["alpha"], **bad}, headers=api.admin)
+        assert r.status_code == 422, (bad, r.text)
+    assert client.get(url, headers=api.admin).json()["total"] == 0
+
+
+def test_key_scopes_must_name_served_models(api: ApiHelper, client: TestClient) -> None:
+    user = api.create_user()
+    url = f"/admin/users/{user['id']}/keys"
+    for scopes in (["no-such-model"], ["alpha", "no-such-model"], ["alpha\n"], ["*\n"]):
+        r = client.post(url, json={"scopes": scopes}, headers=api.admin)
+        assert r.status_code == 422, (scopes, r.text)
+    r = client.post(url, json={"scopes": ["no-such-model"]}, headers=api.admin)
+    assert "no-such-model" in r.text and "alpha" in r.text, r.text  # names the unknown and the served models
+    assert client.get(url, headers=api.admin).json()["total"] == 0
+    ok = client.post(url, json={"scopes": ["alpha", "*"]}, headers=api.admin)
+    assert ok.status_code == 201 and ok.json()["scopes"] == ["*", "alpha"], ok.text
+
+
 def test_revoke_key(api: ApiHelper, client: TestClient) -> None:
     _, key, _ = api.user_with_key()
     r = client.post(f"/admin/keys/{key['id']}/revoke", headers=api.admin)
@@ -255,3 +292,20 @@ def test_hostile_admin_parameters_are_4xx_not_5xx(api: ApiHelper, client: TestCl
         f"/admin/users/{user['id']}/keys", json={"scopes": ["alpha"], "name": "a\x00b"}, headers=api.admin
     )
     assert r.status_code == 422
+
+
+def test_an_admin_cannot_revoke_the_key_they_are_signed_in_with(api: ApiHelper, client: TestClient) -> None:
+    # Revoking one's own key (or disabling one's own account) is the only way to remove the last working
+    # admin credential through the API: refused, so that an administrator can never lock everyone out.
+    me = client.get("/admin/keys", headers=api.admin).json()["items"][0]
+    r = client.post(f"/admin/keys/{me['id']}/revoke", headers=api.admin)
+    assert r.status_code == 409 and "signed in with" in r.json()["detail"], r.text
+    assert client.get("/admin/users", headers=api.admin).status_code == 200  # still signed in
+    # another admin may revoke it, and the first admin may revoke the other admin's key
+    admin2 = api.create_user("admin2", role="admin")
+    other = api.issue_key(admin2["id"], scopes=[])
+    other_headers = {"Authorization": f"Bearer {api.token(other['api_key'])}"}
+    r = client.post(f"/admin/keys/{other['id']}/revoke", headers=other_headers)
+    assert r.status_code == 409, r.text
+    assert client.post(f"/admin/keys/{me['id']}/revoke", headers=other_headers).status_code == 200
+    assert client.get("/admin/users", headers=other_headers).status_code == 200

@@ -102,6 +102,29 @@ def test_bad_token_requests(api: ApiHelper, client: TestClient) -> None:
     )
 
 
+def test_a_deeply_nested_json_body_is_a_400_not_a_500(client: TestClient) -> None:
+    # json.loads recurses once per level: ~1,000 levels used to raise RecursionError (a 500 and a traceback)
+    for depth in (1_000, 100_000):
+        body = b'{"api_key": ' + b"[" * depth + b"]" * depth + b"}"
+        r = client.post("/auth/token", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["detail"]["error"] == "invalid_request", r.text
+
+
+def test_a_scope_naming_no_served_model_is_invalid_scope(api: ApiHelper, client: TestClient) -> None:
+    # a `*` key holds every model, but a token for a model the service does not serve is a client error
+    _, wild, _ = api.user_with_key(scopes=["*"])
+    for scope in ("no-such-model", "alpha no-such-model"):
+        r = client.post(
+            "/auth/token",
+            data={"grant_type": "client_credentials", "client_secret": wild["api_key"], "scope": scope},
+        )
+        assert r.status_code == 400, (scope, r.text)
+        detail = r.json()["detail"]
+        assert detail["error"] == "invalid_scope" and "'no-such-model'" in detail["message"], r.text
+        assert "alpha" in detail["message"]  # the answer names the served models
+    assert claims_of_token(api.token(wild["api_key"], scope="alpha"))["scope"] == "alpha"
+
+
 def test_unknown_and_wrong_keys_get_the_same_401(api: ApiHelper, client: TestClient) -> None:
     _, key, _ = api.user_with_key()
     secret = key["api_key"]
@@ -288,3 +311,17 @@ def test_auth_failures_are_counted_in_metrics(api: ApiHelper, client: TestClient
 
 def claims_of_token(token: str) -> dict[str, Any]:
     return dict(jwt.get_unverified_claims(token))
+
+
+def test_a_key_holder_reads_its_own_quota_left(api: ApiHelper, client: TestClient) -> None:
+    _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10, name="laptop")
+    assert api.distill(headers, n=4).status_code == 200
+    r = client.get("/auth/key", headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["name"], body["scopes"]) == (key["id"], "laptop", ["alpha"])
+    assert (body["sample_quota"], body["samples_used"], body["samples_remaining"]) == (10, 4, 6)
+    assert key["api_key"] not in r.text and "api_key" not in body
+    _, _, unlimited = api.user_with_key(scopes=["*"])
+    assert client.get("/auth/key", headers=unlimited).json()["samples_remaining"] is None
+    assert client.get("/auth/key").status_code == 401

@@ -130,3 +130,11 @@ def test_page_and_script_agree_on_element_ids() -> None:
     used = set(re.findall(r"""\$\("([^"]+)"\)""", JS))
     assert used and used <= ids, used - ids
     assert Path(CONSOLE_DIR / "console.css").is_file()
+
+
+def test_a_trailing_slash_leads_to_the_console(client: TestClient) -> None:
+    # /console/ used to be a JSON 404; the page's relative asset URLs need /console, so redirect there
+    r = client.get("/console/", follow_redirects=False)
+    assert r.status_code in (301, 307, 308) and r.headers["location"] == "/console", r.text
+    assert client.get("/console/").status_code == 200
+    assert client.get("/console/nothing-here").status_code == 404

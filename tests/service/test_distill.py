@@ -118,6 +118,17 @@ def test_npy_and_base64_bodies(api: ApiHelper, client: TestClient) -> None:
     assert bad.status_code == 422
 
 
+def test_temperature_must_be_a_json_number(api: ApiHelper, client: TestClient) -> None:
+    _, _, headers = api.user_with_key(scopes=["alpha"])
+    for bad in (True, False, "4", None):  # `true` used to be accepted as 1.0
+        body = {} if bad is None else {"temperature": bad}
+        r = api.distill(headers, n=1, **body)
+        assert (r.status_code == 200) == (bad is None), (bad, r.text)
+        if bad is not None:
+            assert r.status_code == 422 and "temperature" in r.text, r.text
+    assert api.distill(headers, n=1, temperature=4).status_code == 200  # a JSON integer is a number
+
+
 def test_quota_headers_and_429_once_spent(api: ApiHelper, client: TestClient, database_url: str) -> None:
     _, key, headers = api.user_with_key(scopes=["alpha"], sample_quota=10)
     r = api.distill(headers, n=4)

@@ -24,12 +24,12 @@ class FakeDatabase:
     def __init__(self, behaviour: str) -> None:
         self.behaviour = behaviour
 
-    def ping(self) -> bool:
+    def probe(self) -> str:
         if self.behaviour == "raise":
             raise OSError("connection refused")
         if self.behaviour == "hang":
             time.sleep(3)
-        return self.behaviour == "ok"
+        return "ok" if self.behaviour == "ok" else "unreachable"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def build(registry: Any, db: Any, **overrides: Any) -> FastAPI:
     settings = Settings(demo=True, **overrides)
     models = registry if registry is not None else ModelRegistry.from_boxes([])
-    return route_app(settings, health.router, models=models, db=db)
+    return route_app(settings, health.router, health.metrics_router, models=models, db=db)
 
 
 def test_healthz_is_alive_whatever_the_database() -> None:
@@ -127,10 +127,68 @@ def test_metrics_are_off_the_public_port_unless_a_setting_says_so(registry: Any)
         assert "sdb_http_requests_total" in r.text
 
 
-def test_readiness_route_in_openapi(registry: Any, tmp_path: Path) -> None:
-    with TestClient(build(registry, FakeDatabase("ok"))) as c:
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("expose", [True, False])
+def test_openapi_lists_metrics_only_when_it_is_served(make_settings: Any, expose: bool) -> None:
+    from service.main import create_app
+
+    with TestClient(create_app(make_settings(expose_metrics=expose))) as c:
         paths = c.get("/openapi.json").json()["paths"]
-    assert {"/healthz", "/readyz", "/metrics"} <= set(paths)
+        assert c.get("/metrics").status_code == (200 if expose else 404)
+    assert {"/healthz", "/readyz"} <= set(paths)
+    assert ("/metrics" in paths) == expose
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 4 MiB tmpfs mounted for this test (root with mount rights only; else skipped)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({r.stderr.decode().strip()[:200]})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_readiness_sees_a_full_disk_under_the_database(
+    make_settings: Any, database_url: str, small_disk: Path
+) -> None:
+    import shutil
+
+    from sqlalchemy.engine import make_url
+
+    from service.main import create_app
+
+    shutil.copyfile(str(make_url(database_url).database), small_disk / "sdb.db")
+    app = create_app(make_settings(database_url=f"sqlite:///{small_disk / 'sdb.db'}"))
+    with TestClient(app) as c:
+        assert c.get("/readyz").json()["database"] == "ok"
+        filler = _fill(small_disk)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["database"] == "full", r.text
+        filler.unlink()
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["database"] == "ok", r.text
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

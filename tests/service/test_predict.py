@@ -216,6 +216,15 @@ def test_bad_query_parameters_are_422(client: TestClient, query: str, needle: st
     assert r.status_code == 422 and needle in r.text
 
 
+@pytest.mark.parametrize("top_k", [True, "2", 2.0])
+def test_top_k_must_be_a_json_integer(client: TestClient, top_k: object) -> None:
+    # no bool-as-int (`true` was top_k=1), no numeric strings, no floats in JSON; the query keeps text
+    r = client.post("/predict", json={"inputs": inputs(1).tolist(), "top_k": top_k})
+    assert r.status_code == 422 and "top_k" in r.text, r.text
+    ok = client.post("/predict?top_k=2", content=npy_bytes(inputs(1)), headers=NPY)
+    assert ok.status_code == 200 and len(ok.json()["predictions"][0]["top_k"]) == 2, ok.text
+
+
 def test_conflicting_model_in_query_and_body(client: TestClient) -> None:
     r = client.post("/predict?model=other", json={"model": MODEL, "inputs": inputs(1).tolist()})
     assert r.status_code == 422

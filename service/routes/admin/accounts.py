@@ -16,7 +16,7 @@ from service.core.security import new_api_key
 from service.core.state import StateDep
 from service.crud import accounts, admin_actions, catalog
 from service.crud.accounts import ConflictError, NotFoundError
-from service.crud.principals import Principal
+from service.crud.principals import Principal, unknown_scopes, unknown_scopes_message
 from service.crud.watermarks import WatermarkBankFull
 from service.db.models import ApiKey, User, utcnow
 from service.db.session import Database
@@ -98,6 +98,11 @@ def enable_user(user_id: PathId, admin: AdminDep, db: DatabaseDep, request: Requ
 def issue_key(
     user_id: PathId, body: KeyCreate, admin: AdminDep, db: DatabaseDep, request: Request, state: StateDep
 ) -> KeyCreated:
+    # A key for a model that is not served is refused rather than kept for a later deployment: a typo would
+    # otherwise give a key that only fails when its holder first uses it.
+    unknown = unknown_scopes(body.scopes, state.models.names())
+    if unknown:
+        raise HTTPException(status_code=422, detail=unknown_scopes_message(unknown, state.models.names()))
     expires_at = body.expires_at
     if expires_at is not None:
         if expires_at.tzinfo is None:
@@ -158,6 +163,13 @@ def list_user_keys(
     "/keys/{key_id}/revoke", response_model=KeyOut, summary="Revoke an API key (tokens stop at once)"
 )
 def revoke_key(key_id: PathId, admin: AdminDep, db: DatabaseDep, request: Request) -> KeyOut:
+    # Like disabling one's own account: the signed-in admin always keeps a working credential, so the last
+    # admin credential can never be revoked (`sdb admin bootstrap` refuses once an admin exists).
+    if key_id == admin.key_id:
+        raise HTTPException(
+            status_code=409,
+            detail="this is the API key you are signed in with: sign in with another admin key to revoke it",
+        )
     try:
         key = admin_actions.revoke_key(db, key_id, actor=admin, client_id=client_id_of(request))
     except NotFoundError as exc:

@@ -47,3 +47,23 @@ def test_generated_secrets_are_accepted() -> None:
         jwt_secret=secrets.token_urlsafe(32),
         database_url="postgresql://sdb:" + secrets.token_hex(16) + "@db/sdb",
     )
+
+
+# Secrets that were committed to this repository (the test suite's own, before it drew them at random).
+PUBLISHED = ["test-jwt-secret-" + "x" * 40, "route-test-secret-" + "x" * 40]
+
+
+@pytest.mark.parametrize("published", PUBLISHED)
+def test_the_repositorys_own_test_secrets_are_refused(published: str) -> None:
+    with pytest.raises(ValidationError, match="published") as exc:
+        Settings(jwt_secret=published)
+    assert published not in str(exc.value)
+    with pytest.raises(ValidationError, match="published"):
+        Settings(jwt_secret=secrets.token_hex(32), client_ip_salt=published)
+
+
+def test_the_test_suites_secret_is_drawn_at_random() -> None:
+    from tests._support.api import TEST_JWT_SECRET
+
+    assert TEST_JWT_SECRET not in PUBLISHED
+    Settings(jwt_secret=TEST_JWT_SECRET)

@@ -40,7 +40,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
         demo=True, model_dir=d, torch_threads=1, predict_rate_per_minute=0, expose_metrics=True
     )
     models = load_registry(settings)
-    app = route_app(settings, predict.router, health.router, models=models)
+    app = route_app(settings, predict.router, health.router, health.metrics_router, models=models)
     with TestClient(app) as c:
         yield c
     models.close()
@@ -110,3 +110,25 @@ def test_a_multiproc_dir_set_after_start_does_not_blank_the_metrics(
 ) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # e.g. `sdb serve --workers 2` in-process
     assert "sdb_http_requests_total" in client.get("/metrics").text
+
+
+def test_event_counters_start_at_zero_so_the_first_event_is_an_increase() -> None:
+    # A labelled counter first exported at 1 has no rise for increase() to see: the first extraction flag or
+    # inference timeout would never raise its alert, and the panels show "No data" instead of 0.
+    from service.observability import metrics
+
+    metrics.register_models(["metric-box"])
+    exported = samples(metrics.render_metrics()[0].decode())
+    expected = [
+        ("sdb_extraction_flags_total", (("kind", "anonymous"),)),
+        ("sdb_inference_timeouts_total", (("model", "metric-box"), ("path", "keyed"))),
+        ("sdb_inference_timeouts_total", (("model", "metric-box"), ("path", "plain"))),
+        ("sdb_quota_rejections_total", (("model", "metric-box"),)),
+        ("sdb_rate_limited_total", (("route", "/distill-batch"),)),
+        ("sdb_rate_limited_total", (("route", "/predict"),)),
+        ("sdb_redis_fallbacks_total", (("action", "local"), ("operation", "rate_limit"))),
+        ("sdb_redis_fallbacks_total", (("action", "refused"), ("operation", "rate_limit"))),
+        ("sdb_redis_fallbacks_total", (("action", "local"), ("operation", "extraction"))),
+    ]
+    missing = [series for series in expected if series not in exported]
+    assert not missing, missing
