@@ -452,7 +452,6 @@
   }
 
   async function loadAudits() {
-    if (state.users.size === 0) await fetchUsers();
     const q = auditQuery();
     q.set("limit", String(PAGE));
     q.set("offset", String(state.auditOffset));
