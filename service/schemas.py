@@ -344,6 +344,8 @@ class AuditOut(BaseModel):
     latency_ms: float | None
     input_digest: str | None
     watermark_id: str | None = Field(None, description="The watermark that served this call, if any.")
+    user_name: str | None = Field(None, description="Current name of `user_id` (authenticated calls).")
+    key_name: str | None = Field(None, description="Current name of `api_key_id`, if the key has one.")
 
 
 class EventOut(BaseModel):

@@ -425,8 +425,15 @@
   function auditQuery() {
     const q = new URLSearchParams();
     const add = (name, id) => { const v = $(id).value.trim(); if (v) q.set(name, v); };
-    add("user_id", "audit-user");
-    add("key_id", "audit-key");
+    // "#12" or "12" is an id; anything else a name (the API answers 404 for a name nobody has).
+    const who = (idParam, nameParam, id) => {
+      const v = $(id).value.trim();
+      const m = /^#?(\d+)$/.exec(v);
+      if (m) q.set(idParam, m[1]);
+      else if (v) q.set(nameParam, v);
+    };
+    who("user_id", "user_name", "audit-user");
+    who("key_id", "key_name", "audit-key");
     add("endpoint", "audit-endpoint");
     add("status", "audit-status");
     for (const [name, id] of [["since", "audit-since"], ["until", "audit-until"]]) {
@@ -436,8 +443,15 @@
     return q;
   }
 
+  // An authenticated call is shown by its user and key (its network client id in the tooltip); an
+  // anonymous one by its client id, the only identity it has.
+  function clientCell(a) {
+    if (a.user_id === null && a.api_key_id === null) return el("td", {}, el("code", {}, (a.client_id || "").slice(0, 12)));
+    const key = a.api_key_id === null ? "" : ` · ${a.key_name || `key #${a.api_key_id}`}`;
+    return el("td", { title: a.client_id ? `network client ${a.client_id}` : "" }, `${a.user_name ?? `#${a.user_id}`}${key}`);
+  }
+
   async function loadAudits() {
-    if (state.users.size === 0) await fetchUsers();
     const q = auditQuery();
     q.set("limit", String(PAGE));
     q.set("offset", String(state.auditOffset));
@@ -449,9 +463,9 @@
           el("td", {}, fmtTime(a.created_at)),
           el("td", {}, a.endpoint),
           el("td", {}, a.model || ""),
-          el("td", {}, userLabel(a.user_id)),
-          el("td", {}, a.api_key_id === null ? "" : `#${a.api_key_id}`),
-          el("td", {}, el("code", {}, (a.client_id || "").slice(0, 12))),
+          el("td", {}, a.user_id === null ? "" : `${a.user_name ?? "?"} (#${a.user_id})`),
+          el("td", {}, a.api_key_id === null ? "" : a.key_name ? `${a.key_name} (#${a.api_key_id})` : `#${a.api_key_id}`),
+          clientCell(a),
           el("td", { class: "num" }, fmtNum(a.n_samples)),
           el("td", { class: "num" }, a.status),
           el("td", { class: "num" }, a.latency_ms === null ? "" : a.latency_ms.toFixed(1)))));

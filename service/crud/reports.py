@@ -12,10 +12,11 @@ from sqlalchemy import BigInteger, Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from service.crud import rollup
+from service.crud.audit_principals import check_names
 from service.crud.audits import DISTILL_ENDPOINT
 from service.crud.rollup import epoch_minute
 from service.db.aggregates import MINUTES_PER_DAY
-from service.db.models import AuditClient, ClientDay, QueryAudit, User
+from service.db.models import ApiKey, AuditClient, ClientDay, QueryAudit, User
 from service.db.models import ClientUsage as CU
 from service.db.models import UsageMinute as UM
 from service.db.models import UserUsage as UU
@@ -31,11 +32,17 @@ class AuditFilter:
     status: int | None = None
     since: datetime | None = None
     until: datetime | None = None
+    user_name: str | None = None
+    key_name: str | None = None  # every key of that name (names are labels, not unique)
 
     def apply(self, q: Any) -> Any:
         conds = []
         if self.user_id is not None:
             conds.append(QueryAudit.user_id == self.user_id)
+        if self.user_name is not None:
+            conds.append(QueryAudit.user_id.in_(select(User.id).where(User.name == self.user_name)))
+        if self.key_name is not None:
+            conds.append(QueryAudit.api_key_id.in_(select(ApiKey.id).where(ApiKey.name == self.key_name)))
         if self.key_id is not None:
             conds.append(QueryAudit.api_key_id == self.key_id)
         if self.model is not None:
@@ -77,7 +84,9 @@ def capped_count(session: Session, q: Any, cap: int) -> Total:
 def list_audits(
     session: Session, f: AuditFilter, *, limit: int, offset: int
 ) -> tuple[list[QueryAudit], Total]:
-    """A page of audit rows, newest first, and their count up to offset + limit + COUNT_CAP."""
+    """A page of audit rows, newest first, and their count up to offset + limit + COUNT_CAP.
+    NotFoundError when the filter names a user or key that does not exist."""
+    check_names(session, f.user_name, f.key_name)
     q = f.apply(select(QueryAudit))
     total = capped_count(session, f.apply(select(QueryAudit.id)), offset + limit + COUNT_CAP)
     rows = session.scalars(q.order_by(QueryAudit.id.desc()).limit(limit).offset(offset)).all()

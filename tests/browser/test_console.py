@@ -11,6 +11,7 @@ import io
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -451,3 +452,57 @@ def test_trace_page(tab: Tab, console: Console) -> None:
     assert "watermarks tested" in page.inner_text("#trace-summary")
     shot(page, console, "trace")
     assert_clean(tab)
+
+
+def test_audits_filter_by_names_and_show_who_called(tab: Tab, console: Console) -> None:
+    # An authenticated call is shown by its user and key (not by its network client id `anon-…`), and the
+    # audits filter by user / key name as well as by #id.
+    uname, kname = "bob-" + uuid.uuid4().hex[:6], "deploy-" + uuid.uuid4().hex[:6]
+    user = admin_post(console, "/admin/users", {"name": uname, "role": "user"})
+    key = admin_post(console, f"/admin/users/{user['id']}/keys", {"scopes": [MODEL], "name": kname})
+    assert distill(console.url, key["api_key"], 3).status_code == 200
+    page = sign_in(tab, console)
+    view(page, "audits", "#audit-form")
+    for field, value in (("#audit-user", uname), ("#audit-key", kname), ("#audit-key", f"#{key['id']}")):
+        page.fill("#audit-user", "")
+        page.fill("#audit-key", "")
+        page.fill(field, value)
+        page.click("#audit-form button[type=submit]")
+        page.wait_for_selector("#audit-range:has-text('rows 1 to 1 of 1')")
+        cells = [c.inner_text() for c in page.query_selector_all("#audits-table tbody tr td")]
+        assert cells[4] == f"{uname} (#{user['id']})" and cells[5] == f"{kname} (#{key['id']})", cells
+        assert cells[6] == f"{uname} · {kname}", cells  # the client column, not anon-…
+    page.fill("#audit-key", "")
+    page.fill("#audit-user", "nobody-" + uuid.uuid4().hex[:6])
+    page.click("#audit-form button[type=submit]")
+    page.wait_for_selector("#status:has-text('no user named')")
+    assert_clean(tab)
+
+
+def test_charts_are_in_utc_whatever_the_browser_time_zone(browser: Any, console: Console) -> None:
+    # Kathmandu is UTC+05:45: a chart in local time would label the hourly buckets hh:45.
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, timezone_id="Asia/Kathmandu")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    t = Tab(page)
+    try:
+        page = sign_in(t, console)
+        assert page.evaluate("new Date().getTimezoneOffset()") == -345  # the browser really is in +05:45
+        view(page, "usage", "#chart-requests canvas")
+        now = time.time()
+        over = page.query_selector("#chart-requests .u-over")
+        assert over is not None
+        box = over.bounding_box()
+        assert box is not None
+        over.hover(position={"x": box["width"] - 1, "y": box["height"] / 2})  # the newest hourly bucket
+        label = page.inner_text("#chart-requests .u-legend .u-series:first-child .u-value").strip()
+
+        def fmt(ts: float) -> str:  # uPlot's legend date format, {YYYY}-{MM}-{DD} {h}:{mm}{aa}, in UTC
+            d = datetime.fromtimestamp(ts, UTC)
+            return f"{d:%Y-%m-%d} {d.hour % 12 or 12}:{d:%M}{'am' if d.hour < 12 else 'pm'}"
+
+        last = now // 3600 * 3600
+        assert label in {fmt(last), fmt(last - 3600), fmt(last + 3600)}, label
+        assert_clean(t)
+    finally:
+        context.close()

@@ -144,3 +144,45 @@ def test_timeline_counts_calls_per_endpoint_and_bucket(api: ApiHelper, client: T
     assert client.get("/admin/usage/timeline").status_code == 401
     _, _, user = api.user_with_key(scopes=["*"])
     assert client.get("/admin/usage/timeline", headers=user).status_code == 403
+
+
+def test_audits_filter_by_user_and_key_name_and_name_the_caller(api: ApiHelper, client: TestClient) -> None:
+    """`user_name` / `key_name` select the same rows as the ids (a key name may be shared: every key so
+    named); an unknown name is a 404 that says so, a malformed one a 422; each row names its user and key."""
+    u1, k1, h1 = api.user_with_key(name="ci-runner")
+    u2 = api.create_user()
+    k2 = api.issue_key(u2["id"], name="ci-runner")
+    h2 = {"Authorization": f"Bearer {api.token(k2['api_key'])}"}
+    _, k3, h3 = api.user_with_key()  # a key with no name
+    for h, n in ((h1, 2), (h1, 3), (h2, 4), (h3, 1)):
+        assert api.distill(h, n=n).status_code == 200
+
+    def get(path: str = "/admin/audits", status: int = 200, **params: Any) -> Any:
+        r = client.get(path, params=params, headers=api.admin)
+        assert r.status_code == status, r.text
+        return r.json() if status != 200 or path.endswith("audits") else r.text
+
+    by_name = get(user_name=u1["name"])
+    assert [a["id"] for a in by_name["items"]] == [a["id"] for a in get(user_id=u1["id"])["items"]]
+    assert by_name["total"] == 2
+    assert get(key_name="ci-runner")["total"] == 3  # both keys named ci-runner, of two users
+    assert get(key_name="ci-runner", user_name=u2["name"])["total"] == 1
+    assert get(key_name="ci-runner", key_id=k1["id"])["total"] == 2  # AND the id filters
+    assert get(user_name=u2["name"], user_id=u1["id"])["total"] == 0
+    assert len(_rows(get("/admin/audits/export", key_name="ci-runner"))) == 3
+
+    for params, word in (
+        ({"user_name": "nobody-here"}, "no user named"),
+        ({"key_name": "nope"}, "no API key"),
+    ):
+        for path in ("/admin/audits", "/admin/audits/export"):
+            assert word in get(path, 404, **params)["detail"]
+    assert get(user_name="bad name!", status=422)
+    assert get(key_name="", status=422)
+
+    rows = {a["api_key_id"]: a for a in get(user_name=u2["name"])["items"] + get(key_id=k3["id"])["items"]}
+    assert (rows[k2["id"]]["user_name"], rows[k2["id"]]["key_name"]) == (u2["name"], "ci-runner")
+    assert rows[k3["id"]]["user_name"] is not None and rows[k3["id"]]["key_name"] is None
+    schema = client.get("/openapi.json").json()["paths"]["/admin/audits"]["get"]
+    assert {"user_name", "key_name", "user_id", "key_id"} <= {p["name"] for p in schema["parameters"]}
+    assert "404" in schema["responses"]

@@ -19,6 +19,8 @@ from fastapi.responses import Response
 from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.core.state import StateDep
 from service.crud import admin_actions, events, reports
+from service.crud.accounts import NotFoundError
+from service.crud.audit_principals import principal_names
 from service.crud.reports import AuditFilter
 from service.db.models import QueryAudit
 from service.routes.admin.common import (
@@ -30,10 +32,12 @@ from service.routes.admin.common import (
     Until,
     admin_router,
     check_buckets,
+    not_found,
     time_range,
     utc,
 )
 from service.schemas import (
+    NAME_RE,
     TEXT,
     AuditOut,
     ClientVolumeOut,
@@ -53,11 +57,26 @@ router = admin_router()
 _INVALID_QUERY: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Invalid parameters."}
 }
+_UNKNOWN_NAME: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "`user_name` or `key_name` names no user / no API key."}
+}
 
 
 def audit_filter(
     user_id: QueryId = None,
     key_id: QueryId = None,
+    user_name: Annotated[
+        str | None, Query(max_length=100, pattern=NAME_RE, description="Calls of the user of this name.")
+    ] = None,
+    key_name: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=100,
+            pattern=TEXT,
+            description="Calls made with an API key of this name (every key so named; AND the user filters).",
+        ),
+    ] = None,
     model: Annotated[str | None, Query(max_length=128, pattern=TEXT)] = None,
     endpoint: Annotated[str | None, Query(max_length=32, pattern=TEXT, examples=["/distill-batch"])] = None,
     client_id: Annotated[str | None, Query(max_length=64, pattern=TEXT)] = None,
@@ -69,6 +88,8 @@ def audit_filter(
     return AuditFilter(
         user_id=user_id,
         key_id=key_id,
+        user_name=user_name,
+        key_name=key_name,
         model=model,
         endpoint=endpoint,
         client_id=client_id,
@@ -81,13 +102,27 @@ def audit_filter(
 AuditFilterDep = Annotated[AuditFilter, Depends(audit_filter)]
 
 
-@router.get("/audits", response_model=Page[AuditOut], summary="Query audits, newest first")
+@router.get(
+    "/audits", response_model=Page[AuditOut], summary="Query audits, newest first", responses=_UNKNOWN_NAME
+)
 def list_audits(
     admin: AdminDep, s: SessionDep, f: AuditFilterDep, limit: Limit = 100, offset: Offset = 0
 ) -> Page[AuditOut]:
-    rows, total = reports.list_audits(s, f, limit=limit, offset=offset)
+    try:
+        rows, total = reports.list_audits(s, f, limit=limit, offset=offset)
+    except NotFoundError as exc:
+        raise not_found(exc) from None
+    users, keys = principal_names(s, rows)
     return Page[AuditOut](
-        items=[AuditOut.model_validate(r) for r in rows],
+        items=[
+            AuditOut.model_validate(r).model_copy(
+                update={
+                    "user_name": users.get(r.user_id) if r.user_id is not None else None,
+                    "key_name": keys.get(r.api_key_id) if r.api_key_id is not None else None,
+                }
+            )
+            for r in rows
+        ],
         total=total,
         limit=limit,
         offset=offset,
@@ -237,6 +272,7 @@ def audits_csv(rows: list[QueryAudit]) -> str:
     summary="Export audits as CSV, newest first (same filters as GET /admin/audits)",
     responses={
         **_INVALID_QUERY,
+        **_UNKNOWN_NAME,
         200: {"content": {"text/csv": {}}, "description": "RFC 4180 CSV with a header row."},
     },
 )
@@ -247,7 +283,10 @@ def export_audits(
     f: AuditFilterDep,
     limit: Annotated[int, Query(ge=1, le=MAX_EXPORT_ROWS, description="Most rows exported.")] = 10_000,
 ) -> Response:
-    rows, total = admin_actions.export_audits(db, f, limit, actor=admin, client_id=client_id_of(request))
+    try:
+        rows, total = admin_actions.export_audits(db, f, limit, actor=admin, client_id=client_id_of(request))
+    except NotFoundError as exc:
+        raise not_found(exc) from None
     return Response(
         content=audits_csv(rows),
         media_type="text/csv; charset=utf-8",
