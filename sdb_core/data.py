@@ -61,6 +61,19 @@ class Dataset:
             self.mean = [float(v) for v in self.x_train.mean(axis=(0, 2, 3))]
             self.std = [max(float(v), 1e-6) for v in self.x_train.std(axis=(0, 2, 3))]
 
+    def subset(self, idx: np.ndarray, name: str) -> Dataset:
+        """The training images at `idx` as a data set of their own (same test set and normalization)."""
+        return Dataset(
+            f"{self.name}:{name}",
+            self.x_train[idx],
+            self.y_train[idx],
+            self.x_test,
+            self.y_test,
+            self.class_names,
+            self.mean,
+            self.std,
+        )
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         c, h, w = self.x_train.shape[1:]

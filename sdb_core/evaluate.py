@@ -181,19 +181,7 @@ def split_owner_transfer(ds: Dataset, cfg: EvalConfig, seed: int) -> tuple[Datas
         raise ValueError(f"{owner} owner + {cfg.transfer} transfer images > {n} training images")
     perm = np.random.default_rng(1_000 + seed).permutation(n)
 
-    def part(idx: np.ndarray, name: str) -> Dataset:
-        return Dataset(
-            f"{ds.name}:{name}",
-            ds.x_train[idx],
-            ds.y_train[idx],
-            ds.x_test,
-            ds.y_test,
-            ds.class_names,
-            ds.mean,
-            ds.std,
-        )
-
-    return part(perm[:owner], "owner"), part(perm[owner : owner + cfg.transfer], "transfer")
+    return ds.subset(perm[:owner], "owner"), ds.subset(perm[owner : owner + cfg.transfer], "transfer")
 
 
 def _train_cfg(cfg: EvalConfig, epochs: int, seed: int) -> TrainConfig:

@@ -108,19 +108,6 @@ def reduced_trace_config(dataset: str) -> TraceEvalConfig:
     )
 
 
-def _part(ds: Dataset, idx: np.ndarray, name: str) -> Dataset:
-    return Dataset(
-        f"{ds.name}:{name}",
-        ds.x_train[idx],
-        ds.y_train[idx],
-        ds.x_test,
-        ds.y_test,
-        ds.class_names,
-        ds.mean,
-        ds.std,
-    )
-
-
 def _split(
     ds: Dataset, cfg: EvalConfig, tcfg: TraceEvalConfig, seed: int
 ) -> tuple[Dataset, dict[int, Dataset], np.ndarray]:
@@ -133,9 +120,9 @@ def _split(
     if owner_n + biggest > n:
         raise ValueError(f"{owner_n} owner + {biggest} transfer images > {n} training images")
     perm = np.random.default_rng(1_000 + seed).permutation(n)
-    owner = _part(ds, perm[:owner_n], "owner")
+    owner = ds.subset(perm[:owner_n], "owner")
     pool = perm[owner_n : owner_n + biggest]
-    transfers = {t: _part(ds, pool[:t], f"transfer{t}") for t in tcfg.transfers}
+    transfers = {t: ds.subset(pool[:t], f"transfer{t}") for t in tcfg.transfers}
     probes = np.concatenate([ds.x_test, ds.x_train[perm[owner_n + biggest :]]])
     return owner, transfers, probes
 
@@ -449,7 +436,7 @@ def _removals(
     # Fine-tune the leaked student on 10 % of the transfer set with true labels.
     ft = _copy(leaked)
     n_ft = max(1, len(xt) // 10)
-    sub = _part(transfer, np.arange(n_ft), "finetune")
+    sub = transfer.subset(np.arange(n_ft), "finetune")
 
     def ce(idx: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
         return F.cross_entropy(ft(xb), yb)
