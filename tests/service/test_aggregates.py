@@ -61,6 +61,12 @@ def make_users(db: Database) -> list[tuple[int, int]]:
     return out
 
 
+def _ms(at: datetime) -> datetime:
+    """Whole milliseconds: SQLite's date functions round to the millisecond, the aggregates floor, so a
+    time within half a millisecond of a minute would fall in different minutes in the per-row reports."""
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
 def traffic(
     now: datetime, users: list[tuple[int, int]], seed: int = 27
 ) -> tuple[list[AuditRecord], list[dict[str, Any]]]:
@@ -71,7 +77,7 @@ def traffic(
         status = rng.choice([200] * 8 + [429, 422, 503])
         n = 0 if status in (429, 422) else rng.randint(1, 40)
         model = None if status in (429, 422) else rng.choice(["alpha", "beta"])
-        at = now - timedelta(seconds=rng.uniform(0, 3 * 86400))
+        at = _ms(now - timedelta(seconds=rng.uniform(0, 3 * 86400)))
         predict.append(
             AuditRecord(PREDICT_ENDPOINT, model, f"anon-{rng.randint(0, 11):02d}", n, status, 1.0, None, at)
         )
@@ -84,7 +90,7 @@ def traffic(
         status = rng.choice([200] * 6 + [429, 401, 500, 499])
         user, key = rng.choice(users)
         recent = i < 10  # within the rollup's settle time: read from the rows
-        at = now - timedelta(seconds=rng.uniform(0, 30) if recent else rng.uniform(120, 3 * 86400))
+        at = _ms(now - timedelta(seconds=rng.uniform(0, 30) if recent else rng.uniform(120, 3 * 86400)))
         distill.append(
             {
                 "endpoint": DISTILL_ENDPOINT,
@@ -175,8 +181,9 @@ def test_aggregates_answer_the_per_row_reports(database_url: str) -> None:
         predict, distill = traffic(now, make_users(db))
         record(db, predict, distill)
         assert_same_reports(db, now)  # nothing rolled up yet: /distill-batch from its rows
-        assert rollup.catch_up(db) == 150  # the 10 recent rows wait for the settle time
-        assert rollup.catch_up(db) == 0
+        # the 10 recent rows wait for the settle time (the clock pinned: a slow machine must not age them)
+        assert rollup.catch_up(db, now=now) == 150
+        assert rollup.catch_up(db, now=now) == 0
         assert_same_reports(db, now)
         assert rollup.catch_up(db, now=now + timedelta(minutes=5)) == 10
         assert_same_reports(db, now)
