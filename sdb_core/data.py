@@ -63,8 +63,11 @@ class Dataset:
 
     def subset(self, idx: np.ndarray, name: str) -> Dataset:
         """The training images at `idx` as a data set of their own (same test set and normalization)."""
+        return self._with_train(idx, f"{self.name}:{name}")
+
+    def _with_train(self, idx: np.ndarray, name: str) -> Dataset:
         return Dataset(
-            f"{self.name}:{name}",
+            name,
             self.x_train[idx],
             self.y_train[idx],
             self.x_test,
@@ -103,16 +106,7 @@ class Dataset:
     def subset_train(self, n: int, seed: int) -> Dataset:
         """A stratified-enough random subset of the training split (for reduced test configurations)."""
         idx = np.random.default_rng(seed).permutation(len(self.x_train))[:n]
-        return Dataset(
-            self.name,
-            self.x_train[idx],
-            self.y_train[idx],
-            self.x_test,
-            self.y_test,
-            self.class_names,
-            self.mean,
-            self.std,
-        )
+        return self._with_train(idx, self.name)
 
 
 def _stratified_split(
