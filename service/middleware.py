@@ -244,7 +244,13 @@ class MetricsMiddleware:
             state = scope.get("state") or {}
             if status is None:  # no answer was sent: the client went away, or the app failed
                 status = int(state.get(BODY_STATUS_KEY, 500))
-            metrics.record_request(template, state.get(MODEL_KEY), status, time.perf_counter() - start)
+            metrics.record_request(
+                template,
+                state.get(MODEL_KEY),
+                status,
+                time.perf_counter() - start,
+                state.get(metrics.ANSWERED_KEY),
+            )
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:

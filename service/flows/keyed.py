@@ -27,13 +27,13 @@ from service.core.security import TokenError, verify_token
 from service.core.state import ServiceState
 from service.crud import audits
 from service.crud.keyed_calls import KeyedCall
-from service.crud.quota import DistillDenied, ReservationReleased
+from service.crud.quota import DistillDenied, DistillGrant, ReservationReleased
 from service.decode import DecodedRequest, request_model
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel
 from service.observability import metrics
 from service.outputs import NonFiniteOutputs, softmax
 from service.schemas import DistillRequest, quota_headers
-from service.watermarks.issuer import mark_answer
+from service.watermarks.issuer import Watermarker, mark_answer
 
 ENDPOINT = audits.DISTILL_ENDPOINT
 
@@ -77,6 +77,24 @@ def _denied(d: DistillDenied, model: str) -> HTTPException:
     )
 
 
+def _soft_labels(
+    marks: Watermarker,
+    grant: DistillGrant,
+    model: ServedModel,
+    x: np.ndarray,
+    logits: np.ndarray,
+    temperature: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(soft labels, logits) of a granted call: a watermarked key's soft labels carry its mark (after the
+    softmax, with logits consistent with them)."""
+    labels = softmax(logits, temperature)
+    if grant.watermark_id is None or grant.watermark_slot is None:
+        return labels, logits
+    return mark_answer(
+        marks, grant.key_id, grant.key_prefix, grant.watermark_slot, model, x, labels, logits, temperature
+    )
+
+
 async def serve(
     request: Request,
     state: ServiceState,
@@ -107,7 +125,7 @@ async def serve(
     model, x, temperature = decoded.model, decoded.x, decoded.params.temperature
     if temperature is None:
         temperature = model.temperature
-    marked = state.watermarks.enabled_for(model.name)
+    marked = model.name not in state.watermarks.disabled_models  # the per-model setting
     call = KeyedCall(state.db, client, started=t0)
     rate = state.settings.distill_rate_per_minute
     try:
@@ -116,20 +134,10 @@ async def serve(
         ) as grant:
             try:
                 logits = await model.infer("keyed", x)
-                labels = softmax(logits, temperature)
-                if grant.watermark_id is not None and grant.watermark_slot is not None:  # after the softmax
-                    labels, logits = await run_in_threadpool(
-                        mark_answer,
-                        state.watermarks,
-                        grant.key_id,
-                        grant.key_prefix,
-                        grant.watermark_slot,
-                        model,
-                        x,
-                        labels,
-                        logits,
-                        temperature,
-                    )
+                # the softmax and the licensee's mark off the event loop, in one hand-over
+                labels, logits = await run_in_threadpool(
+                    _soft_labels, state.watermarks, grant, model, x, logits, temperature
+                )
             except (InferenceTimeout, InferenceOverloaded) as exc:
                 http = inference_error(exc)
                 await call.settle(http.status_code)
@@ -145,9 +153,9 @@ async def serve(
         raise HTTPException(
             status_code=503, detail="the call outlived its reservation; nothing was charged, retry"
         ) from None
-    # Counted here, once, on a 200: `ServedModel.infer` does not count (a refused call answers none).
-    metrics.record_samples(model.name, "keyed", grant.n_samples)
-    metrics.record_samples_distilled(model.name, grant.n_samples)
+    # Counted once, on a 200, with the request's own metrics (the middleware): `ServedModel.infer` does not
+    # count (a refused call answers none).
+    request.scope.setdefault("state", {})[metrics.ANSWERED_KEY] = (model.name, "keyed", grant.n_samples)
     headers = quota_headers(grant.quota, grant.used)  # last before the answer's render, also in schemas
     if grant.rate_limit > 0 and grant.rate_remaining is not None:
         headers["X-RateLimit-Limit"] = str(grant.rate_limit)

@@ -86,8 +86,8 @@ async def plain_call(request: Request) -> AsyncIterator[PlainCall]:
         await enforce_predict_rate(state.predict_limiter, call.client)
         yield call
         status = 200
-        if call.model_name is not None:  # counted once, on a 200: `ServedModel.infer` does not count
-            metrics.record_samples(call.model_name, "plain", call.n)
+        if call.model_name is not None:  # counted with the request's metrics (metrics.ANSWERED_KEY)
+            request.scope.setdefault("state", {})[metrics.ANSWERED_KEY] = (call.model_name, "plain", call.n)
     except HTTPException as exc:
         status = exc.status_code
         raise

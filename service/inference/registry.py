@@ -177,7 +177,7 @@ class ServedModel:
             ) from exc
         except BatcherOverloaded as exc:
             raise InferenceOverloaded(f"model {self.name!r} is overloaded, retry shortly") from exc
-        return out  # the routes count the samples they answer (metrics.record_samples)
+        return out  # the routes count the samples they answer (metrics.ANSWERED_KEY)
 
     async def aclose(self) -> None:
         for batcher in self._batchers.values():

@@ -26,6 +26,9 @@ MULTIPROCESS = _values.ValueClass is not _values.MutexValue
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# scope["state"] key: (model, path, samples) a call answered, set by the flows on a 200 and counted with the
+# request's own metrics, so that a refused or failed call counts none (`ServedModel.infer` does not count)
+ANSWERED_KEY = "sdb_answered"
 UNKNOWN = "unknown"
 NONE = "none"
 
@@ -141,23 +144,28 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def record_request(route: str, model: str | None, status: int, seconds: float) -> None:
+def record_request(
+    route: str,
+    model: str | None,
+    status: int,
+    seconds: float,
+    answered: tuple[str, str, int] | None = None,
+) -> None:
+    """One request's metrics, recorded once at its end (MetricsMiddleware); `answered`: (model, path,
+    samples) of a call that answered samples (`ANSWERED_KEY` on the scope, set by the flows on a 200)."""
     label = model_label(model)
     _child(REQUESTS, route, label, str(status)).inc()
     _child(REQUEST_LATENCY, route, label).observe(seconds)
+    if answered is not None:
+        served, path, n = answered
+        _child(SAMPLES, model_label(served), path).inc(n)
+        if path == "keyed":
+            _child(SAMPLES_DISTILLED, model_label(served)).inc(n)
 
 
 def record_batch(model: str, path: str, size: int, seconds: float) -> None:
     _child(BATCH_SIZE, model, path).observe(size)
     _child(INFERENCE_LATENCY, model, path).observe(seconds)
-
-
-def record_samples(model: str, path: str, n: int) -> None:
-    _child(SAMPLES, model_label(model), path).inc(n)
-
-
-def record_samples_distilled(model: str, n: int) -> None:
-    SAMPLES_DISTILLED.labels(model_label(model)).inc(n)
 
 
 def record_inference_timeout(model: str, path: str) -> None:

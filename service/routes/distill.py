@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.core.deps import BearerCredentials
-from service.core.state import get_state
+from service.core.state import ServiceState
 from service.decode import decode_inputs, query_openapi
 from service.flows import keyed
 from service.outputs import MAX_TEMPERATURE, MIN_TEMPERATURE
@@ -63,7 +63,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def distill_batch(request: Request, credentials: BearerCredentials) -> Response:
     t0 = time.perf_counter()
-    state = get_state(request)
+    state: ServiceState = request.app.state.sdb  # get_state's read, inline: the keyed walk stays short
     token = credentials.credentials if credentials is not None else ""
     decode = decode_inputs(request, DistillRequest, state.models, QUERY_FIELDS)
     answer = await keyed.serve(request, state, token, t0, decode, request.query_params.get("model"))

@@ -78,9 +78,6 @@ class Watermarker:
         """The public id of the key's watermark (stored on the key, shown to administrators)."""
         return watermark_id(self._secret, licensee(key_id, prefix))
 
-    def enabled_for(self, model: str) -> bool:
-        return model not in self.disabled_models
-
     def watermark(self, key_id: int, prefix: str, slot: int, model: Shape) -> Watermark:
         """The key's watermark for this model's inputs, classes and basis (derived once, then cached)."""
         k = (int(key_id), prefix, int(slot), model.name)

@@ -85,7 +85,7 @@ def test_unknown_model_names_are_folded() -> None:
 SCRIPT = """
 from service.observability import metrics
 metrics.register_models(["m"])
-metrics.record_samples_distilled("m", {n})
+metrics.record_request("/distill-batch", "m", 200, 0.01, ("m", "keyed", {n}))
 metrics.record_auth_failure("expired")
 """
 
