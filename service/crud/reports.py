@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, and_, case, cast, func, select
+from sqlalchemy import BigInteger, Integer, and_, case, cast, func, select, union_all
 from sqlalchemy.orm import Session
 
 from service.crud import rollup
 from service.crud.audit_principals import check_names
 from service.crud.audits import DISTILL_ENDPOINT
 from service.crud.rollup import epoch_minute
-from service.db.aggregates import MINUTES_PER_DAY
-from service.db.models import ApiKey, AuditClient, ClientDay, QueryAudit, User
+from service.db.aggregates import MINUTES_PER_DAY, OK
+from service.db.models import ApiKey, AuditClient, ClientDay, QueryAudit, User, utcnow
 from service.db.models import ClientUsage as CU
 from service.db.models import UsageMinute as UM
 from service.db.models import UserUsage as UU
@@ -242,6 +242,7 @@ def client_volumes(
     threshold: int,
     limit: int,
     offset: int,
+    windows_days: float | None = None,
 ) -> tuple[list[ClientVolume], int]:
     """Samples answered over time per user (/distill-batch) or per anonymous client (/predict).
 
@@ -250,11 +251,13 @@ def client_volumes(
     distill and bounded by their quota, so their volume is reported but not flagged. Anonymous volumes come
     from `client_usage` (one row per client, window and status), users' from `user_usage` (hours) plus the
     rows not rolled up yet: the range is widened to whole windows (hours), and `bucket_s` must be a
-    multiple of them (GrainError).
+    multiple of them (GrainError). `windows_days`: the days of client windows retention keeps
+    (SDB_RETAIN_CLIENT_WINDOWS_DAYS; None: all), see `_ranked_sums`.
     """
     if kind == "user":
         return _user_volumes(session, since, until, bucket_s, limit, offset)
-    return _anonymous_volumes(session, since, until, bucket_s, window_s, threshold, limit, offset, None)
+    kept = None if windows_days is None else epoch_minute(utcnow()) - int(windows_days * MINUTES_PER_DAY)
+    return _anonymous_volumes(session, since, until, bucket_s, window_s, threshold, limit, offset, None, kept)
 
 
 def _check_grain(bucket_s: int, grain_min: int) -> None:
@@ -272,6 +275,62 @@ def _series(points: dict[int, list[int]], bucket_s: int) -> list[dict[str, Any]]
     ]
 
 
+def _ranked_sums(lo: int | None, hi: int | None, grain: int, only: list[int] | None, kept: int | None) -> Any:
+    """Per anonymous client: (ref, requests, samples) answered in the windows [lo, hi), as a subquery.
+
+    Summing every window of the range would read one row per client and window, so the time would grow
+    with the traffic until each client has a row in every window. Whole UTC days come from `client_days`
+    instead (one row per client and day; the same writer's transaction keeps it the sum of the day's
+    windows), and a part of a day either from its windows or as the day's total minus the windows outside
+    the range, whichever reads fewer windows. "Last 24 hours until now" reads at most 12 hours of windows
+    (the windows after now do not exist yet), a range of whole days none. Subtracting the windows before
+    the range needs them kept: only for days from `kept` on (None: all kept)."""
+
+    def windows(a: int | None, b: int | None, sign: int) -> Any:
+        conds = [CU.status == OK]
+        if a is not None:
+            conds.append(CU.minute >= a)
+        if b is not None:
+            conds.append(CU.minute < b)
+        if only is not None:
+            conds.append(CU.client_ref.in_(only))
+        return select(
+            CU.client_ref.label("ref"),
+            (sign * CU.requests).label("n"),
+            (sign * CU.samples).label("s"),
+        ).where(*conds)
+
+    def days(a: int, b: int) -> Any:
+        conds = [ClientDay.day >= a, ClientDay.day < b]
+        if only is not None:
+            conds.append(ClientDay.client_ref.in_(only))
+        return select(
+            ClientDay.client_ref.label("ref"),
+            cast(ClientDay.requests, BigInteger).label("n"),
+            cast(ClientDay.samples, BigInteger).label("s"),
+        ).where(*conds)
+
+    day = MINUTES_PER_DAY
+    if lo is None or hi is None or day % grain or hi - lo < day:
+        parts = [windows(lo, hi, 1)]
+    else:
+        first, last = -(-lo // day) * day, hi // day * day  # the whole days [first, last)
+        parts = [days(first, last)]
+        if lo < first:  # the start day's part [lo, first): directly, or its day minus [first - day, lo)
+            if lo - (first - day) < first - lo and (kept is None or first - day >= kept):
+                parts += [days(first - day, first), windows(first - day, lo, -1)]
+            else:
+                parts.append(windows(lo, first, 1))
+        if hi > last:  # the end day's part [last, hi): directly, or its day minus [hi, last + day)
+            if last + day - hi < hi - last:
+                parts += [days(last, last + day), windows(hi, last + day, -1)]
+            else:
+                parts.append(windows(last, hi, 1))
+    rows = union_all(*parts).subquery()
+    n, s = func.sum(rows.c.n), func.sum(rows.c.s)
+    return select(rows.c.ref, n.label("n"), s.label("s")).group_by(rows.c.ref).having(n > 0).subquery()
+
+
 def _anonymous_volumes(
     session: Session,
     since: datetime,
@@ -282,18 +341,14 @@ def _anonymous_volumes(
     limit: int,
     offset: int,
     only: list[int] | None,
+    kept: int | None = None,
 ) -> tuple[list[ClientVolume], int]:
     grain = window_s // 60
     _check_grain(bucket_s, grain)
-    in_range = [CU.status == 200, *_minute_range(CU.minute, since, until, grain)]
+    in_range = [CU.status == OK, *_minute_range(CU.minute, since, until, grain)]
     if only is not None:
         in_range.append(CU.client_ref.in_(only))
-    sums = (
-        select(CU.client_ref.label("ref"), func.sum(CU.requests).label("n"), func.sum(CU.samples).label("s"))
-        .where(*in_range)
-        .group_by(CU.client_ref)
-        .subquery()
-    )
+    sums = _ranked_sums(_floor(since, grain), _ceil(until, grain), grain, only, kept)
     # sorted and paged in the database: most samples first, then by id (byte order, as Python sorts)
     name = AuditClient.client_id
     if session.get_bind().dialect.name == "postgresql":
@@ -422,18 +477,14 @@ def flagged_clients(
         return []
     rows, _ = _anonymous_volumes(session, since, until, window_s, window_s, threshold, len(refs), 0, refs)
     flagged = [r for r in rows if r.flagged]
-    pruned = sorted(set(refs) - set(_client_refs(session, [r.client for r in rows])))
-    if pruned:  # windows past SDB_RETAIN_CLIENT_WINDOWS_DAYS: the daily view (whole days, daily series)
+    # candidates without a window left in their days: past SDB_RETAIN_CLIENT_WINDOWS_DAYS (a candidate
+    # with windows there but none in [since, until) pulled nothing in the range)
+    kept = select(CU.client_ref).where(CU.client_ref.in_(refs), CU.minute >= lo, CU.minute < hi).distinct()
+    pruned = sorted(set(refs) - {int(c) for c in session.scalars(kept)})
+    if pruned:  # the daily view (whole days, daily series)
         flagged += _daily_volumes(session, pruned, lo, hi, threshold)
         flagged.sort(key=lambda r: (-r.samples, r.client))
     return flagged[:limit]
-
-
-def _client_refs(session: Session, clients: list[str]) -> list[int]:
-    if not clients:
-        return []
-    q = select(AuditClient.id).where(AuditClient.client_id.in_(clients))
-    return [int(i) for i in session.scalars(q)]
 
 
 def _daily_volumes(session: Session, refs: list[int], lo: int, hi: int, threshold: int) -> list[ClientVolume]:

@@ -124,9 +124,15 @@ def _v(rows: Any) -> list[dict[str, Any]]:
 
 def assert_same_reports(db: Database, now: datetime) -> None:
     until = _hour(now) + timedelta(hours=1)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     ranges = [
         (until - timedelta(days=3, hours=1), until),
         (until - timedelta(hours=6), until - timedelta(hours=2)),
+        # the clients ranking's parts of days (reports._ranked_sums): whole days; a part of a day read
+        # directly; a part read as its day minus the windows outside the range, at either end
+        (midnight - timedelta(days=2), midnight - timedelta(days=1)),
+        (midnight - timedelta(days=2, hours=-20), midnight - timedelta(hours=20)),
+        (midnight - timedelta(days=2, hours=-3), midnight - timedelta(hours=3)),
     ]
     with db.session() as s:
         assert _v(reports.usage_summary(s, since=None, until=None)) == _v(

@@ -191,6 +191,7 @@ def client_usage(
             threshold=settings.extraction_sample_threshold,
             limit=limit,
             offset=offset,
+            windows_days=settings.retain_client_windows_days,
         )
     except reports.GrainError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
