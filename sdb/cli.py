@@ -1,4 +1,5 @@
-"""The `sdb` command line: core ML commands (sdb.commands.core) and server commands (sdb.commands.server).
+"""The `sdb` command line: ML commands (sdb.commands.training, sdb.commands.evaluation), server commands
+(sdb.commands.server), sealing (sdb.commands.seal) and tracing (sdb.commands.trace).
 
 Ordinary errors (the service refused, could not be reached, a file is missing) end in one line saying what
 went wrong and what to do, with an exit code of their own; `sdb --debug ...` shows the traceback instead.
@@ -12,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sdb.commands import core, seal, server, trace
+from sdb.commands import evaluation, seal, server, trace, training
 
 # Exit codes (0 success, 1 other errors, 2 usage errors: click's own).
 EXIT_REFUSED = 3  # the service refused the request (4xx other than below)
@@ -28,7 +29,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals may hold secrets (box keys, API keys)
 )
-core.register(app)
+training.register(app)
+evaluation.register(app)
 server.register(app)
 seal.register(app)
 trace.register(app)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sdb.commands.core import DataOpt, DeviceOpt, SeedOpt, ThreadsOpt, _threads
+from sdb.commands.options import DataOpt, DeviceOpt, SeedOpt, ThreadsOpt, set_threads
 from sdb.commands.server import DATABASE_URL_HELP, _database_url
 
 
@@ -86,7 +86,7 @@ def trace(
     SDB_JWT_SECRET)."""
     if (suspect is None) == (suspect_url is None):
         raise typer.BadParameter("give exactly one of --suspect or --suspect-url")
-    _threads(threads)
+    set_threads(threads)
     import numpy as np
     import torch
     from pydantic import ValidationError

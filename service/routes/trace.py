@@ -29,7 +29,8 @@ from service.db.models import utcnow
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel, UnknownModelError
 from service.routes.admin.accounts import _key
 from service.routes.admin.common import PathId, admin_router
-from service.schemas import ErrorResponse, KeyOut, TraceOut, TraceRequest, WatermarkToggle
+from service.schemas import ErrorResponse
+from service.schemas_admin import KeyOut, TraceOut, TraceRequest, WatermarkToggle
 from service.watermarks.suspect import (
     HostPolicy,
     HttpSuspect,

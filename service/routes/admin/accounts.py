@@ -21,7 +21,7 @@ from service.crud.watermarks import WatermarkBankFull
 from service.db.models import ApiKey, User, utcnow
 from service.db.session import Database
 from service.routes.admin.common import MAX_ID, Limit, Offset, PathId, admin_router, not_found
-from service.schemas import KeyCreate, KeyCreated, KeyOut, ModelOut, Page, UserCreate, UserOut
+from service.schemas_admin import KeyCreate, KeyCreated, KeyOut, ModelOut, Page, UserCreate, UserOut
 
 router = admin_router()
 

@@ -36,12 +36,12 @@ from service.routes.admin.common import (
     time_range,
     utc,
 )
-from service.schemas import (
+from service.schemas import ErrorResponse
+from service.schemas_admin import (
     NAME_RE,
     TEXT,
     AuditOut,
     ClientVolumeOut,
-    ErrorResponse,
     EventOut,
     ExtractionOut,
     Page,
