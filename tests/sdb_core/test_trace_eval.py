@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from sdb_core.evaluate import reduced_config
-from sdb_core.trace_eval import check_trace_targets, reduced_trace_config, trace_evaluate
+from sdb_core.trace_eval import trace_evaluate
+from sdb_core.trace_report import check_trace_targets
+from sdb_core.trace_setup import reduced_trace_config
 
 pytestmark = pytest.mark.slow
 
