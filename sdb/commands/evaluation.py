@@ -90,7 +90,9 @@ def evaluate(
             cfg = override_config(cfg, protocol_option)
         report = run_eval(cfg, out)
         if trace:
-            from sdb_core.trace_eval import trace_config_for, trace_evaluate, trace_summary
+            from sdb_core.trace_eval import trace_evaluate
+            from sdb_core.trace_report import trace_summary
+            from sdb_core.trace_setup import trace_config_for
 
             traced = trace_evaluate(cfg, trace_config_for(data, reduced), out, command=shlex.join(sys.argv))
             typer.echo(trace_summary(traced))

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from sdb_core.evaluate import reduced_config
-from sdb_core.trace_eval import check_trace_targets, reduced_trace_config, trace_evaluate
+from sdb_core.trace_eval import trace_evaluate
+from sdb_core.trace_report import check_trace_targets
+from sdb_core.trace_setup import reduced_trace_config
 
 pytestmark = pytest.mark.slow
 
@@ -19,6 +21,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("trace")
     trace_evaluate(reduced_config("digits"), reduced_trace_config("digits"), out, command="pytest")
     assert (Path(out) / "traceability.json").is_file()
+    assert "| family | transfer |" in (Path(out) / "traceability.md").read_text()
     return json.loads((Path(out) / "traceability.json").read_text())
 
 

@@ -1,0 +1,138 @@
+"""The traceability evaluation's report: what one trace says (the record each student gets in
+traceability.json), the issue's targets on one run, and the report as text and Markdown tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdb_core.trace import TraceReport
+
+
+def summarize_trace(rep: TraceReport, leakers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What one trace says, in short: every watermark's z and corrected p, and the verdicts."""
+    out: dict[str, Any] = {
+        "probes": rep.probes,
+        "named": [r.wid for r in rep.matches],
+        "decoy_fpr": rep.decoy_false_positive_rate,
+        "decoy_ks": rep.decoy_ks,
+        "null_scale": rep.null_scale,
+        "z": {r.wid: round(r.statistic, 3) for r in rep.results},
+        "log10_corrected_p": {r.wid: round(r.log10_corrected_p, 3) for r in rep.results},
+    }
+    if leakers:
+        best = rep.best
+        others = [r for r in rep.results if r.wid not in leakers]
+        out["leakers"] = {
+            wid: {
+                "rank": rep.result(wid).rank,
+                "z": rep.result(wid).statistic,
+                "log10_corrected_p": rep.result(wid).log10_corrected_p,
+                "decoys_above": rep.result(wid).decoys_above,
+            }
+            for wid in leakers
+        }
+        out["first"] = best.wid if best else None
+        out["max_innocent_z"] = max((r.statistic for r in others), default=None)
+        out["min_innocent_log10_corrected_p"] = min((r.log10_corrected_p for r in others), default=None)
+        out["framed"] = [r.wid for r in others if r.verdict == "match"]
+    return out
+
+
+def check_trace_targets(result: dict[str, Any], final_size: int) -> dict[str, bool]:
+    """The issue's targets on one run."""
+    leaked = result["leaked"]
+    big = [r for r in leaked if r["transfer"] == final_size]
+    small = [r for r in leaked if r["transfer"] != final_size]
+    checks: dict[str, bool] = {}
+    if big:
+        checks[f"{final_size} transfer: leaker first with corrected p < 1e-6, every student"] = all(
+            r["leakers"][r["licensee"]]["rank"] == 1 and r["leakers"][r["licensee"]]["log10_corrected_p"] < -6
+            for r in big
+        )
+    checks["no framing: no innocent licensee at corrected p < 1e-3 in any leaked student"] = all(
+        not r["framed"] for r in leaked
+    )
+    if small:
+        first = sum(r["leakers"][r["licensee"]]["rank"] == 1 for r in small) / len(small)
+        checks[f"smaller transfer: leaker first in >= 90 % ({first:.0%})"] = first >= 0.9
+    tests = sum(len(r["z"]) for r in result["innocent"])
+    accusations = sum(len(r["named"]) for r in result["innocent"])
+    checks[f"innocent students: no accusation in >= 99 % of tests ({accusations}/{tests} accused)"] = (
+        tests > 0 and 1 - accusations / tests >= 0.99
+    )
+    ratios = [c["ratio"] for c in result["cost"].values() if c["ratio"] is not None]
+    checks["cost: delivered with watermark >= 0.9 x without"] = bool(ratios) and min(ratios) >= 0.9
+    checks["top-1 identical for every sample"] = bool(result["top1_identical"])
+    return checks
+
+
+def trace_summary(report: dict[str, Any]) -> str:
+    """The checks of a traceability report, one line each."""
+    lines = ["Traceability (sdb_core.trace_eval):"]
+    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """Tables of a traceability report (for docs/evaluation.md)."""
+    res = report["result"]
+    lines = [
+        "| family | transfer | licensee | student top-1 | leaker rank | leaker z | leaker log10 corrected p "
+        "| decoys above | max innocent z | framed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["leaked"]:
+        lk = r["leakers"][r["licensee"]]
+        lines.append(
+            f"| {r['family']} | {r['transfer']} | {r['licensee']} | {r['top1']:.2f} "
+            f"| {lk['rank']} | {lk['z']:.2f} "
+            f"| {lk['log10_corrected_p']:.2f} | {lk['decoys_above']} | {r['max_innocent_z']:.2f} "
+            f"| {len(r['framed'])} |"
+        )
+    lines += [
+        "",
+        "| innocent student | family | transfer | top-1 | max z over the watermarks | named "
+        "| decoy FPR at alpha "
+        "| decoy KS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["innocent"]:
+        lines.append(
+            f"| {r['student']} | {r['family']} | {r['transfer']} | {r['top1']:.2f} "
+            f"| {max(r['z'].values()):.2f} "
+            f"| {len(r['named'])} | {r['decoy_fpr']:.4f} | {r['decoy_ks']:.3f} |"
+        )
+    if res["cost"]:
+        lines += [
+            "",
+            "| cost | label-only | clean KD | watermarked KD (mean) | delivered clean "
+            "| delivered watermarked "
+            "| ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k, c in res["cost"].items():
+            ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
+            lines.append(
+                f"| {k} | {c['label_only']:.2f} | {c['clean_kd']:.2f} | {c['watermarked_kd_mean']:.2f} "
+                f"| {c['delivered_clean']:.2f} | {c['delivered_watermarked']:.2f} | {ratio} |"
+            )
+    if res["removal"]:
+        lines += [
+            "",
+            "| removal attempt | probes | student top-1 | per leaker: rank, z, log10 corrected p "
+            "| framed | note |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["removal"]:
+            per = "; ".join(
+                f"{w}: {v['rank']}, {v['z']:.2f}, {v['log10_corrected_p']:.2f}"
+                for w, v in r["leakers"].items()
+            )
+            lines.append(
+                f"| {r['attack']} | {r['probes']} | {r['top1']:.2f} | {per} | {len(r['framed'])} "
+                f"| {r['note']} |"
+            )
+    lines += ["", "Targets:", ""]
+    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
+    return "\n".join(lines) + "\n"
