@@ -20,7 +20,7 @@ import typer
 DATABASE_URL_HELP = "Database URL (default: SDB_DATABASE_URL, else the settings' default SQLite file)."
 
 
-def _database_url(option: str | None) -> str:
+def resolve_database_url(option: str | None) -> str:
     if option:
         return option
     env = os.environ.get("SDB_DATABASE_URL")
@@ -159,8 +159,8 @@ def bootstrap(
     from service.db.migrate import SchemaError, check_schema
     from service.db.session import Database
 
-    _require_writable(_database_url(database_url))
-    db = Database(_database_url(database_url))
+    _require_writable(resolve_database_url(database_url))
+    db = Database(resolve_database_url(database_url))
     try:
         check_schema(db.engine)
         key = new_api_key()
@@ -188,8 +188,8 @@ def db_upgrade(
     """Apply the migrations (alembic upgrade head)."""
     from service.db.migrate import upgrade
 
-    _require_writable(_database_url(database_url))
-    upgrade(_database_url(database_url), revision)
+    _require_writable(resolve_database_url(database_url))
+    upgrade(resolve_database_url(database_url), revision)
     typer.echo(f"database upgraded to {revision}")
 
 
@@ -201,8 +201,8 @@ def db_downgrade(
     """Revert migrations (alembic downgrade REVISION)."""
     from service.db.migrate import downgrade
 
-    _require_writable(_database_url(database_url))
-    downgrade(_database_url(database_url), revision)
+    _require_writable(resolve_database_url(database_url))
+    downgrade(resolve_database_url(database_url), revision)
     typer.echo(f"database downgraded to {revision}")
 
 
@@ -212,7 +212,7 @@ def db_current(database_url: Annotated[str | None, typer.Option(help=DATABASE_UR
     from service.db.migrate import current_revision, head_revision
     from service.db.session import Database
 
-    db = Database(_database_url(database_url))
+    db = Database(resolve_database_url(database_url))
     try:
         current = current_revision(db.engine)
     finally:
@@ -275,7 +275,7 @@ def db_prune(
         batch=batch,
         pause_s=pause,
     )
-    db = Database(_database_url(database_url))
+    db = Database(resolve_database_url(database_url))
     try:
         check_schema(db.engine)
         deleted = prune(db, policy)

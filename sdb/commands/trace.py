@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from sdb.commands.options import DataOpt, DeviceOpt, SeedOpt, ThreadsOpt, set_threads
-from sdb.commands.server import DATABASE_URL_HELP, _database_url
+from sdb.commands.server import DATABASE_URL_HELP, resolve_database_url
 
 
 def _fmt_p(log10: float | None, p: float) -> str:
@@ -105,7 +105,7 @@ def trace(
     from service.watermarks.tracing import keyed_reference, probe_images, run_trace
 
     try:
-        settings = Settings(demo=True, database_url=_database_url(database_url))
+        settings = Settings(demo=True, database_url=resolve_database_url(database_url))
         marks = Watermarker(secret_from_environment(settings), settings.watermark_disabled_models)
     except (ValidationError, WatermarkSecretError) as exc:
         raise typer.BadParameter(str(exc).splitlines()[-1]) from None

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from datetime import datetime
 
 from service.core.security import NewApiKey
-from service.crud import accounts, events, reports, watermarks
+from service.crud import accounts, audit_list, events, watermarks
 from service.crud.accounts import ConflictError
+from service.crud.audit_list import AuditFilter
 from service.crud.events import Actor
-from service.crud.reports import AuditFilter
 from service.db.models import ApiKey, QueryAudit, User
 from service.db.session import Database
 
@@ -110,7 +110,7 @@ def export_audits(
 ) -> tuple[list[QueryAudit], int]:
     """The audit rows of an export (newest first, at most `limit`) and how many match, the export recorded."""
     with db.write() as s:
-        rows, total = reports.list_audits(s, f, limit=limit, offset=0)
+        rows, total = audit_list.list_audits(s, f, limit=limit, offset=0)
         events.record_event(
             s,
             "audit.export",

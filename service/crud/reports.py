@@ -1,6 +1,6 @@
-"""Reports over the audit trail: audit queries (per-call rows, counted up to a cap), and per-user usage,
-per-client volumes over time, the extraction watch and the timeline, from the aggregates
-(service.db.aggregates, service.crud.rollup) whose size does not grow with the number of calls recorded."""
+"""Reports over the audit trail: per-user usage, per-client volumes over time, the extraction watch and the
+timeline, from the aggregates (service.db.aggregates, service.crud.rollup) whose size does not grow with the
+number of calls recorded. The per-call rows' listing is service.crud.audit_list."""
 
 from __future__ import annotations
 
@@ -8,89 +8,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, and_, case, cast, func, select, union_all
+from sqlalchemy import BigInteger, Integer, case, cast, func, select, union_all
 from sqlalchemy.orm import Session
 
 from service.crud import rollup
-from service.crud.audit_principals import check_names
 from service.crud.audits import DISTILL_ENDPOINT
+from service.crud.buckets import ceil_minute, check_grain, floor_minute, minute_range, time_range
 from service.crud.rollup import epoch_minute
 from service.db.aggregates import MINUTES_PER_DAY, OK
-from service.db.models import ApiKey, AuditClient, ClientDay, QueryAudit, User, utcnow
+from service.db.models import AuditClient, ClientDay, QueryAudit, User, utcnow
 from service.db.models import ClientUsage as CU
 from service.db.models import UsageMinute as UM
 from service.db.models import UserUsage as UU
-
-
-@dataclass(frozen=True)
-class AuditFilter:
-    user_id: int | None = None
-    key_id: int | None = None
-    model: str | None = None
-    endpoint: str | None = None
-    client_id: str | None = None
-    status: int | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    user_name: str | None = None
-    key_name: str | None = None  # every key of that name (names are labels, not unique)
-
-    def apply(self, q: Any) -> Any:
-        conds = []
-        if self.user_id is not None:
-            conds.append(QueryAudit.user_id == self.user_id)
-        if self.user_name is not None:
-            conds.append(QueryAudit.user_id.in_(select(User.id).where(User.name == self.user_name)))
-        if self.key_name is not None:
-            conds.append(QueryAudit.api_key_id.in_(select(ApiKey.id).where(ApiKey.name == self.key_name)))
-        if self.key_id is not None:
-            conds.append(QueryAudit.api_key_id == self.key_id)
-        if self.model is not None:
-            conds.append(QueryAudit.model == self.model)
-        if self.endpoint is not None:
-            conds.append(QueryAudit.endpoint == self.endpoint)
-        if self.client_id is not None:
-            conds.append(QueryAudit.client_id == self.client_id)
-        if self.status is not None:
-            conds.append(QueryAudit.status == self.status)
-        if self.since is not None:
-            conds.append(QueryAudit.created_at >= self.since)
-        if self.until is not None:
-            conds.append(QueryAudit.created_at < self.until)
-        return q.where(and_(*conds)) if conds else q
-
-
-COUNT_CAP = 10_000  # audit listings count at most this many rows past the page (total_capped says so)
-
-
-class Total(int):
-    """A row count that may be capped: `capped` when more rows match than were counted."""
-
-    capped: bool = False
-
-    @classmethod
-    def of(cls, n: int, capped: bool) -> Total:
-        t = cls(n)
-        t.capped = capped
-        return t
-
-
-def capped_count(session: Session, q: Any, cap: int) -> Total:
-    """Rows of `q`, counting at most cap + 1: the time is bounded by the cap, not by the table."""
-    n = int(session.scalar(select(func.count()).select_from(q.limit(cap + 1).subquery())) or 0)
-    return Total.of(min(n, cap), n > cap)
-
-
-def list_audits(
-    session: Session, f: AuditFilter, *, limit: int, offset: int
-) -> tuple[list[QueryAudit], Total]:
-    """A page of audit rows, newest first, and their count up to offset + limit + COUNT_CAP.
-    NotFoundError when the filter names a user or key that does not exist."""
-    check_names(session, f.user_name, f.key_name)
-    q = f.apply(select(QueryAudit))
-    total = capped_count(session, f.apply(select(QueryAudit.id)), offset + limit + COUNT_CAP)
-    rows = session.scalars(q.order_by(QueryAudit.id.desc()).limit(limit).offset(offset)).all()
-    return list(rows), total
 
 
 @dataclass
@@ -107,44 +36,9 @@ class UserUsage:
     by_model: dict[str, int] = field(default_factory=dict)
 
 
-class GrainError(ValueError):
-    """A bucket finer than the aggregates it is computed from."""
-
-
-def _floor(t: datetime | None, grain_min: int) -> int | None:
-    return None if t is None else epoch_minute(t) // grain_min * grain_min
-
-
-def _ceil(t: datetime | None, grain_min: int) -> int | None:
-    if t is None:
-        return None
-    seconds = int(t.astimezone(UTC).timestamp())
-    m = -(-seconds // 60)
-    return -(-m // grain_min) * grain_min
-
-
-def _minute_range(col: Any, since: datetime | None, until: datetime | None, grain_min: int) -> list[Any]:
-    """[since, until) widened to whole buckets of `grain_min` minutes (aggregates hold whole buckets)."""
-    conds = []
-    lo, hi = _floor(since, grain_min), _ceil(until, grain_min)
-    if lo is not None:
-        conds.append(col >= lo)
-    if hi is not None:
-        conds.append(col < hi)
-    return conds
-
-
-def _time_range(since: datetime | None, until: datetime | None, grain_min: int) -> tuple[Any, Any]:
-    lo, hi = _floor(since, grain_min), _ceil(until, grain_min)
-    return (
-        None if lo is None else datetime.fromtimestamp(lo * 60, UTC),
-        None if hi is None else datetime.fromtimestamp(hi * 60, UTC),
-    )
-
-
 def _unrolled(session: Session, since: datetime | None, until: datetime | None, grain_min: int) -> list[Any]:
     """Conditions for the /distill-batch rows the rollup has not summed yet (above its watermark)."""
-    lo, hi = _time_range(since, until, grain_min)
+    lo, hi = time_range(since, until, grain_min)
     conds = [QueryAudit.id > rollup.watermark(session), QueryAudit.endpoint == DISTILL_ENDPOINT]
     if lo is not None:
         conds.append(QueryAudit.created_at >= lo)
@@ -169,7 +63,7 @@ def usage_summary(session: Session, *, since: datetime | None, until: datetime |
             func.sum(UU.samples),
             func.max(UU.last_at),
         )
-        .where(*_minute_range(UU.minute, since, until, grain))
+        .where(*minute_range(UU.minute, since, until, grain))
         .group_by(UU.user_id, UU.model, UU.status)
     )
     model = func.coalesce(QueryAudit.model, "")
@@ -260,14 +154,6 @@ def client_volumes(
     return _anonymous_volumes(session, since, until, bucket_s, window_s, threshold, limit, offset, None, kept)
 
 
-def _check_grain(bucket_s: int, grain_min: int) -> None:
-    if bucket_s % (grain_min * 60):
-        raise GrainError(
-            f"bucket_s must be a multiple of {grain_min * 60} s: the usage aggregates are kept per "
-            f"{grain_min * 60} s"
-        )
-
-
 def _series(points: dict[int, list[int]], bucket_s: int) -> list[dict[str, Any]]:
     return [
         {"start": datetime.fromtimestamp(k * bucket_s, UTC), "requests": v[0], "samples": v[1]}
@@ -294,11 +180,10 @@ def _ranked_sums(lo: int | None, hi: int | None, grain: int, only: list[int] | N
             conds.append(CU.minute < b)
         if only is not None:
             conds.append(CU.client_ref.in_(only))
-        return select(
-            CU.client_ref.label("ref"),
-            (sign * CU.requests).label("n"),
-            (sign * CU.samples).label("s"),
-        ).where(*conds)
+        ref = CU.client_ref.label("ref")
+        if sign > 0:
+            return select(ref, CU.requests.label("n"), CU.samples.label("s")).where(*conds)
+        return select(ref, (-CU.requests).label("n"), (-CU.samples).label("s")).where(*conds)
 
     def days(a: int, b: int) -> Any:
         conds = [ClientDay.day >= a, ClientDay.day < b]
@@ -315,20 +200,28 @@ def _ranked_sums(lo: int | None, hi: int | None, grain: int, only: list[int] | N
         parts = [windows(lo, hi, 1)]
     else:
         first, last = -(-lo // day) * day, hi // day * day  # the whole days [first, last)
-        parts = [days(first, last)]
-        if lo < first:  # the start day's part [lo, first): directly, or its day minus [first - day, lo)
-            if lo - (first - day) < first - lo and (kept is None or first - day >= kept):
-                parts += [days(first - day, first), windows(first - day, lo, -1)]
-            else:
-                parts.append(windows(lo, first, 1))
-        if hi > last:  # the end day's part [last, hi): directly, or its day minus [hi, last + day)
-            if last + day - hi < hi - last:
-                parts += [days(last, last + day), windows(hi, last + day, -1)]
-            else:
-                parts.append(windows(last, hi, 1))
-    rows = union_all(*parts).subquery()
+        # the start day's part [lo, first): directly, or its day minus [first - day, lo); the end day's
+        # part [last, hi): directly, or its day minus [hi, last + day)
+        start_minus = lo - (first - day) < first - lo and (kept is None or first - day >= kept)
+        end_minus = last + day - hi < hi - last
+        d0, d1 = first - day if start_minus else first, last + day if end_minus else last
+        a, b = first if start_minus else lo, last if end_minus else hi  # windows read directly: [a, b) ...
+        direct = [(a, b)] if first == last else [(a, first), (last, b)]  # ... less the whole days
+        parts = [days(d0, d1)] if d1 > d0 else []
+        parts += [windows(x, y, 1) for x, y in direct if x < y]
+        if start_minus:
+            parts.append(windows(first - day, lo, -1))
+        if end_minus:
+            parts.append(windows(hi, last + day, -1))
+    if len(parts) == 1:
+        rows: Any = parts[0].subquery()
+    else:
+        rows = union_all(*parts).subquery()
     n, s = func.sum(rows.c.n), func.sum(rows.c.s)
-    return select(rows.c.ref, n.label("n"), s.label("s")).group_by(rows.c.ref).having(n > 0).subquery()
+    q = select(rows.c.ref, n.label("n"), s.label("s")).group_by(rows.c.ref)
+    if len(parts) > 1:  # a client whose windows in the day all lie outside the range sums to nothing
+        q = q.having(n > 0)
+    return q.subquery()
 
 
 def _anonymous_volumes(
@@ -344,11 +237,11 @@ def _anonymous_volumes(
     kept: int | None = None,
 ) -> tuple[list[ClientVolume], int]:
     grain = window_s // 60
-    _check_grain(bucket_s, grain)
-    in_range = [CU.status == OK, *_minute_range(CU.minute, since, until, grain)]
+    check_grain(bucket_s, grain)
+    in_range = [CU.status == OK, *minute_range(CU.minute, since, until, grain)]
     if only is not None:
         in_range.append(CU.client_ref.in_(only))
-    sums = _ranked_sums(_floor(since, grain), _ceil(until, grain), grain, only, kept)
+    sums = _ranked_sums(floor_minute(since, grain), ceil_minute(until, grain), grain, only, kept)
     # sorted and paged in the database: most samples first, then by id (byte order, as Python sorts)
     name = AuditClient.client_id
     if session.get_bind().dialect.name == "postgresql":
@@ -410,11 +303,11 @@ def _user_volumes(
     session: Session, since: datetime, until: datetime, bucket_s: int, limit: int, offset: int
 ) -> tuple[list[ClientVolume], int]:
     grain = rollup.USER_BUCKET_MIN
-    _check_grain(bucket_s, grain)
+    check_grain(bucket_s, grain)
     points: dict[int, dict[int, list[int]]] = {}
     agg = (
         select(UU.user_id, UU.minute, func.sum(UU.requests), func.sum(UU.samples))
-        .where(UU.status == 200, *_minute_range(UU.minute, since, until, grain))
+        .where(UU.status == 200, *minute_range(UU.minute, since, until, grain))
         .group_by(UU.user_id, UU.minute)
     )
     for user_id, minute, n, s in session.execute(agg):
@@ -464,7 +357,7 @@ def flagged_clients(
 
     Candidates come from `client_days` (each client's largest window per day, indexed), so the time does
     not depend on how many clients stayed below the threshold; their windows are then read exactly."""
-    lo, hi = epoch_minute(since) // MINUTES_PER_DAY * MINUTES_PER_DAY, _ceil(until, MINUTES_PER_DAY) or 0
+    lo, hi = floor_minute(since, MINUTES_PER_DAY) or 0, ceil_minute(until, MINUTES_PER_DAY) or 0
     refs = [
         int(c)
         for (c,) in session.execute(
@@ -551,7 +444,7 @@ def request_timeline(
             func.sum(case((UM.status >= 400, UM.requests), else_=0)),
             func.sum(case((ok, UM.samples), else_=0)),
         )
-        .where(*_minute_range(UM.minute, since, until, 1))
+        .where(*minute_range(UM.minute, since, until, 1))
         .group_by(UM.endpoint, bucket)
     )
     raw_ok = QueryAudit.status == 200

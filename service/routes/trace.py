@@ -27,7 +27,6 @@ from service.crud import watermarks as crud_watermarks
 from service.crud.accounts import NotFoundError
 from service.db.models import utcnow
 from service.inference.registry import InferenceOverloaded, InferenceTimeout, ServedModel, UnknownModelError
-from service.routes.admin.accounts import _key
 from service.routes.admin.common import PathId, admin_router
 from service.schemas import ErrorResponse
 from service.schemas_admin import KeyOut, TraceOut, TraceRequest, WatermarkToggle
@@ -78,7 +77,7 @@ def set_watermark(
                 target=f"key:{key_id}",
                 detail={"watermark_id": key.watermark_id},
             )
-            return _key(key)
+            return KeyOut.model_validate(key)
     except NotFoundError as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
     except crud_watermarks.WatermarkBankFull as exc:

@@ -18,10 +18,11 @@ from fastapi.responses import Response
 
 from service.core.deps import AdminDep, DatabaseDep, SessionDep, client_id_of
 from service.core.state import StateDep
-from service.crud import admin_actions, events, reports
+from service.crud import admin_actions, audit_list, events, reports
 from service.crud.accounts import NotFoundError
+from service.crud.audit_list import AuditFilter
 from service.crud.audit_principals import principal_names
-from service.crud.reports import AuditFilter
+from service.crud.buckets import GrainError
 from service.db.models import QueryAudit
 from service.routes.admin.common import (
     BucketSeconds,
@@ -109,7 +110,7 @@ def list_audits(
     admin: AdminDep, s: SessionDep, f: AuditFilterDep, limit: Limit = 100, offset: Offset = 0
 ) -> Page[AuditOut]:
     try:
-        rows, total = reports.list_audits(s, f, limit=limit, offset=offset)
+        rows, total = audit_list.list_audits(s, f, limit=limit, offset=offset)
     except NotFoundError as exc:
         raise not_found(exc) from None
     users, keys = principal_names(s, rows)
@@ -193,7 +194,7 @@ def client_usage(
             offset=offset,
             windows_days=settings.retain_client_windows_days,
         )
-    except reports.GrainError as exc:
+    except GrainError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
     items = [ClientVolumeOut.model_validate(vars(r)) for r in rows]
     return Page[ClientVolumeOut](items=items, total=total, limit=limit, offset=offset)
