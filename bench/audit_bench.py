@@ -19,8 +19,8 @@ Then `sdb db prune`'s default policy runs (what a daily cron job keeps: sampled 
 per-client windows 8 days, the rest 400 days; --no-prune to skip) and VACUUM FULL compacts the tables
 before their sizes are read. Then the service (create_app, in process, no model) answers each admin
 read --runs times after one warm-up (median reported): /admin/usage (all time), /admin/usage/timeline
-and /admin/usage/clients (the last 24 hours of the data, hourly: whole UTC days; and clients_noon, the
-24 hours from noon to noon before: the ranking's worst case), /admin/extraction (its last 7 days),
+and /admin/usage/clients (the last 24 hours of the data, hourly: whole UTC days; and clients_0600, the
+24 hours from 06:00 to 06:00 UTC before: the ranking's worst case), /admin/extraction (its last 7 days),
 /admin/audits?limit=50 (first page).
 """
 
@@ -133,12 +133,15 @@ def fill(url: str, args: argparse.Namespace, end: datetime) -> dict[str, Any]:
             conn.execute(
                 f"INSERT INTO client_usage SELECT c.id, {minute} / {window_min} * {window_min}, status, "
                 f"count(*), sum(n) FROM bench_calls b JOIN audit_clients c ON c.client_id = b.client "
-                f"GROUP BY 1, 2, 3"
+                f"GROUP BY 1, 2, 3 ORDER BY 2"  # in time order, as the writer's upserts lay them out
             )
             conn.execute(
-                "INSERT INTO client_days SELECT client_ref, minute / 1440 * 1440, sum(requests), "
-                "sum(samples), max(samples) FROM client_usage WHERE status = 200 AND minute >= %s "
-                "AND minute < %s GROUP BY 1, 2",
+                "INSERT INTO client_days (client_ref, day, requests, samples, peak_window_samples, "
+                "first_half_requests, first_half_samples) SELECT client_ref, minute / 1440 * 1440, "
+                "sum(requests), sum(samples), max(samples), "
+                "coalesce(sum(requests) FILTER (WHERE minute %% 1440 < 720), 0), "
+                "coalesce(sum(samples) FILTER (WHERE minute %% 1440 < 720), 0) "
+                "FROM client_usage WHERE status = 200 AND minute >= %s AND minute < %s GROUP BY 1, 2",
                 (day_min, day_min + 1440),
             )
             if keep > 0:
@@ -266,7 +269,9 @@ def time_reads(sa_url: str, end: datetime, runs: int) -> dict[str, Any]:
     day = (end - timedelta(days=1)).isoformat()
     week = (end - timedelta(days=7)).isoformat()
     until = end.isoformat()
-    noon = end - timedelta(hours=12)  # a past 24 hours from noon to noon: the clients ranking's worst case
+    # a past 24 hours from 06:00 to 06:00 UTC: the clients ranking's worst case (6 hours of windows at
+    # each end, service.crud.reports._ranked_sums)
+    six = end - timedelta(hours=18)
     reads = {
         "usage": ("/admin/usage", {"limit": 100}),
         "timeline": ("/admin/usage/timeline", {"since": day, "until": until, "bucket_s": 3600}),
@@ -274,12 +279,12 @@ def time_reads(sa_url: str, end: datetime, runs: int) -> dict[str, Any]:
             "/admin/usage/clients",
             {"kind": "anonymous", "since": day, "until": until, "bucket_s": 3600, "limit": 100},
         ),
-        "clients_noon": (
+        "clients_0600": (
             "/admin/usage/clients",
             {
                 "kind": "anonymous",
-                "since": (noon - timedelta(days=1)).isoformat(),
-                "until": noon.isoformat(),
+                "since": (six - timedelta(days=1)).isoformat(),
+                "until": six.isoformat(),
                 "bucket_s": 3600,
                 "limit": 100,
             },

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from service.db.models import AuditClient, AuditFlush, ClientDay, ClientUsage, QueryAudit, UsageMinute, utcnow
 
 MINUTES_PER_DAY = 1440
+HALF_DAY = MINUTES_PER_DAY // 2  # client_days also sums the windows starting in a day's first half
 OK = 200
 RowPolicy = Literal["on", "sampled", "off"]
 
@@ -192,10 +193,13 @@ class AggregateWriter:
             if status != OK:
                 continue
             n, s = per_client[(ref, minute, status)]
-            d = days.setdefault((ref, minute // MINUTES_PER_DAY * MINUTES_PER_DAY), [0, 0, 0])
+            d = days.setdefault((ref, minute // MINUTES_PER_DAY * MINUTES_PER_DAY), [0, 0, 0, 0, 0])
             d[0] += n
             d[1] += s
             d[2] = max(d[2], int(total))  # the window's total after this batch: the day's peak so far
+            if minute % MINUTES_PER_DAY < HALF_DAY:
+                d[3] += n
+                d[4] += s
         increment(
             conn,
             ClientDay.__table__,  # type: ignore[arg-type]
@@ -207,10 +211,12 @@ class AggregateWriter:
                     "requests": v[0],
                     "samples": v[1],
                     "peak_window_samples": v[2],
+                    "first_half_requests": v[3],
+                    "first_half_samples": v[4],
                 }
                 for k, v in days.items()
             ],
-            add=("requests", "samples"),
+            add=("requests", "samples", "first_half_requests", "first_half_samples"),
             peak=("peak_window_samples",),
         )
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -229,6 +230,9 @@ class ClientDay(Base):
     requests: Mapped[int] = mapped_column(BigInteger)
     samples: Mapped[int] = mapped_column(BigInteger)
     peak_window_samples: Mapped[int] = mapped_column(BigInteger)
+    # the windows starting in the day's first 12 hours (the clients ranking's half days, crud/reports.py)
+    first_half_requests: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    first_half_samples: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class UserUsage(Base):

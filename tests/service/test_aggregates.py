@@ -126,13 +126,17 @@ def assert_same_reports(db: Database, now: datetime) -> None:
     until = _hour(now) + timedelta(hours=1)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     ranges = [
-        (until - timedelta(days=3, hours=1), until),
-        (until - timedelta(hours=6), until - timedelta(hours=2)),
-        # the clients ranking's parts of days (reports._ranked_sums): whole days; a part of a day read
-        # directly; a part read as its day minus the windows outside the range, at either end
+        # the clients ranking's half days (reports._ranked_sums): whole days, whole half days (noon to
+        # noon), parts of half days read directly or as the half minus the windows outside the range, at
+        # either end, in either half
         (midnight - timedelta(days=2), midnight - timedelta(days=1)),
+        (midnight - timedelta(days=1, hours=12), midnight - timedelta(hours=12)),
         (midnight - timedelta(days=2, hours=-20), midnight - timedelta(hours=20)),
         (midnight - timedelta(days=2, hours=-3), midnight - timedelta(hours=3)),
+        (midnight - timedelta(days=2, hours=-9), midnight - timedelta(hours=-1)),
+        (midnight - timedelta(days=1, hours=-15), midnight - timedelta(hours=5)),
+        (until - timedelta(days=3, hours=1), until),
+        (until - timedelta(hours=6), until - timedelta(hours=2)),  # last: the heavy client's window
     ]
     with db.session() as s:
         assert _v(reports.usage_summary(s, since=None, until=None)) == _v(
