@@ -161,7 +161,9 @@ def _series(points: dict[int, list[int]], bucket_s: int) -> list[dict[str, Any]]
     ]
 
 
-def _ranked_sums(lo: int | None, hi: int | None, grain: int, only: list[int] | None, kept: int | None) -> Any:
+def _ranked_sums(
+    lo: int | None, hi: int | None, grain: int, only: list[int] | None, kept: int | None, now: int
+) -> Any:
     """Per anonymous client: (ref, requests, samples) answered in the windows [lo, hi), as a subquery.
 
     Summing every window of the range would read one row per client and window, so the time would grow
@@ -169,9 +171,11 @@ def _ranked_sums(lo: int | None, hi: int | None, grain: int, only: list[int] | N
     instead (one row per client and UTC day with its first half's sums; the audit writer's transaction
     keeps them the sums of the day's windows), and a part of a half day either from its windows or as the
     half's total minus the windows outside the range, whichever reads fewer windows: at most 6 hours of
-    them at each end, none for a range of whole half days ("the last 24 hours until now": at most 6, the
-    windows after now do not exist yet). Subtracting the windows before the range needs them kept: only
-    from `kept` on (None: all kept). Windows that do not divide a half day: whole days, 12 hours at most."""
+    them at each end, none for a range of whole half days, and none after a range that ends after `now`
+    (no window exists there yet: "the last 24 hours until now" reads at most 6 hours). Subtracting the
+    windows before the range needs them kept: only from `kept` on (None: all kept). Windows that do not
+    divide a half day: whole days, 12 hours at each end at most. Both forms are exact; only their cost
+    differs."""
     day = MINUTES_PER_DAY
     unit = HALF_DAY if HALF_DAY % grain == 0 else day
 
@@ -213,7 +217,7 @@ def _ranked_sums(lo: int | None, hi: int | None, grain: int, only: list[int] | N
         # the start unit's part [lo, first): directly, or the unit minus [first - unit, lo); the end unit's
         # part [last, hi): directly, or the unit minus [hi, last + unit)
         start_minus = lo - (first - unit) < first - lo and (kept is None or first - unit >= kept)
-        end_minus = last + unit - hi < hi - last
+        end_minus = hi > last and (last + unit - hi < hi - last or hi > now)
         u0, u1 = first - unit if start_minus else first, last + unit if end_minus else last
         a, b = first if start_minus else lo, last if end_minus else hi  # windows read directly: [a, b) ...
         direct = [(a, b)] if first == last else [(a, first), (last, b)]  # ... less the whole units
@@ -251,7 +255,8 @@ def _anonymous_volumes(
     in_range = [CU.status == OK, *minute_range(CU.minute, since, until, grain)]
     if only is not None:
         in_range.append(CU.client_ref.in_(only))
-    sums = _ranked_sums(floor_minute(since, grain), ceil_minute(until, grain), grain, only, kept)
+    now = epoch_minute(utcnow())
+    sums = _ranked_sums(floor_minute(since, grain), ceil_minute(until, grain), grain, only, kept, now)
     # sorted and paged in the database: most samples first, then by id (byte order, as Python sorts)
     name = AuditClient.client_id
     if session.get_bind().dialect.name == "postgresql":
