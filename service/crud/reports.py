@@ -150,8 +150,9 @@ def client_volumes(
     """
     if kind == "user":
         return _user_volumes(session, since, until, bucket_s, limit, offset)
-    kept = None if windows_days is None else epoch_minute(utcnow()) - int(windows_days * MINUTES_PER_DAY)
-    return _anonymous_volumes(session, since, until, bucket_s, window_s, threshold, limit, offset, None, kept)
+    return _anonymous_volumes(
+        session, since, until, bucket_s, window_s, threshold, limit, offset, None, windows_days
+    )
 
 
 def _series(points: dict[int, list[int]], bucket_s: int) -> list[dict[str, Any]]:
@@ -159,6 +160,18 @@ def _series(points: dict[int, list[int]], bucket_s: int) -> list[dict[str, Any]]
         {"start": datetime.fromtimestamp(k * bucket_s, UTC), "requests": v[0], "samples": v[1]}
         for k, v in sorted(points.items())
     ]
+
+
+def _answered_windows(lo: int | None, hi: int | None, only: list[int] | None) -> list[Any]:
+    """Conditions for the answered (200) client windows in [lo, hi) (None: open), of the `only` clients."""
+    conds = [CU.status == OK]
+    if lo is not None:
+        conds.append(CU.minute >= lo)
+    if hi is not None:
+        conds.append(CU.minute < hi)
+    if only is not None:
+        conds.append(CU.client_ref.in_(only))
+    return conds
 
 
 def _ranked_sums(
@@ -180,13 +193,7 @@ def _ranked_sums(
     unit = HALF_DAY if HALF_DAY % grain == 0 else day
 
     def windows(a: int | None, b: int | None, sign: int) -> Any:
-        conds = [CU.status == OK]
-        if a is not None:
-            conds.append(CU.minute >= a)
-        if b is not None:
-            conds.append(CU.minute < b)
-        if only is not None:
-            conds.append(CU.client_ref.in_(only))
+        conds = _answered_windows(a, b, only)
         ref = CU.client_ref.label("ref")
         if sign > 0:
             return select(ref, CU.requests.label("n"), CU.samples.label("s")).where(*conds)
@@ -248,15 +255,15 @@ def _anonymous_volumes(
     limit: int,
     offset: int,
     only: list[int] | None,
-    kept: int | None = None,
+    windows_days: float | None = None,
 ) -> tuple[list[ClientVolume], int]:
     grain = window_s // 60
     check_grain(bucket_s, grain)
-    in_range = [CU.status == OK, *minute_range(CU.minute, since, until, grain)]
-    if only is not None:
-        in_range.append(CU.client_ref.in_(only))
+    lo, hi = floor_minute(since, grain), ceil_minute(until, grain)
+    in_range = _answered_windows(lo, hi, only)
     now = epoch_minute(utcnow())
-    sums = _ranked_sums(floor_minute(since, grain), ceil_minute(until, grain), grain, only, kept, now)
+    kept = None if windows_days is None else now - int(windows_days * MINUTES_PER_DAY)
+    sums = _ranked_sums(lo, hi, grain, only, kept, now)
     # sorted and paged in the database: most samples first, then by id (byte order, as Python sorts)
     name = AuditClient.client_id
     if session.get_bind().dialect.name == "postgresql":
