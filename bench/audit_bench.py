@@ -270,7 +270,7 @@ def time_reads(sa_url: str, end: datetime, runs: int) -> dict[str, Any]:
     week = (end - timedelta(days=7)).isoformat()
     until = end.isoformat()
     # a past 24 hours from 06:00 to 06:00 UTC: the clients ranking's worst case (6 hours of windows at
-    # each end, service.crud.reports._ranked_sums)
+    # each end, service.crud.client_ranking.ranked_sums)
     six = end - timedelta(hours=18)
     reads = {
         "usage": ("/admin/usage", {"limit": 100}),

@@ -126,7 +126,7 @@ def assert_same_reports(db: Database, now: datetime) -> None:
     until = _hour(now) + timedelta(hours=1)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     ranges = [
-        # the clients ranking's half days (reports._ranked_sums): whole days, whole half days (noon to
+        # the clients ranking's half days (client_ranking.ranked_sums): whole days, whole half days (noon to
         # noon), parts of half days read directly or as the half minus the windows outside the range, at
         # either end, in either half
         (midnight - timedelta(days=2), midnight - timedelta(days=1)),
