@@ -65,7 +65,7 @@ from sdb_core.losses import (
 )
 from sdb_core.seal import Keyring
 from sdb_core.training import TrainConfig, accuracy, fit, resolve_device, seed_everything
-from sdb_core.watermark import BASIS_KEY, fit_basis
+from sdb_core.watermark import BASIS_KEY, CONFIG_KEY, WatermarkConfig, fit_basis
 from sdb_core.zoo import KeyGate, KeySplit, TopOneGuard, build_model
 
 
@@ -284,9 +284,13 @@ def box_teacher(
     teacher_top1: float | None = None,
     checkpoint: Path | None = None,
     keyring: Keyring | None = None,
+    watermark: WatermarkConfig | None = None,
 ) -> BoxedModel:
     """Box, save the artifact (with metrics) to out_dir, and return it loaded back (checksums verified).
-    With a keyring that has a current master key, the artifact is written sealed (sdb_core.seal)."""
+    With a keyring that has a current master key, the artifact is written sealed (sdb_core.seal). The
+    manifest records the watermark basis fitted on ds and the watermark configuration (default: this
+    version's), which the service derives licensees' watermarks with."""
+    wcfg = watermark or WatermarkConfig()
     key = key or BoxKey.generate(ds.input_shape, cfg.lam)
     t_arch, t_kwargs = teacher_meta["arch"], teacher_meta["arch_kwargs"]
     box = train_box(teacher, ds, arch=t_arch, arch_kwargs=t_kwargs, key=key, cfg=cfg, checkpoint=checkpoint)
@@ -307,7 +311,12 @@ def box_teacher(
         plain_output=cfg.plain_output,
         data_digest=ds.digest(),
         # public, for per-licensee watermarks on this box's soft labels (sdb_core.watermark)
-        extra={"dataset": ds.name, "box_config": asdict(cfg), BASIS_KEY: fit_basis(ds.x_train).to_dict()},
+        extra={
+            "dataset": ds.name,
+            "box_config": asdict(cfg),
+            BASIS_KEY: fit_basis(ds.x_train, wcfg).to_dict(),
+            CONFIG_KEY: asdict(wcfg),
+        },
         master=keyring.current if keyring is not None else None,
     )
     save_box(out_dir, metrics={}, **common)

@@ -223,8 +223,13 @@ def trace(
     residual = (sus.gather(1, top) - ref.gather(1, top))[:, 0]
     groups = top[:, 0]
 
+    w0 = watermarks[0]
     wcfg = watermark_cfg or WatermarkConfig(
-        epsilon=watermarks[0].epsilon, temperature=temperature, frequency=watermarks[0].mode.frequency
+        epsilon=w0.epsilon,
+        temperature=temperature,
+        frequency=w0.mode.frequency,
+        margin=w0.margin,
+        clip=w0.clip,
     )
     decoys = (
         decoy_watermarks(

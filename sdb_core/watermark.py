@@ -14,18 +14,26 @@ The design (research/traceability/NOTES.md has the trials behind it):
   watermarks (`slot` = the service's issue counter) take the rows of one orthogonal matrix keyed by the
   secret: their projections are uncorrelated over the images, so one licensee's signal does not show as
   another's. That is the no-framing property, and it holds for up to `directions` licensees (then pairs share
-  a direction in quadrature). f is low (1.5 cycles over the CDF): higher ones are memorised on the transfer
-  set and do not carry over to fresh probes (the issue's trial, research/traceability/NOTES.md).
+  a direction in quadrature). f is low (1 cycle over the CDF): higher ones are memorised on the transfer
+  set and do not carry over to fresh probes (the issue's trial, research/traceability/NOTES.md), and a CNN
+  student, whose logits are linear in position-averaged local features, learns little beyond a cosine's
+  linear part.
 - **Signal.** At the box's soft-label temperature, the top-1 class's probability moves by eps * cos(theta(x))
   and the other classes are rescaled to keep the sum at 1, clipped so that the top-1 stays strictly on top:
-  every returned row has the top-1 of its input row (CosWM/DRW put a cosine on one class the same way).
+  every returned row has the top-1 of its input row (CosWM/DRW put a cosine on one class the same way). The
+  clip is symmetric: a row moves at most as far up as it may move down, so every row's mark averages to zero
+  over the phase and no shift is common to all watermarks (with the one-sided clip of boxes made before
+  2026-12-06 every decoy's statistic carried such a shift, 3 to 7 null standard deviations).
+- **Versions.** A box records the configuration its watermarks are made with (`CONFIG_KEY` in its
+  manifest's "extra", read by `config_from_manifest`); a box that records none was made with
+  `LEGACY_CONFIG`, so a licensee's watermark stays what it was served with when the defaults change.
 
 For the service: keep one owner secret (>= 16 bytes) apart from the box key and the API keys; per API key
 store its slot (0, 1, 2, ... in issue order, never reused) and its public `wid`; per box read the basis with
-`basis_from_manifest(boxed.manifest)`; then `derive_watermark(secret, key_id, input_shape=...,
-num_classes=..., basis=basis, slot=slot)` and `apply_watermark(wm, x_raw, probs)` on `/distill-batch`
-answers. `sdb_core.trace.trace` takes the same watermarks (all ever issued) and the box's clean keyed path
-as reference.
+`basis_from_manifest(boxed.manifest)` and the configuration with `config_from_manifest(boxed.manifest)`; then
+`derive_watermark(secret, key_id, input_shape=..., num_classes=..., cfg=cfg, basis=basis, slot=slot)` and
+`apply_watermark(wm, x_raw, probs)` on `/distill-batch` answers. `sdb_core.trace.trace` takes the same
+watermarks (all ever issued) and the box's clean keyed path as reference.
 
 Everything secret (the mode) is derived by HMAC-SHA256 from the owner's secret and the licensee id; the public
 watermark id is a one-way function of both. `repr()` of a `Watermark` shows only its id.
@@ -36,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
@@ -45,6 +53,8 @@ import torch
 from torch import Tensor
 
 BASIS_KEY = "watermark_basis"  # where a box manifest's "extra" keeps its fitted basis (sdb_core.box)
+CONFIG_KEY = "watermark_config"  # ... and the configuration its watermarks are made with
+CLIPS = ("symmetric", "lead")
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,13 @@ class WatermarkConfig:
     temperature: float = 4.0  # the soft-label temperature the mark is designed for (and traced at)
     dct_size: int = 8  # low-frequency DCT block kept per channel
     directions: int = 20  # principal coordinates of the DCT block spanning the watermark space
-    frequency: float = 1.5  # cycles of the cosine over the CDF-mapped coordinate
+    # cycles of the cosine over the CDF-mapped coordinate: 1.0 is learned by both student families from 500
+    # images at a measured cost (research/traceability/NOTES.md, 2026-12-06); 1.5 before
+    frequency: float = 1.0
     margin: float = 1e-3  # the top-1 stays at least min(margin, half its lead) above the runner-up
+    # "symmetric": a row's mark moves the top-1 at most as far up as it may move down (the mark averages to
+    # zero over the phase); "lead": down to the runner-up's tie, up to 1 (boxes made before 2026-12-06)
+    clip: str = "symmetric"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon < 0.5:
@@ -65,6 +80,12 @@ class WatermarkConfig:
             raise ValueError("need at least 2 directions and a DCT block of 1")
         if self.frequency <= 0:
             raise ValueError("frequency must be > 0")
+        if self.clip not in CLIPS:
+            raise ValueError(f"unknown clip {self.clip!r}; one of {', '.join(CLIPS)}")
+
+
+# What boxes whose manifest records no watermark configuration were made with (before 2026-12-06).
+LEGACY_CONFIG = WatermarkConfig(frequency=1.5, clip="lead")
 
 
 @dataclass(frozen=True)
@@ -177,6 +198,21 @@ def basis_from_manifest(manifest: dict[str, Any]) -> WatermarkBasis | None:
     return WatermarkBasis.from_dict(rec) if rec else None
 
 
+def config_from_manifest(manifest: dict[str, Any]) -> WatermarkConfig:
+    """The watermark configuration a box records (`sdb box` writes it), or `LEGACY_CONFIG` for boxes that
+    record none. A recorded field this version does not know is refused rather than dropped: dropping it
+    would change every licensee's watermark."""
+    rec = (manifest.get("extra") or {}).get(CONFIG_KEY)
+    if not rec:
+        return LEGACY_CONFIG
+    unknown = sorted(set(rec) - {f.name for f in fields(WatermarkConfig)})
+    if unknown:
+        raise ValueError(
+            f"the box's watermark configuration has fields this version does not know: {unknown}"
+        )
+    return WatermarkConfig(**rec)
+
+
 @lru_cache(maxsize=16)
 def default_basis(input_shape: tuple[int, ...], cfg: WatermarkConfig = WatermarkConfig()) -> WatermarkBasis:
     """Data-free fallback: the first AC coefficients of each image's DCT block over its own RMS, mapped
@@ -206,6 +242,7 @@ class Watermark:
     temperature: float = field(repr=False, default=4.0)
     margin: float = field(repr=False, default=1e-3)
     num_classes: int = field(repr=False, default=10)
+    clip: str = field(repr=False, default="symmetric")
 
     def phase(self, x_raw: Tensor) -> Tensor:
         """theta(x) for every image: [N]."""
@@ -290,6 +327,7 @@ def derive_watermark(
         temperature=cfg.temperature,
         margin=cfg.margin,
         num_classes=num_classes,
+        clip=cfg.clip,
     )
 
 
@@ -314,7 +352,9 @@ def decoy_watermarks(
     for i in range(n):
         mode = Mode(_unit(rng.standard_normal(k)), cfg.frequency, float(rng.uniform(0.0, 2 * math.pi)))
         out.append(
-            Watermark(f"decoy-{i:05d}", mode, basis, cfg.epsilon, cfg.temperature, cfg.margin, num_classes)
+            Watermark(
+                f"decoy-{i:05d}", mode, basis, cfg.epsilon, cfg.temperature, cfg.margin, num_classes, cfg.clip
+            )
         )
     return out
 
@@ -326,17 +366,20 @@ def retemper(probs: Tensor, temperature: float) -> Tensor:
 
 def mark_deltas(watermarks: list[Watermark], x_raw: Tensor, probs: Tensor) -> Tensor:
     """The change each watermark makes to the top-1 probability of each row of `probs`: [N, M]. All the
-    watermarks must share one basis."""
+    watermarks must share one basis, amplitude and clip."""
     if not watermarks:
         return torch.zeros(len(probs), 0)
-    basis, eps, margin = watermarks[0].basis, watermarks[0].epsilon, watermarks[0].margin
-    theta = _phases(basis.coordinates(x_raw), [w.mode for w in watermarks])
-    return _clipped(probs, eps * torch.cos(theta), margin)
+    w0 = watermarks[0]
+    if any((w.epsilon, w.margin, w.clip) != (w0.epsilon, w0.margin, w0.clip) for w in watermarks[1:]):
+        raise ValueError("the watermarks were derived with different amplitudes or clips")
+    theta = _phases(w0.basis.coordinates(x_raw), [w.mode for w in watermarks])
+    return _clipped(probs, w0.epsilon * torch.cos(theta), w0.margin, symmetric=w0.clip == "symmetric")
 
 
-def _clipped(probs: Tensor, delta: Tensor, margin: float) -> Tensor:
+def _clipped(probs: Tensor, delta: Tensor, margin: float, *, symmetric: bool) -> Tensor:
     """delta [N, M] clipped per row so that the top-1 probability stays strictly above the runner-up after
-    the other classes are rescaled to the remaining mass, and below 1."""
+    the other classes are rescaled to the remaining mass, and below 1; `symmetric`: also no further up than
+    it may go down."""
     p = probs.double()
     top2 = p.topk(2, dim=1).values
     p1, p2 = top2[:, :1], top2[:, 1:]
@@ -347,7 +390,11 @@ def _clipped(probs: Tensor, delta: Tensor, margin: float) -> Tensor:
     lo = bound + torch.minimum(torch.full_like(lead, margin), lead / 2)
     hi = torch.full_like(p1, 1.0 - 1e-6)
     movable = (rest > 1e-9) & (lead > 0)
-    new = torch.minimum(torch.maximum(p1 + delta.double(), lo), torch.maximum(hi, p1))
+    if symmetric:
+        room = torch.minimum(p1 - lo, hi - p1).clamp_min(0.0)
+        new = p1 + torch.maximum(torch.minimum(delta.double(), room), -room)
+    else:
+        new = torch.minimum(torch.maximum(p1 + delta.double(), lo), torch.maximum(hi, p1))
     return torch.where(movable, new - p1, torch.zeros_like(new)).to(probs.dtype)
 
 

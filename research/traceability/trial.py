@@ -51,7 +51,9 @@ def main() -> None:
     )
     tfn = model_fn(teacher, owner)
     print(f"teacher {time.time() - t0:.0f}s")
-    wcfg = WatermarkConfig(epsilon=args.eps, directions=args.directions, frequency=args.frequency)
+    wcfg = WatermarkConfig(
+        epsilon=args.eps, directions=args.directions, frequency=args.frequency, clip="lead"
+    )
     basis = fit_basis(owner.x_train, wcfg)
     secret = b"trial-secret-0123456789abcdef"
     wms = [

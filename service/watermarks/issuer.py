@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from sdb_core.watermark import (
     apply_watermark,
     bank_size,
     basis_from_manifest,
+    config_from_manifest,
     derive_watermark,
     watermark_id,
 )
@@ -45,11 +46,22 @@ class Shape(Protocol):
     def num_classes(self) -> int: ...
 
 
+def _manifest(model: object) -> dict[str, Any] | None:
+    manifest = getattr(model, "manifest", None) or getattr(getattr(model, "box", None), "manifest", None)
+    return manifest if isinstance(manifest, dict) else None
+
+
 def basis_of(model: object) -> WatermarkBasis | None:
     """The box's fitted watermark basis from its manifest (a BoxedModel, or a ServedModel's box); None for
     boxes made before watermarks (the data-free default basis then)."""
-    manifest = getattr(model, "manifest", None) or getattr(getattr(model, "box", None), "manifest", None)
-    return basis_from_manifest(manifest) if isinstance(manifest, dict) else None
+    manifest = _manifest(model)
+    return basis_from_manifest(manifest) if manifest is not None else None
+
+
+def config_of(model: object) -> WatermarkConfig:
+    """The watermark configuration the box records; the legacy one for boxes that record none."""
+    manifest = _manifest(model)
+    return config_from_manifest(manifest if manifest is not None else {})
 
 
 def licensee(key_id: int, prefix: str) -> str:
@@ -64,11 +76,11 @@ class Watermarker:
     ) -> None:
         self._secret = secret.value
         self.source = secret.source
-        self.cfg = cfg or WatermarkConfig()
+        self.cfg = cfg  # None: each box's own configuration (config_of)
         self.disabled_models = frozenset(disabled_models)
-        self.bank_size = bank_size(self.cfg)
+        self.bank_size = bank_size(cfg or WatermarkConfig())
         self._cache: OrderedDict[tuple[int, str, int, str], Watermark] = OrderedDict()
-        self._bases: dict[tuple[str, int], WatermarkBasis | None] = {}
+        self._bases: dict[tuple[str, int], tuple[WatermarkBasis | None, WatermarkConfig]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never shows the secret
@@ -91,7 +103,7 @@ class Watermarker:
             licensee(key_id, prefix),
             input_shape=tuple(model.input_shape),
             num_classes=int(model.num_classes),
-            cfg=self.cfg,
+            cfg=self.config(model),
             basis=self.basis(model),
             slot=int(slot),
         )
@@ -103,9 +115,17 @@ class Watermarker:
 
     def basis(self, model: Shape) -> WatermarkBasis | None:
         """The model's basis, read from its manifest once per model object."""
+        return self._read(model)[0]
+
+    def config(self, model: Shape) -> WatermarkConfig:
+        """The configuration the model's watermarks are made with: the one given to this Watermarker, else
+        the one its box records (read once per model object)."""
+        return self.cfg or self._read(model)[1]
+
+    def _read(self, model: Shape) -> tuple[WatermarkBasis | None, WatermarkConfig]:
         k = (model.name, id(model))
         if k not in self._bases:
-            self._bases[k] = basis_of(model)
+            self._bases[k] = (basis_of(model), config_of(model))
         return self._bases[k]
 
     def mismatched(self, keys: Iterable[tuple[int, str, str]]) -> list[int]:

@@ -91,7 +91,7 @@ def run_trace(
         watermarks,
         cfg,
         decoy_secret=decoy_secret,
-        watermark_cfg=marks.cfg,
+        watermark_cfg=marks.config(model),
     )
     rows: list[KeyVerdict] = []
     for r, w in zip(report.results, issued, strict=True):  # results come in the order of `watermarks`

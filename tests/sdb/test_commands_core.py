@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from sdb.cli import app
 from sdb_core.artifact import load_box
+from sdb_core.watermark import WatermarkConfig, config_from_manifest
 
 runner = CliRunner()
 
@@ -74,6 +75,8 @@ def test_train_box_distill_pipeline(tmp_path: Path) -> None:
     boxed = load_box(guarded)
     assert boxed.arch == "guarded" and boxed.plain_output == "soft"
     assert boxed.manifest["extra"]["box_config"]["guard"] is True
+    # the watermark configuration the service derives licensees' marks with is recorded with the box
+    assert config_from_manifest(boxed.manifest) == WatermarkConfig()
     r = runner.invoke(app, [*args, "--box-option", "nope=1"])
     assert r.exit_code != 0 and "nope" in r.output
     student = tmp_path / "student"

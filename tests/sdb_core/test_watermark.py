@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,15 +12,20 @@ import torch
 from sdb_core.data import Dataset
 from sdb_core.watermark import (
     BASIS_KEY,
+    CLIPS,
+    CONFIG_KEY,
+    LEGACY_CONFIG,
     WatermarkBasis,
     WatermarkConfig,
     apply_watermark,
     bank_size,
     basis_from_manifest,
     capacity,
+    config_from_manifest,
     decoy_watermarks,
     derive_watermark,
     fit_basis,
+    mark_deltas,
     retemper,
     watermark_id,
 )
@@ -30,13 +38,19 @@ def basis(digits: Dataset) -> WatermarkBasis:
     return fit_basis(digits.x_train)
 
 
-def _wm(basis: WatermarkBasis, licensee: str = "alice", slot: int | None = 0, eps: float = 0.1):  # type: ignore[no-untyped-def]
+def _wm(  # type: ignore[no-untyped-def]
+    basis: WatermarkBasis,
+    licensee: str = "alice",
+    slot: int | None = 0,
+    eps: float = 0.1,
+    clip: str = "symmetric",
+):
     return derive_watermark(
         SECRET,
         licensee,
         input_shape=(1, 8, 8),
         num_classes=10,
-        cfg=WatermarkConfig(epsilon=eps),
+        cfg=WatermarkConfig(epsilon=eps, clip=clip),
         basis=basis,
         slot=slot,
     )
@@ -58,33 +72,67 @@ def _hard_rows(n: int, c: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("eps", [0.1, 0.3])
+@pytest.mark.parametrize("clip", CLIPS)
 def test_top1_identical_and_rows_sum_to_one(
-    digits: Dataset, basis: WatermarkBasis, seed: int, eps: float
+    digits: Dataset, basis: WatermarkBasis, seed: int, eps: float, clip: str
 ) -> None:
     x = torch.from_numpy(digits.x_train[:400])
     p = _hard_rows(400, 10, seed)
     for t in (1.0, 4.0, 20.0):  # soft labels at any requested temperature
         pt = retemper(p, t)
         for slot in range(3):
-            q = apply_watermark(_wm(basis, f"l{slot}", slot, eps), x, pt)
+            q = apply_watermark(_wm(basis, f"l{slot}", slot, eps, clip), x, pt)
             assert torch.equal(q.argmax(1), pt.argmax(1))
             assert torch.allclose(q.sum(1), torch.ones(400), atol=1e-5)
             assert (q >= 0).all()
             assert (q - pt).abs().max() <= eps + 1e-6
 
 
-def test_mark_moves_the_top1_probability(digits: Dataset, basis: WatermarkBasis) -> None:
+@pytest.mark.parametrize("clip", CLIPS)
+def test_mark_moves_the_top1_probability(digits: Dataset, basis: WatermarkBasis, clip: str) -> None:
     x = torch.from_numpy(digits.x_train[:400])
     p = retemper(_hard_rows(400, 10, 0), 4.0)
-    wm = _wm(basis)
+    wm = _wm(basis, clip=clip)
     q = apply_watermark(wm, x, p)
     top = p.argmax(1, keepdim=True)
     delta = (q.gather(1, top) - p.gather(1, top))[:, 0]
     expected = 0.1 * torch.cos(wm.phase(x))
     moved = delta != 0
     assert moved.float().mean() > 0.8  # most rows carry the mark; tied / one-hot rows may not
+    # rows with room for the whole mark carry it exactly (these random rows at T = 4 have small leads)
+    assert ((delta - expected).abs() < 1e-5).float().mean() > 0.3
+    assert (delta * expected >= 0).all() and (delta.abs() <= expected.abs() + 1e-6).all()  # clipped: less
     corr = torch.corrcoef(torch.stack([delta[moved], expected[moved]]))[0, 1]
-    assert corr > 0.9  # rows with a small lead are clipped
+    assert corr > 0.8  # rows with a small lead are clipped
+
+
+def test_symmetric_clip_averages_to_zero_over_the_phase(digits: Dataset, basis: WatermarkBasis) -> None:
+    """With the symmetric clip a row's mark and the mark half a cycle away cancel, so no shift is common to
+    all watermarks; the one-sided clip of older boxes does not cancel (rows with a small lead go up further
+    than down, rows near 1 down further than up)."""
+    x = torch.from_numpy(digits.x_train[:400])
+    p = retemper(_hard_rows(400, 10, 1), 4.0)
+    for clip in CLIPS:
+        wm = _wm(basis, clip=clip, eps=0.3)
+        opposite = replace(wm, mode=replace(wm.mode, phase=wm.mode.phase + math.pi))
+        both = mark_deltas([wm, opposite], x, p).sum(1)
+        if clip == "symmetric":
+            assert both.abs().max() < 1e-6
+        else:
+            assert both.abs().max() > 1e-2
+
+
+def test_config_is_read_from_the_box_manifest(basis: WatermarkBasis) -> None:
+    cfg = WatermarkConfig(epsilon=0.05, frequency=2.0)
+    assert config_from_manifest({"extra": {CONFIG_KEY: asdict(cfg)}}) == cfg
+    # boxes that record no configuration were made with the legacy one (their licensees' marks stay as served)
+    assert config_from_manifest({"extra": {BASIS_KEY: basis.to_dict()}}) == LEGACY_CONFIG
+    assert config_from_manifest({}) == LEGACY_CONFIG
+    assert WatermarkConfig() != LEGACY_CONFIG
+    with pytest.raises(ValueError, match="does not know"):  # a newer version's field is not dropped
+        config_from_manifest({"extra": {CONFIG_KEY: {**asdict(cfg), "harmonics": 3}}})
+    with pytest.raises(ValueError, match="clip"):
+        WatermarkConfig(clip="wide")
 
 
 def test_derivation_is_deterministic_and_keyed(basis: WatermarkBasis) -> None:
