@@ -37,10 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from sdb_core.data import Dataset, load_dataset
-from sdb_core.distill import DistillConfig, distill, distill_logits
 from sdb_core.evaluate import (
     EvalConfig,
     owner_box,
@@ -60,6 +59,7 @@ from sdb_core.trace_setup import (
     student_distill_config,
     trace_config_for,
 )
+from sdb_core.trace_students import StudentJob, StudentPool
 from sdb_core.training import accuracy, model_fn, resolve_device
 from sdb_core.watermark import apply_watermark, derive_watermark, fit_basis
 
@@ -141,85 +141,88 @@ def run_trace_eval(
     }
     t = cfg.temperature
     top1_identical = True
-    for size, transfer in transfers.items():
-        xt = transfer.x_train
-        clean = query(clean_logits, xt)
-        soft = torch.softmax(clean / t, dim=1)
-        specs = tcfg.families.get(size, ()) if tcfg.families else cfg.students
-        n_leak = min(tcfg.leakers.get(size, 0), tcfg.licensees)
-        for spec in specs:
-            arch, extra = parse_student(spec)
-            dcfg = student_distill_config(cfg, tcfg, len(xt), seed, spec)
-            n_leak_family = min(n_leak, tcfg.family_leakers.get(spec, n_leak))
+    with StudentPool(tcfg.workers if dev.type == "cpu" else 1) as pool:
+        for size, transfer in transfers.items():
+            xt = transfer.x_train
+            clean = query(clean_logits, xt)
+            soft = torch.softmax(clean / t, dim=1)
+            specs = tcfg.families.get(size, ()) if tcfg.families else cfg.students
+            n_leak = min(tcfg.leakers.get(size, 0), tcfg.licensees)
+            for spec in specs:
+                arch, extra = parse_student(spec)
+                dcfg = student_distill_config(cfg, tcfg, len(xt), seed, spec)
+                n_leak_family = min(n_leak, tcfg.family_leakers.get(spec, n_leak))
+                jobs = []
+                for i in range(n_leak_family):
+                    marked = apply_watermark(wms[i], torch.from_numpy(xt), soft)
+                    top1_identical &= bool((marked.argmax(1) == soft.argmax(1)).all())
+                    targets = t * torch.log(marked.clamp_min(1e-30))
+                    jobs.append(StudentJob(transfer, arch, extra, targets, dcfg, f"{spec} leak {i}"))
+                innocent_targets: dict[str, Tensor | None] = {}
+                if tcfg.innocents:
+                    innocent_targets = {
+                        "scratch": None,
+                        "label_only": F.one_hot(soft.argmax(1), ds.num_classes).float() * 20.0,
+                        "normal_kd": query(teacher_logits, xt),
+                    }
+                    if tcfg.source == "box":  # with the teacher as source, clean KD is normal KD
+                        innocent_targets["clean_kd"] = clean
+                jobs += [
+                    StudentJob(transfer, arch, extra, v, dcfg, f"{spec} {k}")
+                    for k, v in innocent_targets.items()
+                ]
+                students = pool.train(jobs)
 
-            def student_from(
-                targets: Tensor | None,
-                desc: str,
-                d: DistillConfig = dcfg,
-                ds_: Dataset = transfer,
-                arch_: str = arch,
-                extra_: dict[str, Any] = extra,
-            ) -> nn.Module:
-                if targets is None:
-                    return distill(ds_, arch_, None, d, arch_extra=extra_, desc=desc)
-                return distill_logits(ds_, arch_, targets, d, arch_extra=extra_, desc=desc)
-
-            marked_accs = []
-            for i in range(n_leak_family):
-                marked = apply_watermark(wms[i], torch.from_numpy(xt), soft)
-                top1_identical &= bool((marked.argmax(1) == soft.argmax(1)).all())
-                st = student_from(t * torch.log(marked.clamp_min(1e-30)), f"{spec} leak {i}")
-                fn = model_fn(st, transfer)
-                acc = top1(fn)
-                marked_accs.append(acc)
-                rec = {
-                    "family": spec,
-                    "transfer": size,
-                    "licensee": wms[i].wid,
-                    "top1": acc,
-                    **traced(fn, (wms[i].wid,)),
-                }
-                result["leaked"].append(rec)
-                lk = rec["leakers"][wms[i].wid]
-                log(
-                    f"{spec} n={size} leak {i}: rank {lk['rank']} z {lk['z']:.1f} "
-                    f"log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} "
-                    f"framed {rec['framed']}"
-                )
-            if not tcfg.innocents:
-                continue
-            innocents: dict[str, nn.Module] = {
-                "scratch": student_from(None, f"{spec} scratch"),
-                "label_only": student_from(
-                    F.one_hot(soft.argmax(1), ds.num_classes).float() * 20.0, f"{spec} label-only"
-                ),
-                "normal_kd": student_from(query(teacher_logits, xt), f"{spec} normal"),
-            }
-            if tcfg.source == "box":  # with the teacher as source, clean KD is normal KD
-                innocents["clean_kd"] = student_from(clean, f"{spec} clean")
-            accs = {}
-            for name, st in innocents.items():
-                fn = model_fn(st, transfer)
-                accs[name] = top1(fn)
-                rec = {"family": spec, "transfer": size, "student": name, "top1": accs[name], **traced(fn)}
-                result["innocent"].append(rec)
-                log(
-                    f"{spec} n={size} innocent {name}: top1 {accs[name]:.2f} named {rec['named']} "
-                    f"max z {max(rec['z'].values()):.2f}"
-                )
-            if marked_accs:
-                floor = accs["label_only"]
-                accs.setdefault("clean_kd", accs["normal_kd"])
-                clean_gain = accs["clean_kd"] - floor
-                marked_gain = float(np.mean(marked_accs)) - floor
-                result["cost"][f"{spec}@{size}"] = {
-                    "label_only": floor,
-                    "clean_kd": accs["clean_kd"],
-                    "watermarked_kd_mean": float(np.mean(marked_accs)),
-                    "delivered_clean": clean_gain,
-                    "delivered_watermarked": marked_gain,
-                    "ratio": marked_gain / clean_gain if clean_gain > 0 else None,
-                }
+                marked_accs = []
+                for i, st in enumerate(students[:n_leak_family]):
+                    fn = model_fn(st, transfer)
+                    acc = top1(fn)
+                    marked_accs.append(acc)
+                    rec = {
+                        "family": spec,
+                        "transfer": size,
+                        "licensee": wms[i].wid,
+                        "top1": acc,
+                        **traced(fn, (wms[i].wid,)),
+                    }
+                    result["leaked"].append(rec)
+                    lk = rec["leakers"][wms[i].wid]
+                    log(
+                        f"{spec} n={size} leak {i}: rank {lk['rank']} z {lk['z']:.1f} "
+                        f"log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} "
+                        f"framed {rec['framed']}"
+                    )
+                if not tcfg.innocents:
+                    continue
+                accs = {}
+                for name, st in zip(innocent_targets, students[n_leak_family:], strict=True):
+                    fn = model_fn(st, transfer)
+                    accs[name] = top1(fn)
+                    rec = {
+                        "family": spec,
+                        "transfer": size,
+                        "student": name,
+                        "top1": accs[name],
+                        **traced(fn),
+                    }
+                    result["innocent"].append(rec)
+                    log(
+                        f"{spec} n={size} innocent {name}: top1 {accs[name]:.2f} named {rec['named']} "
+                        f"max z {max(rec['z'].values()):.2f}"
+                    )
+                if marked_accs:
+                    floor = accs["label_only"]
+                    accs.setdefault("clean_kd", accs["normal_kd"])
+                    clean_gain = accs["clean_kd"] - floor
+                    marked_gain = float(np.mean(marked_accs)) - floor
+                    result["cost"][f"{spec}@{size}"] = {
+                        "label_only": floor,
+                        "clean_kd": accs["clean_kd"],
+                        "watermarked_kd_mean": float(np.mean(marked_accs)),
+                        "delivered_clean": clean_gain,
+                        "delivered_watermarked": marked_gain,
+                        "ratio": marked_gain / clean_gain if clean_gain > 0 else None,
+                    }
     result["top1_identical"] = top1_identical
     if tcfg.removals:
         result["removal"] = removal_attempts(

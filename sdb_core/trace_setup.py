@@ -41,6 +41,8 @@ class TraceEvalConfig:
     finetune_epochs: int = 20
     removals: bool = True
     innocents: bool = True  # False: leaked students only (a supplementary run)
+    # processes training the students of each family and size on a CPU (sdb_core.trace_students; one on CUDA)
+    workers: int = 2
 
 
 def trace_config_for(dataset: str, reduced: bool = False) -> TraceEvalConfig:
