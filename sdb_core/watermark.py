@@ -14,16 +14,16 @@ The design (research/traceability/NOTES.md has the trials behind it):
   watermarks (`slot` = the service's issue counter) take the rows of one orthogonal matrix keyed by the
   secret: their projections are uncorrelated over the images, so one licensee's signal does not show as
   another's. That is the no-framing property, and it holds for up to `directions` licensees (then pairs share
-  a direction in quadrature). f is low (1 cycle over the CDF): higher ones are memorised on the transfer
-  set and do not carry over to fresh probes (the issue's trial, research/traceability/NOTES.md), and a CNN
+  a direction in quadrature). f is low (1.5 cycles over the CDF): higher ones are memorised on the transfer
+  set and do not carry over to fresh probes (the issue's trial, research/traceability/NOTES.md); a CNN
   student, whose logits are linear in position-averaged local features, learns little beyond a cosine's
-  linear part.
+  linear part, and lower ones (1.0) rank its licensee first more often at weaker p-values.
 - **Signal.** At the box's soft-label temperature, the top-1 class's probability moves by eps * cos(theta(x))
   and the other classes are rescaled to keep the sum at 1, clipped so that the top-1 stays strictly on top:
-  every returned row has the top-1 of its input row (CosWM/DRW put a cosine on one class the same way). The
-  clip is symmetric: a row moves at most as far up as it may move down, so every row's mark averages to zero
-  over the phase and no shift is common to all watermarks (with the one-sided clip of boxes made before
-  2026-12-06 every decoy's statistic carried such a shift, 3 to 7 null standard deviations).
+  every returned row has the top-1 of its input row (CosWM/DRW put a cosine on one class the same way). With
+  `clip="symmetric"` a row also moves at most as far up as it may move down, so every row's mark averages to
+  zero over the phase; the default one-sided clip gives every watermark a common shift on rows with a small
+  lead (3 to 7 null standard deviations of every decoy's statistic), which the decoy-calibrated null removes.
 - **Versions.** A box records the configuration its watermarks are made with (`CONFIG_KEY` in its
   manifest's "extra", read by `config_from_manifest`); a box that records none was made with
   `LEGACY_CONFIG`, so a licensee's watermark stays what it was served with when the defaults change.
@@ -63,13 +63,13 @@ class WatermarkConfig:
     temperature: float = 4.0  # the soft-label temperature the mark is designed for (and traced at)
     dct_size: int = 8  # low-frequency DCT block kept per channel
     directions: int = 20  # principal coordinates of the DCT block spanning the watermark space
-    # cycles of the cosine over the CDF-mapped coordinate: 1.0 is learned by both student families from 500
-    # images at a measured cost (research/traceability/NOTES.md, 2026-12-06); 1.5 before
-    frequency: float = 1.0
+    # cycles of the cosine over the CDF-mapped coordinate (1.0 ranks leakers first more often, at weaker
+    # p-values: docs/evaluation.md, research/traceability/NOTES.md 2026-12-06)
+    frequency: float = 1.5
     margin: float = 1e-3  # the top-1 stays at least min(margin, half its lead) above the runner-up
-    # "symmetric": a row's mark moves the top-1 at most as far up as it may move down (the mark averages to
-    # zero over the phase); "lead": down to the runner-up's tie, up to 1 (boxes made before 2026-12-06)
-    clip: str = "symmetric"
+    # "lead": down to the runner-up's tie, up to 1; "symmetric": also up at most as far as it may go down,
+    # so that a row's mark averages to zero over the phase (no shift common to all watermarks)
+    clip: str = "lead"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon < 0.5:
@@ -84,8 +84,11 @@ class WatermarkConfig:
             raise ValueError(f"unknown clip {self.clip!r}; one of {', '.join(CLIPS)}")
 
 
-# What boxes whose manifest records no watermark configuration were made with (before 2026-12-06).
-LEGACY_CONFIG = WatermarkConfig(frequency=1.5, clip="lead")
+# What boxes whose manifest records no watermark configuration were made with (before 2026-12-06): today's
+# defaults, spelled out so that a change of the defaults leaves those boxes' marks as they were served.
+LEGACY_CONFIG = WatermarkConfig(
+    epsilon=0.1, temperature=4.0, dct_size=8, directions=20, frequency=1.5, clip="lead"
+)
 
 
 @dataclass(frozen=True)
