@@ -61,7 +61,7 @@ from sdb_core.trace_setup import (
 )
 from sdb_core.trace_students import StudentJob, StudentPool
 from sdb_core.training import accuracy, model_fn, resolve_device
-from sdb_core.watermark import apply_watermark, derive_watermark, fit_basis
+from sdb_core.watermark import CLIPS, apply_watermark, derive_watermark, fit_basis
 
 
 def run_trace_eval(
@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         help="family=leakers/sample_budget;... e.g. 'small_cnn:width=16=2/20000' (CPU time)",
     )
     ap.add_argument("--sizes", default="", help="family=size,size;... families traced per transfer size")
+    ap.add_argument(
+        "--frequency", type=float, default=0.0, help="the watermarks' frequency (default: this version's)"
+    )
+    ap.add_argument("--clip", choices=CLIPS, default="", help="the watermarks' clip (default: this version's)")
     args = ap.parse_args(argv)
     cfg = reduced_config(args.dataset) if args.reduced else protocol_for(args.dataset)
     cfg = replace(cfg, seeds=(args.seed,), progress=True)
@@ -296,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         removals=tcfg.removals and not args.no_removals,
         innocents=not args.no_innocents,
     )
+    if args.frequency or args.clip:
+        wm = tcfg.watermark
+        tcfg = replace(
+            tcfg, watermark=replace(wm, frequency=args.frequency or wm.frequency, clip=args.clip or wm.clip)
+        )
     if args.students:
         cfg = replace(cfg, students=tuple(args.students.split(";")))
     if args.teacher:

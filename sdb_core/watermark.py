@@ -23,7 +23,7 @@ The design (research/traceability/NOTES.md has the trials behind it):
   every returned row has the top-1 of its input row (CosWM/DRW put a cosine on one class the same way). With
   `clip="symmetric"` a row also moves at most as far up as it may move down, so every row's mark averages to
   zero over the phase; the default one-sided clip gives every watermark a common shift on rows with a small
-  lead (3 to 7 null standard deviations of every decoy's statistic), which the decoy-calibrated null removes.
+  lead (+3 to +7 on every decoy's statistic, against a spread of 2 to 5), which the decoy null removes.
 - **Versions.** A box records the configuration its watermarks are made with (`CONFIG_KEY` in its
   manifest's "extra", read by `config_from_manifest`); a box that records none was made with
   `LEGACY_CONFIG`, so a licensee's watermark stays what it was served with when the defaults change.
