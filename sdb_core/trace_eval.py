@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--frequency", type=float, default=0.0, help="the watermarks' frequency (default: this version's)"
     )
-    ap.add_argument("--clip", choices=CLIPS, default="", help="the watermarks' clip (default: this version's)")
+    ap.add_argument(
+        "--clip", choices=CLIPS, default="", help="the watermarks' clip (default: this version's)"
+    )
     args = ap.parse_args(argv)
     cfg = reduced_config(args.dataset) if args.reduced else protocol_for(args.dataset)
     cfg = replace(cfg, seeds=(args.seed,), progress=True)
