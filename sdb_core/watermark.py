@@ -87,7 +87,7 @@ class WatermarkConfig:
 # What boxes whose manifest records no watermark configuration were made with (before 2026-12-06): today's
 # defaults, spelled out so that a change of the defaults leaves those boxes' marks as they were served.
 LEGACY_CONFIG = WatermarkConfig(
-    epsilon=0.1, temperature=4.0, dct_size=8, directions=20, frequency=1.5, clip="lead"
+    epsilon=0.1, temperature=4.0, dct_size=8, directions=20, frequency=1.5, margin=1e-3, clip="lead"
 )
 
 
@@ -245,7 +245,7 @@ class Watermark:
     temperature: float = field(repr=False, default=4.0)
     margin: float = field(repr=False, default=1e-3)
     num_classes: int = field(repr=False, default=10)
-    clip: str = field(repr=False, default="symmetric")
+    clip: str = field(repr=False, default="lead")
 
     def phase(self, x_raw: Tensor) -> Tensor:
         """theta(x) for every image: [N]."""

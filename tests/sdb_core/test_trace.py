@@ -88,8 +88,7 @@ def json_safe(d: dict) -> bool:
 def test_p_values_are_calibrated_on_unmarked_suspects(setup, null: str) -> None:  # type: ignore[no-untyped-def]
     """Over 1,000 decoys on each of 3 unmarked suspects (seeds 0-2): the fraction with p < 0.05 is within
     0.05 +- 0.03 and the p-values' Kolmogorov-Smirnov distance from uniform is below 0.08 (the 1 % critical
-    value for n = 1,000 is 0.052; the decoys share the probes, so the bound is looser); no issued watermark
-    reaches corrected p < 1e-3."""
+    value for n = 1,000 is 0.052; the decoys share the probes, so the bound is looser)."""
     _, wms, probes, reference = setup
     for seed in range(3):
         rep = trace(
@@ -103,9 +102,7 @@ def test_p_values_are_calibrated_on_unmarked_suspects(setup, null: str) -> None:
         assert rep.decoys == 1000
         assert abs(rep.decoy_false_positive_rate - 0.05) < 0.03, rep.decoy_false_positive_rate
         assert rep.decoy_ks < 0.08, rep.decoy_ks
-        # At this alpha a clean suspect names someone 5 % of the time by design (family-wise); at the
-        # service's alpha (1e-3) none of the issued watermarks may come near.
-        assert all(r.log10_corrected_p > -3 for r in rep.results), [r.log10_corrected_p for r in rep.results]
+        assert not rep.matches
 
 
 def test_holm_and_bonferroni() -> None:

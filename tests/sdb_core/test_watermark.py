@@ -103,7 +103,8 @@ def test_mark_moves_the_top1_probability(digits: Dataset, basis: WatermarkBasis,
     assert ((delta - expected).abs() < 1e-5).float().mean() > 0.3
     assert (delta * expected >= 0).all() and (delta.abs() <= expected.abs() + 1e-6).all()  # clipped: less
     corr = torch.corrcoef(torch.stack([delta[moved], expected[moved]]))[0, 1]
-    assert corr > 0.8  # rows with a small lead are clipped
+    # rows with a small lead are clipped (the symmetric clip also bounds the move up by the room below)
+    assert corr > (0.9 if clip == "lead" else 0.8)
 
 
 def test_symmetric_clip_averages_to_zero_over_the_phase(digits: Dataset, basis: WatermarkBasis) -> None:
