@@ -37,6 +37,15 @@ class DataError(ValueError):
     """A dataset could not be read or has an unexpected layout."""
 
 
+def _c_order(a: np.ndarray, dtype: type) -> np.ndarray:
+    """`a` as a C-ordered array of `dtype` with the canonical strides. numpy calls an array whose size-1
+    axis has another stride contiguous too, but torch then lays a batch out channels-last, and convolutions
+    round differently than on the same array after a copy or a trip through pickle (to a worker process)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    canonical = tuple(int(np.prod(a.shape[i + 1 :])) * a.itemsize for i in range(a.ndim))
+    return a if a.strides == canonical else a.copy()
+
+
 @dataclass
 class Dataset:
     name: str
@@ -49,10 +58,13 @@ class Dataset:
     std: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for a in ("x_train", "x_test"):
-            setattr(self, a, np.ascontiguousarray(getattr(self, a), dtype=np.float32))
-        for a in ("y_train", "y_test"):
-            setattr(self, a, np.ascontiguousarray(getattr(self, a), dtype=np.int64))
+        for a, dtype in (
+            ("x_train", np.float32),
+            ("x_test", np.float32),
+            ("y_train", np.int64),
+            ("y_test", np.int64),
+        ):
+            setattr(self, a, _c_order(getattr(self, a), dtype))
         if self.x_train.ndim != 4 or self.x_test.shape[1:] != self.x_train.shape[1:]:
             raise DataError(f"{self.name}: expected x of shape [N, C, H, W], got {self.x_train.shape}")
         if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):

@@ -29,6 +29,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,11 @@ from sdb_core.attacks import (
 )
 from sdb_core.box import BoxConfig, box_teacher
 from sdb_core.data import Dataset, load_dataset
-from sdb_core.distill import DistillConfig, distill
+from sdb_core.distill import DistillConfig, distill, query_teacher
 from sdb_core.keys import BoxKey
 from sdb_core.oracles import plain_api_oracle, stolen_weights_oracle, whitebox_oracle
 from sdb_core.report import build_report, write_report
+from sdb_core.students import Job, StudentPool
 from sdb_core.training import (
     TeacherFn,
     TrainConfig,
@@ -89,6 +91,9 @@ class EvalConfig:
     stolen_attacks: tuple[str, ...] = ("retemper:1", "retemper:4", "retemper:20", "guess:lam=0.5", "forge")
     device: str = "auto"
     threads: int = 1  # torch intra-op threads; small models run fastest on one (0 = torch's default)
+    # processes training the students on a CPU, one thread each (sdb_core.students; one on CUDA, and
+    # with augmentation, where the teacher answers every batch)
+    workers: int = 2
     progress: bool = True
 
 
@@ -331,10 +336,12 @@ def run_seed(cfg: EvalConfig, ds: Dataset, seed: int, out_dir: Path) -> dict[str
             )
     teachers = {"normal": teacher_fn, "authorized": boxed.keyed_logits}
     result["twins"] = {}
-    for spec in cfg.students:
-        top1, twins = _family(spec, transfer, teachers, targets, dcfg, acfg, dev)
-        result["students"][spec] = top1
-        result["twins"][spec] = twins
+    workers = cfg.workers if dev.type == "cpu" and not dcfg.train.augment else 1
+    with StudentPool(workers) as pool:
+        for spec in cfg.students:
+            top1, twins = _family(spec, transfer, teachers, targets, dcfg, acfg, dev, pool)
+            result["students"][spec] = top1
+            result["twins"][spec] = twins
     result["wall_seconds"] = time.perf_counter() - start
     return result
 
@@ -347,29 +354,54 @@ def _family(
     dcfg: DistillConfig,
     acfg: AttackConfig,
     dev: torch.device,
+    pool: StudentPool,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Every student of one family: scratch, one per teacher, and one per attack and per top-1 twin."""
+    """Every student of one family: scratch, one per teacher, and one per attack and per top-1 twin; the
+    same answers train the same student (deterministic per seed), so each distinct one is trained once."""
     arch, extra = parse_student(spec)
-    cache: dict[str, float] = {}  # the same answers train the same student (deterministic per seed)
+    jobs: dict[str, Job] = {
+        "scratch": partial(distill, transfer, arch, None, dcfg, arch_extra=extra, desc=f"{spec} scratch")
+    }
+    job_of: dict[str, str] = {"scratch": "scratch"}  # student label -> its job
+    acfg = replace(acfg, other_key=None)  # the jobs go to worker processes; they need no key
 
-    def score(student: nn.Module) -> float:
-        return accuracy(model_fn(student, transfer), transfer.x_test, transfer.y_test, dev)
+    def add(label: str, teacher: TeacherFn | None, answers: Targets) -> None:
+        job_of[label] = answers.digest()
+        if teacher is not None and dcfg.train.augment:  # the teacher answers every augmented batch
+            job: Job = partial(
+                distill, transfer, arch, teacher, dcfg, arch_extra=extra, desc=f"{spec} {label}"
+            )
+        else:
+            job = partial(
+                train_on_targets,
+                transfer,
+                arch,
+                answers,
+                dcfg,
+                acfg,
+                arch_extra=extra,
+                desc=f"{spec} {label}",
+            )
+        jobs.setdefault(job_of[label], job)
 
-    def trained(t: Targets, label: str) -> float:
-        key = t.digest()
-        if key not in cache:
-            desc = f"{spec} {label}"
-            cache[key] = score(train_on_targets(transfer, arch, t, dcfg, acfg, arch_extra=extra, desc=desc))
-        return cache[key]
-
-    top1 = {"scratch": score(distill(transfer, arch, None, dcfg, arch_extra=extra, desc=f"{spec} scratch"))}
     for method, fn in teachers.items():
-        top1[method] = score(distill(transfer, arch, fn, dcfg, arch_extra=extra, desc=f"{spec} {method}"))
-    twins: dict[str, float] = {}
+        add(method, fn, teacher_targets(fn, transfer, dcfg))
     for method, (answers, twin) in targets.items():
-        top1[method] = trained(answers, method)
-        twins[method] = trained(twin, f"{method} (top-1 twin)")
+        add(method, None, answers)
+        add(f"{method} (top-1 twin)", None, twin)
+    students = dict(zip(jobs, pool.train(list(jobs.values())), strict=True))
+    scores = {
+        job: accuracy(model_fn(st, transfer), transfer.x_test, transfer.y_test, dev)
+        for job, st in students.items()
+    }
+    top1 = {label: scores[job] for label, job in job_of.items() if not label.endswith(" (top-1 twin)")}
+    twins = {method: scores[job_of[f"{method} (top-1 twin)"]] for method in targets}
     return top1, twins
+
+
+def teacher_targets(teacher: TeacherFn, transfer: Dataset, dcfg: DistillConfig) -> Targets:
+    """A teacher's answers for every transfer image, as `distill` asks for them (one query per image)."""
+    return Targets(query_teacher(teacher, transfer.x_train, dcfg.teacher_batch_size), dcfg.temperature, False)
 
 
 def config_record(cfg: EvalConfig) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from sdb_core.evaluate import (
     protocol_for,
     reduced_config,
 )
+from sdb_core.students import StudentJob, StudentPool
 from sdb_core.trace import TraceConfig, trace
 from sdb_core.trace_removal import removal_attempts
 from sdb_core.trace_report import check_trace_targets, summarize_trace, to_markdown, trace_summary
@@ -59,7 +60,6 @@ from sdb_core.trace_setup import (
     student_distill_config,
     trace_config_for,
 )
-from sdb_core.trace_students import StudentJob, StudentPool
 from sdb_core.training import accuracy, model_fn, resolve_device
 from sdb_core.watermark import CLIPS, apply_watermark, derive_watermark, fit_basis
 

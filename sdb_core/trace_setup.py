@@ -41,7 +41,7 @@ class TraceEvalConfig:
     finetune_epochs: int = 20
     removals: bool = True
     innocents: bool = True  # False: leaked students only (a supplementary run)
-    # processes training the students of each family and size on a CPU (sdb_core.trace_students; one on CUDA)
+    # processes training the students of each family and size on a CPU (sdb_core.students; one on CUDA)
     workers: int = 2
 
 
