@@ -81,7 +81,7 @@ def evaluate(
         write_report(report, out)
     else:
         cfg = reduced_config(data) if reduced else protocol_for(data)
-        cfg = replace(cfg, device=device)
+        cfg = replace(cfg, device=device, threads=threads)
         if seeds:
             cfg = replace(cfg, seeds=tuple(int(s) for s in seeds.split(",") if s))
         if box_option:

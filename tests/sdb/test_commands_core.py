@@ -287,3 +287,26 @@ def test_remote_distill_says_what_it_will_spend_and_wants_yes_above_half_the_quo
     assert r.exit_code == 5 and f"{n - 1:,}" in r.output and not asked, r.output
     r, asked = _remote_distill(monkeypatch, tmp_path, None, 0)
     assert r.exit_code == 0 and "no sample quota" in r.output, r.output
+
+
+def test_evaluate_runs_the_protocol_on_the_threads_it_is_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`evaluate()` sets torch's threads from its config: --threads has to reach it (it once did not, and
+    the protocol ran on one core whatever --threads said)."""
+    import sdb_core.evaluate
+
+    seen: list[Any] = []
+
+    def fake_evaluate(cfg: Any, out: Path) -> dict[str, Any]:
+        seen.append(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text("ok\n")
+        return {"checks": {}}
+
+    monkeypatch.setattr(sdb_core.evaluate, "evaluate", fake_evaluate)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--out", str(out), "--reduced", "--threads", "2", "--protocol-option", "workers=1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (seen[0].threads, seen[0].workers) == (2, 1)
