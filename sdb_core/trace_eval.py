@@ -49,7 +49,7 @@ from sdb_core.evaluate import (
     reduced_config,
 )
 from sdb_core.students import StudentJob, StudentPool
-from sdb_core.trace import TraceConfig, trace
+from sdb_core.trace import TraceConfig, trace, trace_licensees
 from sdb_core.trace_removal import removal_attempts
 from sdb_core.trace_report import check_trace_targets, summarize_trace, to_markdown, trace_summary
 from sdb_core.trace_setup import (
@@ -126,6 +126,22 @@ def run_trace_eval(
         )
         return summarize_trace(rep, leakers)
 
+    def traced_own(
+        logits_of: Callable[[Tensor], Tensor], transfer: Dataset, leakers: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """The student traced on images of its own transfer set, the same ones under every watermark."""
+        own = torch.from_numpy(transfer.x_train[: tcfg.own_probes])
+        rep = trace_licensees(
+            softmax_fn(logits_of),
+            reference,
+            [own] * len(wms),
+            wms,
+            trace_cfg,
+            decoy_secret=b"eval-decoys",
+            watermark_cfg=wcfg,
+        )
+        return summarize_trace(rep, leakers)
+
     def top1(model_logits: Callable[[Tensor], Tensor]) -> float:
         return accuracy(model_logits, ds.x_test, ds.y_test, dev)
 
@@ -185,12 +201,14 @@ def run_trace_eval(
                         "top1": acc,
                         **traced(fn, (wms[i].wid,)),
                     }
+                    if tcfg.own_probes:
+                        rec["own_images"] = traced_own(fn, transfer, (wms[i].wid,))
                     result["leaked"].append(rec)
                     lk = rec["leakers"][wms[i].wid]
                     log(
                         f"{spec} n={size} leak {i}: rank {lk['rank']} z {lk['z']:.1f} "
                         f"log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} "
-                        f"framed {rec['framed']}"
+                        f"framed {rec['framed']}" + _own_line(rec, wms[i].wid)
                     )
                 if not tcfg.innocents:
                     continue
@@ -205,10 +223,12 @@ def run_trace_eval(
                         "top1": accs[name],
                         **traced(fn),
                     }
+                    if tcfg.own_probes:
+                        rec["own_images"] = traced_own(fn, transfer)
                     result["innocent"].append(rec)
                     log(
                         f"{spec} n={size} innocent {name}: top1 {accs[name]:.2f} named {rec['named']} "
-                        f"max z {max(rec['z'].values()):.2f}"
+                        f"max z {max(rec['z'].values()):.2f}" + _own_line(rec)
                     )
                 if marked_accs:
                     floor = accs["label_only"]
@@ -238,6 +258,19 @@ def run_trace_eval(
         )
     result["wall_seconds"] = time.perf_counter() - start
     return result
+
+
+def _own_line(rec: dict[str, Any], wid: str | None = None) -> str:
+    own = rec.get("own_images")
+    if own is None:
+        return ""
+    if wid is None:
+        return f"; own images: named {own['named']} max z {max(own['z'].values()):.2f}"
+    lk = own["leakers"][wid]
+    return (
+        f"; own images: rank {lk['rank']} z {lk['z']:.1f} log10p {lk['log10_corrected_p']:.1f} "
+        f"framed {own['framed']}"
+    )
 
 
 def trace_evaluate(

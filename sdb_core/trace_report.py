@@ -40,30 +40,41 @@ def summarize_trace(rep: TraceReport, leakers: tuple[str, ...] = ()) -> dict[str
 
 
 def check_trace_targets(result: dict[str, Any], final_size: int) -> dict[str, bool]:
-    """The issue's targets on one run."""
-    leaked = result["leaked"]
+    """The issue's targets on one run: on fresh probes, and again on the students' own images where the run
+    traced them there (`own_images`, keys prefixed "own images: ")."""
+    checks = _identification_checks(result["leaked"], result["innocent"], final_size, "")
+    if any("own_images" in r for r in result["leaked"]):
+        leaked = [{**r, **r["own_images"]} for r in result["leaked"] if "own_images" in r]
+        innocent = [r["own_images"] for r in result["innocent"] if "own_images" in r]
+        checks.update(_identification_checks(leaked, innocent, final_size, "own images: "))
+    ratios = [c["ratio"] for c in result["cost"].values() if c["ratio"] is not None]
+    checks["cost: delivered with watermark >= 0.9 x without"] = bool(ratios) and min(ratios) >= 0.9
+    checks["top-1 identical for every sample"] = bool(result["top1_identical"])
+    return checks
+
+
+def _identification_checks(
+    leaked: list[dict[str, Any]], innocent: list[dict[str, Any]], final_size: int, prefix: str
+) -> dict[str, bool]:
     big = [r for r in leaked if r["transfer"] == final_size]
     small = [r for r in leaked if r["transfer"] != final_size]
     checks: dict[str, bool] = {}
     if big:
-        checks[f"{final_size} transfer: leaker first with corrected p < 1e-6, every student"] = all(
+        checks[f"{prefix}{final_size} transfer: leaker first with corrected p < 1e-6, every student"] = all(
             r["leakers"][r["licensee"]]["rank"] == 1 and r["leakers"][r["licensee"]]["log10_corrected_p"] < -6
             for r in big
         )
-    checks["no framing: no innocent licensee at corrected p < 1e-3 in any leaked student"] = all(
+    checks[f"{prefix}no framing: no innocent licensee at corrected p < 1e-3 in any leaked student"] = all(
         not r["framed"] for r in leaked
     )
     if small:
         first = sum(r["leakers"][r["licensee"]]["rank"] == 1 for r in small) / len(small)
-        checks[f"smaller transfer: leaker first in >= 90 % ({first:.0%})"] = first >= 0.9
-    tests = sum(len(r["z"]) for r in result["innocent"])
-    accusations = sum(len(r["named"]) for r in result["innocent"])
-    checks[f"innocent students: no accusation in >= 99 % of tests ({accusations}/{tests} accused)"] = (
-        tests > 0 and 1 - accusations / tests >= 0.99
-    )
-    ratios = [c["ratio"] for c in result["cost"].values() if c["ratio"] is not None]
-    checks["cost: delivered with watermark >= 0.9 x without"] = bool(ratios) and min(ratios) >= 0.9
-    checks["top-1 identical for every sample"] = bool(result["top1_identical"])
+        checks[f"{prefix}smaller transfer: leaker first in >= 90 % ({first:.0%})"] = first >= 0.9
+    tests = sum(len(r["z"]) for r in innocent)
+    accusations = sum(len(r["named"]) for r in innocent)
+    checks[
+        f"{prefix}innocent students: no accusation in >= 99 % of tests ({accusations}/{tests} accused)"
+    ] = tests > 0 and 1 - accusations / tests >= 0.99
     return checks
 
 
@@ -79,29 +90,40 @@ def to_markdown(report: dict[str, Any]) -> str:
     res = report["result"]
     lines = [
         "| family | transfer | licensee | student top-1 | leaker rank | leaker z | leaker log10 corrected p "
-        "| decoys above | max innocent z | framed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| decoys above | max innocent z | framed | own images: rank, z, log10 corrected p, max innocent z, "
+        "framed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["leaked"]:
         lk = r["leakers"][r["licensee"]]
+        own = r.get("own_images")
+        own_cell = "-"
+        if own is not None:
+            ol = own["leakers"][r["licensee"]]
+            own_cell = (
+                f"{ol['rank']}, {ol['z']:.2f}, {ol['log10_corrected_p']:.2f}, {own['max_innocent_z']:.2f}, "
+                f"{len(own['framed'])}"
+            )
         lines.append(
             f"| {r['family']} | {r['transfer']} | {r['licensee']} | {r['top1']:.2f} "
             f"| {lk['rank']} | {lk['z']:.2f} "
             f"| {lk['log10_corrected_p']:.2f} | {lk['decoys_above']} | {r['max_innocent_z']:.2f} "
-            f"| {len(r['framed'])} |"
+            f"| {len(r['framed'])} | {own_cell} |"
         )
     lines += [
         "",
         "| innocent student | family | transfer | top-1 | max z over the watermarks | named "
         "| decoy FPR at alpha "
-        "| decoy KS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| decoy KS | own images: max z, named |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["innocent"]:
+        own = r.get("own_images")
+        own_cell = "-" if own is None else f"{max(own['z'].values()):.2f}, {len(own['named'])}"
         lines.append(
             f"| {r['student']} | {r['family']} | {r['transfer']} | {r['top1']:.2f} "
             f"| {max(r['z'].values()):.2f} "
-            f"| {len(r['named'])} | {r['decoy_fpr']:.4f} | {r['decoy_ks']:.3f} |"
+            f"| {len(r['named'])} | {r['decoy_fpr']:.4f} | {r['decoy_ks']:.3f} | {own_cell} |"
         )
     if res["cost"]:
         lines += [

@@ -30,6 +30,10 @@ class TraceEvalConfig:
     family_leakers: dict[str, int] = field(default_factory=dict)  # caps `leakers` for a family
     family_sample_budget: dict[str, int] = field(default_factory=dict)  # overrides `sample_budget`
     probes: int = 10_000
+    # images of its own that the service keeps per licensee (0: none): every student is also traced on the
+    # first this many images of its transfer set, under every watermark (`trace.trace_licensees`; as if
+    # every licensee had labelled the same images, the hardest case for framing)
+    own_probes: int = 500
     colluder_probe_factor: int = 4
     decoys: int = 1_000
     alpha: float = 1e-3

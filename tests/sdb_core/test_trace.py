@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from sdb_core.data import Dataset
-from sdb_core.trace import TraceConfig, corrected_log10, log10_p_upper, trace
+from sdb_core.trace import TraceConfig, corrected_log10, log10_p_upper, trace, trace_licensees
 from sdb_core.watermark import (
     Watermark,
     WatermarkBasis,
@@ -124,3 +124,52 @@ def test_bad_suspects_are_refused(setup) -> None:  # type: ignore[no-untyped-def
         trace(lambda x: -torch.ones(len(x), 10), reference, probes, wms, TraceConfig(decoys=100))
     with pytest.raises(ValueError, match="decoys"):
         TraceConfig(decoys=10)
+
+
+def _memorised(
+    wm: Watermark, taught: Tensor, reference: Callable[[Tensor], Tensor], scale: float
+) -> Callable[[Tensor], Tensor]:
+    """A suspect that carries the mark only on the images it was taught on (`taught`), like a student that
+    memorised its transfer set; elsewhere it answers as the reference, plus noise."""
+    keys = {row.numpy().tobytes() for row in taught}
+    noisy = _noisy(reference, 9, sd=0.1)
+    marked = _marked(wm, reference, scale)
+
+    def fn(x: Tensor) -> Tensor:
+        out = noisy(x)
+        seen = torch.tensor([row.numpy().tobytes() in keys for row in x])
+        if seen.any():
+            out[seen] = marked(x[seen])
+        return out
+
+    return fn
+
+
+def test_tracing_each_licensee_on_its_own_images_finds_a_mark_fresh_probes_miss(setup) -> None:  # type: ignore[no-untyped-def]
+    _, wms, probes, reference = setup
+    own = [probes[150 * i : 150 * (i + 1)] for i in range(len(wms))]  # each licensee's own images
+    suspect = _memorised(wms[2], own[2], reference, 1.0)
+    cfg = TraceConfig(decoys=200, probes=10 * 150)
+    fresh = trace(suspect, reference, probes[1500:], wms, cfg, decoy_secret=b"d")
+    assert fresh.matches == []
+    rep = trace_licensees(suspect, reference, own, wms, cfg, decoy_secret=b"d")
+    assert [r.wid for r in rep.matches] == [wms[2].wid]
+    best = rep.result(wms[2].wid)
+    assert best.rank == 1 and best.log10_corrected_p < -6 and best.decoys_above == 0
+    assert rep.probes == 1500 and rep.decoys == 200 and len(rep.decoy_statistics) == 10 * 200
+    # The same licensee's images under every watermark (licensees who labelled the same public images):
+    # the other marks tested on images the suspect memorised with licensee 2's mark frame nobody.
+    shared = trace_licensees(suspect, reference, [own[2]] * len(wms), wms, cfg, decoy_secret=b"d")
+    assert [r.wid for r in shared.matches] == [wms[2].wid] and shared.probes == 150
+
+
+def test_tracing_on_own_images_is_calibrated_on_unmarked_suspects(setup) -> None:  # type: ignore[no-untyped-def]
+    _, wms, probes, reference = setup
+    own = [probes[150 * i : 150 * (i + 1)] for i in range(len(wms))]
+    cfg = TraceConfig(decoys=200, probes=1000)  # a budget below 10 x 150: 100 probes each
+    for seed in range(3):
+        rep = trace_licensees(_noisy(reference, seed), reference, own, wms, cfg, decoy_secret=b"d%d" % seed)
+        assert rep.matches == [] and rep.probes == 1000
+        assert rep.decoy_false_positive_rate <= 0.01
+    with pytest.raises(ValueError, match="probe sets"):
+        trace_licensees(_noisy(reference, 0), reference, own[:3], wms, cfg)
