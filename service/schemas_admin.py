@@ -270,6 +270,9 @@ class TraceKeyOut(BaseModel):
     verdict: str = Field(description="`match` (corrected p < alpha) or `no evidence`.")
     rank: int
     decoys_above: int = Field(description="Decoys whose statistic is at least this one's.")
+    own_images: int = Field(
+        description="Images this key sent (kept by the service) that it was tested on; 0: the owner's probes."
+    )
 
 
 class TraceDecoysOut(BaseModel):

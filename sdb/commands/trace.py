@@ -23,7 +23,7 @@ def _fmt_p(log10: float | None, p: float) -> str:
 
 def _table(report: dict[str, Any]) -> str:
     head = f"{'rank':>4}  {'verdict':<11}  {'key':>5}  {'user':<16}  {'state':<13}  {'watermark':<15}  "
-    head += f"{'z':>7}  {'p':>9}  {'corrected p':>11}"
+    head += f"{'z':>7}  {'p':>9}  {'corrected p':>11}  {'own images':>10}"
     lines = [
         f"model {report['model']}, suspect {report['suspect']}: {report['probes']} probes, "
         f"{report['watermarks_tested']} watermarks tested "
@@ -36,7 +36,7 @@ def _table(report: dict[str, Any]) -> str:
             f"{k['rank']:>4}  {k['verdict']:<11}  {k['key_id']:>5}  {k['user_name'][:16]:<16}  "
             f"{k['key_state']:<13}  {k['watermark_id']:<15}  {z:>7}  "
             f"{_fmt_p(k['log10_p'], k['p_value']):>9}  "
-            f"{_fmt_p(k['log10_corrected_p'], k['corrected_p']):>11}"
+            f"{_fmt_p(k['log10_corrected_p'], k['corrected_p']):>11}  {k['own_images'] or '-':>10}"
         )
     d = report["decoys"]
     if d["count"]:
@@ -76,6 +76,17 @@ def trace(
         float, typer.Option(help="A watermark matches when its corrected p-value is below this.")
     ] = 1e-3,
     database_url: Annotated[str | None, typer.Option(help=DATABASE_URL_HELP)] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="The name the service serves the box under, whose keys' own images (SDB_LICENSEE_IMAGES) "
+            "the trace probes with (default: the box's name)."
+        ),
+    ] = None,
+    own_images: Annotated[
+        bool,
+        typer.Option(help="Test each key with enough images of its own kept on those (else on the probes)."),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -101,6 +112,7 @@ def trace(
     from service.db.models import utcnow
     from service.db.session import Database
     from service.watermarks.issuer import Watermarker
+    from service.watermarks.samples import images_of
     from service.watermarks.secret import WatermarkSecretError, secret_from_environment
     from service.watermarks.tracing import keyed_reference, probe_images, run_trace
 
@@ -154,6 +166,17 @@ def trace(
             raise typer.BadParameter(str(exc)) from None
         with db.session() as s:
             issued = issued_watermarks(s)
+        kept = (
+            images_of(
+                db,
+                [w.key_id for w in issued],
+                model or box.name,
+                tuple(box.input_shape),
+                settings.licensee_images,
+            )
+            if own_images
+            else {}
+        )
     finally:
         db.dispose()
     cfg = TraceConfig(probes=probes, decoys=decoys, alpha=alpha, batch_size=256)
@@ -168,6 +191,7 @@ def trace(
         now=utcnow(),
         decoy_secret=f"sdb-trace-decoys:{seed}".encode(),
         suspect_name=name,
+        own_images=kept,
     )
     if as_json:
         typer.echo(

@@ -133,6 +133,14 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Models whose /distill-batch soft labels carry no watermark (JSON list of names).",
     )
+    licensee_images: int = Field(
+        500,
+        ge=0,
+        le=100_000,
+        description="Images of its own kept per watermarked API key and model (a keyed sample of what it "
+        "sent to /distill-batch), that a trace probes a suspect with for that key; 0 keeps none "
+        "(docs/operations.md#licensee-images).",
+    )
     trace_allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts (names, IP addresses or CIDR networks) that POST /admin/trace may query as a "

@@ -17,6 +17,7 @@ from service.limits.extraction import ExtractionMonitor
 from service.limits.ratelimit import PredictRateLimit
 from service.limits.redis_backend import RedisBackend
 from service.watermarks.issuer import Watermarker
+from service.watermarks.samples import RANK_LABEL, LicenseeImages
 from service.watermarks.secret import resolve_watermark_secret
 
 
@@ -32,6 +33,7 @@ class ServiceState:
     extraction_monitor: ExtractionMonitor
     redis: RedisBackend | None  # SDB_REDIS_URL: the limiter's and the monitor's shared counters
     watermarks: Watermarker  # the per-API-key marks of /distill-batch (service/watermarks)
+    licensee_images: LicenseeImages  # each watermarked key's own images, that a trace probes with
 
     @classmethod
     def build(
@@ -55,6 +57,9 @@ class ServiceState:
                 timeout_s=settings.redis_timeout_s,
                 retry_s=settings.redis_retry_s,
             )
+        watermarks = watermarks or Watermarker(
+            resolve_watermark_secret(settings, tokens.secret, warn=False), settings.watermark_disabled_models
+        )
         return cls(
             settings=settings,
             db=db,
@@ -69,11 +74,8 @@ class ServiceState:
                 settings.extraction_window_s, settings.extraction_sample_threshold, redis=redis
             ),
             redis=redis,
-            watermarks=watermarks
-            or Watermarker(
-                resolve_watermark_secret(settings, tokens.secret, warn=False),
-                settings.watermark_disabled_models,
-            ),
+            watermarks=watermarks,
+            licensee_images=LicenseeImages(db, watermarks.derived_key(RANK_LABEL), settings.licensee_images),
         )
 
 

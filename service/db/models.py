@@ -19,9 +19,11 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     TypeDecorator,
+    UniqueConstraint,
     false,
     text,
 )
@@ -267,3 +269,21 @@ class AuditFlush(Base):
 
     token: Mapped[str] = mapped_column(String(32), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class LicenseeImage(Base):
+    """A sample of the images a watermarked API key sent to /distill-batch for one model: those with the
+    `SDB_LICENSEE_IMAGES` smallest keyed hashes (`rank`; service/watermarks/samples.py), a uniform sample of
+    the distinct images sent that the licensee can neither predict nor steer. `sdb trace` probes a suspect
+    with them: a student carries its licensee's mark on the images it was taught on far more than on fresh
+    ones. Licensee data: read only by a trace, deleted with the key's user."""
+
+    __tablename__ = "licensee_images"
+    __table_args__ = (UniqueConstraint("api_key_id", "model", "rank"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(128))
+    rank: Mapped[int] = mapped_column(BigInteger)
+    image: Mapped[bytes] = mapped_column(LargeBinary)  # float32, C order, the model's input shape
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -147,6 +147,8 @@ async def serve(
                 raise non_finite_error(exc) from None
             # The answer leaves only once its audit row is confirmed; a database failure raises (503).
             await call.settle(200)
+        if grant.watermark_id is not None and state.licensee_images.keep > 0:  # what a trace probes with
+            await run_in_threadpool(state.licensee_images.offer_safely, grant.key_id, model.name, x)
     except DistillDenied as d:
         raise _denied(d, model.name) from None
     except ReservationReleased:

@@ -30,6 +30,7 @@ from service.inference.registry import InferenceOverloaded, InferenceTimeout, Se
 from service.routes.admin.common import PathId, admin_router
 from service.schemas import ErrorResponse
 from service.schemas_admin import KeyOut, TraceOut, TraceRequest, WatermarkToggle
+from service.watermarks.samples import images_of
 from service.watermarks.suspect import (
     HostPolicy,
     HttpSuspect,
@@ -137,6 +138,8 @@ async def trace_suspect(body: TraceRequest, admin: AdminDep, state: StateDep, re
 
     def work() -> dict[str, Any]:
         probes = _probes(str(settings.trace_probe_data), model, body.probes, body.probe_draw)
+        keys = [w.key_id for w in issued]
+        own = images_of(state.db, keys, model.name, tuple(model.input_shape), settings.licensee_images)
         with guarded_client(policy, timeout_s=min(30.0, settings.trace_timeout_s)) as client:
             suspect = HttpSuspect(body.suspect_url, client, model=body.suspect_model, deadline=deadline)
             return run_trace(
@@ -150,6 +153,7 @@ async def trace_suspect(body: TraceRequest, admin: AdminDep, state: StateDep, re
                 now=utcnow(),
                 decoy_secret=f"sdb-trace-decoys:{body.probe_draw}".encode(),  # same request, same report
                 suspect_name=body.suspect_url,
+                own_images=own,
             )
 
     try:

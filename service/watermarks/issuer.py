@@ -7,6 +7,8 @@ keeps two keys apart even when a rebuilt database hands out the same id again un
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 from collections import OrderedDict
@@ -85,6 +87,10 @@ class Watermarker:
 
     def __repr__(self) -> str:  # never shows the secret
         return f"Watermarker(source={self.source!r}, disabled_models={sorted(self.disabled_models)})"
+
+    def derived_key(self, label: str) -> bytes:
+        """A key for another purpose, HMAC-SHA256(secret, label): the secret itself stays here."""
+        return hmac.new(self._secret, label.encode(), hashlib.sha256).digest()
 
     def watermark_id(self, key_id: int, prefix: str) -> str:
         """The public id of the key's watermark (stored on the key, shown to administrators)."""

@@ -1,5 +1,7 @@
 """One trace, shared by `sdb trace` and POST /admin/trace: every watermark ever issued (from the database)
-tested on a suspect's answers to the owner's probe images, against the box's own keyed answers.
+tested on a suspect's answers to probe images, against the box's own keyed answers. A key with at least
+`MIN_OWN_IMAGES` images of its own kept (service/watermarks/samples.py) is tested on those, where a student
+it taught carries its mark far more; the others on the owner's probe images.
 
 The reference is the served box's keyed path at temperature 1 with no watermark (what every licensee's
 labels start from); `sdb_core.trace` does the statistics (matched filter, analytic null, decoys, Holm).
@@ -7,7 +9,7 @@ labels start from); `sdb_core.trace` does the statistics (matched filter, analyt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -16,11 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdb_core.trace import TraceConfig, trace
+from sdb_core.trace import TraceConfig, trace_licensees
 from service.crud.watermarks import IssuedWatermark
 from service.watermarks.issuer import Shape, Watermarker
 
 ProbFn = Callable[[Tensor], Any]  # raw inputs -> probabilities [N, C] (tensor or array)
+MIN_OWN_IMAGES = 100  # fewer kept images of its own: the key is tested on the owner's probes
 
 
 class NothingToTrace(ValueError):
@@ -50,6 +53,7 @@ class KeyVerdict:
     verdict: str  # "match" or "no evidence"
     rank: int
     decoys_above: int
+    own_images: int  # the key's own images it was tested on; 0: the owner's probe images
 
 
 def key_state(w: IssuedWatermark, now: datetime) -> str:
@@ -72,8 +76,11 @@ def run_trace(
     now: datetime,
     decoy_secret: bytes | None = None,
     suspect_name: str = "",
+    own_images: Mapping[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """The report: one row per issued watermark (best first), the matches, and the decoys' check."""
+    """The report: one row per issued watermark (best first), the matches, and the decoys' check.
+    `own_images`: key id -> the images that key sent (`LicenseeImages.images`); `cfg.probes` bounds the
+    queries to the suspect in all (`sdb_core.trace.trace_licensees`)."""
     if not issued:
         raise NothingToTrace("no API key was ever watermarked: nothing to trace a suspect against")
     bad = marks.mismatched((w.key_id, w.prefix, w.watermark_id) for w in issued)
@@ -84,15 +91,23 @@ def run_trace(
             "or the SDB_JWT_SECRET it was derived from)"
         )
     watermarks = [marks.watermark(w.key_id, w.prefix, w.slot, model) for w in issued]
-    report = trace(
+    shared = torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32))
+    own = {
+        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+        for k, v in (own_images or {}).items()
+        if len(v) >= MIN_OWN_IMAGES
+    }
+    probe_sets = [own.get(w.key_id, shared) for w in issued]
+    report = trace_licensees(
         lambda x: torch.as_tensor(suspect(x)),
         lambda x: torch.as_tensor(reference(x)),
-        torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32)),
+        probe_sets,
         watermarks,
         cfg,
         decoy_secret=decoy_secret,
         watermark_cfg=marks.config(model),
     )
+    per = max(1, cfg.probes // len({id(p) for p in probe_sets}))  # as trace_licensees cuts each set
     rows: list[KeyVerdict] = []
     for r, w in zip(report.results, issued, strict=True):  # results come in the order of `watermarks`
         rows.append(
@@ -112,6 +127,7 @@ def run_trace(
                 verdict=r.verdict,
                 rank=r.rank,
                 decoys_above=r.decoys_above,
+                own_images=min(per, len(own[w.key_id])) if w.key_id in own else 0,
             )
         )
     rows.sort(key=lambda v: v.rank)

@@ -30,6 +30,8 @@ TABLES = {
     "user_usage",
     "audit_rollups",
     "audit_flushes",
+    # 0005: each watermarked key's own images
+    "licensee_images",
 }
 
 
