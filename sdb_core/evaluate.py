@@ -385,7 +385,7 @@ def _family(
         jobs.setdefault(job_of[label], job)
 
     for method, fn in teachers.items():
-        add(method, fn, teacher_targets(fn, transfer, dcfg))
+        add(method, fn, _teacher_targets(fn, transfer, dcfg))
     for method, (answers, twin) in targets.items():
         add(method, None, answers)
         add(f"{method} (top-1 twin)", None, twin)
@@ -399,7 +399,7 @@ def _family(
     return top1, twins
 
 
-def teacher_targets(teacher: TeacherFn, transfer: Dataset, dcfg: DistillConfig) -> Targets:
+def _teacher_targets(teacher: TeacherFn, transfer: Dataset, dcfg: DistillConfig) -> Targets:
     """A teacher's answers for every transfer image, as `distill` asks for them (one query per image)."""
     return Targets(query_teacher(teacher, transfer.x_train, dcfg.teacher_batch_size), dcfg.temperature, False)
 

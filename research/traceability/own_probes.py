@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--leakers", type=int, default=4)
     ap.add_argument("--own", type=int, default=500, help="own transfer images used as probes")
     ap.add_argument("--innocents", action="store_true", help="also a clean KD student per family and size")
+    ap.add_argument("--budget", type=int, default=100_000, help="samples a student sees (epochs x images)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
@@ -73,7 +74,7 @@ def main() -> None:
                 alpha=0.9,
                 temperature=4.0,
                 labelled_fraction=0.1,
-                train=TrainConfig(epochs=max(1, min(120, 100_000 // size)), progress=False),
+                train=TrainConfig(epochs=max(1, min(120, args.budget // size)), progress=False),
             )
             own = xt[: args.own]
             for fam in args.families.split(","):
