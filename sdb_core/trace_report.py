@@ -86,7 +86,7 @@ def trace_summary(report: dict[str, Any]) -> str:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    """Tables of a traceability report (for docs/evaluation.md)."""
+    """Tables of a traceability report (for docs/traceability.md)."""
     res = report["result"]
     lines = [
         "| family | transfer | licensee | student top-1 | leaker rank | leaker z | leaker log10 corrected p "

@@ -64,7 +64,7 @@ class WatermarkConfig:
     dct_size: int = 8  # low-frequency DCT block kept per channel
     directions: int = 20  # principal coordinates of the DCT block spanning the watermark space
     # cycles of the cosine over the CDF-mapped coordinate (1.0 ranks leakers first more often, at weaker
-    # p-values: docs/evaluation.md, research/traceability/NOTES.md 2026-12-06)
+    # p-values: docs/traceability.md, research/traceability/NOTES.md 2026-12-06)
     frequency: float = 1.5
     margin: float = 1e-3  # the top-1 stays at least min(margin, half its lead) above the runner-up
     # "lead": down to the runner-up's tie, up to 1; "symmetric": also up at most as far as it may go down,

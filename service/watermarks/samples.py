@@ -2,7 +2,7 @@
 `sdb trace` and POST /admin/trace probe a suspect with for that key.
 
 Why: a student reproduces its licensee's mark on the images it was taught on far more than on fresh ones
-(docs/evaluation.md, "Tracing on the licensee's own images"). Which images: every image gets a rank, the
+(docs/traceability.md, "Tracing on the licensee's own images"). Which images: every image gets a rank, the
 first 63 bits of HMAC-SHA256 under a key derived from the watermark secret, and a key keeps the `keep`
 smallest ranks it ever sent per model (a bottom-k sample): a uniform sample of the distinct images sent, the
 same whatever order they come in, and one a licensee can neither predict nor steer without the secret.
