@@ -32,7 +32,7 @@ RANK_LABEL = "sdb-licensee-images"
 
 
 class LicenseeImages:
-    """Keeps and reads back the per-key image samples of one process (thread-safe)."""
+    """Keeps the per-key image samples of one process (thread-safe); `images_of` reads them back."""
 
     def __init__(self, db: Database, key: bytes, keep: int) -> None:
         """`key`: the ranks' HMAC key, `Watermarker.derived_key(RANK_LABEL)` (the secret stays there)."""

@@ -79,7 +79,7 @@ def run_trace(
     own_images: Mapping[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The report: one row per issued watermark (best first), the matches, and the decoys' check.
-    `own_images`: key id -> the images that key sent (`LicenseeImages.images`); `cfg.probes` bounds the
+    `own_images`: key id -> the images that key sent (`samples.images_of`); `cfg.probes` bounds the
     queries to the suspect in all (`sdb_core.trace.trace_licensees`)."""
     if not issued:
         raise NothingToTrace("no API key was ever watermarked: nothing to trace a suspect against")
