@@ -18,7 +18,7 @@ from sdb_core.data import load_dataset
 from sdb_core.training import save_model
 from sdb_core.watermark import apply_watermark, retemper
 from sdb_core.zoo import arch_kwargs_for, build_model
-from service.crud import accounts, watermarks
+from service.crud import accounts, licensee_images, watermarks
 from service.db.session import Database
 from service.watermarks.issuer import Watermarker
 from service.watermarks.secret import WatermarkSecret
@@ -121,3 +121,50 @@ def test_another_secret_is_refused(world: dict[str, object], tmp_path: Path) -> 
     r = runner.invoke(app, args, env=env(str(world["url"]), secret="other-" + "0af1b2c3d4e5f6a7" * 3))
     assert r.exit_code != 0
     assert "another watermark secret" in str(r.exception) + r.output
+
+
+def test_each_key_is_traced_on_the_images_it_sent(world: dict[str, object]) -> None:
+    """A student that carries key 0's mark only on the images key 0 sent: found on them (`own_images`, kept
+    by the service), not on the probe images alone (--no-own-images)."""
+    box = load_box(world["box"])  # type: ignore[arg-type]
+    ids = world["ids"]
+    sent = [np.random.default_rng(40 + i).normal(size=(150, 1, 8, 8)).astype(np.float32) for i in range(3)]
+    db = Database(str(world["url"]))
+    try:
+        with db.write() as s:
+            for (key_id, _, _), x in zip(ids, sent, strict=True):  # type: ignore[call-overload]
+                licensee_images.offer(s, key_id, box.name, x, np.arange(len(x), dtype=np.int64), 500)
+    finally:
+        db.dispose()
+    key_id, prefix, slot = ids[0]  # type: ignore[index]
+    wm = world["marks"].watermark(key_id, prefix, slot, box)  # type: ignore[attr-defined]
+    taught = {row.tobytes() for row in sent[0]}
+
+    def student(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x)
+        with torch.inference_mode():
+            out = torch.softmax(box.keyed_logits(t), 1)
+            seen = torch.tensor([row.tobytes() in taught for row in x])
+            if seen.any():
+                out[seen] = retemper(apply_watermark(wm, t[seen], retemper(out[seen], 4.0)), 0.25)
+        return out.numpy()
+
+    with predict_endpoint(student) as url:
+        args = [
+            "trace",
+            "--box",
+            str(world["box"]),
+            "--suspect-url",
+            url,
+            "--probes",
+            "1500",
+            "--decoys",
+            "200",
+        ]
+        own = json.loads(runner.invoke(app, [*args, "--json"], env=env(str(world["url"]))).output)
+        fresh = json.loads(
+            runner.invoke(app, [*args, "--json", "--no-own-images"], env=env(str(world["url"]))).output
+        )
+    assert [m["key_id"] for m in own["matches"]] == [key_id] and own["keys"][0]["key_id"] == key_id
+    assert {k["own_images"] for k in own["keys"]} == {150} and own["probes"] == 450
+    assert fresh["matches"] == [] and {k["own_images"] for k in fresh["keys"]} == {0}
