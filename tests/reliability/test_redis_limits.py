@@ -36,13 +36,25 @@ def _predict_fresh_connections(url: str, n: int) -> list[int]:
     return [httpx.post(url + "/predict", json=ONE_SAMPLE, timeout=30).status_code for _ in range(n)]
 
 
+def _predict_until_both_workers_answered(url: str, metrics_dir: Path, scratch: Path) -> list[int]:
+    """`_predict_fresh_connections` in rounds of 4 x RATE until both workers have answered (the kernel
+    usually spreads 20 calls over two workers, but on a busy machine one may accept them all); at most 10
+    rounds."""
+    statuses: list[int] = []
+    for i in range(10):
+        statuses += _predict_fresh_connections(url, 4 * RATE)
+        if len(_per_worker(metrics_dir, scratch / f"round{i}")) == 2:
+            break
+    return statuses
+
+
 def _per_worker(metrics_dir: Path, scratch: Path) -> dict[int, Counter[str]]:
     """/predict status codes answered by each worker, from its own metric file (counter_<pid>.db)."""
     out: dict[int, Counter[str]] = {}
     for f in sorted(metrics_dir.glob("counter_*.db")):
         pid = int(f.stem.split("_")[1])
         alone = scratch / str(pid)
-        alone.mkdir()
+        alone.mkdir(parents=True)
         shutil.copy(f, alone)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(alone))
@@ -76,8 +88,8 @@ def test_two_workers_share_one_limit_in_redis(
         redis_timeout_s=5,  # this test is about sharing: no spurious timeout on a busy machine
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
-    statuses = _predict_fresh_connections(srv.url, 4 * RATE)
-    assert Counter(statuses) == {200: RATE, 429: 3 * RATE}, statuses
+    statuses = _predict_until_both_workers_answered(srv.url, metrics_dir, tmp_path / "live")
+    assert Counter(statuses) == {200: RATE, 429: len(statuses) - RATE}, statuses
     assert httpx.get(srv.url + "/readyz", timeout=30).json()["redis"] == "ok"
     # One bucket: the client's anonymous id is the same whichever worker answered.
     client = _only_client(srv.url)
@@ -101,7 +113,7 @@ def test_two_workers_without_redis_count_alone(
         predict_rate_per_minute=RATE,
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
-    statuses = _predict_fresh_connections(srv.url, 4 * RATE)
+    statuses = _predict_until_both_workers_answered(srv.url, metrics_dir, tmp_path / "live")
     srv.stop()
     workers = _per_worker(metrics_dir, tmp_path)
     assert len(workers) == 2, f"one worker answered every call; the test shows nothing: {workers}"
