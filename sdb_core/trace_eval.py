@@ -12,7 +12,8 @@ Per run (one seed of an `evaluate.EvalConfig` protocol):
 - leaked students of every family at every transfer size, distilled (KD at the protocol's T and alpha, 10 %
   of labels known) from one licensee's watermarked answers; innocent students (scratch, label-only on the
   top-1, normal KD from the teacher, KD from clean unwatermarked soft labels);
-- cost: top-1 of students from watermarked vs clean soft labels, over the label-only student (delivered);
+- cost: top-1 of students from watermarked vs clean soft labels (`clean_seeds` of them), over the
+  label-only student (delivered);
 - removal attempts on one leaked student: re-tempered distillation, argmax only, fine-tuning on 10 % true
   labels, a second generation, input noise at query time, two colluders averaging their soft labels (traced
   with `colluder_probe_factor` times the probes).
@@ -34,12 +35,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sdb_core.data import Dataset, load_dataset
+from sdb_core.distill import DistillConfig
 from sdb_core.evaluate import (
     EvalConfig,
     owner_box,
@@ -51,7 +52,14 @@ from sdb_core.evaluate import (
 from sdb_core.students import StudentJob, StudentPool
 from sdb_core.trace import TraceConfig, trace, trace_licensees
 from sdb_core.trace_removal import removal_attempts
-from sdb_core.trace_report import check_trace_targets, summarize_trace, to_markdown, trace_summary
+from sdb_core.trace_report import (
+    check_trace_targets,
+    cost_entry,
+    own_line,
+    summarize_trace,
+    to_markdown,
+    trace_summary,
+)
 from sdb_core.trace_setup import (
     TraceEvalConfig,
     query,
@@ -174,18 +182,19 @@ def run_trace_eval(
                     top1_identical &= bool((marked.argmax(1) == soft.argmax(1)).all())
                     targets = t * torch.log(marked.clamp_min(1e-30))
                     jobs.append(StudentJob(transfer, arch, extra, targets, dcfg, f"{spec} leak {i}"))
-                innocent_targets: dict[str, Tensor | None] = {}
+                innocent: dict[str, tuple[Tensor | None, DistillConfig]] = {}
                 if tcfg.innocents:
-                    innocent_targets = {
-                        "scratch": None,
-                        "label_only": F.one_hot(soft.argmax(1), ds.num_classes).float() * 20.0,
-                        "normal_kd": query(teacher_logits, xt),
+                    innocent = {
+                        "scratch": (None, dcfg),
+                        "label_only": (F.one_hot(soft.argmax(1), ds.num_classes).float() * 20.0, dcfg),
+                        "normal_kd": (query(teacher_logits, xt), dcfg),
                     }
                     if tcfg.source == "box":  # with the teacher as source, clean KD is normal KD
-                        innocent_targets["clean_kd"] = clean
+                        innocent["clean_kd"] = (clean, dcfg)
+                    for s in range(seed + 1, seed + tcfg.clean_seeds):
+                        innocent[f"clean_kd:seed{s}"] = (clean, _reseeded(dcfg, s))
                 jobs += [
-                    StudentJob(transfer, arch, extra, v, dcfg, f"{spec} {k}")
-                    for k, v in innocent_targets.items()
+                    StudentJob(transfer, arch, extra, v, c, f"{spec} {k}") for k, (v, c) in innocent.items()
                 ]
                 students = pool.train(jobs)
 
@@ -208,12 +217,12 @@ def run_trace_eval(
                     log(
                         f"{spec} n={size} leak {i}: rank {lk['rank']} z {lk['z']:.1f} "
                         f"log10p {lk['log10_corrected_p']:.1f} max innocent z {rec['max_innocent_z']:.2f} "
-                        f"framed {rec['framed']}" + _own_line(rec, wms[i].wid)
+                        f"framed {rec['framed']}" + own_line(rec, wms[i].wid)
                     )
                 if not tcfg.innocents:
                     continue
                 accs = {}
-                for name, st in zip(innocent_targets, students[n_leak_family:], strict=True):
+                for name, st in zip(innocent, students[n_leak_family:], strict=True):
                     fn = model_fn(st, transfer)
                     accs[name] = top1(fn)
                     rec = {
@@ -228,21 +237,14 @@ def run_trace_eval(
                     result["innocent"].append(rec)
                     log(
                         f"{spec} n={size} innocent {name}: top1 {accs[name]:.2f} named {rec['named']} "
-                        f"max z {max(rec['z'].values()):.2f}" + _own_line(rec)
+                        f"max z {max(rec['z'].values()):.2f}" + own_line(rec)
                     )
                 if marked_accs:
-                    floor = accs["label_only"]
-                    accs.setdefault("clean_kd", accs["normal_kd"])
-                    clean_gain = accs["clean_kd"] - floor
-                    marked_gain = float(np.mean(marked_accs)) - floor
-                    result["cost"][f"{spec}@{size}"] = {
-                        "label_only": floor,
-                        "clean_kd": accs["clean_kd"],
-                        "watermarked_kd_mean": float(np.mean(marked_accs)),
-                        "delivered_clean": clean_gain,
-                        "delivered_watermarked": marked_gain,
-                        "ratio": marked_gain / clean_gain if clean_gain > 0 else None,
-                    }
+                    clean_names = ["clean_kd" if "clean_kd" in accs else "normal_kd"]
+                    clean_names += [k for k in accs if k.startswith("clean_kd:")]
+                    result["cost"][f"{spec}@{size}"] = cost_entry(
+                        accs["label_only"], [accs[k] for k in clean_names], marked_accs
+                    )
     result["top1_identical"] = top1_identical
     if tcfg.removals:
         result["removal"] = removal_attempts(
@@ -252,6 +254,7 @@ def run_trace_eval(
             wms,
             soft_of=lambda x: torch.softmax(query(clean_logits, x) / t, dim=1),
             traced=traced,
+            traced_own=traced_own if tcfg.own_probes else None,
             top1=top1,
             seed=seed,
             log=log,
@@ -260,17 +263,8 @@ def run_trace_eval(
     return result
 
 
-def _own_line(rec: dict[str, Any], wid: str | None = None) -> str:
-    own = rec.get("own_images")
-    if own is None:
-        return ""
-    if wid is None:
-        return f"; own images: named {own['named']} max z {max(own['z'].values()):.2f}"
-    lk = own["leakers"][wid]
-    return (
-        f"; own images: rank {lk['rank']} z {lk['z']:.1f} log10p {lk['log10_corrected_p']:.1f} "
-        f"framed {own['framed']}"
-    )
+def _reseeded(dcfg: DistillConfig, seed: int) -> DistillConfig:
+    return replace(dcfg, train=replace(dcfg.train, seed=seed))
 
 
 def trace_evaluate(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from sdb_core.data import Dataset
 from sdb_core.distill import distill_logits
 from sdb_core.evaluate import EvalConfig, parse_student
+from sdb_core.trace_report import own_line
 from sdb_core.trace_setup import TraceEvalConfig, query, student_distill_config
 from sdb_core.training import TrainConfig, fit, model_fn
 from sdb_core.watermark import Watermark, apply_watermark
@@ -30,11 +31,13 @@ def removal_attempts(
     *,
     soft_of: Callable[[np.ndarray], Tensor],
     traced: Callable[..., dict[str, Any]],
+    traced_own: Callable[..., dict[str, Any]] | None = None,
     top1: Callable[[Callable[[Tensor], Tensor]], float],
     seed: int,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Each removal attempt against licensee 0's soft labels with the protocol's last student family."""
+    """Each removal attempt against licensee 0's soft labels with the protocol's last student family, traced
+    on fresh probes and, with `traced_own`, on the transfer images the licensee sent (1x probes only)."""
     spec = cfg.students[-1]
     arch, extra = parse_student(spec)
     t = cfg.temperature
@@ -62,12 +65,15 @@ def removal_attempts(
             "note": note,
             **traced(st_fn, leakers, many=many),
         }
+        if traced_own is not None and not many:
+            rec["own_images"] = traced_own(st_fn, transfer, leakers)
         out.append(rec)
         lk = rec["leakers"]
         log(
             f"removal {name}: "
             + ", ".join(f"{w} rank {v['rank']} log10p {v['log10_corrected_p']:.1f}" for w, v in lk.items())
             + f" framed {rec['framed']}"
+            + "".join(own_line(rec, w) for w in lk)
         )
 
     logits0 = t * torch.log(marked0.clamp_min(1e-30))

@@ -4,6 +4,8 @@ traceability.json), the issue's targets on one run, and the report as text and M
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any
 
 from sdb_core.trace import TraceReport
@@ -37,6 +39,28 @@ def summarize_trace(rep: TraceReport, leakers: tuple[str, ...] = ()) -> dict[str
         out["min_innocent_log10_corrected_p"] = min((r.log10_corrected_p for r in others), default=None)
         out["framed"] = [r.wid for r in others if r.verdict == "match"]
     return out
+
+
+def cost_entry(label_only: float, clean: list[float], marked: list[float]) -> dict[str, Any]:
+    """What the watermark costs a family at one size: the delivered value (top-1 over the label-only
+    student) of the watermarked students' mean against the clean students' mean, and the standard error of
+    their difference from each side's spread (a side of one student counts as no spread)."""
+    c, m = statistics.fmean(clean), statistics.fmean(marked)
+
+    def var_of_mean(v: list[float]) -> float:
+        return statistics.variance(v) / len(v) if len(v) > 1 else 0.0
+
+    return {
+        "label_only": label_only,
+        "clean_kd": c,
+        "clean_kd_each": clean,
+        "watermarked_kd_mean": m,
+        "delivered_clean": c - label_only,
+        "delivered_watermarked": m - label_only,
+        "ratio": (m - label_only) / (c - label_only) if c > label_only else None,
+        "difference": m - c,
+        "difference_se": math.sqrt(var_of_mean(clean) + var_of_mean(marked)),
+    }
 
 
 def check_trace_targets(result: dict[str, Any], final_size: int) -> dict[str, bool]:
@@ -85,6 +109,26 @@ def trace_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_leaker(rec: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{w}: {v['rank']}, {v['z']:.2f}, {v['log10_corrected_p']:.2f}" for w, v in rec["leakers"].items()
+    )
+
+
+def own_line(rec: dict[str, Any], wid: str | None = None) -> str:
+    """The progress line's part on a student's own images, for a leaker `wid` or an innocent student."""
+    own = rec.get("own_images")
+    if own is None:
+        return ""
+    if wid is None:
+        return f"; own images: named {own['named']} max z {max(own['z'].values()):.2f}"
+    lk = own["leakers"][wid]
+    return (
+        f"; own images: rank {lk['rank']} z {lk['z']:.1f} log10p {lk['log10_corrected_p']:.1f} "
+        f"framed {own['framed']}"
+    )
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     """Tables of a traceability report (for docs/traceability.md)."""
     res = report["result"]
@@ -128,32 +172,33 @@ def to_markdown(report: dict[str, Any]) -> str:
     if res["cost"]:
         lines += [
             "",
-            "| cost | label-only | clean KD | watermarked KD (mean) | delivered clean "
-            "| delivered watermarked "
-            "| ratio |",
-            "|---|---|---|---|---|---|---|",
+            "| cost | label-only | clean KD (mean of n) | watermarked KD (mean) | delivered clean "
+            "| delivered watermarked | ratio | watermarked minus clean (se) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for k, c in res["cost"].items():
             ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
+            n = len(c.get("clean_kd_each", [c["clean_kd"]]))
+            diff = c["watermarked_kd_mean"] - c["clean_kd"]
+            se = f" ({c['difference_se']:.2f})" if "difference_se" in c else ""
             lines.append(
-                f"| {k} | {c['label_only']:.2f} | {c['clean_kd']:.2f} | {c['watermarked_kd_mean']:.2f} "
-                f"| {c['delivered_clean']:.2f} | {c['delivered_watermarked']:.2f} | {ratio} |"
+                f"| {k} | {c['label_only']:.2f} | {c['clean_kd']:.2f} (n={n}) "
+                f"| {c['watermarked_kd_mean']:.2f} | {c['delivered_clean']:.2f} "
+                f"| {c['delivered_watermarked']:.2f} | {ratio} | {diff:+.2f}{se} |"
             )
     if res["removal"]:
         lines += [
             "",
             "| removal attempt | probes | student top-1 | per leaker: rank, z, log10 corrected p "
-            "| framed | note |",
-            "|---|---|---|---|---|---|",
+            "| framed | own images: per leaker, framed | note |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in res["removal"]:
-            per = "; ".join(
-                f"{w}: {v['rank']}, {v['z']:.2f}, {v['log10_corrected_p']:.2f}"
-                for w, v in r["leakers"].items()
-            )
+            own = r.get("own_images")
+            own_cell = f"{_per_leaker(own)}; {len(own['framed'])}" if own else "-"
             lines.append(
-                f"| {r['attack']} | {r['probes']} | {r['top1']:.2f} | {per} | {len(r['framed'])} "
-                f"| {r['note']} |"
+                f"| {r['attack']} | {r['probes']} | {r['top1']:.2f} | {_per_leaker(r)} | {len(r['framed'])} "
+                f"| {own_cell} | {r['note']} |"
             )
     lines += ["", "Targets:", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]

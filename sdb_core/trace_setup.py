@@ -45,6 +45,9 @@ class TraceEvalConfig:
     finetune_epochs: int = 20
     removals: bool = True
     innocents: bool = True  # False: leaked students only (a supplementary run)
+    # clean KD students per family and size for the cost (seeds seed, seed+1, ...): one clean student moves
+    # by tenths of a point between seeds, as much as the mark costs
+    clean_seeds: int = 3
     # processes training the students of each family and size on a CPU (sdb_core.students; one on CUDA)
     workers: int = 2
 
@@ -70,6 +73,7 @@ def reduced_trace_config(dataset: str) -> TraceEvalConfig:
             decoys=200,
             removal_size=2_000,
             removals=False,
+            clean_seeds=2,
         )
     return TraceEvalConfig(
         licensees=5,
@@ -78,7 +82,7 @@ def reduced_trace_config(dataset: str) -> TraceEvalConfig:
         probes=2_000,
         decoys=200,
         removal_size=0,
-        removals=False,
+        clean_seeds=2,
     )
 
 
