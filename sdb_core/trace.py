@@ -83,6 +83,7 @@ class WatermarkResult:
     verdict: str  # "match" or "no evidence"
     rank: int  # 1 = the largest statistic among the issued watermarks
     decoys_above: int  # decoys whose statistic is at least this one's
+    probes: int  # probe images this watermark was tested on
 
 
 @dataclass
@@ -263,11 +264,7 @@ def trace(
     z_issued = (z_issued - loc) / scale
     z_decoy = (z_decoy - loc) / scale
     lp = log10_p_upper(z_issued)
-    lpc = corrected_log10(lp, cfg.correction)
-    log_alpha = math.log10(cfg.alpha)
-    order = torch.argsort(-z_issued)
-    ranks = torch.empty(len(order), dtype=torch.long)
-    ranks[order] = torch.arange(1, len(order) + 1)
+    lpc, ranks = _corrected_and_ranked(z_issued, lp, cfg.correction)
     results = [
         WatermarkResult(
             wid=w.wid,
@@ -277,33 +274,55 @@ def trace(
             p_value=float(10 ** lp[i]),
             log10_corrected_p=float(lpc[i]),
             corrected_p=float(10 ** lpc[i]),
-            verdict="match" if float(lpc[i]) < log_alpha else "no evidence",
+            verdict=_verdict(float(lpc[i]), cfg.alpha),
             rank=int(ranks[i]),
             decoys_above=int((z_decoy >= z_issued[i]).sum()),
+            probes=len(x),
         )
         for i, w in enumerate(watermarks)
     ]
-    lp_decoy = log10_p_upper(z_decoy)
-    m = len(watermarks)
     return TraceReport(
         results=results,
         probes=len(x),
         alpha=cfg.alpha,
         correction=cfg.correction,
         decoys=len(decoys),
-        decoy_false_positive_rate=float((lp_decoy < log_alpha).double().mean()) if decoys else 0.0,
-        # A decoy is named after correction when m p < alpha (Bonferroni's bound; Holm names no more).
-        decoy_false_positive_rate_corrected=float((lp_decoy + math.log10(m) < log_alpha).double().mean())
-        if decoys
-        else 0.0,
-        decoy_ks=_ks_uniform(10**lp_decoy),
         null=cfg.null,
         null_location=loc,
         null_scale=scale,
-        decoy_z_mean=float(z_decoy.mean()) if decoys else 0.0,
-        decoy_z_std=float(z_decoy.std()) if len(decoys) > 1 else 0.0,
-        decoy_statistics=[float(v) for v in z_decoy],
+        **_decoy_measures(z_decoy, len(watermarks), cfg.alpha),
     )
+
+
+def _corrected_and_ranked(z: Tensor, log10_p: Tensor, correction: str) -> tuple[Tensor, Tensor]:
+    """Corrected log10 p-values over all the watermarks tested, and their ranks by z (1 = largest)."""
+    order = torch.argsort(-z)
+    ranks = torch.empty(len(order), dtype=torch.long)
+    ranks[order] = torch.arange(1, len(order) + 1)
+    return corrected_log10(log10_p, correction), ranks
+
+
+def _verdict(log10_corrected_p: float, alpha: float) -> str:
+    return "match" if log10_corrected_p < math.log10(alpha) else "no evidence"
+
+
+def _decoy_measures(z_decoy: Tensor, m: int, alpha: float) -> dict[str, Any]:
+    """The decoys' check of the null: their false-positive rate at alpha (uncorrected, and as if corrected
+    over the m watermarks tested: Bonferroni's bound, Holm names no more), their p-values' KS distance from
+    uniform, the mean and spread of their calibrated z."""
+    n = len(z_decoy)
+    lp = log10_p_upper(z_decoy)
+    log_alpha = math.log10(alpha)
+    return {
+        "decoy_false_positive_rate": float((lp < log_alpha).double().mean()) if n else 0.0,
+        "decoy_false_positive_rate_corrected": float((lp + math.log10(m) < log_alpha).double().mean())
+        if n
+        else 0.0,
+        "decoy_ks": _ks_uniform(10**lp),
+        "decoy_z_mean": float(z_decoy.mean()) if n else 0.0,
+        "decoy_z_std": float(z_decoy.std()) if n > 1 else 0.0,
+        "decoy_statistics": [float(v) for v in z_decoy],
+    }
 
 
 def trace_licensees(
@@ -355,40 +374,26 @@ def trace_licensees(
         own.update(zip(members, sub.results, strict=True))
     z = torch.tensor([own[i].statistic for i in range(len(watermarks))], dtype=torch.float64)
     lp = torch.tensor([own[i].log10_p for i in range(len(watermarks))], dtype=torch.float64)
-    lpc = corrected_log10(lp, cfg.correction)
-    order = torch.argsort(-z)
-    ranks = torch.empty(len(order), dtype=torch.long)
-    ranks[order] = torch.arange(1, len(order) + 1)
-    log_alpha = math.log10(cfg.alpha)
+    lpc, ranks = _corrected_and_ranked(z, lp, cfg.correction)
     results = [
         replace(
             own[i],
             log10_corrected_p=float(lpc[i]),
             corrected_p=float(10 ** lpc[i]),
-            verdict="match" if float(lpc[i]) < log_alpha else "no evidence",
+            verdict=_verdict(float(lpc[i]), cfg.alpha),
             rank=int(ranks[i]),
         )
         for i in range(len(watermarks))
     ]
     z_decoy = torch.tensor([v for _, sub in parts for v in sub.decoy_statistics], dtype=torch.float64)
-    lp_decoy = log10_p_upper(z_decoy)
-    m = len(watermarks)
-    n_dec = len(z_decoy)
     return TraceReport(
         results=results,
         probes=sum(sub.probes for _, sub in parts),
         alpha=cfg.alpha,
         correction=cfg.correction,
         decoys=parts[0][1].decoys,
-        decoy_false_positive_rate=float((lp_decoy < log_alpha).double().mean()) if n_dec else 0.0,
-        decoy_false_positive_rate_corrected=float((lp_decoy + math.log10(m) < log_alpha).double().mean())
-        if n_dec
-        else 0.0,
-        decoy_ks=_ks_uniform(10**lp_decoy),
         null=cfg.null,
         null_location=float(torch.tensor([sub.null_location for _, sub in parts]).median()),
         null_scale=float(torch.tensor([sub.null_scale for _, sub in parts]).median()),
-        decoy_z_mean=float(z_decoy.mean()) if n_dec else 0.0,
-        decoy_z_std=float(z_decoy.std()) if n_dec > 1 else 0.0,
-        decoy_statistics=[float(v) for v in z_decoy],
+        **_decoy_measures(z_decoy, len(watermarks), cfg.alpha),
     )

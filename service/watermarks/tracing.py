@@ -107,7 +107,6 @@ def run_trace(
         decoy_secret=decoy_secret,
         watermark_cfg=marks.config(model),
     )
-    per = max(1, cfg.probes // len({id(p) for p in probe_sets}))  # as trace_licensees cuts each set
     rows: list[KeyVerdict] = []
     for r, w in zip(report.results, issued, strict=True):  # results come in the order of `watermarks`
         rows.append(
@@ -127,7 +126,7 @@ def run_trace(
                 verdict=r.verdict,
                 rank=r.rank,
                 decoys_above=r.decoys_above,
-                own_images=min(per, len(own[w.key_id])) if w.key_id in own else 0,
+                own_images=r.probes if w.key_id in own else 0,
             )
         )
     rows.sort(key=lambda v: v.rank)

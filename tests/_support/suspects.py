@@ -1,5 +1,6 @@
 """Suspect models for trace tests: a loopback HTTP endpoint answering like POST /predict with the
-probabilities of any function (e.g. a licensee's watermarked labels served as a model: a perfect leak)."""
+probabilities of any function (e.g. a licensee's watermarked labels served as a model: a perfect leak), and
+a student that memorised its licensee's labels on the images it was taught on."""
 
 from __future__ import annotations
 
@@ -12,8 +13,34 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from sdb_core.watermark import Watermark, apply_watermark, retemper
 
 ProbFn = Callable[[np.ndarray], np.ndarray]
+
+
+def memorising_student(
+    wm: Watermark, taught: np.ndarray, reference: Callable[[Tensor], Tensor], temperature: float = 4.0
+) -> ProbFn:
+    """The licensee's watermarked labels (at `temperature`, answered at T = 1) on the images it was taught
+    on, the clean reference's probabilities on any other: a student that memorised its transfer set and
+    learned nothing else. Takes an array (over HTTP) or a tensor (in process)."""
+    seen_rows = {row.tobytes() for row in np.ascontiguousarray(taught, dtype=np.float32)}
+
+    def student(x: np.ndarray | Tensor) -> np.ndarray:
+        a = np.ascontiguousarray(x, dtype=np.float32)
+        t = torch.from_numpy(a)
+        with torch.inference_mode():
+            out = reference(t).clone()
+            seen = torch.tensor([row.tobytes() in seen_rows for row in a])
+            if seen.any():
+                marked = apply_watermark(wm, t[seen], retemper(out[seen], temperature))
+                out[seen] = retemper(marked, 1.0 / temperature)
+        return out.numpy()
+
+    return student
 
 
 @contextmanager

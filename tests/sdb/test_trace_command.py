@@ -23,7 +23,7 @@ from service.db.session import Database
 from service.watermarks.issuer import Watermarker
 from service.watermarks.secret import WatermarkSecret
 from tests._support.db import run_migrations
-from tests._support.suspects import predict_endpoint
+from tests._support.suspects import memorising_student, predict_endpoint
 
 SECRET = "trace-cli-secret-" + "9f3a61c0b2d4e8a7" * 3
 runner = CliRunner()
@@ -138,16 +138,7 @@ def test_each_key_is_traced_on_the_images_it_sent(world: dict[str, object]) -> N
         db.dispose()
     key_id, prefix, slot = ids[0]  # type: ignore[index]
     wm = world["marks"].watermark(key_id, prefix, slot, box)  # type: ignore[attr-defined]
-    taught = {row.tobytes() for row in sent[0]}
-
-    def student(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x)
-        with torch.inference_mode():
-            out = torch.softmax(box.keyed_logits(t), 1)
-            seen = torch.tensor([row.tobytes() in taught for row in x])
-            if seen.any():
-                out[seen] = retemper(apply_watermark(wm, t[seen], retemper(out[seen], 4.0)), 0.25)
-        return out.numpy()
+    student = memorising_student(wm, sent[0], lambda t: torch.softmax(box.keyed_logits(t), 1))
 
     with predict_endpoint(student) as url:
         args = [

@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from sdb_core.trace import TraceConfig
-from sdb_core.watermark import apply_watermark, retemper
 from service.crud import licensee_images as crud
 from service.crud.watermarks import issued_watermarks
 from service.db.models import LicenseeImage, utcnow
@@ -22,7 +20,7 @@ from service.main import create_app
 from service.watermarks.samples import images_of
 from service.watermarks.tracing import keyed_reference, probe_images, run_trace
 from tests._support.api import ApiHelper
-from tests._support.suspects import predict_endpoint
+from tests._support.suspects import memorising_student, predict_endpoint
 
 
 def _images(seed: int, n: int) -> np.ndarray:
@@ -101,22 +99,8 @@ def test_a_trace_probes_each_key_with_its_own_images(make_settings: Any) -> None
             issued = issued_watermarks(s)
         w = next(w for w in issued if w.key_id == leaker["id"])
         wm = state.watermarks.watermark(w.key_id, w.prefix, w.slot, served)
-        taught = {row.tobytes() for row in sent[2]}
-        reference = keyed_reference(served.box.keyed_logits)
-
-        def student(x: Any) -> np.ndarray:
-            """The leaker's labels on the images it was taught on (at T = 4, answered at T = 1), the clean
-            keyed labels on any other: a student that memorised its transfer set and learned nothing else."""
-            x = np.ascontiguousarray(x, dtype=np.float32)  # an array over HTTP, a tensor in process
-            t = torch.from_numpy(x)
-            with torch.inference_mode():
-                out = reference(t)
-                seen = torch.tensor([row.tobytes() in taught for row in x])
-                if seen.any():
-                    marked = apply_watermark(wm, t[seen], retemper(out[seen], 4.0))
-                    out[seen] = retemper(marked, 0.25)
-            return out.numpy()
-
+        # a student that memorised its transfer set and learned nothing else
+        student = memorising_student(wm, sent[2], keyed_reference(served.box.keyed_logits))
         with predict_endpoint(student) as url:
             body = {"model": "alpha", "suspect_url": url, "probes": 1500, "decoys": 200}
             r = client.post("/admin/trace", json=body, headers=api.admin)
@@ -130,7 +114,7 @@ def test_a_trace_probes_each_key_with_its_own_images(make_settings: Any) -> None
         # The owner's probe images alone (no image of the key's own): nothing to find.
         fresh = run_trace(
             suspect=student,
-            reference=reference,
+            reference=keyed_reference(served.box.keyed_logits),
             probes=probe_images(_images(99, 1500), 1500, 0),
             issued=issued,
             marks=state.watermarks,
