@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--clip", choices=CLIPS, default="", help="the watermarks' clip (default: this version's)"
     )
+    ap.add_argument(
+        "--epsilon", type=float, default=0.0, help="the watermarks' amplitude (default: this version's)"
+    )
     args = ap.parse_args(argv)
     cfg = reduced_config(args.dataset) if args.reduced else protocol_for(args.dataset)
     cfg = replace(cfg, seeds=(args.seed,), progress=True)
@@ -329,11 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         removals=tcfg.removals and not args.no_removals,
         innocents=not args.no_innocents,
     )
-    if args.frequency or args.clip:
+    if args.frequency or args.clip or args.epsilon:
         wm = tcfg.watermark
-        tcfg = replace(
-            tcfg, watermark=replace(wm, frequency=args.frequency or wm.frequency, clip=args.clip or wm.clip)
+        wm = replace(
+            wm,
+            frequency=args.frequency or wm.frequency,
+            clip=args.clip or wm.clip,
+            epsilon=args.epsilon or wm.epsilon,
         )
+        tcfg = replace(tcfg, watermark=wm)
     if args.students:
         cfg = replace(cfg, students=tuple(args.students.split(";")))
     if args.teacher:

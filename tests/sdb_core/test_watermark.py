@@ -129,7 +129,7 @@ def test_config_is_read_from_the_box_manifest(basis: WatermarkBasis) -> None:
     # boxes that record no configuration were made with the legacy one (their licensees' marks stay as served)
     assert config_from_manifest({"extra": {BASIS_KEY: basis.to_dict()}}) == LEGACY_CONFIG
     assert config_from_manifest({}) == LEGACY_CONFIG
-    assert WatermarkConfig() == LEGACY_CONFIG  # until the defaults change
+    assert replace(WatermarkConfig(), epsilon=0.1) == LEGACY_CONFIG  # the defaults then, but the amplitude
     with pytest.raises(ValueError, match="does not know"):  # a newer version's field is not dropped
         config_from_manifest({"extra": {CONFIG_KEY: {**asdict(cfg), "harmonics": 3}}})
     with pytest.raises(ValueError, match="clip"):
