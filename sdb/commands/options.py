@@ -27,6 +27,15 @@ BoxOptionOpt = Annotated[
     ),
 ]
 
+WatermarkOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--watermark-option",
+        help="Override a WatermarkConfig field of the licensees' marks on this box, KEY=VALUE (repeatable): "
+        "epsilon=0.1 (a stronger mark, at a cost: docs/traceability.md), frequency=1.0, clip=symmetric.",
+    ),
+]
+
 
 def override_config(cfg: Any, options: list[str]) -> Any:
     """sdb_core.configurator.override, its errors as bad CLI parameters."""

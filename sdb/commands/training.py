@@ -14,6 +14,7 @@ from sdb.commands.options import (
     DeviceOpt,
     SeedOpt,
     ThreadsOpt,
+    WatermarkOptionOpt,
     echo_json,
     override_config,
     set_threads,
@@ -76,6 +77,7 @@ def box(
         typer.Option(help="Also move the box key here (e.g. a secret store mount); unsealed boxes only."),
     ] = None,
     box_option: BoxOptionOpt = None,
+    watermark_option: WatermarkOptionOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 1,
@@ -89,6 +91,7 @@ def box(
     from sdb_core.keys import BoxKey
     from sdb_core.seal import Keyring
     from sdb_core.training import accuracy, load_model, model_fn, resolve_device
+    from sdb_core.watermark import WatermarkConfig
 
     keyring = Keyring.from_env()  # SDB_SEAL_KEY_FILE set: the artifact is written sealed
     if keyring.current is not None and key_out is not None:
@@ -103,6 +106,7 @@ def box(
         if epochs is not None:
             train = replace(train, epochs=epochs)
         cfg = override_config(replace(base, train=train), box_option or [])
+        wcfg = override_config(WatermarkConfig(), watermark_option or [])
         ckpt = out.parent / f".{out.name}.resume.pt"
         # One secret key for all ranks: drawn by rank 0, sent over the (local) process group.
         drawn = BoxKey.generate(ds.input_shape, cfg.lam) if parallel.is_main() else None
@@ -134,6 +138,7 @@ def box(
             teacher_top1=top1,
             checkpoint=ckpt,
             keyring=keyring if keyring.current is not None else None,
+            watermark=wcfg,
         )
         if key_out is not None:
             key_out.parent.mkdir(parents=True, exist_ok=True)

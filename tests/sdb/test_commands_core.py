@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ def test_train_box_distill_pipeline(tmp_path: Path) -> None:
             "guard=true",
             "--box-option",
             "plain_output=soft",
+            "--watermark-option",
+            "epsilon=0.1",
         ],
     )
     assert r.exit_code == 0, r.output
@@ -76,9 +79,12 @@ def test_train_box_distill_pipeline(tmp_path: Path) -> None:
     assert boxed.arch == "guarded" and boxed.plain_output == "soft"
     assert boxed.manifest["extra"]["box_config"]["guard"] is True
     # the watermark configuration the service derives licensees' marks with is recorded with the box
-    assert config_from_manifest(boxed.manifest) == WatermarkConfig()
+    assert config_from_manifest(boxed.manifest) == replace(WatermarkConfig(), epsilon=0.1)
+    assert config_from_manifest(load_box(box, key_path=key).manifest) == WatermarkConfig()
     r = runner.invoke(app, [*args, "--box-option", "nope=1"])
     assert r.exit_code != 0 and "nope" in r.output
+    r = runner.invoke(app, [*args, "--watermark-option", "epsilon=0.7"])
+    assert r.exit_code != 0 and "epsilon" in r.output
     student = tmp_path / "student"
     r = runner.invoke(
         app,
