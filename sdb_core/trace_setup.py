@@ -23,7 +23,7 @@ from sdb_core.watermark import WatermarkConfig
 class TraceEvalConfig:
     licensees: int = 20
     transfers: tuple[int, ...] = (500, 10_000)
-    leakers: dict[int, int] = field(default_factory=lambda: {500: 10, 10_000: 2})  # per size, per family
+    leakers: dict[int, int] = field(default_factory=lambda: {500: 10, 10_000: 4})  # per size, per family
     # families traced at each size (a size not listed: none); empty: all of the protocol's students everywhere
     families: dict[int, tuple[str, ...]] = field(default_factory=dict)
     sample_budget: int = 100_000  # a student sees at most this many samples (epochs scaled down for big sets)
