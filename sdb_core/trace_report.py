@@ -178,13 +178,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         ]
         for k, c in res["cost"].items():
             ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
-            n = len(c.get("clean_kd_each", [c["clean_kd"]]))
-            diff = c["watermarked_kd_mean"] - c["clean_kd"]
-            se = f" ({c['difference_se']:.2f})" if "difference_se" in c else ""
             lines.append(
-                f"| {k} | {c['label_only']:.2f} | {c['clean_kd']:.2f} (n={n}) "
+                f"| {k} | {c['label_only']:.2f} | {c['clean_kd']:.2f} (n={len(c['clean_kd_each'])}) "
                 f"| {c['watermarked_kd_mean']:.2f} | {c['delivered_clean']:.2f} "
-                f"| {c['delivered_watermarked']:.2f} | {ratio} | {diff:+.2f}{se} |"
+                f"| {c['delivered_watermarked']:.2f} | {ratio} "
+                f"| {c['difference']:+.2f} ({c['difference_se']:.2f}) |"
             )
     if res["removal"]:
         lines += [

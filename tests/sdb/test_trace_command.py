@@ -59,6 +59,11 @@ def env(url: str, secret: str = SECRET) -> dict[str, str]:
     return {"SDB_DATABASE_URL": url, "SDB_WATERMARK_SECRET": secret}
 
 
+def _url_trace_args(world: dict[str, object], url: str) -> list[str]:
+    """`sdb trace` of the world's box against a suspect URL: 1,500 probes, 200 decoys."""
+    return ["trace", "--box", str(world["box"]), "--suspect-url", url, "--probes", "1500", "--decoys", "200"]
+
+
 def test_a_leak_behind_a_url_is_traced_to_its_revoked_key(world: dict[str, object]) -> None:
     box = load_box(world["box"])  # type: ignore[arg-type]
     key_id, prefix, slot = world["ids"][1]  # type: ignore[index]
@@ -70,17 +75,7 @@ def test_a_leak_behind_a_url_is_traced_to_its_revoked_key(world: dict[str, objec
             return retemper(apply_watermark(wm, t, torch.softmax(box.keyed_logits(t) / 4.0, 1)), 0.25).numpy()
 
     with predict_endpoint(leak) as url:
-        args = [
-            "trace",
-            "--box",
-            str(world["box"]),
-            "--suspect-url",
-            url,
-            "--probes",
-            "1500",
-            "--decoys",
-            "200",
-        ]
+        args = _url_trace_args(world, url)
         r = runner.invoke(app, [*args, "--json"], env=env(str(world["url"])))
         assert r.exit_code == 0, r.output
         report = json.loads(r.output)
@@ -141,17 +136,7 @@ def test_each_key_is_traced_on_the_images_it_sent(world: dict[str, object]) -> N
     student = memorising_student(wm, sent[0], lambda t: torch.softmax(box.keyed_logits(t), 1))
 
     with predict_endpoint(student) as url:
-        args = [
-            "trace",
-            "--box",
-            str(world["box"]),
-            "--suspect-url",
-            url,
-            "--probes",
-            "1500",
-            "--decoys",
-            "200",
-        ]
+        args = _url_trace_args(world, url)
         own = json.loads(runner.invoke(app, [*args, "--json"], env=env(str(world["url"]))).output)
         fresh = json.loads(
             runner.invoke(app, [*args, "--json", "--no-own-images"], env=env(str(world["url"]))).output
