@@ -447,9 +447,10 @@ def make_test_box(
     seed: int = 0,
     arch_extra: dict[str, Any] | None = None,
     dir_name: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """An untrained box with a deterministic key, for service tests: `out_dir/name` (or `out_dir/dir_name`
-    for a model name that is no file name), fast (< 1 s)."""
+    for a model name that is no file name), fast (< 1 s). `extra`: more of the manifest's "extra"."""
     torch.manual_seed(seed)
     kwargs = arch_kwargs_for(tuple(input_shape), num_classes, **(arch_extra or {"width": 8}))
     model = build_model(arch, **kwargs)
@@ -469,5 +470,5 @@ def make_test_box(
         temperature_dis=4.0,
         data_digest="untrained",
         metrics={},
-        extra={"test_box": True},
+        extra={"test_box": True, **(extra or {})},
     )

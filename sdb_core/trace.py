@@ -25,6 +25,13 @@ watermarks tested (Holm by default, or Bonferroni), and a watermark is named whe
 below `alpha`. The report gives the decoys' own false-positive rate at `alpha`, the Kolmogorov-Smirnov
 distance of their p-values from uniform, and each issued watermark's rank and the number of decoys above it.
 The innocent students of `sdb_core.trace_eval` check the calibration out of sample.
+
+Watermarks with a class pattern (`sdb_core.pattern`, the second channel) are tested on it too: the
+suspect's centred non-top log-probabilities minus the reference's, averaged per reference top-1 class, are
+projected on each pattern, and the projections are calibrated on the decoys' patterns the same way (or
+against |R| / sqrt(D), the analytic null of a random unit pattern). A watermark's statistic is the larger of
+its two calibrated z's, and its p-value that of the larger of two independent standard normals (Sidak:
+1 - (1 - p)^2), which keeps the decoys' p-values uniform. `WatermarkResult` keeps both channels' z.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdb_core.pattern import analytic_z, centred_log_residual, pattern_dims, pattern_statistics
 from sdb_core.watermark import Watermark, WatermarkConfig, decoy_watermarks, mark_deltas, retemper
 
 CORRECTIONS = ("holm", "bonferroni")
@@ -74,8 +82,8 @@ class TraceConfig:
 @dataclass(frozen=True)
 class WatermarkResult:
     wid: str
-    statistic: float  # z, calibrated (see TraceConfig.null)
-    raw_statistic: float  # z before calibration
+    statistic: float  # z, calibrated (see TraceConfig.null): the larger of the channels' z
+    raw_statistic: float  # the top-1 channel's z before calibration
     log10_p: float
     p_value: float  # 10 ** log10_p (0.0 below float range: read log10_p)
     log10_corrected_p: float
@@ -84,6 +92,8 @@ class WatermarkResult:
     rank: int  # 1 = the largest statistic among the issued watermarks
     decoys_above: int  # decoys whose statistic is at least this one's
     probes: int  # probe images this watermark was tested on
+    top1_statistic: float = 0.0  # the top-1 cosine channel's calibrated z
+    pattern_statistic: float | None = None  # the class pattern channel's calibrated z (None: no pattern)
 
 
 @dataclass
@@ -101,6 +111,8 @@ class TraceReport:
     null_scale: float  # the raw z divided by this
     decoy_z_mean: float
     decoy_z_std: float
+    channels: int = 1  # 2 with the class pattern: p-values of the larger z of two (log10_p_upper)
+    pattern_null_scale: float | None = None  # the pattern channel's raw projection divided by this
     decoy_statistics: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -163,9 +175,15 @@ def statistics(residual: Tensor, deltas: Tensor, groups: Tensor | None = None) -
     return torch.where(den > 0, z, torch.zeros_like(z))
 
 
-def log10_p_upper(z: Tensor) -> Tensor:
-    """log10 P(N(0,1) >= z), exact far into the tail."""
-    return torch.special.log_ndtr(-z.double()) / LN10
+def log10_p_upper(z: Tensor, channels: int = 1) -> Tensor:
+    """log10 P(max of `channels` independent N(0,1) >= z) = log10(1 - (1 - P(N(0,1) >= z))^channels)
+    (Sidak), exact far into the tail: uniform under the null, as the decoys check."""
+    lm = torch.special.log_ndtr(-z.double())  # ln P(N(0,1) >= z)
+    if channels == 1:
+        return lm / LN10
+    m = lm.exp()
+    exact = torch.log(-torch.expm1(channels * torch.log1p(-m.clamp(max=1 - 1e-16))))
+    return torch.where(m < 1e-10, lm + math.log(channels), exact) / LN10
 
 
 def corrected_log10(log10_p: Tensor, method: str) -> Tensor:
@@ -225,12 +243,19 @@ def trace(
     groups = top[:, 0]
 
     w0 = watermarks[0]
+    if any(
+        (w.pattern_tensor() is None) != (w0.pattern_tensor() is None)
+        or w.pattern_epsilon != w0.pattern_epsilon
+        for w in watermarks[1:]
+    ):
+        raise ValueError("the watermarks were derived with different class pattern settings")
     wcfg = watermark_cfg or WatermarkConfig(
         epsilon=w0.epsilon,
         temperature=temperature,
         frequency=w0.mode.frequency,
         margin=w0.margin,
         clip=w0.clip,
+        pattern=w0.pattern_epsilon,
     )
     decoys = (
         decoy_watermarks(
@@ -255,15 +280,36 @@ def trace(
         else torch.zeros(0, dtype=torch.float64)
     )
 
-    loc, scale = 0.0, 1.0
-    if cfg.null == "decoys":
-        med = z_decoy.median()
-        loc = float(med)
-        scale = max(1e-6, float(1.4826 * (z_decoy - med).abs().median()))
+    loc, scale = _null(z_decoy, cfg.null)
     z_raw_issued = z_issued
     z_issued = (z_issued - loc) / scale
     z_decoy = (z_decoy - loc) / scale
-    lp = log10_p_upper(z_issued)
+    top1_issued = z_issued
+    pattern_issued: Tensor | None = None
+    channels, pattern_scale = 1, None
+    if w0.pattern_tensor() is not None:
+        channels = 2
+        mask = w0.pattern_mask()
+        residual_cc = centred_log_residual(sus, ref, mask)
+        pats = [w.pattern_tensor() for w in watermarks]
+        dpats = [d.pattern_tensor() for d in decoys]
+        raw_i = pattern_statistics(residual_cc, torch.stack([p for p in pats if p is not None]))
+        raw_d = (
+            pattern_statistics(residual_cc, torch.stack([p for p in dpats if p is not None]))
+            if decoys
+            else torch.zeros(0, dtype=torch.float64)
+        )
+        if cfg.null == "decoys":
+            ploc, pscale = _null(raw_d, cfg.null)
+            pattern_issued, pattern_decoy = (raw_i - ploc) / pscale, (raw_d - ploc) / pscale
+        else:
+            pscale = float(residual_cc.norm()) / max(math.sqrt(pattern_dims(mask)), 1.0)
+            pattern_issued = analytic_z(raw_i, residual_cc, mask)
+            pattern_decoy = analytic_z(raw_d, residual_cc, mask)
+        pattern_scale = pscale
+        z_issued = torch.maximum(z_issued, pattern_issued)
+        z_decoy = torch.maximum(z_decoy, pattern_decoy) if decoys else z_decoy
+    lp = log10_p_upper(z_issued, channels)
     lpc, ranks = _corrected_and_ranked(z_issued, lp, cfg.correction)
     results = [
         WatermarkResult(
@@ -278,6 +324,8 @@ def trace(
             rank=int(ranks[i]),
             decoys_above=int((z_decoy >= z_issued[i]).sum()),
             probes=len(x),
+            top1_statistic=float(top1_issued[i]),
+            pattern_statistic=float(pattern_issued[i]) if pattern_issued is not None else None,
         )
         for i, w in enumerate(watermarks)
     ]
@@ -290,8 +338,19 @@ def trace(
         null=cfg.null,
         null_location=loc,
         null_scale=scale,
-        **_decoy_measures(z_decoy, len(watermarks), cfg.alpha),
+        channels=channels,
+        pattern_null_scale=pattern_scale,
+        **_decoy_measures(z_decoy, len(watermarks), cfg.alpha, channels),
     )
+
+
+def _null(z_decoy: Tensor, null: str) -> tuple[float, float]:
+    """The location and scale a channel's raw statistics are calibrated with: the decoys' median and
+    robust spread (1.4826 MAD), or (0, 1) for the analytic null."""
+    if null != "decoys" or len(z_decoy) == 0:
+        return 0.0, 1.0
+    med = z_decoy.median()
+    return float(med), max(1e-12, float(1.4826 * (z_decoy - med).abs().median()))
 
 
 def _corrected_and_ranked(z: Tensor, log10_p: Tensor, correction: str) -> tuple[Tensor, Tensor]:
@@ -306,12 +365,12 @@ def _verdict(log10_corrected_p: float, alpha: float) -> str:
     return "match" if log10_corrected_p < math.log10(alpha) else "no evidence"
 
 
-def _decoy_measures(z_decoy: Tensor, m: int, alpha: float) -> dict[str, Any]:
+def _decoy_measures(z_decoy: Tensor, m: int, alpha: float, channels: int = 1) -> dict[str, Any]:
     """The decoys' check of the null: their false-positive rate at alpha (uncorrected, and as if corrected
     over the m watermarks tested: Bonferroni's bound, Holm names no more), their p-values' KS distance from
     uniform, the mean and spread of their calibrated z."""
     n = len(z_decoy)
-    lp = log10_p_upper(z_decoy)
+    lp = log10_p_upper(z_decoy, channels)
     log_alpha = math.log10(alpha)
     return {
         "decoy_false_positive_rate": float((lp < log_alpha).double().mean()) if n else 0.0,
@@ -395,5 +454,7 @@ def trace_licensees(
         null=cfg.null,
         null_location=float(torch.tensor([sub.null_location for _, sub in parts]).median()),
         null_scale=float(torch.tensor([sub.null_scale for _, sub in parts]).median()),
-        **_decoy_measures(z_decoy, len(watermarks), cfg.alpha),
+        channels=parts[0][1].channels,
+        pattern_null_scale=parts[0][1].pattern_null_scale,
+        **_decoy_measures(z_decoy, len(watermarks), cfg.alpha, parts[0][1].channels),
     )

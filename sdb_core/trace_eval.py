@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdb_core.configurator import override
 from sdb_core.data import Dataset, load_dataset
 from sdb_core.distill import DistillConfig
 from sdb_core.evaluate import (
@@ -322,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--epsilon", type=float, default=0.0, help="the watermarks' amplitude (default: this version's)"
     )
+    ap.add_argument(
+        "--watermark-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any WatermarkConfig field, e.g. pattern=0 or pattern_after=0 (repeatable)",
+    )
     args = ap.parse_args(argv)
     cfg = reduced_config(args.dataset) if args.reduced else protocol_for(args.dataset)
     cfg = replace(cfg, seeds=(args.seed,), progress=True)
@@ -341,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             epsilon=args.epsilon or wm.epsilon,
         )
         tcfg = replace(tcfg, watermark=wm)
+    if args.watermark_option:
+        tcfg = replace(tcfg, watermark=override(tcfg.watermark, args.watermark_option))
     if args.students:
         cfg = replace(cfg, students=tuple(args.students.split(";")))
     if args.teacher:

@@ -29,6 +29,8 @@ def summarize_trace(rep: TraceReport, leakers: tuple[str, ...] = ()) -> dict[str
             wid: {
                 "rank": rep.result(wid).rank,
                 "z": rep.result(wid).statistic,
+                "top1_z": rep.result(wid).top1_statistic,
+                "pattern_z": rep.result(wid).pattern_statistic,
                 "log10_corrected_p": rep.result(wid).log10_corrected_p,
                 "decoys_above": rep.result(wid).decoys_above,
             }

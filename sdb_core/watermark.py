@@ -24,16 +24,18 @@ The design (research/traceability/NOTES.md has the trials behind it):
   `clip="symmetric"` a row also moves at most as far up as it may move down, so every row's mark averages to
   zero over the phase; the default one-sided clip gives every watermark a common shift on rows with a small
   lead (+3 to +7 on every decoy's statistic, against a spread of 2 to 5), which the decoy null removes.
+- **Class pattern** (`sdb_core.pattern`, `pattern` > 0). A second channel for students that learn the
+  cosine too weakly (`small_cnn:16` from 10,000 images): each slot also gets an orthonormal pattern over
+  (top-1 class, other class), and from the licensee's `pattern_after`-th soft label on, the non-top
+  classes' log-probabilities move by it (the top-1 probability and so the top-1 stay as they were).
 - **Versions.** A box records the configuration its watermarks are made with (`CONFIG_KEY` in its
   manifest's "extra", read by `config_from_manifest`); a box that records none was made with
   `LEGACY_CONFIG`, so a licensee's watermark stays what it was served with when the defaults change.
 
-For the service: keep one owner secret (>= 16 bytes) apart from the box key and the API keys; per API key
-store its slot (0, 1, 2, ... in issue order, never reused) and its public `wid`; per box read the basis with
-`basis_from_manifest(boxed.manifest)` and the configuration with `config_from_manifest(boxed.manifest)`; then
-`derive_watermark(secret, key_id, input_shape=..., num_classes=..., cfg=cfg, basis=basis, slot=slot)` and
-`apply_watermark(wm, x_raw, probs)` on `/distill-batch` answers. `sdb_core.trace.trace` takes the same
-watermarks (all ever issued) and the box's clean keyed path as reference.
+For the service: one owner secret (>= 16 bytes) apart from the box key and the API keys; per API key its
+slot (0, 1, 2, ... in issue order, never reused) and public `wid`; per box `basis_from_manifest` and
+`config_from_manifest`; then `derive_watermark(...)` and `apply_watermark(wm, x_raw, probs, served)` on
+`/distill-batch` answers. `sdb_core.trace.trace` takes the same watermarks (all ever issued).
 
 Everything secret (the mode) is derived by HMAC-SHA256 from the owner's secret and the licensee id; the public
 watermark id is a one-way function of both. `repr()` of a `Watermark` shows only its id.
@@ -44,13 +46,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from sdb_core.pattern import apply_pattern, keyed_patterns, one_pattern, pattern_mask
 
 BASIS_KEY = "watermark_basis"  # where a box manifest's "extra" keeps its fitted basis (sdb_core.box)
 CONFIG_KEY = "watermark_config"  # ... and the configuration its watermarks are made with
@@ -72,6 +76,14 @@ class WatermarkConfig:
     # "lead": down to the runner-up's tie, up to 1; "symmetric": also up at most as far as it may go down,
     # so that a row's mark averages to zero over the phase (no shift common to all watermarks)
     clip: str = "lead"
+    # RMS shift of the non-top classes' log-probabilities at `temperature` by the licensee's class pattern
+    # (sdb_core.pattern, the second channel; 0 turns it off). 0.4: the `small_cnn:16` students that the
+    # top-1 cosine does not trace at 10,000 images carry it (research/traceability/NOTES.md, third round)
+    pattern: float = 0.4
+    # the pattern goes on a licensee's soft labels from the `pattern_after`-th one it is served: a transfer
+    # set of a few hundred images pays for the pattern (about 1 point of student top-1 at 500 images)
+    # and is traced without it, on the licensee's own images (research/traceability/NOTES.md, third round)
+    pattern_after: int = 1_000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon < 0.5:
@@ -84,23 +96,36 @@ class WatermarkConfig:
             raise ValueError("frequency must be > 0")
         if self.clip not in CLIPS:
             raise ValueError(f"unknown clip {self.clip!r}; one of {', '.join(CLIPS)}")
+        if not 0.0 <= self.pattern <= 2.0:
+            raise ValueError(f"pattern must be in [0, 2], got {self.pattern}")
+        if self.pattern_after < 0:
+            raise ValueError("pattern_after must be >= 0")
 
 
 # What boxes whose manifest records no watermark configuration were made with (before 2026-12-06): the
 # defaults of then, spelled out so that a change of the defaults leaves those boxes' marks as served.
 LEGACY_CONFIG = WatermarkConfig(
-    epsilon=0.1, temperature=4.0, dct_size=8, directions=20, frequency=1.5, margin=1e-3, clip="lead"
+    epsilon=0.1,
+    temperature=4.0,
+    dct_size=8,
+    directions=20,
+    frequency=1.5,
+    margin=1e-3,
+    clip="lead",
+    pattern=0.0,
+    pattern_after=0,
 )
 
 
 @dataclass(frozen=True)
 class Mode:
     """The secret part of a watermark: a unit direction in the whitened principal coordinates, the cosine's
-    frequency over the CDF-mapped projection, and its phase."""
+    frequency over the CDF-mapped projection, its phase, and the class pattern (C x C, flattened)."""
 
     direction: tuple[float, ...]
     frequency: float
     phase: float
+    pattern: tuple[float, ...] = ()
 
 
 def bank_size(cfg: WatermarkConfig = WatermarkConfig()) -> int:
@@ -206,7 +231,8 @@ def basis_from_manifest(manifest: dict[str, Any]) -> WatermarkBasis | None:
 def config_from_manifest(manifest: dict[str, Any]) -> WatermarkConfig:
     """The watermark configuration a box records (`sdb box` writes it), or `LEGACY_CONFIG` for boxes that
     record none. A recorded field this version does not know is refused rather than dropped: dropping it
-    would change every licensee's watermark."""
+    would change every licensee's watermark. A field added after the box was made takes its legacy value
+    (the pattern channel is off for boxes that record no `pattern`)."""
     rec = (manifest.get("extra") or {}).get(CONFIG_KEY)
     if not rec:
         return LEGACY_CONFIG
@@ -215,7 +241,7 @@ def config_from_manifest(manifest: dict[str, Any]) -> WatermarkConfig:
         raise ValueError(
             f"the box's watermark configuration has fields this version does not know: {unknown}"
         )
-    return WatermarkConfig(**rec)
+    return WatermarkConfig(**{**asdict(LEGACY_CONFIG), **rec})
 
 
 @lru_cache(maxsize=16)
@@ -248,6 +274,20 @@ class Watermark:
     margin: float = field(repr=False, default=1e-3)
     num_classes: int = field(repr=False, default=10)
     clip: str = field(repr=False, default="lead")
+    pattern_epsilon: float = field(repr=False, default=0.0)
+    pattern_after: int = field(repr=False, default=0)
+
+    def pattern_mask(self) -> Tensor:
+        """[C, C] bool: the entries the class pattern moves."""
+        return pattern_mask(self.num_classes)
+
+    def pattern_tensor(self) -> Tensor | None:
+        """The class pattern [C, C], or None where this watermark has none."""
+        if self.pattern_epsilon == 0 or not self.mode.pattern:
+            return None
+        return torch.tensor(self.mode.pattern, dtype=torch.float64).reshape(
+            self.num_classes, self.num_classes
+        )
 
     def phase(self, x_raw: Tensor) -> Tensor:
         """theta(x) for every image: [N]."""
@@ -277,24 +317,39 @@ def watermark_id(secret: bytes, licensee: str) -> str:
     return "wm-" + _mac(secret, f"sdb-watermark-id:{licensee}").hex()[:12]
 
 
+def _seed(secret: bytes, label: str) -> int:
+    return int.from_bytes(_mac(secret, label), "big")
+
+
 def _rng(secret: bytes, label: str) -> np.random.Generator:
-    seed = int.from_bytes(_mac(secret, label), "big")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(_seed(secret, label))))
 
 
 def _unit(v: np.ndarray) -> tuple[float, ...]:
     return tuple(float(x) for x in v / np.linalg.norm(v))
 
 
-def _slot_mode(secret: bytes, slot: int, cfg: WatermarkConfig, k: int) -> Mode:
+def _slot_mode(secret: bytes, slot: int, cfg: WatermarkConfig, k: int, num_classes: int) -> Mode:
     """Slot s: row s mod k of an orthogonal matrix keyed by the secret; the second round of slots reuses
-    the rows in quadrature (phase + pi/2) of the first."""
+    the rows in quadrature (phase + pi/2) of the first. The class pattern: pattern s of an orthonormal set
+    keyed by the secret (a random one where the pattern space has fewer dimensions than slots)."""
     if not 0 <= slot < 2 * k:
         raise ValueError(f"slot {slot} outside the {2 * k} watermarks this configuration can issue apart")
     q, r = np.linalg.qr(_rng(secret, "sdb-watermark-directions").standard_normal((k, k)))
     q = q * np.sign(np.diag(r))  # a unique QR: Haar-distributed rows
     base = float(_rng(secret, f"sdb-watermark-phase:{slot % k}").uniform(0.0, 2 * math.pi))
-    return Mode(_unit(q[slot % k]), cfg.frequency, base + (slot // k) * math.pi / 2)
+    patterns = (
+        keyed_patterns(_seed(secret, "sdb-watermark-patterns"), num_classes, 2 * k) if cfg.pattern else ()
+    )
+    if slot < len(patterns):
+        pattern = patterns[slot]
+    else:
+        pattern = _pattern_of(_rng(secret, f"sdb-watermark-pattern:{slot}"), num_classes, cfg)
+    return Mode(_unit(q[slot % k]), cfg.frequency, base + (slot // k) * math.pi / 2, pattern)
+
+
+def _pattern_of(rng: np.random.Generator, num_classes: int, cfg: WatermarkConfig) -> tuple[float, ...]:
+    return one_pattern(rng, num_classes) if cfg.pattern else ()
 
 
 def derive_watermark(
@@ -322,8 +377,10 @@ def derive_watermark(
     if slot is None:
         rng = _rng(secret, f"sdb-watermark-mode:{licensee}")
         mode = Mode(_unit(rng.standard_normal(k)), cfg.frequency, float(rng.uniform(0.0, 2 * math.pi)))
+        prng = _rng(secret, f"sdb-watermark-pattern:{licensee}")
+        mode = replace(mode, pattern=_pattern_of(prng, num_classes, cfg))
     else:
-        mode = _slot_mode(secret, slot, cfg, k)
+        mode = _slot_mode(secret, slot, cfg, k, num_classes)
     return Watermark(
         wid=watermark_id(secret, licensee),
         mode=mode,
@@ -333,6 +390,8 @@ def derive_watermark(
         margin=cfg.margin,
         num_classes=num_classes,
         clip=cfg.clip,
+        pattern_epsilon=cfg.pattern if mode.pattern else 0.0,
+        pattern_after=cfg.pattern_after,
     )
 
 
@@ -347,18 +406,26 @@ def decoy_watermarks(
     """`n` watermarks never issued: random directions and phases (from `seed`) at the issued frequency. A
     random direction overlaps an issued one by about 1/sqrt(directions), and the cosine at `frequency`
     passes on only a small power of that overlap; their statistics on a suspect show the null."""
-    rng = np.random.Generator(
-        np.random.PCG64(
-            np.random.SeedSequence(int.from_bytes(hashlib.sha256(seed or b"sdb-decoys").digest(), "big"))
-        )
-    )
+    digest = int.from_bytes(hashlib.sha256(seed or b"sdb-decoys").digest(), "big")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(digest)))
+    prng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([digest, 1])))  # the patterns' stream
     k = basis.directions
     out = []
     for i in range(n):
         mode = Mode(_unit(rng.standard_normal(k)), cfg.frequency, float(rng.uniform(0.0, 2 * math.pi)))
+        mode = replace(mode, pattern=_pattern_of(prng, num_classes, cfg))
         out.append(
             Watermark(
-                f"decoy-{i:05d}", mode, basis, cfg.epsilon, cfg.temperature, cfg.margin, num_classes, cfg.clip
+                f"decoy-{i:05d}",
+                mode,
+                basis,
+                cfg.epsilon,
+                cfg.temperature,
+                cfg.margin,
+                num_classes,
+                cfg.clip,
+                cfg.pattern if mode.pattern else 0.0,
+                cfg.pattern_after,
             )
         )
     return out
@@ -403,10 +470,11 @@ def _clipped(probs: Tensor, delta: Tensor, margin: float, *, symmetric: bool) ->
     return torch.where(movable, new - p1, torch.zeros_like(new)).to(probs.dtype)
 
 
-def apply_watermark(wm: Watermark, x_raw: Tensor, probs: Tensor) -> Tensor:
+def apply_watermark(wm: Watermark, x_raw: Tensor, probs: Tensor, served: int = 0) -> Tensor:
     """The licensee's answer: `probs` [N, C] (soft labels at the requested temperature; rows sum to 1) with
-    the watermark on each row's top-1 probability. Rows still sum to 1 and keep their top-1 (the argmax
-    index of every row is unchanged, ties included)."""
+    the watermark on each row's top-1 probability and, from the licensee's `pattern_after`-th soft label on
+    (`served`: how many it was served before these rows), the class pattern on its other classes. Rows
+    still sum to 1 and keep their top-1 (the argmax index of every row is unchanged, ties included)."""
     if probs.dim() != 2 or len(probs) != len(x_raw):
         raise ValueError(f"probs must be [N, C] for N = {len(x_raw)} inputs, got {tuple(probs.shape)}")
     if len(probs) == 0:
@@ -420,7 +488,12 @@ def apply_watermark(wm: Watermark, x_raw: Tensor, probs: Tensor) -> Tensor:
     scale = (1.0 - (p1 + delta)) / rest
     out = p * scale
     out = out.scatter(1, top, p1 + delta)
-    out = torch.where(delta != 0, out, p).to(probs.dtype)
+    out = torch.where(delta != 0, out, p)
+    pattern = wm.pattern_tensor()
+    first = max(0, wm.pattern_after - served)  # rows before this one are served without the pattern
+    if pattern is not None and first < len(out):
+        out[first:] = apply_pattern(pattern, out[first:], wm.pattern_epsilon, wm.pattern_mask())
+    out = out.to(probs.dtype)
     # A lead below the output dtype's resolution could round into a tie: such rows go back unmarked.
     kept = out.argmax(dim=1) == probs.argmax(dim=1)
     return torch.where(kept[:, None], out, probs)

@@ -262,7 +262,9 @@ class TraceKeyOut(BaseModel):
     user_id: int
     user_name: str
     key_state: str = Field(description="active, revoked, expired or `watermark off`.")
-    statistic: float | None = Field(description="Matched-filter z (standard normal without the mark).")
+    statistic: float | None = Field(
+        description="z (standard normal without the mark): the larger of the two channels' z below."
+    )
     log10_p: float | None
     p_value: float
     log10_corrected_p: float | None
@@ -272,6 +274,10 @@ class TraceKeyOut(BaseModel):
     decoys_above: int = Field(description="Decoys whose statistic is at least this one's.")
     own_images: int = Field(
         description="Images this key sent (kept by the service) that it was tested on; 0: the owner's probes."
+    )
+    top1_statistic: float | None = Field(None, description="The top-1 cosine channel's calibrated z.")
+    pattern_statistic: float | None = Field(
+        None, description="The class pattern channel's calibrated z (null: the box's marks have no pattern)."
     )
 
 

@@ -23,7 +23,7 @@ def _fmt_p(log10: float | None, p: float) -> str:
 
 def _table(report: dict[str, Any]) -> str:
     head = f"{'rank':>4}  {'verdict':<11}  {'key':>5}  {'user':<16}  {'state':<13}  {'watermark':<15}  "
-    head += f"{'z':>7}  {'p':>9}  {'corrected p':>11}  {'own images':>10}"
+    head += f"{'z':>7}  {'top-1 z':>7}  {'pattern z':>9}  {'p':>9}  {'corrected p':>11}  {'own images':>10}"
     lines = [
         f"model {report['model']}, suspect {report['suspect']}: {report['probes']} probes, "
         f"{report['watermarks_tested']} watermarks tested "
@@ -31,10 +31,13 @@ def _table(report: dict[str, Any]) -> str:
         head,
     ]
     for k in report["keys"]:
-        z = "" if k["statistic"] is None else f"{k['statistic']:.2f}"
+        z, z_top, z_pattern = (
+            "" if k.get(f) is None else f"{k[f]:.2f}"
+            for f in ("statistic", "top1_statistic", "pattern_statistic")
+        )
         lines.append(
             f"{k['rank']:>4}  {k['verdict']:<11}  {k['key_id']:>5}  {k['user_name'][:16]:<16}  "
-            f"{k['key_state']:<13}  {k['watermark_id']:<15}  {z:>7}  "
+            f"{k['key_state']:<13}  {k['watermark_id']:<15}  {z:>7}  {z_top:>7}  {z_pattern or '-':>9}  "
             f"{_fmt_p(k['log10_p'], k['p_value']):>9}  "
             f"{_fmt_p(k['log10_corrected_p'], k['corrected_p']):>11}  {k['own_images'] or '-':>10}"
         )

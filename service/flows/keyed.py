@@ -91,7 +91,16 @@ def _soft_labels(
     if grant.watermark_id is None or grant.watermark_slot is None:
         return labels, logits
     return mark_answer(
-        marks, grant.key_id, grant.key_prefix, grant.watermark_slot, model, x, labels, logits, temperature
+        marks,
+        grant.key_id,
+        grant.key_prefix,
+        grant.watermark_slot,
+        model,
+        x,
+        labels,
+        logits,
+        temperature,
+        served=grant.used - grant.n_samples,  # the key's samples before this call
     )
 
 

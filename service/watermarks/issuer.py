@@ -139,11 +139,11 @@ class Watermarker:
         return [kid for kid, prefix, stored in keys if self.watermark_id(kid, prefix) != stored]
 
 
-def apply(wm: Watermark, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def apply(wm: Watermark, x: np.ndarray, labels: np.ndarray, served: int = 0) -> np.ndarray:
     """The watermarked soft labels (float32, rows sum to 1). A row whose top-1 the mark would change (a tie
     broken the other way) keeps its unmarked probabilities: the returned top-1 is always the keyed path's."""
     with torch.inference_mode():
-        marked = apply_watermark(wm, torch.from_numpy(x), torch.from_numpy(labels))
+        marked = apply_watermark(wm, torch.from_numpy(x), torch.from_numpy(labels), served)
     out = np.ascontiguousarray(marked.detach().cpu().numpy(), dtype=np.float32)
     changed = out.argmax(axis=1) != labels.argmax(axis=1)
     if changed.any():
@@ -169,7 +169,9 @@ def mark_answer(
     labels: np.ndarray,
     logits: np.ndarray,
     temperature: float,
+    served: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The /distill-batch answer of a watermarked key: (marked soft labels, logits consistent with them)."""
-    marked = apply(marks.watermark(key_id, prefix, slot, model), x, labels)
+    """The /distill-batch answer of a watermarked key: (marked soft labels, logits consistent with them).
+    `served`: the samples the key was served before this call (the class pattern starts after a number)."""
+    marked = apply(marks.watermark(key_id, prefix, slot, model), x, labels, served)
     return marked, consistent_logits(marked, logits, temperature)

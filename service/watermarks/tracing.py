@@ -54,6 +54,8 @@ class KeyVerdict:
     rank: int
     decoys_above: int
     own_images: int  # the key's own images it was tested on; 0: the owner's probe images
+    top1_statistic: float | None = None  # the channels' z (statistic is the larger)
+    pattern_statistic: float | None = None
 
 
 def key_state(w: IssuedWatermark, now: datetime) -> str:
@@ -127,6 +129,8 @@ def run_trace(
                 rank=r.rank,
                 decoys_above=r.decoys_above,
                 own_images=r.probes if w.key_id in own else 0,
+                top1_statistic=_finite(r.top1_statistic),
+                pattern_statistic=None if r.pattern_statistic is None else _finite(r.pattern_statistic),
             )
         )
     rows.sort(key=lambda v: v.rank)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from sdb_core.data import Dataset
+from sdb_core.pattern import apply_pattern
 from sdb_core.trace import TraceConfig, corrected_log10, log10_p_upper, trace, trace_licensees
 from sdb_core.watermark import (
     Watermark,
@@ -75,6 +76,25 @@ def test_a_marked_suspect_names_its_licensee_only(setup) -> None:  # type: ignor
     best = rep.result(wms[3].wid)
     assert best.rank == 1 and best.log10_corrected_p < -6 and best.decoys_above == 0
     assert json_safe(rep.to_dict())
+
+
+def test_a_suspect_that_learned_only_the_class_pattern_is_named_by_it(setup) -> None:  # type: ignore[no-untyped-def]
+    """The second channel on its own: a suspect whose non-top classes carry half of licensee 6's pattern
+    (and nothing of its top-1 cosine) is named through the pattern's z, and nobody else is."""
+    _, wms, probes, reference = setup
+    wm = wms[6]
+    pattern, mask = wm.pattern_tensor(), wm.pattern_mask()
+    assert pattern is not None
+
+    def suspect(x: Tensor) -> Tensor:
+        pt = retemper(reference(x), T)
+        return retemper(apply_pattern(pattern, pt, 0.5 * wm.pattern_epsilon, mask), 1.0 / T)
+
+    rep = trace(suspect, reference, probes, wms, TraceConfig(decoys=300), decoy_secret=b"p")
+    assert rep.channels == 2 and [r.wid for r in rep.matches] == [wm.wid]
+    hit = rep.result(wm.wid)
+    assert hit.pattern_statistic is not None and hit.pattern_statistic > 6 and hit.top1_statistic < 3
+    assert hit.statistic == max(hit.top1_statistic, hit.pattern_statistic)
 
 
 def json_safe(d: dict) -> bool:

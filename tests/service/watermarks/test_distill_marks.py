@@ -173,3 +173,45 @@ def test_slots_are_distinct_and_a_full_bank_is_refused(
             crud_watermarks.set_key_watermark(s, key, True, watermark_id=lambda i, p: "wm-x", bank_size=3)
     finally:
         db.dispose()
+
+
+def test_the_class_pattern_starts_at_the_keys_pattern_after_th_sample(
+    make_settings: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A box whose watermark configuration has the class pattern from a key's 100th sample on: a key that
+    was served 80 samples gets the pattern on rows 20 onward of a 64-row call (the top-1 probability of
+    every row as without it), and on every row once it was served 100."""
+    from dataclasses import asdict
+
+    from sdb_core.artifact import make_test_box
+    from sdb_core.watermark import CONFIG_KEY, WatermarkConfig
+    from service.main import create_app
+
+    make_test_box(
+        tmp_path, name="gamma", seed=3, extra={CONFIG_KEY: asdict(WatermarkConfig(pattern_after=100))}
+    )
+    db = Database(database_url)
+
+    def served(key_id: int, n: int) -> None:
+        with db.write() as s:
+            s.get(ApiKey, key_id).samples_used = n  # type: ignore[union-attr]
+
+    with TestClient(create_app(make_settings(model_dir=tmp_path, default_model="gamma"))) as client:
+        api = ApiHelper(client)
+        _, key, headers = api.user_with_key(scopes=["gamma"])
+        answers = {}
+        for before in (0, 80, 100):
+            served(key["id"], before)
+            answers[before] = np.asarray(
+                distill(client, headers, model="gamma")["soft_labels"], dtype=np.float64
+            )
+    top = answers[0].argmax(1)[:, None]
+    for before, first in ((80, 20), (100, 0)):
+        a, b = answers[0], answers[before]
+        np.testing.assert_array_equal(b.argmax(1), a.argmax(1))
+        np.testing.assert_allclose(np.take_along_axis(b, top, 1), np.take_along_axis(a, top, 1), atol=1e-6)
+        np.testing.assert_allclose(b[:first], a[:first], atol=1e-7)
+        moved = np.abs(b[first:] - a[first:]).max(1) > 1e-4
+        # an untrained box's soft labels have narrow leads: rows the pattern would reorder stay unmoved
+        assert moved.mean() > 0.25, moved.mean()
+    db.dispose()

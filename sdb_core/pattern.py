@@ -1,0 +1,127 @@
+"""The second channel of a licensee's watermark: a class pattern on the dark knowledge.
+
+The first channel (`sdb_core.watermark`) moves each row's top-1 probability by a cosine of the image. A
+student learns that only as well as it can represent a smooth function of the image, and a `small_cnn:16`
+distilled from 10,000 images does not learn it above its own smooth error (research/traceability/NOTES.md).
+What every distilled student does learn is the teacher's dark knowledge: which wrong classes each class
+resembles. So each licensee also gets a pattern U on the non-top classes, one value per (top-1 class c,
+other class k): for a row whose top-1 is c, log p_k += a sqrt(D) U[c, k] for every k != c, and the other
+classes are rescaled to keep the top-1 probability as it was (top-1 kept by construction: a row whose
+runner-up would overtake it keeps no pattern). U is zero on the diagonal, has zero mean over each row's
+non-top entries and unit norm: it lives in a space of D = C (C - 2) dimensions (80 for 10 classes), `a` is
+the RMS shift of a non-top log-probability at the mark's temperature.
+
+Issued patterns (slot 0, 1, ...) are orthonormal (keyed by the secret), so one licensee's pattern does not
+show as another's. A student's residual R[c, k] (its centred non-top log-probabilities minus the
+reference's, averaged over the probes of each reference top-1 class) projects on a pattern it did not learn
+like on a random unit vector of that space: about N(0, |R|^2 / D), which the decoys (random patterns)
+measure. A student that learned the pattern fully would reach z = sqrt(D), the channel's ceiling.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def pattern_mask(num_classes: int) -> Tensor:
+    """[C, C] bool: the entries (top-1 class c, other class k) a pattern moves: every k != c. (The functions
+    below take any mask: a trial left each class's most similar classes alone, research/traceability.)"""
+    return ~torch.eye(num_classes, dtype=torch.bool)
+
+
+def pattern_dims(mask: Tensor) -> int:
+    """D: the dimension of the pattern space (0: no pattern fits, e.g. two classes)."""
+    return int((mask.sum(1) - 1).clamp_min(0).sum())
+
+
+def _project(g: Tensor, mask: Tensor) -> Tensor:
+    """[n, C, C] -> zero outside the mask and zero mean over each row's entries in it."""
+    g = g * mask
+    return (g - g.sum(-1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)) * mask
+
+
+def random_patterns(n: int, mask: Tensor, rng: np.random.Generator) -> Tensor:
+    """n independent uniformly random unit patterns [n, C, C] (float64)."""
+    c = mask.shape[0]
+    g = _project(torch.from_numpy(rng.standard_normal((n, c, c))), mask)
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-300)[:, None, None]
+
+
+def orthonormal_patterns(n: int, mask: Tensor, rng: np.random.Generator) -> Tensor:
+    """min(n, D) mutually orthonormal unit patterns [k, C, C] (Haar-distributed rows of the space)."""
+    c = mask.shape[0]
+    k = min(n, pattern_dims(mask))
+    if k == 0:
+        return torch.zeros(0, c, c, dtype=torch.float64)
+    g = _project(torch.from_numpy(rng.standard_normal((k, c, c))), mask)
+    q, r = torch.linalg.qr(g.flatten(1).T)
+    q = q * torch.sign(torch.diagonal(r))[None, :]
+    return _project(q.T.reshape(k, c, c), mask)  # rounding off the space's zeros
+
+
+@lru_cache(maxsize=8)
+def keyed_patterns(seed: int, num_classes: int, n: int) -> tuple[tuple[float, ...], ...]:
+    """min(n, D) orthonormal patterns (flattened), deterministic from `seed` (an HMAC of the owner's
+    secret): the issued slots' patterns."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+    return tuple(
+        tuple(float(v) for v in u.flatten()) for u in orthonormal_patterns(n, pattern_mask(num_classes), rng)
+    )
+
+
+def one_pattern(rng: np.random.Generator, num_classes: int) -> tuple[float, ...]:
+    """One random unit pattern (flattened); () where no pattern fits (two classes)."""
+    mask = pattern_mask(num_classes)
+    return tuple(float(v) for v in random_patterns(1, mask, rng)[0].flatten()) if pattern_dims(mask) else ()
+
+
+def apply_pattern(pattern: Tensor, probs: Tensor, amplitude: float, mask: Tensor) -> Tensor:
+    """`probs` [N, C] with the pattern [C, C] on every row's masked classes, whose total probability is kept
+    (so the top-1 and the classes outside the mask keep theirs); rows the pattern would reorder at the top
+    keep their probabilities."""
+    p = probs.double()
+    d = pattern_dims(mask)
+    if amplitude == 0 or d == 0 or len(p) == 0:
+        return probs
+    top = p.argmax(dim=1, keepdim=True)
+    m = mask[top[:, 0]]
+    q = torch.where(m, p * torch.exp(amplitude * math.sqrt(d) * pattern.double()[top[:, 0]]), 0.0)
+    mass = (p * m).sum(1, keepdim=True)
+    q = torch.where(m, q / q.sum(1, keepdim=True).clamp_min(1e-300) * mass, p)
+    p1 = p.gather(1, top)[:, 0]
+    kept = (q.scatter(1, top, -1.0).max(dim=1).values < p1) & (mass[:, 0] > 0)
+    return torch.where(kept[:, None], q, p).to(probs.dtype)
+
+
+def centred_log_residual(suspect: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """R [C, C]: per reference top-1 class c, the mean over its probes of the suspect's log-probabilities
+    minus the reference's on the masked classes, each centred over the row's masked classes."""
+    top = reference.argmax(dim=1)
+    c = reference.shape[1]
+    m = mask[top]
+    n = m.sum(1, keepdim=True).clamp_min(1)
+
+    def centred(p: Tensor) -> Tensor:
+        lp = p.double().clamp_min(1e-30).log()
+        return torch.where(m, lp - (lp * m).sum(1, keepdim=True) / n, 0.0)
+
+    r = centred(suspect) - centred(reference)
+    sums = torch.zeros(c, c, dtype=torch.float64).index_add_(0, top, r)
+    counts = torch.bincount(top, minlength=c).clamp_min(1).double()
+    return sums / counts[:, None]
+
+
+def pattern_statistics(residual: Tensor, patterns: Tensor) -> Tensor:
+    """The projection of the residual [C, C] on each pattern [M, C, C]: [M] (raw, before calibration)."""
+    return (patterns.double().flatten(1) @ residual.double().flatten()).reshape(-1)
+
+
+def analytic_z(raw: Tensor, residual: Tensor, mask: Tensor) -> Tensor:
+    """raw projections scaled to N(0, 1) under a random unit pattern: raw sqrt(D) / |R|."""
+    norm = float(residual.double().norm())
+    return raw * math.sqrt(pattern_dims(mask)) / norm if norm > 0 else torch.zeros_like(raw)
