@@ -257,6 +257,7 @@ def trace(
         clip=w0.clip,
         pattern=w0.pattern_epsilon,
     )
+    wcfg = replace(wcfg, pattern=w0.pattern_epsilon)  # the decoys carry patterns where the watermarks do
     decoys = (
         decoy_watermarks(
             cfg.decoys,
