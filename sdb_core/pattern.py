@@ -28,40 +28,40 @@ import torch
 from torch import Tensor
 
 
-def pattern_mask(num_classes: int) -> Tensor:
-    """[C, C] bool: the entries (top-1 class c, other class k) a pattern moves: every k != c. (The functions
-    below take any mask: a trial left each class's most similar classes alone, research/traceability.)"""
+def _mask(num_classes: int) -> Tensor:
+    """[C, C] bool: the entries (top-1 class c, other class k) a pattern moves: every k != c."""
     return ~torch.eye(num_classes, dtype=torch.bool)
 
 
-def pattern_dims(mask: Tensor) -> int:
-    """D: the dimension of the pattern space (0: no pattern fits, e.g. two classes)."""
-    return int((mask.sum(1) - 1).clamp_min(0).sum())
+def pattern_dims(num_classes: int) -> int:
+    """D = C (C - 2): the dimension of the pattern space (0 for two classes: no pattern fits)."""
+    return num_classes * max(num_classes - 2, 0)
 
 
-def _project(g: Tensor, mask: Tensor) -> Tensor:
-    """[n, C, C] -> zero outside the mask and zero mean over each row's entries in it."""
-    g = g * mask
-    return (g - g.sum(-1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)) * mask
+def _project(g: Tensor) -> Tensor:
+    """[n, C, C] -> zero diagonal and zero mean over each row's off-diagonal entries."""
+    c = g.shape[-1]
+    m = _mask(c)
+    g = g * m
+    return (g - g.sum(-1, keepdim=True) / max(c - 1, 1)) * m
 
 
-def random_patterns(n: int, mask: Tensor, rng: np.random.Generator) -> Tensor:
+def random_patterns(n: int, num_classes: int, rng: np.random.Generator) -> Tensor:
     """n independent uniformly random unit patterns [n, C, C] (float64)."""
-    c = mask.shape[0]
-    g = _project(torch.from_numpy(rng.standard_normal((n, c, c))), mask)
+    g = _project(torch.from_numpy(rng.standard_normal((n, num_classes, num_classes))))
     return g / g.flatten(1).norm(dim=1).clamp_min(1e-300)[:, None, None]
 
 
-def orthonormal_patterns(n: int, mask: Tensor, rng: np.random.Generator) -> Tensor:
+def orthonormal_patterns(n: int, num_classes: int, rng: np.random.Generator) -> Tensor:
     """min(n, D) mutually orthonormal unit patterns [k, C, C] (Haar-distributed rows of the space)."""
-    c = mask.shape[0]
-    k = min(n, pattern_dims(mask))
+    c = num_classes
+    k = min(n, pattern_dims(c))
     if k == 0:
         return torch.zeros(0, c, c, dtype=torch.float64)
-    g = _project(torch.from_numpy(rng.standard_normal((k, c, c))), mask)
+    g = _project(torch.from_numpy(rng.standard_normal((k, c, c))))
     q, r = torch.linalg.qr(g.flatten(1).T)
     q = q * torch.sign(torch.diagonal(r))[None, :]
-    return _project(q.T.reshape(k, c, c), mask)  # rounding off the space's zeros
+    return _project(q.T.reshape(k, c, c))  # rounding off the space's zeros
 
 
 @lru_cache(maxsize=8)
@@ -69,27 +69,25 @@ def keyed_patterns(seed: int, num_classes: int, n: int) -> tuple[tuple[float, ..
     """min(n, D) orthonormal patterns (flattened), deterministic from `seed` (an HMAC of the owner's
     secret): the issued slots' patterns."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
-    return tuple(
-        tuple(float(v) for v in u.flatten()) for u in orthonormal_patterns(n, pattern_mask(num_classes), rng)
-    )
+    return tuple(tuple(float(v) for v in u.flatten()) for u in orthonormal_patterns(n, num_classes, rng))
 
 
 def one_pattern(rng: np.random.Generator, num_classes: int) -> tuple[float, ...]:
     """One random unit pattern (flattened); () where no pattern fits (two classes)."""
-    mask = pattern_mask(num_classes)
-    return tuple(float(v) for v in random_patterns(1, mask, rng)[0].flatten()) if pattern_dims(mask) else ()
+    if not pattern_dims(num_classes):
+        return ()
+    return tuple(float(v) for v in random_patterns(1, num_classes, rng)[0].flatten())
 
 
-def apply_pattern(pattern: Tensor, probs: Tensor, amplitude: float, mask: Tensor) -> Tensor:
-    """`probs` [N, C] with the pattern [C, C] on every row's masked classes, whose total probability is kept
-    (so the top-1 and the classes outside the mask keep theirs); rows the pattern would reorder at the top
-    keep their probabilities."""
+def apply_pattern(pattern: Tensor, probs: Tensor, amplitude: float) -> Tensor:
+    """`probs` [N, C] with the pattern [C, C] on every row's non-top classes, whose total probability is
+    kept (so the top-1 keeps its); rows the pattern would reorder at the top keep their probabilities."""
     p = probs.double()
-    d = pattern_dims(mask)
+    d = pattern_dims(p.shape[1])
     if amplitude == 0 or d == 0 or len(p) == 0:
         return probs
     top = p.argmax(dim=1, keepdim=True)
-    m = mask[top[:, 0]]
+    m = _mask(p.shape[1])[top[:, 0]]
     q = torch.where(m, p * torch.exp(amplitude * math.sqrt(d) * pattern.double()[top[:, 0]]), 0.0)
     mass = (p * m).sum(1, keepdim=True)
     q = torch.where(m, q / q.sum(1, keepdim=True).clamp_min(1e-300) * mass, p)
@@ -98,17 +96,16 @@ def apply_pattern(pattern: Tensor, probs: Tensor, amplitude: float, mask: Tensor
     return torch.where(kept[:, None], q, p).to(probs.dtype)
 
 
-def centred_log_residual(suspect: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
-    """R [C, C]: per reference top-1 class c, the mean over its probes of the suspect's log-probabilities
-    minus the reference's on the masked classes, each centred over the row's masked classes."""
+def centred_log_residual(suspect: Tensor, reference: Tensor) -> Tensor:
+    """R [C, C]: per reference top-1 class c, the mean over its probes of the suspect's non-top
+    log-probabilities minus the reference's, each centred over the row's non-top classes."""
     top = reference.argmax(dim=1)
     c = reference.shape[1]
-    m = mask[top]
-    n = m.sum(1, keepdim=True).clamp_min(1)
+    m = _mask(c)[top]
 
     def centred(p: Tensor) -> Tensor:
         lp = p.double().clamp_min(1e-30).log()
-        return torch.where(m, lp - (lp * m).sum(1, keepdim=True) / n, 0.0)
+        return torch.where(m, lp - (lp * m).sum(1, keepdim=True) / max(c - 1, 1), 0.0)
 
     r = centred(suspect) - centred(reference)
     sums = torch.zeros(c, c, dtype=torch.float64).index_add_(0, top, r)
@@ -121,7 +118,12 @@ def pattern_statistics(residual: Tensor, patterns: Tensor) -> Tensor:
     return (patterns.double().flatten(1) @ residual.double().flatten()).reshape(-1)
 
 
-def analytic_z(raw: Tensor, residual: Tensor, mask: Tensor) -> Tensor:
+def analytic_scale(residual: Tensor) -> float:
+    """|R| / sqrt(D): the spread of the residual's projection on a random unit pattern (the analytic null)."""
+    d = pattern_dims(residual.shape[0])
+    return max(1e-12, float(residual.double().norm()) / math.sqrt(max(d, 1)))
+
+
+def analytic_z(raw: Tensor, residual: Tensor) -> Tensor:
     """raw projections scaled to N(0, 1) under a random unit pattern: raw sqrt(D) / |R|."""
-    norm = float(residual.double().norm())
-    return raw * math.sqrt(pattern_dims(mask)) / norm if norm > 0 else torch.zeros_like(raw)
+    return raw / analytic_scale(residual)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdb_core.pattern import analytic_z, centred_log_residual, pattern_dims, pattern_statistics
+from sdb_core.pattern import analytic_scale, centred_log_residual, pattern_statistics
 from sdb_core.watermark import Watermark, WatermarkConfig, decoy_watermarks, mark_deltas, retemper
 
 CORRECTIONS = ("holm", "bonferroni")
@@ -287,29 +287,22 @@ def trace(
     z_decoy = (z_decoy - loc) / scale
     top1_issued = z_issued
     pattern_issued: Tensor | None = None
-    channels, pattern_scale = 1, None
+    channels, pattern_scale = 1, None  # pattern_scale: the pattern projections' calibration scale
     if w0.pattern_tensor() is not None:
         channels = 2
-        mask = w0.pattern_mask()
-        residual_cc = centred_log_residual(sus, ref, mask)
-        pats = [w.pattern_tensor() for w in watermarks]
-        dpats = [d.pattern_tensor() for d in decoys]
-        raw_i = pattern_statistics(residual_cc, torch.stack([p for p in pats if p is not None]))
+        residual_cc = centred_log_residual(sus, ref)
+        raw_i = pattern_statistics(residual_cc, _patterns(watermarks))
         raw_d = (
-            pattern_statistics(residual_cc, torch.stack([p for p in dpats if p is not None]))
+            pattern_statistics(residual_cc, _patterns(decoys))
             if decoys
             else torch.zeros(0, dtype=torch.float64)
         )
-        if cfg.null == "decoys":
-            ploc, pscale = _null(raw_d, cfg.null)
-            pattern_issued, pattern_decoy = (raw_i - ploc) / pscale, (raw_d - ploc) / pscale
-        else:
-            pscale = float(residual_cc.norm()) / max(math.sqrt(pattern_dims(mask)), 1.0)
-            pattern_issued = analytic_z(raw_i, residual_cc, mask)
-            pattern_decoy = analytic_z(raw_d, residual_cc, mask)
-        pattern_scale = pscale
+        ploc, pattern_scale = (
+            _null(raw_d, cfg.null) if cfg.null == "decoys" else (0.0, analytic_scale(residual_cc))
+        )
+        pattern_issued = (raw_i - ploc) / pattern_scale
         z_issued = torch.maximum(z_issued, pattern_issued)
-        z_decoy = torch.maximum(z_decoy, pattern_decoy) if decoys else z_decoy
+        z_decoy = torch.maximum(z_decoy, (raw_d - ploc) / pattern_scale)
     lp = log10_p_upper(z_issued, channels)
     lpc, ranks = _corrected_and_ranked(z_issued, lp, cfg.correction)
     results = [
@@ -343,6 +336,12 @@ def trace(
         pattern_null_scale=pattern_scale,
         **_decoy_measures(z_decoy, len(watermarks), cfg.alpha, channels),
     )
+
+
+def _patterns(watermarks: Sequence[Watermark]) -> Tensor:
+    """The watermarks' class patterns [M, C, C] (every one has one: `trace` checks the issued, and derives
+    the decoys with the same pattern setting)."""
+    return torch.stack([p for p in (w.pattern_tensor() for w in watermarks) if p is not None])
 
 
 def _null(z_decoy: Tensor, null: str) -> tuple[float, float]:

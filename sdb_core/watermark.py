@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdb_core.pattern import apply_pattern, keyed_patterns, one_pattern, pattern_mask
+from sdb_core.pattern import apply_pattern, keyed_patterns, one_pattern
 
 BASIS_KEY = "watermark_basis"  # where a box manifest's "extra" keeps its fitted basis (sdb_core.box)
 CONFIG_KEY = "watermark_config"  # ... and the configuration its watermarks are made with
@@ -277,10 +277,6 @@ class Watermark:
     pattern_epsilon: float = field(repr=False, default=0.0)
     pattern_after: int = field(repr=False, default=0)
 
-    def pattern_mask(self) -> Tensor:
-        """[C, C] bool: the entries the class pattern moves."""
-        return pattern_mask(self.num_classes)
-
     def pattern_tensor(self) -> Tensor | None:
         """The class pattern [C, C], or None where this watermark has none."""
         if self.pattern_epsilon == 0 or not self.mode.pattern:
@@ -492,7 +488,7 @@ def apply_watermark(wm: Watermark, x_raw: Tensor, probs: Tensor, served: int = 0
     pattern = wm.pattern_tensor()
     first = max(0, wm.pattern_after - served)  # rows before this one are served without the pattern
     if pattern is not None and first < len(out):
-        out[first:] = apply_pattern(pattern, out[first:], wm.pattern_epsilon, wm.pattern_mask())
+        out[first:] = apply_pattern(pattern, out[first:], wm.pattern_epsilon)
     out = out.to(probs.dtype)
     # A lead below the output dtype's resolution could round into a tie: such rows go back unmarked.
     kept = out.argmax(dim=1) == probs.argmax(dim=1)

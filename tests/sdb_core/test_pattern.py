@@ -16,13 +16,11 @@ from sdb_core.pattern import (
     centred_log_residual,
     orthonormal_patterns,
     pattern_dims,
-    pattern_mask,
     pattern_statistics,
     random_patterns,
 )
 
 C = 10
-MASK = pattern_mask(C)
 
 
 def _rows(n: int, seed: int) -> torch.Tensor:
@@ -34,24 +32,22 @@ def _rows(n: int, seed: int) -> torch.Tensor:
 
 
 def test_patterns_live_in_their_space_and_issued_ones_are_orthonormal() -> None:
-    assert pattern_dims(MASK) == 80 and pattern_dims(pattern_mask(2)) == 0
-    u = orthonormal_patterns(40, MASK, np.random.default_rng(0))
+    assert pattern_dims(C) == 80 and pattern_dims(2) == 0
+    u = orthonormal_patterns(40, C, np.random.default_rng(0))
     flat = u.flatten(1)
     assert torch.allclose(flat @ flat.T, torch.eye(40, dtype=torch.float64), atol=1e-12)
-    for pats in (u, random_patterns(50, MASK, np.random.default_rng(1))):
+    for pats in (u, random_patterns(50, C, np.random.default_rng(1))):
         assert torch.diagonal(pats, dim1=1, dim2=2).abs().max() == 0
         assert pats.sum(2).abs().max() < 1e-12  # zero mean over each row's non-top classes
         assert torch.allclose(pats.flatten(1).norm(dim=1), torch.ones(len(pats), dtype=torch.float64))
-    assert len(orthonormal_patterns(200, pattern_mask(3), np.random.default_rng(0))) == pattern_dims(
-        pattern_mask(3)
-    )
+    assert len(orthonormal_patterns(200, 3, np.random.default_rng(0))) == pattern_dims(3)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_top1_probability_kept_and_non_top_moved_by_the_pattern(seed: int) -> None:
     p = _rows(500, seed)
-    u = orthonormal_patterns(1, MASK, np.random.default_rng(seed))[0]
-    q = apply_pattern(u, p, 0.4, MASK)
+    u = orthonormal_patterns(1, C, np.random.default_rng(seed))[0]
+    q = apply_pattern(u, p, 0.4)
     top = p.argmax(1, keepdim=True)
     assert torch.equal(q.argmax(1), p.argmax(1))
     assert torch.equal(q.gather(1, top), p.gather(1, top))
@@ -74,16 +70,14 @@ def test_projections_find_the_pattern_and_are_calibrated_without_it() -> None:
     g = torch.Generator().manual_seed(0)
     ref = torch.softmax(torch.randn(5000, C, generator=g) * 2, dim=1)
     noisy = torch.softmax(ref.log() + 0.3 * torch.randn(5000, C, generator=g), dim=1)
-    issued = orthonormal_patterns(20, MASK, np.random.default_rng(5))
-    leaked = apply_pattern(issued[3], noisy, 0.2, MASK)
-    leaked_residual = centred_log_residual(leaked, ref, MASK)
-    z_issued = analytic_z(pattern_statistics(leaked_residual, issued), leaked_residual, MASK)
+    issued = orthonormal_patterns(20, C, np.random.default_rng(5))
+    leaked = apply_pattern(issued[3], noisy, 0.2)
+    leaked_residual = centred_log_residual(leaked, ref)
+    z_issued = analytic_z(pattern_statistics(leaked_residual, issued), leaked_residual)
     assert int(z_issued.argmax()) == 3 and z_issued[3] > 5
     assert torch.cat([z_issued[:3], z_issued[4:]]).abs().max() < 3.5
-    residual = centred_log_residual(noisy, ref, MASK)
-    z = analytic_z(
-        pattern_statistics(residual, random_patterns(2000, MASK, np.random.default_rng(6))), residual, MASK
-    )
+    residual = centred_log_residual(noisy, ref)
+    z = analytic_z(pattern_statistics(residual, random_patterns(2000, C, np.random.default_rng(6))), residual)
     assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
 
 

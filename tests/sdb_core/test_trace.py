@@ -83,12 +83,12 @@ def test_a_suspect_that_learned_only_the_class_pattern_is_named_by_it(setup) -> 
     (and nothing of its top-1 cosine) is named through the pattern's z, and nobody else is."""
     _, wms, probes, reference = setup
     wm = wms[6]
-    pattern, mask = wm.pattern_tensor(), wm.pattern_mask()
+    pattern = wm.pattern_tensor()
     assert pattern is not None
 
     def suspect(x: Tensor) -> Tensor:
         pt = retemper(reference(x), T)
-        return retemper(apply_pattern(pattern, pt, 0.5 * wm.pattern_epsilon, mask), 1.0 / T)
+        return retemper(apply_pattern(pattern, pt, 0.5 * wm.pattern_epsilon), 1.0 / T)
 
     rep = trace(suspect, reference, probes, wms, TraceConfig(decoys=300), decoy_secret=b"p")
     assert rep.channels == 2 and [r.wid for r in rep.matches] == [wm.wid]
