@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leakers", default="", help="size=count,... (default: the configuration's)")
     ap.add_argument("--no-removals", action="store_true")
     ap.add_argument("--no-innocents", action="store_true", help="leaked students only")
+    ap.add_argument(
+        "--clean-seeds", type=int, default=0, help="clean students per family and size for the cost"
+    )
     ap.add_argument("--teacher", default="", help="arch[:k=v,...]: replace the protocol's teacher (CPU time)")
     ap.add_argument("--teacher-epochs", type=int, default=0)
     ap.add_argument(
@@ -339,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         source=args.source,
         removals=tcfg.removals and not args.no_removals,
         innocents=not args.no_innocents,
+        clean_seeds=args.clean_seeds or tcfg.clean_seeds,
     )
     if args.frequency or args.clip or args.epsilon:
         wm = tcfg.watermark

@@ -64,8 +64,9 @@ CLIPS = ("symmetric", "lead")
 @dataclass(frozen=True)
 class WatermarkConfig:
     # amplitude on the top-1 probability at `temperature`; 0.1 until 2026-12-06 cost `mlp:512` students at
-    # 10,000 images 0.56 points of the 2.63 clean soft labels deliver (docs/traceability.md, the amplitude)
-    epsilon: float = 0.07
+    # 10,000 images 0.56 points of the 2.63 clean soft labels deliver, 0.07 until 2026-12-07 cost
+    # `mlp:512` students at 500 images 0.34 of 3.38 (docs/traceability.md, the amplitude)
+    epsilon: float = 0.05
     temperature: float = 4.0  # the soft-label temperature the mark is designed for (and traced at)
     dct_size: int = 8  # low-frequency DCT block kept per channel
     directions: int = 20  # principal coordinates of the DCT block spanning the watermark space
