@@ -46,12 +46,19 @@ def summarize_trace(rep: TraceReport, leakers: tuple[str, ...] = ()) -> dict[str
 def cost_entry(label_only: float, clean: list[float], marked: list[float]) -> dict[str, Any]:
     """What the watermark costs a family at one size: the delivered value (top-1 over the label-only
     student) of the watermarked students' mean against the clean students' mean, and the standard error of
-    their difference from each side's spread (a side of one student counts as no spread)."""
+    their difference from each side's spread (a side of one student counts as no spread); the ratio's
+    standard error to first order in both means (the label-only student taken as exact)."""
     c, m = statistics.fmean(clean), statistics.fmean(marked)
 
     def var_of_mean(v: list[float]) -> float:
         return statistics.variance(v) / len(v) if len(v) > 1 else 0.0
 
+    d_clean, d_marked = c - label_only, m - label_only
+    ratio_se = (
+        math.sqrt(var_of_mean(marked) / d_clean**2 + d_marked**2 * var_of_mean(clean) / d_clean**4)
+        if d_clean > 0
+        else None
+    )
     return {
         "label_only": label_only,
         "clean_kd": c,
@@ -62,6 +69,7 @@ def cost_entry(label_only: float, clean: list[float], marked: list[float]) -> di
         "ratio": (m - label_only) / (c - label_only) if c > label_only else None,
         "difference": m - c,
         "difference_se": math.sqrt(var_of_mean(clean) + var_of_mean(marked)),
+        "ratio_se": ratio_se,
     }
 
 
@@ -180,6 +188,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         ]
         for k, c in res["cost"].items():
             ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
+            if c.get("ratio_se") is not None:
+                ratio += f" (se {c['ratio_se']:.2f})"
             lines.append(
                 f"| {k} | {c['label_only']:.2f} | {c['clean_kd']:.2f} (n={len(c['clean_kd_each'])}) "
                 f"| {c['watermarked_kd_mean']:.2f} | {c['delivered_clean']:.2f} "

@@ -600,6 +600,8 @@
             el("td", {}, k.key_state),
             el("td", {}, el("code", {}, k.watermark_id)),
             el("td", { class: "num" }, k.statistic === null ? "" : k.statistic.toFixed(2)),
+            el("td", { class: "num" }, k.top1_statistic == null ? "–" : k.top1_statistic.toFixed(2)),
+            el("td", { class: "num" }, k.pattern_statistic == null ? "–" : k.pattern_statistic.toFixed(2)),
             el("td", { class: "num" }, fmtP(k.log10_p, k.p_value)),
             el("td", { class: "num" }, fmtP(k.log10_corrected_p, k.corrected_p)),
             el("td", { class: "num" }, k.own_images ? k.own_images : "–"))));

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,16 @@ class Console:
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     from sdb_core.artifact import make_test_box
+    from sdb_core.watermark import CONFIG_KEY, WatermarkConfig
     from service.crud import accounts
     from service.db.session import Database
 
     work = tmp_path_factory.mktemp("console-server")
     models = work / "models"
     models.mkdir()
-    write_evaluation_report(make_test_box(models, name=MODEL, seed=3))
+    # a box made today records its watermark configuration: both channels (the Trace page shows each one's z)
+    marks = {CONFIG_KEY: asdict(WatermarkConfig())}
+    write_evaluation_report(make_test_box(models, name=MODEL, seed=3, extra=marks))
     if DEMO_BOX.is_dir():  # the shipped demo box: real manifest metrics on the Models page
         (models / DEMO_BOX.name).symlink_to(DEMO_BOX, target_is_directory=True)
     make_test_box(models, name=HOSTILE_MODEL, dir_name="hostile", seed=4)

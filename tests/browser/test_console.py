@@ -449,6 +449,9 @@ def test_trace_page(tab: Tab, console: Console) -> None:
         page.wait_for_selector(f"#trace-table tbody tr[data-key='{key.key_id}']", timeout=120_000)
     row = page.inner_text(f"#trace-table tbody tr[data-key='{key.key_id}']")
     assert "no evidence" in row and key.key_info["watermark_id"] in row
+    cells = page.locator(f"#trace-table tbody tr[data-key='{key.key_id}'] td").all_inner_texts()
+    column = dict(zip(page.locator("#trace-table thead th").all_inner_texts(), cells, strict=True))
+    assert float(column["z"]) == max(float(column["z top-1"]), float(column["z pattern"]))
     assert "own images" in page.inner_text("#trace-table thead")  # this key sent none: the probe images
     assert "watermarks tested" in page.inner_text("#trace-summary")
     shot(page, console, "trace")
