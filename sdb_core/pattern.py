@@ -15,12 +15,16 @@ Issued patterns (slot 0, 1, ...) are orthonormal (keyed by the secret), so one l
 show as another's. A student's residual R[c, k] (its centred non-top log-probabilities minus the
 reference's, averaged over the probes of each reference top-1 class) projects on a pattern it did not learn
 like on a random unit vector of that space: about N(0, |R|^2 / D), which the decoys (random patterns)
-measure. A student that learned the pattern fully would reach z = sqrt(D), the channel's ceiling.
+measure. A student that learned the pattern fully would reach z = sqrt(D), the channel's ceiling. Most of
+a student's R is its family's own error; shadow students of the family (clean, distilled on the owner's
+images) carry it too, and subtracting theirs instead of the reference's raises a leaker's z
+(research/traceability/NOTES.md, fourth round).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -96,9 +100,12 @@ def apply_pattern(pattern: Tensor, probs: Tensor, amplitude: float) -> Tensor:
     return torch.where(kept[:, None], q, p).to(probs.dtype)
 
 
-def centred_log_residual(suspect: Tensor, reference: Tensor) -> Tensor:
+def centred_log_residual(suspect: Tensor, reference: Tensor, shadows: Sequence[Tensor] = ()) -> Tensor:
     """R [C, C]: per reference top-1 class c, the mean over its probes of the suspect's non-top
-    log-probabilities minus the reference's, each centred over the row's non-top classes."""
+    log-probabilities minus the reference's, each centred over the row's non-top classes. With `shadows`
+    (clean students' probabilities on the same probes), minus their mean instead of the reference's: what
+    is left of a suspect of their family is less of the family's own error (the rows' classes stay the
+    reference's top-1, the class each row's pattern was chosen by)."""
     top = reference.argmax(dim=1)
     c = reference.shape[1]
     m = _mask(c)[top]
@@ -107,7 +114,8 @@ def centred_log_residual(suspect: Tensor, reference: Tensor) -> Tensor:
         lp = p.double().clamp_min(1e-30).log()
         return torch.where(m, lp - (lp * m).sum(1, keepdim=True) / max(c - 1, 1), 0.0)
 
-    r = centred(suspect) - centred(reference)
+    base = torch.stack([centred(s) for s in shadows]).mean(0) if shadows else centred(reference)
+    r = centred(suspect) - base
     sums = torch.zeros(c, c, dtype=torch.float64).index_add_(0, top, r)
     counts = torch.bincount(top, minlength=c).clamp_min(1).double()
     return sums / counts[:, None]

@@ -221,12 +221,17 @@ def trace(
     *,
     decoy_secret: bytes | None = None,
     watermark_cfg: WatermarkConfig | None = None,
+    shadows: Sequence[Callable[[Tensor], Tensor]] = (),
 ) -> TraceReport:
     """Test every issued watermark (and `cfg.decoys` decoys) on the suspect's answers to `probes`.
 
     suspect, reference: raw inputs [N, *input_shape] -> probabilities [N, C] (at temperature 1, as `/predict`
     answers). `decoy_secret` seeds the decoys (random when None); `watermark_cfg` is the configuration the
-    watermarks were derived with (the decoys' frequency; taken from the watermarks when None)."""
+    watermarks were derived with (the decoys' frequency; taken from the watermarks when None). `shadows`:
+    clean students of the suspect's presumed family (never taught any licensee's answers, e.g. distilled
+    from the box's clean soft labels on the owner's images), answering like `suspect`: the class pattern
+    channel subtracts their mean instead of the reference (`pattern.centred_log_residual`); the decoys
+    calibrate it the same way."""
     if not watermarks:
         raise ValueError("no watermarks to test")
     basis = watermarks[0].basis
@@ -290,7 +295,10 @@ def trace(
     channels, pattern_scale = 1, None  # pattern_scale: the pattern projections' calibration scale
     if w0.pattern_tensor() is not None:
         channels = 2
-        residual_cc = centred_log_residual(sus, ref)
+        shadow_answers = [
+            retemper(_query(fn, x, cfg.batch_size, "shadow student"), temperature) for fn in shadows
+        ]
+        residual_cc = centred_log_residual(sus, ref, shadow_answers)
         raw_i = pattern_statistics(residual_cc, _patterns(watermarks))
         raw_d = (
             pattern_statistics(residual_cc, _patterns(decoys))
@@ -393,6 +401,7 @@ def trace_licensees(
     *,
     decoy_secret: bytes | None = None,
     watermark_cfg: WatermarkConfig | None = None,
+    shadows: Sequence[Callable[[Tensor], Tensor]] = (),
 ) -> TraceReport:
     """`trace` with each watermark tested on probes of its own: `probe_sets[i]` are images that licensee i
     sent for labelling (a sample of its transfer set). A student reproduces its licensee's mark on the images
@@ -426,6 +435,7 @@ def trace_licensees(
             replace(cfg, probes=len(x)),
             decoy_secret=decoy_secret,
             watermark_cfg=watermark_cfg,
+            shadows=shadows,
         )
         parts.append((members, sub))
     own: dict[int, WatermarkResult] = {}

@@ -35,6 +35,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -117,11 +118,19 @@ def run_trace_eval(
         for i in range(tcfg.licensees)
     ]
     trace_cfg = TraceConfig(probes=tcfg.probes, decoys=tcfg.decoys, alpha=tcfg.alpha)
+    specs_all = sorted({s for v in tcfg.families.values() for s in v} if tcfg.families else set(cfg.students))
+    if tcfg.removals and cfg.students[-1] not in specs_all:
+        specs_all.append(cfg.students[-1])
+    shadows = _shadow_students(cfg, tcfg, owner, clean_logits, specs_all, seed, log) if tcfg.shadows else {}
     probes = torch.from_numpy(probes_all[: tcfg.probes])
     big_probes = torch.from_numpy(probes_all[: tcfg.probes * tcfg.colluder_probe_factor])
 
     def traced(
-        logits_of: Callable[[Tensor], Tensor], leakers: tuple[str, ...] = (), *, many: bool = False
+        logits_of: Callable[[Tensor], Tensor],
+        leakers: tuple[str, ...] = (),
+        *,
+        many: bool = False,
+        family: str = cfg.students[-1],
     ) -> dict[str, Any]:
         cfg_ = replace(trace_cfg, probes=len(big_probes)) if many else trace_cfg
         rep = trace(
@@ -132,11 +141,15 @@ def run_trace_eval(
             cfg_,
             decoy_secret=b"eval-decoys",
             watermark_cfg=wcfg,
+            shadows=shadows.get(family, ()),
         )
         return summarize_trace(rep, leakers)
 
     def traced_own(
-        logits_of: Callable[[Tensor], Tensor], transfer: Dataset, leakers: tuple[str, ...] = ()
+        logits_of: Callable[[Tensor], Tensor],
+        transfer: Dataset,
+        leakers: tuple[str, ...] = (),
+        family: str = cfg.students[-1],
     ) -> dict[str, Any]:
         """The student traced on images of its own transfer set, the same ones under every watermark."""
         own = torch.from_numpy(transfer.x_train[: tcfg.own_probes])
@@ -148,6 +161,7 @@ def run_trace_eval(
             trace_cfg,
             decoy_secret=b"eval-decoys",
             watermark_cfg=wcfg,
+            shadows=shadows.get(family, ()),
         )
         return summarize_trace(rep, leakers)
 
@@ -209,10 +223,10 @@ def run_trace_eval(
                         "transfer": size,
                         "licensee": wms[i].wid,
                         "top1": acc,
-                        **traced(fn, (wms[i].wid,)),
+                        **traced(fn, (wms[i].wid,), family=spec),
                     }
                     if tcfg.own_probes:
-                        rec["own_images"] = traced_own(fn, transfer, (wms[i].wid,))
+                        rec["own_images"] = traced_own(fn, transfer, (wms[i].wid,), spec)
                     result["leaked"].append(rec)
                     lk = rec["leakers"][wms[i].wid]
                     log(
@@ -231,10 +245,10 @@ def run_trace_eval(
                         "transfer": size,
                         "student": name,
                         "top1": accs[name],
-                        **traced(fn),
+                        **traced(fn, family=spec),
                     }
                     if tcfg.own_probes:
-                        rec["own_images"] = traced_own(fn, transfer)
+                        rec["own_images"] = traced_own(fn, transfer, family=spec)
                     result["innocent"].append(rec)
                     log(
                         f"{spec} n={size} innocent {name}: top1 {accs[name]:.2f} named {rec['named']} "
@@ -262,6 +276,38 @@ def run_trace_eval(
         )
     result["wall_seconds"] = time.perf_counter() - start
     return result
+
+
+def _shadow_students(
+    cfg: EvalConfig,
+    tcfg: TraceEvalConfig,
+    owner: Dataset,
+    clean_logits: Callable[[Tensor], Tensor],
+    specs: list[str],
+    seed: int,
+    log: Callable[[str], None],
+) -> dict[str, list[Callable[[Tensor], Tensor]]]:
+    """`tcfg.shadows` clean students per family, distilled from the clean soft labels on the owner's own
+    images (as many as the largest transfer set, with its recipe; seeds apart from every other student's),
+    answering probabilities."""
+    n = min(max(tcfg.transfers) or len(owner.x_train), len(owner.x_train))  # 0: the owner's images themselves
+    own = owner.subset(np.arange(n), "shadow")
+    targets = query(clean_logits, own.x_train)
+    jobs = []
+    for spec in specs:
+        arch, extra = parse_student(spec)
+        dcfg = student_distill_config(cfg, tcfg, n, seed, spec)
+        jobs += [
+            StudentJob(own, arch, extra, targets, _reseeded(dcfg, seed + 1_000 + k), f"{spec} shadow {k}")
+            for k in range(tcfg.shadows)
+        ]
+    with StudentPool(tcfg.workers if resolve_device(cfg.device).type == "cpu" else 1) as pool:
+        students = pool.train(jobs)
+    out: dict[str, list[Callable[[Tensor], Tensor]]] = {}
+    for job, st in zip(jobs, students, strict=True):
+        out.setdefault(job.desc.rsplit(" shadow ", 1)[0], []).append(softmax_fn(model_fn(st, own)))
+    log(f"shadow students ready: {tcfg.shadows} per family, {n} owner images")
+    return out
 
 
 def _reseeded(dcfg: DistillConfig, seed: int) -> DistillConfig:
@@ -309,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--clean-seeds", type=int, default=0, help="clean students per family and size for the cost"
     )
+    ap.add_argument(
+        "--shadows", type=int, default=0, help="shadow students per family for the class pattern channel"
+    )
     ap.add_argument("--teacher", default="", help="arch[:k=v,...]: replace the protocol's teacher (CPU time)")
     ap.add_argument("--teacher-epochs", type=int, default=0)
     ap.add_argument(
@@ -343,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         removals=tcfg.removals and not args.no_removals,
         innocents=not args.no_innocents,
         clean_seeds=args.clean_seeds or tcfg.clean_seeds,
+        shadows=args.shadows or tcfg.shadows,
     )
     if args.frequency or args.clip or args.epsilon:
         wm = tcfg.watermark

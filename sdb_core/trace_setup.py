@@ -51,6 +51,10 @@ class TraceEvalConfig:
     clean_seeds: int = 5
     # processes training the students of each family and size on a CPU (sdb_core.students; one on CUDA)
     workers: int = 2
+    # shadow students per family (0: none): clean, distilled from the box's clean soft labels on the owner's
+    # own images (the largest transfer size of them, the same recipe); the class pattern channel of every
+    # trace of that family's students subtracts their answers instead of the reference's (`trace.trace`)
+    shadows: int = 2
 
 
 def trace_config_for(dataset: str, reduced: bool = False) -> TraceEvalConfig:

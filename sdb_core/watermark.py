@@ -78,9 +78,10 @@ class WatermarkConfig:
     # so that a row's mark averages to zero over the phase (no shift common to all watermarks)
     clip: str = "lead"
     # RMS shift of the non-top classes' log-probabilities at `temperature` by the licensee's class pattern
-    # (sdb_core.pattern, the second channel; 0 turns it off). 0.4: the `small_cnn:16` students that the
-    # top-1 cosine does not trace at 10,000 images carry it (research/traceability/NOTES.md, third round)
-    pattern: float = 0.4
+    # (sdb_core.pattern, the second channel; 0 turns it off). 0.2: traced against shadow students of the
+    # suspect's family, the `small_cnn:16` students at 10,000 images carry as much evidence as at 0.4
+    # without them, where 0.4 cost `mlp:512` students 0.3 of 2.6 points (NOTES.md, fourth round)
+    pattern: float = 0.2
     # the pattern goes on a licensee's soft labels from the `pattern_after`-th one it is served: a transfer
     # set of a few hundred images pays for the pattern (about 1 point of student top-1 at 500 images)
     # and is traced without it, on the licensee's own images (research/traceability/NOTES.md, third round)

@@ -90,6 +90,14 @@ def trace(
         bool,
         typer.Option(help="Test each key with enough images of its own kept on those (else on the probes)."),
     ] = True,
+    shadow: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A clean student of the suspect's presumed family (`sdb distill` from the box's soft labels "
+            "on your own images; repeatable): the class pattern channel subtracts their answers instead of "
+            "the box's, which takes most of the family's own error out (docs/traceability.md)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -141,13 +149,19 @@ def trace(
 
         return call
 
+    def student_fn(path: Path) -> Any:
+        if not (path / "model.json").exists():
+            raise typer.BadParameter(f"{path} is not a student directory (model.json)")
+        student, _ = load_model(path, device=dev)
+        return probabilities(model_fn(student, ds))
+
+    shadows = [student_fn(p) for p in shadow or []]
     name: str
     if suspect is not None:
         if (suspect / "manifest.json").exists():
             suspect_fn = probabilities(load_box(suspect, device=dev).plain_logits)
         elif (suspect / "model.json").exists():
-            student, _ = load_model(suspect, device=dev)
-            suspect_fn = probabilities(model_fn(student, ds))
+            suspect_fn = student_fn(suspect)
         else:
             raise typer.BadParameter(
                 f"{suspect} is neither a student directory (model.json) nor a box artifact"
@@ -195,6 +209,7 @@ def trace(
         decoy_secret=f"sdb-trace-decoys:{seed}".encode(),
         suspect_name=name,
         own_images=kept,
+        shadows=shadows,
     )
     if as_json:
         typer.echo(

@@ -66,6 +66,10 @@ def key_state(w: IssuedWatermark, now: datetime) -> str:
     return "active" if w.watermarked else "watermark off"
 
 
+def _as_tensor_fn(fn: ProbFn) -> Callable[[Tensor], Tensor]:
+    return lambda x: torch.as_tensor(fn(x))
+
+
 def run_trace(
     *,
     suspect: ProbFn,
@@ -79,10 +83,12 @@ def run_trace(
     decoy_secret: bytes | None = None,
     suspect_name: str = "",
     own_images: Mapping[int, np.ndarray] | None = None,
+    shadows: Sequence[ProbFn] = (),
 ) -> dict[str, Any]:
     """The report: one row per issued watermark (best first), the matches, and the decoys' check.
     `own_images`: key id -> the images that key sent (`samples.images_of`); `cfg.probes` bounds the
-    queries to the suspect in all (`sdb_core.trace.trace_licensees`)."""
+    queries to the suspect in all (`sdb_core.trace.trace_licensees`). `shadows`: clean students of the
+    suspect's presumed family, for the class pattern channel (`sdb_core.trace.trace`)."""
     if not issued:
         raise NothingToTrace("no API key was ever watermarked: nothing to trace a suspect against")
     bad = marks.mismatched((w.key_id, w.prefix, w.watermark_id) for w in issued)
@@ -108,6 +114,7 @@ def run_trace(
         cfg,
         decoy_secret=decoy_secret,
         watermark_cfg=marks.config(model),
+        shadows=[_as_tensor_fn(fn) for fn in shadows],
     )
     rows: list[KeyVerdict] = []
     for r, w in zip(report.results, issued, strict=True):  # results come in the order of `watermarks`

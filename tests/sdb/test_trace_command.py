@@ -144,3 +144,34 @@ def test_each_key_is_traced_on_the_images_it_sent(world: dict[str, object]) -> N
     assert [m["key_id"] for m in own["matches"]] == [key_id] and own["keys"][0]["key_id"] == key_id
     assert {k["own_images"] for k in own["keys"]} == {150} and own["probes"] == 450
     assert fresh["matches"] == [] and {k["own_images"] for k in fresh["keys"]} == {0}
+
+
+def test_a_shadow_student_replaces_the_box_in_the_pattern_channel(
+    world: dict[str, object], tmp_path: Path
+) -> None:
+    """`--shadow DIR`: on a box whose marks carry the class pattern, a suspect traced against itself as its
+    shadow leaves the pattern channel nothing (every key's pattern z is 0), where against the box it does
+    not; the top-1 channel is the same either way. A shadow that is no student directory is refused."""
+    from dataclasses import asdict
+
+    from sdb_core.watermark import CONFIG_KEY, WatermarkConfig
+
+    box = make_test_box(tmp_path, name="patterned", seed=5, extra={CONFIG_KEY: asdict(WatermarkConfig())})
+    ds = load_dataset("digits")
+    torch.manual_seed(1)
+    kwargs = arch_kwargs_for(ds.input_shape, ds.num_classes, width=4)
+    save_model(tmp_path / "student", build_model("small_cnn", **kwargs), arch="small_cnn", arch_kwargs=kwargs,
+               ds=ds, metrics={})  # fmt: skip
+    args = ["trace", "--box", str(box), "--suspect", str(tmp_path / "student"), "--probes", "1000"]
+    args += ["--decoys", "200", "--json"]
+    reports = []
+    for extra in ([], ["--shadow", str(tmp_path / "student")]):
+        r = runner.invoke(app, [*args, *extra], env=env(str(world["url"])))
+        assert r.exit_code == 0, r.output
+        reports.append({k["key_id"]: k for k in json.loads(r.output)["keys"]})
+    plain, shadowed = reports
+    assert any(k["pattern_statistic"] != 0 for k in plain.values())
+    assert all(k["pattern_statistic"] == 0 for k in shadowed.values())
+    assert all(shadowed[i]["top1_statistic"] == plain[i]["top1_statistic"] for i in plain)
+    r = runner.invoke(app, [*args, "--shadow", str(box)], env=env(str(world["url"])))
+    assert r.exit_code != 0 and "not a student directory" in r.output

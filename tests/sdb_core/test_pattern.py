@@ -112,3 +112,15 @@ def test_the_pattern_starts_after_the_licensees_first_soft_labels(digits) -> Non
         assert torch.equal(q[:first], top1_only[:first])
         assert (q[first:] != top1_only[first:]).any(1).float().mean() > 0.9
         assert torch.equal(q.argmax(1), p.argmax(1))
+
+
+def test_shadows_replace_the_reference_in_the_residual() -> None:
+    """Against shadow students the residual is the suspect's against the reference minus the shadows' mean
+    against it (rows grouped by the reference's top-1 either way)."""
+    g = torch.Generator().manual_seed(3)
+    ref, sus, s1, s2 = (torch.softmax(torch.randn(400, 10, generator=g), dim=1) for _ in range(4))
+    expected = (
+        centred_log_residual(sus, ref) - (centred_log_residual(s1, ref) + centred_log_residual(s2, ref)) / 2
+    )
+    assert torch.allclose(centred_log_residual(sus, ref, [s1, s2]), expected, atol=1e-12)
+    assert torch.allclose(centred_log_residual(sus, ref, [ref]), centred_log_residual(sus, ref), atol=1e-12)

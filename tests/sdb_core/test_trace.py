@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from sdb_core.data import Dataset
-from sdb_core.pattern import apply_pattern
+from sdb_core.pattern import apply_pattern, random_patterns
 from sdb_core.trace import TraceConfig, corrected_log10, log10_p_upper, trace, trace_licensees
 from sdb_core.watermark import (
     Watermark,
@@ -95,6 +95,35 @@ def test_a_suspect_that_learned_only_the_class_pattern_is_named_by_it(setup) -> 
     hit = rep.result(wm.wid)
     assert hit.pattern_statistic is not None and hit.pattern_statistic > 6 and hit.top1_statistic < 3
     assert hit.statistic == max(hit.top1_statistic, hit.pattern_statistic)
+
+
+def test_shadow_students_take_the_family_error_out_of_the_pattern_channel(setup) -> None:  # type: ignore[no-untyped-def]
+    """Students of one family share a strong class-conditional error (a random pattern at amplitude 1.0, no
+    licensee's). A leaker of that family carrying a quarter of licensee 3's pattern is not named against
+    the reference (the decoys spread with the family error); against a shadow student of the family (its
+    error without any mark) it is named, and nobody else is; an innocent of the family is not named
+    against the shadow either."""
+    _, wms, probes, reference = setup
+    wm = wms[3]
+    pattern = wm.pattern_tensor()
+    assert pattern is not None
+    family_error = random_patterns(1, 10, np.random.default_rng(7))[0]
+
+    def family(x: Tensor) -> Tensor:
+        return retemper(apply_pattern(family_error, retemper(reference(x), T), 1.0), 1.0 / T)
+
+    def leaker(x: Tensor) -> Tensor:
+        return retemper(apply_pattern(pattern, retemper(family(x), T), 0.25 * wm.pattern_epsilon), 1.0 / T)
+
+    cfg = TraceConfig(decoys=300)
+    plain = trace(_noisy(leaker, 0, 0.1), reference, probes, wms, cfg, decoy_secret=b"s")
+    assert not plain.matches
+    shadowed = trace(_noisy(leaker, 0, 0.1), reference, probes, wms, cfg, decoy_secret=b"s", shadows=[family])
+    assert [r.wid for r in shadowed.matches] == [wm.wid]
+    hit = shadowed.result(wm.wid)
+    assert hit.pattern_statistic is not None and hit.pattern_statistic > plain.result(wm.wid).statistic + 3
+    innocent = trace(_noisy(family, 1, 0.1), reference, probes, wms, cfg, decoy_secret=b"s", shadows=[family])
+    assert not innocent.matches
 
 
 def json_safe(d: dict) -> bool:
