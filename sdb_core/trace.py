@@ -31,7 +31,10 @@ suspect's centred non-top log-probabilities minus the reference's, averaged per 
 projected on each pattern, and the projections are calibrated on the decoys' patterns the same way (or
 against |R| / sqrt(D), the analytic null of a random unit pattern). A watermark's statistic is the larger of
 its two calibrated z's, and its p-value that of the larger of two independent standard normals (Sidak:
-1 - (1 - p)^2), which keeps the decoys' p-values uniform. `WatermarkResult` keeps both channels' z.
+1 - (1 - p)^2), which keeps the decoys' p-values uniform. `WatermarkResult` keeps both channels' z. With
+`shadows` (clean students of the suspect's presumed family, distilled on the owner's own images) the pattern
+channel subtracts their answers instead of the reference's: most of a student's residual is its family's
+own error, which they share (research/traceability/NOTES.md, fourth round).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Per run (one seed of an `evaluate.EvalConfig` protocol):
   top-1, normal KD from the teacher, KD from clean unwatermarked soft labels);
 - cost: top-1 of students from watermarked vs clean soft labels (`clean_seeds` of them), over the
   label-only student (delivered);
+- `shadows` clean students per family, distilled on the owner's own images: every trace of a student of
+  that family tests the class pattern against them (`trace.trace`'s `shadows`);
 - removal attempts on one leaked student: re-tempered distillation, argmax only, fine-tuning on 10 % true
   labels, a second generation, input noise at query time, two colluders averaging their soft labels (traced
   with `colluder_probe_factor` times the probes).
