@@ -358,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         "--clean-seeds", type=int, default=0, help="clean students per family and size for the cost"
     )
     ap.add_argument(
-        "--shadows", type=int, default=0, help="shadow students per family for the class pattern channel"
+        "--shadows",
+        type=int,
+        default=-1,
+        help="shadow students per family for the class pattern (0: none; default: the configuration's)",
     )
     ap.add_argument("--teacher", default="", help="arch[:k=v,...]: replace the protocol's teacher (CPU time)")
     ap.add_argument("--teacher-epochs", type=int, default=0)
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         removals=tcfg.removals and not args.no_removals,
         innocents=not args.no_innocents,
         clean_seeds=args.clean_seeds or tcfg.clean_seeds,
-        shadows=args.shadows or tcfg.shadows,
+        shadows=tcfg.shadows if args.shadows < 0 else args.shadows,
     )
     if args.frequency or args.clip or args.epsilon:
         wm = tcfg.watermark
