@@ -123,7 +123,7 @@ def run_trace_eval(
     specs_all = sorted({s for v in tcfg.families.values() for s in v} if tcfg.families else set(cfg.students))
     if tcfg.removals and cfg.students[-1] not in specs_all:
         specs_all.append(cfg.students[-1])
-    shadows = _shadow_students(cfg, tcfg, owner, clean_logits, specs_all, seed, log) if tcfg.shadows else {}
+    shadows: dict[str, list[Callable[[Tensor], Tensor]]] = {}  # trained on the students' pool below
     probes = torch.from_numpy(probes_all[: tcfg.probes])
     big_probes = torch.from_numpy(probes_all[: tcfg.probes * tcfg.colluder_probe_factor])
 
@@ -183,6 +183,8 @@ def run_trace_eval(
     t = cfg.temperature
     top1_identical = True
     with StudentPool(tcfg.workers if dev.type == "cpu" else 1) as pool:
+        if tcfg.shadows:
+            shadows.update(_shadow_students(cfg, tcfg, owner, clean_logits, specs_all, seed, pool, log))
         for size, transfer in transfers.items():
             xt = transfer.x_train
             clean = query(clean_logits, xt)
@@ -287,6 +289,7 @@ def _shadow_students(
     clean_logits: Callable[[Tensor], Tensor],
     specs: list[str],
     seed: int,
+    pool: StudentPool,
     log: Callable[[str], None],
 ) -> dict[str, list[Callable[[Tensor], Tensor]]]:
     """`tcfg.shadows` clean students per family, distilled from the clean soft labels on the owner's own
@@ -295,6 +298,7 @@ def _shadow_students(
     n = min(max(tcfg.transfers) or len(owner.x_train), len(owner.x_train))  # 0: the owner's images themselves
     own = owner.subset(np.arange(n), "shadow")
     targets = query(clean_logits, own.x_train)
+    families = [spec for spec in specs for _ in range(tcfg.shadows)]
     jobs = []
     for spec in specs:
         arch, extra = parse_student(spec)
@@ -303,11 +307,9 @@ def _shadow_students(
             StudentJob(own, arch, extra, targets, _reseeded(dcfg, seed + 1_000 + k), f"{spec} shadow {k}")
             for k in range(tcfg.shadows)
         ]
-    with StudentPool(tcfg.workers if resolve_device(cfg.device).type == "cpu" else 1) as pool:
-        students = pool.train(jobs)
     out: dict[str, list[Callable[[Tensor], Tensor]]] = {}
-    for job, st in zip(jobs, students, strict=True):
-        out.setdefault(job.desc.rsplit(" shadow ", 1)[0], []).append(softmax_fn(model_fn(st, own)))
+    for spec, st in zip(families, pool.train(jobs), strict=True):
+        out.setdefault(spec, []).append(softmax_fn(model_fn(st, own)))
     log(f"shadow students ready: {tcfg.shadows} per family, {n} owner images")
     return out
 

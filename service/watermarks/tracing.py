@@ -107,8 +107,8 @@ def run_trace(
     }
     probe_sets = [own.get(w.key_id, shared) for w in issued]
     report = trace_licensees(
-        lambda x: torch.as_tensor(suspect(x)),
-        lambda x: torch.as_tensor(reference(x)),
+        _as_tensor_fn(suspect),
+        _as_tensor_fn(reference),
         probe_sets,
         watermarks,
         cfg,
